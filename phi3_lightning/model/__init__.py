@@ -1,0 +1,20 @@
+"""Plain-PyTorch Phi-3 (no Lightning imports): ``import phi3_lightning.model`` works on its own."""
+
+from .backends import BACKENDS, backend_available, set_flash_kernels
+from .backbone import Phi3Model
+from .cache import KVCache
+from .config import PRESETS, Phi3Config, get_preset
+from .generation import generate
+from .heads import (
+    HEADS,
+    ModelOutput,
+    Phi3ForCausalLM,
+    Phi3ForSequenceClassification,
+    Phi3ForTokenClassification,
+)
+
+__all__ = [
+    "BACKENDS", "HEADS", "KVCache", "ModelOutput", "PRESETS", "Phi3Config", "Phi3ForCausalLM",
+    "Phi3ForSequenceClassification", "Phi3ForTokenClassification", "Phi3Model", "backend_available",
+    "generate", "get_preset", "set_flash_kernels",
+]

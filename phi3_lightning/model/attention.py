@@ -1,0 +1,50 @@
+"""Phi-3 self-attention: fused qkv ([Q | K | V] rows), GQA, RoPE, KV cache, pluggable backend."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .backends import ATTENTION_FUNCTIONS
+from .config import Phi3Config
+from .linear import Linear
+from .masking import AttentionContext
+from .rope import apply_rotary
+
+
+class Phi3Attention(nn.Module):
+    def __init__(self, config: Phi3Config, layer_idx: int, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_size
+        self.scale = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.attn_implementation = "sdpa"  # set by the backbone
+        q_out = self.num_heads * self.head_dim
+        kv_out = self.num_kv_heads * self.head_dim
+        self.qkv_proj = Linear(config.initializer_range, config.hidden_size, q_out + 2 * kv_out, bias=False, device=device)
+        self.o_proj = Linear(config.initializer_range, q_out, config.hidden_size, bias=False, device=device)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        ctx: AttentionContext,
+        cache=None,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        d = self.head_dim
+        qkv = self.qkv_proj(x)  # (B, T, (H + 2 Hkv) D)
+        q, k, v = qkv.split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
+        q = q.view(b, t, self.num_heads, d).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(b, t, self.num_kv_heads, d).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(b, t, self.num_kv_heads, d).transpose(1, 2)
+        cos, sin = rope
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v, ctx.k_start)  # (B, Hkv, Tk, D) visible keys
+        dropout = self.attention_dropout if self.training else 0.0
+        out = ATTENTION_FUNCTIONS[self.attn_implementation](q, k, v, ctx, self.scale, dropout)  # (B, T, H, D)
+        return self.o_proj(out.reshape(b, t, self.num_heads * d))

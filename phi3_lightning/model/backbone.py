@@ -1,0 +1,96 @@
+"""The Phi-3 backbone: token embedding, decoder layers, final norm. Shared by every head."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .backends import check_backend
+from .config import Phi3Config
+from .layer import Phi3DecoderLayer
+from .linear import Embedding
+from .masking import build_context
+from .norm import Phi3RMSNorm
+from .rope import Phi3RotaryEmbedding
+
+
+class Phi3Model(nn.Module):
+    """Backbone: ``forward(input_ids, attention_mask, position_ids, cache) -> (B, T, hidden)`` final-normed states."""
+
+    def __init__(self, config: Phi3Config, attn_implementation: str = "sdpa", device: torch.device | None = None):
+        super().__init__()
+        self.config = config
+        pad = config.pad_token_id if config.pad_token_id is not None and config.pad_token_id < config.vocab_size else None
+        self.embed_tokens = Embedding(config.initializer_range, config.vocab_size, config.hidden_size, pad, device=device)
+        self.layers = nn.ModuleList(Phi3DecoderLayer(config, i, device=device) for i in range(config.num_hidden_layers))
+        self.norm = Phi3RMSNorm(config.hidden_size, config.rms_norm_eps, device=device)
+        self.rotary_emb = Phi3RotaryEmbedding(config, device=device)
+        self.gradient_checkpointing = False
+        self.attn_implementation = "sdpa"
+        self.set_attn_implementation(attn_implementation)
+
+    def set_attn_implementation(self, name: str) -> None:
+        """Switch every layer to backend ``name`` (eager, sdpa, flash_attention_2, flex)."""
+        check_backend(name)
+        self.attn_implementation = name
+        for layer in self.layers:
+            layer.self_attn.attn_implementation = name
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+            if not torch.compiler.is_compiling() and input_ids.numel():
+                lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one host sync
+                if lo < 0 or hi >= self.config.vocab_size:
+                    raise ValueError(
+                        f"input_ids hold token id {hi if hi >= self.config.vocab_size else lo} outside the vocabulary "
+                        f"[0, {self.config.vocab_size}); use the checkpoint's tokenizer or raise vocab_size"
+                    )
+            inputs_embeds = self.embed_tokens(input_ids)
+        b, t, _ = inputs_embeds.shape
+        past = cache.length if cache is not None else 0
+        if past + t > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence of {past + t} tokens exceeds max_position_embeddings={self.config.max_position_embeddings}; "
+                "shorten it (max_length / row length) or use a long-context (128k) checkpoint"
+            )
+        if position_ids is None:
+            position_ids = torch.arange(past, past + t, device=inputs_embeds.device)[None].expand(b, t)
+        ctx = build_context(
+            batch_size=b,
+            q_len=t,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_len=past,
+            sliding_window=self.config.sliding_window,
+            derive_documents=cache is None,
+            device=inputs_embeds.device,
+        )
+        rope = self.rotary_emb(position_ids, inputs_embeds.dtype)  # (B, T, R) each
+        h = inputs_embeds
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(layer, h, rope, ctx, cache, use_reentrant=False)
+            else:
+                h = layer(h, rope, ctx, cache)
+        if cache is not None:
+            cache.advance()
+        return self.norm(h)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Re-initialise every weight (normal(0, initializer_range), pad row 0, norms 1) and rope buffers."""
+        for m in self.modules():
+            if m is not self and hasattr(m, "reset_parameters"):
+                m.reset_parameters()

@@ -1,0 +1,107 @@
+"""KV-cached generation: greedy and sampling (temperature, top-k, top-p), left-padded batches, several eos ids.
+
+The loop is lean: one preallocated :class:`KVCache`, logits only for the last position, sampling on those.
+Cached generation equals greedy recomputation of the whole sequence at every step, including across the
+LongRoPE switch: when the sequence first grows past ``original_max_position_embeddings`` the rotary regime of
+a full recomputation changes for *every* position, so the cache is rebuilt once in the long regime.
+
+Position ids follow transformers' ``generate``: ``cumsum(attention_mask) - 1`` with padding set to 1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .cache import KVCache
+
+
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 1)
+
+
+def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
+                top_p: float | None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, V) last-position logits -> (B,) next tokens."""
+    if not do_sample:
+        return logits.argmax(-1)
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be > 0 when sampling; use do_sample=False for greedy")
+    logits = logits.float() / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 64,
+             do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Return (B, T + n) = prompt followed by generated tokens; finished rows are filled with the pad id."""
+    config = model.config
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be a non-empty (batch, seq_len) tensor, got shape {tuple(input_ids.shape)}")
+    b, t0 = input_ids.shape
+    total = t0 + max_new_tokens
+    if total > config.max_position_embeddings:
+        raise ValueError(
+            f"prompt of {t0} + {max_new_tokens} new tokens exceeds max_position_embeddings="
+            f"{config.max_position_embeddings}; shorten the prompt or max_new_tokens"
+        )
+    if eos_token_id is None:
+        eos_token_id = config.eos_token_ids
+    eos = torch.tensor(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id],
+                       dtype=torch.long, device=input_ids.device)
+    pad = pad_token_id if pad_token_id is not None else (config.pad_token_id if config.pad_token_id is not None else
+                                                          int(eos[0]) if eos.numel() else 0)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    mask = torch.ones(b, total, dtype=torch.long, device=input_ids.device)
+    mask[:, :t0] = attention_mask
+    tokens = torch.full((b, total), pad, dtype=torch.long, device=input_ids.device)
+    tokens[:, :t0] = input_ids
+    positions = _positions(mask)  # (B, total): future positions continue each row's count
+    was_training = model.training
+    model.eval()
+    cache = KVCache.for_model(config, b, total, model.dtype, input_ids.device)
+    orig = config.original_max_position_embeddings
+
+    logits = _prefill(model, tokens, mask, positions, cache, t0, orig)
+    finished = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+    cur = t0
+    for step in range(max_new_tokens):
+        nxt = sample_next(logits, do_sample, temperature, top_k, top_p, generator)
+        nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+        tokens[:, cur] = nxt
+        cur += 1
+        if eos.numel():
+            finished |= torch.isin(nxt, eos)
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            break
+        # Would recomputing the whole sequence [0, cur) use another LongRoPE regime than the cached keys did?
+        if config.is_longrope and bool(positions[:, cur - 1].max() + 1 > orig) != cache.long_rope:
+            logits = _prefill(model, tokens, mask, positions, cache, cur, orig)
+            continue
+        out = model(tokens[:, cur - 1 : cur], attention_mask=mask[:, :cur], position_ids=positions[:, cur - 1 : cur],
+                    cache=cache, logits_to_keep=1)
+        logits = out.logits[:, -1]
+    model.train(was_training)
+    return tokens[:, :cur]
+
+
+def _prefill(model, tokens, mask, positions, cache: KVCache, cur: int, orig: int) -> torch.Tensor:
+    """(Re)build the cache over tokens [0, cur) in the regime a full recomputation would use; last logits."""
+    cache.reset()
+    out = model(tokens[:, :cur], attention_mask=mask[:, :cur], position_ids=positions[:, :cur], cache=cache,
+                logits_to_keep=1)
+    cache.long_rope = bool(positions[:, :cur].max() + 1 > orig)
+    return out.logits[:, -1]

@@ -1,0 +1,124 @@
+"""Losses of the three heads, and a fused linear + cross-entropy that never materialises all logits.
+
+Causal LM: labels are *not* shifted by the caller. ``labels[t]`` is the token at t; the loss predicts it from
+position t - 1, so the target of position t is ``labels[t + 1]`` (the last position has none). -100 is ignored;
+the mean runs over counted tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) labels -> (B, T) targets: targets[:, t] = labels[:, t + 1], -100 at the end."""
+    return F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32 over positions whose target is not -100."""
+    targets = shift_labels(labels)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """loss = mean_i CE(h_i @ W^T, y_i), computed chunk by chunk; gradients are computed in the forward.
+
+    Memory: one (chunk, vocab) fp32 block instead of (N, vocab) logits plus their gradient; no recompute.
+    Every target is assumed valid (the caller drops ignored positions first).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
+        n = hidden.shape[0]
+        needs_grad = hidden.requires_grad or weight.requires_grad
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if needs_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_grad else None
+        for s in range(0, n, chunk):
+            h = hidden[s : s + chunk]  # (C, H)
+            y = targets[s : s + chunk]  # (C,)
+            logits = (h @ weight.t()).float()  # (C, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (C,)
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            if needs_grad:
+                probs = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place over the logits block
+                probs[torch.arange(y.numel(), device=y.device), y] -= 1.0
+                probs /= n
+                g = probs.to(hidden.dtype)
+                grad_h[s : s + chunk] = g @ weight
+                if weight.dtype == torch.float32:
+                    grad_w.addmm_(g.t(), h)  # in place, no (V, H) temporary
+                else:
+                    grad_w += (g.t() @ h).float()
+        if needs_grad:
+            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out.to(grad_w.dtype), None, None
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1024
+) -> torch.Tensor:
+    """Causal-LM loss from final hidden states (B, T, H) and the lm_head weight (V, H), without full logits.
+
+    Equal to ``causal_lm_loss(hidden @ weight.T, labels)``; positions whose target is -100 are skipped entirely.
+    """
+    targets = shift_labels(labels).reshape(-1)
+    keep = (targets != IGNORE_INDEX).nonzero().squeeze(-1)
+    if keep.numel() == 0:  # same as F.cross_entropy's mean over nothing
+        return (hidden.sum() * 0.0 + weight.sum() * 0.0) / 0.0
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)  # (N, H)
+    if torch.is_autocast_enabled(h.device.type):
+        dt = torch.get_autocast_dtype(h.device.type)
+        h, weight = h.to(dt), weight.to(dt)
+    with torch.autocast(h.device.type, enabled=False):
+        return _LinearCrossEntropy.apply(h, weight, targets.index_select(0, keep), chunk_size)
+
+
+def _check_label_range(labels: torch.Tensor, num_labels: int, what: str) -> None:
+    """Class ids must lie in [0, num_labels) (or be -100); out-of-range ids would index garbage or crash."""
+    if torch.compiler.is_compiling():
+        return
+    valid = labels[labels != IGNORE_INDEX]
+    if valid.numel():
+        lo, hi = torch.stack(torch.aminmax(valid)).tolist()
+        if lo < 0 or hi >= num_labels:
+            raise ValueError(
+                f"{what} {hi if hi >= num_labels else lo} is outside [0, {num_labels}); "
+                "set num_labels to cover every class (use -100 to ignore an item)"
+            )
+
+
+def sequence_classification_loss(logits: torch.Tensor, labels: torch.Tensor, num_labels: int,
+                                 problem_type: str | None) -> tuple[torch.Tensor, str]:
+    """(B, num_labels) pooled logits -> loss, and the problem type used (inferred as transformers does)."""
+    if problem_type is None:
+        if num_labels == 1:
+            problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
+            problem_type = "single_label_classification"
+        else:
+            problem_type = "multi_label_classification"
+    if problem_type == "regression":
+        labels = labels.to(logits.dtype)
+        if num_labels == 1:
+            return F.mse_loss(logits.squeeze(), labels.squeeze()), problem_type
+        return F.mse_loss(logits, labels), problem_type
+    if problem_type == "single_label_classification":
+        _check_label_range(labels, num_labels, "label")
+        return F.cross_entropy(logits.float().view(-1, num_labels), labels.view(-1), ignore_index=IGNORE_INDEX), problem_type
+    return F.binary_cross_entropy_with_logits(logits.float(), labels.to(torch.float32)), problem_type
+
+
+def token_classification_loss(logits: torch.Tensor, labels: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """Mean cross-entropy over tokens whose label is not -100."""
+    _check_label_range(labels, num_labels, "token label")
+    return F.cross_entropy(logits.float().view(-1, num_labels), labels.view(-1), ignore_index=IGNORE_INDEX)

@@ -1,0 +1,33 @@
+"""Fused gated MLP: gate_up_proj = [gate | up] rows, out = down(up * act(gate))."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Phi3Config
+from .linear import Linear
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+class Phi3MLP(nn.Module):
+    def __init__(self, config: Phi3Config, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = Linear(config.initializer_range, config.hidden_size, 2 * config.intermediate_size, bias=False, device=device)
+        self.down_proj = Linear(config.initializer_range, config.intermediate_size, config.hidden_size, bias=False, device=device)
+        self.act = ACTIVATIONS[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, I) each
+        return self.down_proj(up * self.act(gate))

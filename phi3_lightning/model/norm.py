@@ -1,0 +1,26 @@
+"""RMSNorm as in Phi-3: normalise in fp32, cast back to the input dtype, then scale by the weight."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Phi3RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-5, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(hidden_size, device=device))
+        self.eps = eps
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"
