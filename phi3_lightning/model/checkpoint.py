@@ -188,16 +188,18 @@ class PretrainedMixin:
                     if _IGNORED_KEYS.search(name):
                         continue
                     if name not in expected:
-                        unexpected.append(name)
+                        if not name.startswith(("lm_head.", "score.")):  # another head's weights are expected
+                            unexpected.append(name)
                         continue
                     tensor = f.get_tensor(name)
                     want = tuple(expected[name].shape)
                     if tuple(tensor.shape) != want:
-                        is_head = not name.startswith("model.")
-                        if is_head and not strict_head:
+                        is_score = name.startswith("score.")
+                        if is_score and not strict_head:
                             continue
                         hint = ("set num_labels to match the checkpoint or pass strict_head=False to re-initialise "
-                                "the head") if is_head else "the checkpoint does not match this config"
+                                "the head") if is_score else "the checkpoint does not match this config (vocab_size, " \
+                            "hidden_size, heads?); load it without overrides or with the matching preset"
                         raise ValueError(
                             f"{file}: tensor {name} has shape {tuple(tensor.shape)} but the model expects {want}; {hint}"
                         )

@@ -17,7 +17,7 @@ from .backbone import Phi3Model
 from .checkpoint import PretrainedMixin
 from .config import Phi3Config
 from .linear import Linear
-from .loss import causal_lm_loss, fused_linear_cross_entropy, sequence_classification_loss, token_classification_loss
+from .loss import IGNORE_INDEX, causal_lm_loss, fused_linear_cross_entropy, sequence_classification_loss, token_classification_loss
 
 
 @dataclass
@@ -31,6 +31,18 @@ class ModelOutput:
 
     def __getitem__(self, key: str):
         return getattr(self, key)
+
+
+def ignore_targets_after_padding(labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """labels[t] is predicted from position t - 1; a padding position predicts nothing, so such targets are -100.
+
+    (transformers would count them, with a value that depends on what a padding query attends to.)
+    """
+    if attention_mask.shape != labels.shape or bool(attention_mask.all()):
+        return labels
+    out = labels.clone()
+    out[:, 1:] = out[:, 1:].masked_fill(attention_mask[:, :-1] == 0, IGNORE_INDEX)
+    return out
 
 
 class Phi3PreTrainedHead(PretrainedMixin, nn.Module):
@@ -114,6 +126,8 @@ class Phi3ForCausalLM(Phi3PreTrainedHead):
         no (B, T, V) tensor is ever materialised, which is what training uses.
         """
         h = self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds)  # (B, T, H)
+        if labels is not None and attention_mask is not None:
+            labels = ignore_targets_after_padding(labels, attention_mask)
         if labels is not None and not return_logits:
             return ModelOutput(loss=fused_linear_cross_entropy(h, self.lm_head.weight, labels), hidden_states=h, cache=cache)
         hk = h[:, -logits_to_keep:] if logits_to_keep else h

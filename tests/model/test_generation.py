@@ -1,0 +1,84 @@
+"""KV-cached generation == greedy recomputation of the whole sequence at each step."""
+
+import pytest
+import torch
+
+from phi3_lightning import Phi3ForCausalLM
+from phi3_lightning.model.generation import sample_next
+
+from .shapes import config
+
+
+def recompute_greedy(model, x, mask, n):
+    """The definition: at each step run the whole sequence, take the argmax of the last position."""
+    tokens, m = x.clone(), mask.clone()
+    for _ in range(n):
+        pos = (m.cumsum(-1) - 1).masked_fill(m == 0, 1)
+        logits = model(tokens, attention_mask=m, position_ids=pos).logits[:, -1]
+        tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], 1)
+        m = torch.cat([m, torch.ones_like(m[:, :1])], 1)
+    return tokens
+
+
+@pytest.mark.parametrize("shape", ["mini-4k", "mini-128k", "medium-4k", "phi-4-mini", "phi-4"])
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_cached_equals_recomputation(shape, backend):
+    torch.manual_seed(5)
+    model = Phi3ForCausalLM(config(shape), attn_implementation=backend).eval()
+    x = torch.randint(3, 97, (3, 9))
+    mask = torch.ones_like(x)
+    mask[1, :2] = 0  # left padding
+    mask[2, :5] = 0
+    x = x.masked_fill(mask == 0, 0)
+    with torch.no_grad():
+        ref = recompute_greedy(model, x, mask, 14)  # 9 + 14 = 23 > LongRoPE switch (16) and > windows
+    out = model.generate(x, attention_mask=mask, max_new_tokens=14, eos_token_id=[])
+    assert torch.equal(out, ref)
+
+
+def test_longrope_switch_changes_the_numbers():
+    """The regime matters: without the cache rebuild at the switch, the continuation would differ."""
+    torch.manual_seed(6)
+    model = Phi3ForCausalLM(config("mini-128k")).eval()
+    x = torch.randint(3, 97, (1, 20))
+    with torch.no_grad():
+        long_logits = model(x).logits[0, 10]  # 20 > 16: long factors for every position
+        short_logits = model(x[:, :11]).logits[0, 10]  # 11 <= 16: short factors
+    assert (long_logits - short_logits).abs().max() > 1e-4  # fp32 noise is ~1e-7
+
+
+def test_eos_stops_and_pads_finished_rows():
+    torch.manual_seed(7)
+    model = Phi3ForCausalLM(config("mini-4k")).eval()
+    x = torch.randint(3, 97, (2, 5))
+    free = model.generate(x, max_new_tokens=6, eos_token_id=[])
+    first = int(free[0, 5])  # make row 0's first generated token an eos id
+    out = model.generate(x, max_new_tokens=6, eos_token_id=[first, 96], pad_token_id=0)
+    assert out[0, 5] == first and (out[0, 6:] == 0).all()
+    if first not in free[1, 5:].tolist() and 96 not in free[1, 5:].tolist():
+        assert torch.equal(out[1], free[1])
+
+
+def test_sampling_is_reproducible_and_respects_top_k():
+    torch.manual_seed(8)
+    logits = torch.randn(4, 50)
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    a = sample_next(logits, True, 0.7, 3, None, g1)
+    b = sample_next(logits, True, 0.7, 3, None, g2)
+    assert torch.equal(a, b)
+    top3 = logits.topk(3, -1).indices
+    for _ in range(20):
+        s = sample_next(logits, True, 1.0, 3, None)
+        assert all(int(s[i]) in top3[i].tolist() for i in range(4))
+
+
+def test_top_p_keeps_smallest_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    seen = {int(sample_next(logits, True, 1.0, None, 0.7)) for _ in range(200)}
+    assert seen == {0, 1}  # 0.5 < 0.7 <= 0.8: tokens 0 and 1 only
+
+
+def test_generate_rejects_too_long():
+    model = Phi3ForCausalLM(config("mini-4k"))
+    with pytest.raises(ValueError, match="exceeds max_position_embeddings=128"):
+        model.generate(torch.ones(1, 100, dtype=torch.long), max_new_tokens=40)

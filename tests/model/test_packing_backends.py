@@ -1,0 +1,143 @@
+"""A packed row (position_ids restarting per document) equals the documents run one by one, on every backend."""
+
+import pytest
+import torch
+
+from phi3_lightning import Phi3ForCausalLM
+from phi3_lightning.model import backends
+from phi3_lightning.model.backends import (
+    reference_flash_attn_func,
+    reference_flash_attn_varlen_func,
+    set_flash_kernels,
+)
+from phi3_lightning.model.masking import document_ids
+
+from .shapes import config
+
+
+@pytest.fixture
+def flash_reference():
+    """The flash backend's unpad/varlen glue, run on CPU with pure-torch kernels of the same signature."""
+    set_flash_kernels((reference_flash_attn_func, reference_flash_attn_varlen_func))
+    yield
+    set_flash_kernels(None)
+
+
+def cpu_backends():
+    names = ["eager", "sdpa", "flash_attention_2"]
+    if backends.flex_available()[0]:
+        names.append("flex")
+    return names
+
+
+def packed_batch(lengths_per_row, vocab=97, row_len=None):
+    rows, docs = [], []
+    for lengths in lengths_per_row:
+        ids, pos = [], []
+        row_docs = []
+        for n in lengths:
+            d = torch.randint(3, vocab, (n,))
+            row_docs.append(d)
+            ids.append(d)
+            pos.append(torch.arange(n))
+        ids, pos = torch.cat(ids), torch.cat(pos)
+        rows.append((ids, pos))
+        docs.append(row_docs)
+    t = max(r[0].numel() for r in rows) if row_len is None else row_len
+    input_ids = torch.zeros(len(rows), t, dtype=torch.long)
+    position_ids = torch.zeros(len(rows), t, dtype=torch.long)
+    mask = torch.zeros(len(rows), t, dtype=torch.long)
+    for i, (ids, pos) in enumerate(rows):
+        input_ids[i, : ids.numel()] = ids
+        position_ids[i, : ids.numel()] = pos
+        # tail padding continues counting as its own pseudo-document
+        position_ids[i, ids.numel():] = torch.arange(t - ids.numel())
+        mask[i, : ids.numel()] = 1
+    return input_ids, position_ids, mask, docs
+
+
+def test_document_ids():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 0, 1], [5, 6, 7, 8, 0, 1, 2, 3]])
+    assert document_ids(pos).tolist() == [[0, 0, 0, 1, 1, 2, 3, 3], [0, 0, 0, 0, 1, 1, 1, 1]]
+
+
+@pytest.mark.parametrize("shape", ["mini-4k", "medium-4k", "phi-4-mini"])
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_packed_equals_one_by_one(shape, backend, flash_reference):
+    torch.manual_seed(1)
+    cfg = config(shape)
+    model = Phi3ForCausalLM(cfg, attn_implementation=backend).eval()
+    # documents longer than the sliding windows (7, 9) so the window matters inside a document, and no longer
+    # than 16 so LongRoPE (switch at 16) picks the short regime for the packed row and each document alike: the
+    # regime follows max(position_ids) + 1, i.e. the longest document, not the row length.
+    input_ids, position_ids, mask, docs = packed_batch([[11, 5, 14], [16, 3]], row_len=32)
+    with torch.no_grad():
+        packed = model(input_ids, attention_mask=mask, position_ids=position_ids).logits
+        ref_model = Phi3ForCausalLM(cfg, attn_implementation="eager").eval()
+        ref_model.load_state_dict(model.state_dict())
+        for r, row_docs in enumerate(docs):
+            start = 0
+            for d in row_docs:
+                alone = ref_model(d[None]).logits[0]
+                got = packed[r, start : start + d.numel()]
+                assert (got - alone).abs().max().item() < 1e-4 * alone.abs().max().item()
+                start += d.numel()
+
+
+def test_packed_loss_is_token_weighted_mean_of_documents():
+    torch.manual_seed(2)
+    model = Phi3ForCausalLM(config("medium-4k")).eval()
+    input_ids, position_ids, mask, docs = packed_batch([[9, 6], [12]], row_len=16)
+    labels = input_ids.masked_fill(mask == 0, -100)
+    labels[position_ids == 0] = -100  # no target crosses a document boundary
+    with torch.no_grad():
+        packed = model(input_ids, attention_mask=mask, position_ids=position_ids, labels=labels).loss
+        total, count = 0.0, 0
+        for row_docs in docs:
+            for d in row_docs:
+                total += model(d[None], labels=d[None]).loss.item() * (d.numel() - 1)
+                count += d.numel() - 1
+    assert abs(packed.item() - total / count) < 1e-5 * abs(total / count)
+
+
+def test_flash_backend_padded_batch_matches_sdpa(flash_reference):
+    torch.manual_seed(3)
+    cfg = config("medium-4k")
+    flash = Phi3ForCausalLM(cfg, attn_implementation="flash_attention_2").eval()
+    sdpa = Phi3ForCausalLM(cfg, attn_implementation="sdpa").eval()
+    sdpa.load_state_dict(flash.state_dict())
+    x = torch.randint(3, 97, (2, 20))
+    mask = torch.ones_like(x)
+    mask[1, :6] = 0  # left padding -> unpadded varlen path
+    with torch.no_grad():
+        a = flash(x, attention_mask=mask).logits
+        b = sdpa(x, attention_mask=mask).logits
+        c = flash(x).logits  # full rows -> flash_attn_func path
+        d = sdpa(x).logits
+    real = mask.bool()
+    assert (a[real] - b[real]).abs().max() < 1e-4
+    assert (c - d).abs().max() < 1e-4
+
+
+def test_unavailable_backend_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown attn_implementation 'xformers'"):
+        Phi3ForCausalLM(config("mini-4k"), attn_implementation="xformers")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="flash_attention_2.*unavailable"):
+            Phi3ForCausalLM(config("mini-4k"), attn_implementation="flash_attention_2")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not backends.flash_attn_installed(),
+                    reason="needs a CUDA GPU and the flash-attn package")
+def test_real_flash_kernel_packed_matches_sdpa():
+    torch.manual_seed(4)
+    cfg = config("medium-4k")
+    model = Phi3ForCausalLM(cfg, attn_implementation="sdpa").cuda().to(torch.bfloat16).eval()
+    input_ids, position_ids, mask, _ = packed_batch([[11, 5, 14], [20, 3]], row_len=32)
+    input_ids, position_ids, mask = input_ids.cuda(), position_ids.cuda(), mask.cuda()
+    with torch.no_grad():
+        ref = model(input_ids, attention_mask=mask, position_ids=position_ids).logits.float()
+        model.set_attn_implementation("flash_attention_2")
+        out = model(input_ids, attention_mask=mask, position_ids=position_ids).logits.float()
+    real = mask.bool()
+    assert (out[real] - ref[real]).abs().max() < 3e-2 * ref.abs().max()
