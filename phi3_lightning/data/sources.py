@@ -1,0 +1,405 @@
+"""Where records come from: local files (txt / jsonl / json / csv / tsv / parquet), a ``datasets`` dataset, and the
+train / val / test split logic.
+
+A *record* is a dict (one JSON object, one CSV row, one paragraph of a text file ...). Records are
+:class:`Record` objects: plain dicts that also remember where they came from (``record.where``, e.g.
+``"data/train.jsonl line 7"``) so that errors about them can say so.
+
+Splits are deterministic: a record missing from an explicit split is assigned by a hash of its content (or of a key,
+e.g. a file path), never by the random order of a directory listing or a shuffle.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "Record",
+    "SPLITS",
+    "read_records",
+    "load_source",
+    "split_by_hash",
+    "stable_fraction",
+    "resolve_splits",
+    "TEXT_SUFFIXES",
+]
+
+SPLITS = ("train", "val", "test")
+TEXT_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".txt", ".parquet")
+_SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "dev": "val",
+    "test": "test",
+    "testing": "test",
+}
+
+
+class Record(dict):
+    """A record (dict of fields) that remembers where it came from in ``where``."""
+
+    __slots__ = ("where",)
+
+    def __init__(self, fields: dict[str, Any] | None = None, where: str = "") -> None:
+        super().__init__(fields or {})
+        self.where = where
+
+    def __reduce__(self):  # keep `where` through pickling (dataloader workers)
+        return (Record, (dict(self), self.where))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# local files
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _read_jsonl(path: Path, limit: int | None) -> list[Record]:
+    records: list[Record] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {lineno}: not valid JSON ({e.msg}); fix or remove the line") from e
+            if not isinstance(obj, dict):
+                raise ValueError(
+                    f"{path} line {lineno}: expected a JSON object like {{\"text\": ...}}, got a "
+                    f"{type(obj).__name__}; fix or remove the line"
+                )
+            records.append(Record(obj, f"{path} line {lineno}"))
+            if limit is not None and len(records) >= limit:
+                break
+    return records
+
+
+def _read_json(path: Path, limit: int | None) -> list[Record]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} line {e.lineno}: not valid JSON ({e.msg}); fix the file") from e
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise ValueError(
+            f"{path}: expected a JSON list of objects (or {{\"data\": [...]}}), got a {type(data).__name__}; "
+            "use that layout or one object per line in a .jsonl file"
+        )
+    records: list[Record] = []
+    for i, obj in enumerate(data[:limit] if limit is not None else data):
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path} item {i}: expected a JSON object, got a {type(obj).__name__}; fix the item")
+        records.append(Record(obj, f"{path} item {i}"))
+    return records
+
+
+def _read_csv(path: Path, limit: int | None, delimiter: str) -> list[Record]:
+    records: list[Record] = []
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        for row in reader:
+            # reader.line_num is the physical line the row ended on (the header is line 1)
+            if None in row:
+                raise ValueError(
+                    f"{path} line {reader.line_num}: more fields than the header has columns; fix the row or quote it"
+                )
+            records.append(Record(row, f"{path} line {reader.line_num}"))
+            if limit is not None and len(records) >= limit:
+                break
+    return records
+
+
+def _read_txt(path: Path, limit: int | None, text_field: str, text_unit: str) -> list[Record]:
+    text = path.read_text(encoding="utf-8")
+    parts: list[tuple[int, str]] = []  # (line number of the record's first line, text)
+    if text_unit == "file":
+        if text.strip():
+            parts.append((1, text))
+    elif text_unit in ("line", "paragraph"):
+        sep = "\n" if text_unit == "line" else "\n\n"
+        lineno = 1
+        for chunk in text.split(sep):
+            body = chunk.strip("\n")
+            if body.strip():
+                parts.append((lineno + len(chunk) - len(chunk.lstrip("\n")), body))
+            lineno += chunk.count("\n") + len(sep)
+    else:
+        raise ValueError(f"text_unit={text_unit!r}; use 'file', 'paragraph' or 'line'")
+    records = [Record({text_field: t}, f"{path} line {n}") for n, t in parts]
+    return records[:limit] if limit is not None else records
+
+
+def _read_parquet(path: Path, limit: int | None) -> list[Record]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        pq = None
+    if pq is not None:
+        rows = pq.read_table(path).to_pylist()
+    else:
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ImportError(
+                f"reading {path} needs pyarrow (or pandas with a parquet engine), which is not installed; "
+                "pip install pyarrow, or convert the file to jsonl/csv"
+            ) from None
+        rows = pd.read_parquet(path).to_dict(orient="records")
+    if limit is not None:
+        rows = rows[:limit]
+    return [Record(r, f"{path} row {i}") for i, r in enumerate(rows)]
+
+
+def read_records(
+    path: str | Path,
+    text_field: str = "text",
+    text_unit: str = "paragraph",
+    limit: int | None = None,
+    what: str = "file",
+) -> list[Record]:
+    """Read one local file into records, by its suffix.
+
+    * ``.jsonl``: one JSON object per line (blank lines skipped);
+    * ``.json``: a list of objects, or ``{"data": [...]}``;
+    * ``.csv`` / ``.tsv``: a header row, then one record per row (all values are strings);
+    * ``.txt``: ``{text_field: ...}`` per paragraph (blank-line separated, ``text_unit="paragraph"``), per
+      non-empty line (``"line"``) or the whole file (``"file"``);
+    * ``.parquet``: needs ``pyarrow`` (or ``pandas``).
+
+    Args:
+        path: the file.
+        text_field: field name given to the text of ``.txt`` records.
+        text_unit: how a ``.txt`` file is cut into records.
+        limit: read at most this many records.
+        what: how the file is named in error messages (e.g. ``"train_file"``).
+
+    Raises ``ValueError`` for a missing, unreadable, malformed or empty file, with the file (and line) in the message.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ValueError(f"{what} {str(path)!r} does not exist; check the path")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        records = _read_jsonl(path, limit)
+    elif suffix == ".json":
+        records = _read_json(path, limit)
+    elif suffix in (".csv", ".tsv"):
+        records = _read_csv(path, limit, "\t" if suffix == ".tsv" else ",")
+    elif suffix == ".txt":
+        records = _read_txt(path, limit, text_field, text_unit)
+    elif suffix == ".parquet":
+        records = _read_parquet(path, limit)
+    else:
+        raise ValueError(f"{what} {str(path)!r} has an unknown suffix {suffix!r}; use one of {TEXT_SUFFIXES}")
+    if not records:
+        raise ValueError(f"{what} {str(path)!r} holds no records (it is empty); add data or point {what} elsewhere")
+    return records
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# `datasets` (optional)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _import_datasets(source: str):
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        raise ImportError(
+            f"source {source!r} needs the optional `datasets` package, which is not installed; "
+            "pip install 'phi3_lightning[datasets]' (or datasets), or use local jsonl/csv files"
+        ) from None
+    return datasets
+
+
+def _is_saved_dataset_dir(path: Path) -> bool:
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def _load_hf(source: str, limit: int | None) -> dict[str, list[Record]]:
+    """``hf:NAME`` / ``hf:NAME:CONFIG`` (from the hub or the local HF cache) or a ``save_to_disk`` directory."""
+    datasets = _import_datasets(source)
+    if source.startswith("hf:"):
+        name, _, config = source[3:].partition(":")
+        loaded = datasets.load_dataset(name, config or None)
+    else:
+        loaded = datasets.load_from_disk(source)
+    if isinstance(loaded, datasets.Dataset):
+        loaded = {"train": loaded}
+    out: dict[str, list[Record]] = {}
+    for split_name, ds in loaded.items():
+        split = _SPLIT_ALIASES.get(str(split_name).lower())
+        if split is None or split in out:
+            continue
+        n = len(ds) if limit is None else min(limit, len(ds))
+        out[split] = [Record(dict(ds[i]), f"{source} [{split_name}] row {i}") for i in range(n)]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# splits
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def stable_fraction(key: str, seed: int = 0) -> float:
+    """A number in [0, 1) that depends only on ``key`` and ``seed`` (the same on every machine and run)."""
+    digest = hashlib.blake2b(f"{seed}\x00{key}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def _content_key(record: dict[str, Any]) -> str:
+    return json.dumps(record, sort_keys=True, ensure_ascii=False, default=str)
+
+
+def split_by_hash(
+    records: Sequence[Any],
+    val_fraction: float,
+    test_fraction: float = 0.0,
+    seed: int = 0,
+    key: Callable[[Any], str] = _content_key,
+) -> dict[str, list[Any]]:
+    """Deterministically split records into train / val / test by a hash of ``key(record)``.
+
+    A record goes to test when its hash fraction is below ``test_fraction``, to val when below
+    ``test_fraction + val_fraction``, else to train. Identical records land in the same split (no leakage). When a
+    requested split would be empty and train has more than one record, the train record with the smallest hash
+    fraction above the thresholds moves there, so tiny datasets still get a val/test split.
+    """
+    for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= frac < 1.0:
+            raise ValueError(f"{name}={frac}; use a fraction in [0, 1)")
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(
+            f"val_fraction + test_fraction = {val_fraction + test_fraction} leaves nothing for training; lower them"
+        )
+    scored = sorted(((stable_fraction(key(r), seed), i) for i, r in enumerate(records)), key=lambda x: x[0])
+    out: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+    for u, i in scored:
+        split = "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
+        out[split].append(i)
+    for split, frac in (("test", test_fraction), ("val", val_fraction)):
+        if frac > 0 and not out[split] and len(out["train"]) > 1:
+            out[split].append(out["train"].pop(0))  # train is in ascending hash order
+    return {s: [records[i] for i in sorted(idx)] for s, idx in out.items()}
+
+
+def _split_files_in_dir(directory: Path) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for path in sorted(directory.iterdir()):
+        split = _SPLIT_ALIASES.get(path.stem.lower())
+        if split and path.suffix.lower() in TEXT_SUFFIXES and split not in found:
+            found[split] = path
+    return found
+
+
+def load_source(
+    source: str,
+    train_file: str | None = None,
+    val_file: str | None = None,
+    test_file: str | None = None,
+    text_field: str = "text",
+    text_unit: str = "paragraph",
+    limit: int | None = None,
+) -> dict[str, list[Record]]:
+    """The splits a (non-embedded) source provides as given, before any split is carved out of train.
+
+    ``source`` is one of:
+
+    * a file (``.jsonl``/``.json``/``.csv``/``.tsv``/``.txt``/``.parquet``): the train split;
+    * a directory holding ``train.*`` and optionally ``val.*``/``validation.*``/``dev.*`` and ``test.*`` files;
+    * a directory written by ``datasets``' ``save_to_disk``, or ``hf:NAME`` / ``hf:NAME:CONFIG`` (needs the
+      optional ``datasets`` package);
+    * ``""`` / ``"files"`` when only ``train_file`` (and ``val_file``, ``test_file``) are given.
+
+    ``train_file``/``val_file``/``test_file`` override the split of the same name.
+    """
+    splits: dict[str, list[Record]] = {}
+    files: dict[str, Path] = {}
+    if source and source not in ("files",):
+        if source.startswith("hf:"):
+            splits.update(_load_hf(source, limit))
+        else:
+            path = Path(source).expanduser()
+            if path.is_file():
+                files["train"] = path
+            elif path.is_dir():
+                if _is_saved_dataset_dir(path):
+                    splits.update(_load_hf(str(path), limit))
+                else:
+                    files.update(_split_files_in_dir(path))
+                    if not files and not train_file:
+                        raise ValueError(
+                            f"source directory {source!r} has no train.* file (nor a saved `datasets` dataset); add "
+                            f"train.jsonl (or .csv/.txt/...) there, or pass train_file="
+                        )
+            else:
+                raise ValueError(
+                    f"source {source!r} is not 'embedded', 'hf:<name>', nor an existing file or directory; "
+                    "check the path"
+                )
+    for split, f in (("train", train_file), ("val", val_file), ("test", test_file)):
+        if f:
+            files[split] = Path(f)
+    for split, path in files.items():
+        what = {"train": "train_file", "val": "val_file", "test": "test_file"}[split]
+        splits[split] = read_records(path, text_field=text_field, text_unit=text_unit, limit=limit, what=what)
+    if "train" not in splits:
+        raise ValueError(
+            f"no training data: source={source!r}, train_file={train_file!r}; pass a file, a directory with train.*, "
+            "hf:<name>, or source='embedded'"
+        )
+    for split, recs in splits.items():
+        if not recs:
+            raise ValueError(f"the {split} split of {source or train_file!r} is empty; add data or drop that split")
+    return splits
+
+
+def resolve_splits(
+    given: dict[str, list[Any]],
+    val_fraction: float,
+    test_fraction: float,
+    seed: int = 0,
+    key: Callable[[Any], str] = _content_key,
+) -> dict[str, list[Any]]:
+    """Fill in missing splits: val (and test) are carved out of train by :func:`split_by_hash` when not given.
+
+    When test is neither given nor carved (``test_fraction=0``), test is the val split.
+    """
+    out = dict(given)
+    need_val = "val" not in out and val_fraction > 0
+    need_test = "test" not in out and test_fraction > 0
+    if need_val or need_test:
+        parts = split_by_hash(
+            out["train"], val_fraction if need_val else 0.0, test_fraction if need_test else 0.0, seed, key
+        )
+        out["train"] = parts["train"]
+        if need_val:
+            out["val"] = parts["val"]
+        if need_test:
+            out["test"] = parts["test"]
+    out.setdefault("val", [])
+    if "test" not in out:
+        out["test"] = out["val"]
+    return out
+
+
+def iter_field(records: Iterable[Record], field: str, what: str) -> Iterable[tuple[Record, Any]]:
+    """Yield (record, record[field]), raising a clear ``ValueError`` at the first record without that field."""
+    for r in records:
+        if field not in r:
+            where = getattr(r, "where", "") or "a record"
+            raise ValueError(
+                f"{where}: has no {what} field {field!r} (fields: {sorted(r)}); pass --data.{what}_field with the "
+                "right column name or fix the data"
+            )
+        yield r, r[field]
