@@ -15,6 +15,21 @@ from .norm import Phi3RMSNorm
 from .rope import Phi3RotaryEmbedding
 
 
+def prepare_context(backend: str, ctx) -> None:
+    """Materialise the mask representation ``backend`` needs once, before the layers run.
+
+    Layers then only read it, so a per-layer ``torch.compile`` never traces mask construction.
+    """
+    from . import backends
+
+    if backend == "sdpa" or (backend in ("flash_attention_2", "flex") and ctx.offset > 0):
+        ctx.bool_mask()
+    elif backend == "flash_attention_2" and (ctx.key_padding is not None or ctx.doc_ids is not None):
+        backends._varlen_metadata(ctx)
+    elif backend == "flex":
+        backends._block_mask(ctx)
+
+
 class Phi3Model(nn.Module):
     """Backbone: ``forward(input_ids, attention_mask, position_ids, cache) -> (B, T, hidden)`` final-normed states."""
 
@@ -77,6 +92,7 @@ class Phi3Model(nn.Module):
             derive_documents=cache is None,
             device=inputs_embeds.device,
         )
+        prepare_context(self.attn_implementation, ctx)
         rope = self.rotary_emb(position_ids, inputs_embeds.dtype)  # (B, T, R) each
         h = inputs_embeds
         for layer in self.layers:

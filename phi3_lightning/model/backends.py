@@ -57,6 +57,9 @@ def sdpa_attention(q, k, v, ctx: AttentionContext, scale: float, dropout_p: floa
     if n_rep > 1:
         # enable_gqa lets the kernel read each kv head once; the math kernel (CPU with a mask) repeats anyway.
         k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+    if q.shape[2] == 1 and q.device.type == "cpu":
+        # Decode step: CPU SDPA is ~20x slower on strided views of the cache than on contiguous copies.
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None and q.shape[2] > 1, scale=scale
     )
