@@ -112,7 +112,8 @@ def tokenize_chat(
         tokenizer: its tokenizer; the chat format defaults to ``tokenizer.chat_format``.
         chat_format: override the format.
         add_bos: prepend ``tokenizer.bos_token_id`` (label -100).
-        add_eos: append ``tokenizer.eos_token_id`` (labelled when the conversation ends with an assistant turn).
+        add_eos: append ``tokenizer.eos_token_id`` (labelled when the conversation ends with an assistant turn),
+            unless the text already ends with it (phi-4, whose eos is the end-of-turn ``<|im_end|>``).
     """
     chat_format = chat_format or tokenizer.chat_format
     segments = render_chat(messages, chat_format)
@@ -141,7 +142,7 @@ def tokenize_chat(
     if add_bos and tokenizer.bos_token_id is not None:
         ids = [tokenizer.bos_token_id, *ids]
         labels = [IGNORE_INDEX, *labels]
-    if add_eos:
+    if add_eos and not (ids and ids[-1] == tokenizer.eos_token_id):  # phi-4: eos is <|im_end|>, already there
         last_is_assistant = bool(segments) and messages[-1]["role"] == "assistant"
         ids = [*ids, tokenizer.eos_token_id]
         labels = [*labels, tokenizer.eos_token_id if last_is_assistant else IGNORE_INDEX]

@@ -1,0 +1,139 @@
+"""Bad input gives a ValueError that names the offending value and says what to do."""
+
+import pytest
+
+from phi3_lightning.data import (
+    ByteTokenizer,
+    CausalLMDataModule,
+    SequenceClassificationDataModule,
+    TokenClassificationDataModule,
+    check_vocab_fits,
+)
+
+NO_SPLITS = dict(val_fraction=0.0, test_fraction=0.0)
+
+
+def test_empty_dataset(tmp_path):
+    (tmp_path / "train.jsonl").write_text("")
+    with pytest.raises(ValueError) as e:
+        CausalLMDataModule(train_file=str(tmp_path / "train.jsonl")).setup()
+    assert f"train_file '{tmp_path / 'train.jsonl'}' holds no records (it is empty)" in str(e.value)
+    assert "add data or point train_file elsewhere" in str(e.value)
+
+
+def test_dataset_of_empty_texts(tmp_path, write_jsonl):
+    write_jsonl(tmp_path / "t.jsonl", [{"text": ""}, {"text": ""}])
+    with pytest.raises(ValueError, match=r"the train split has no tokens after tokenization \(2 records, all empty\)"):
+        CausalLMDataModule(train_file=str(tmp_path / "t.jsonl"), add_eos=False, **NO_SPLITS).setup()
+
+
+def test_missing_text_column(tmp_path, write_jsonl):
+    p = write_jsonl(tmp_path / "t.jsonl", [{"body": "x", "label": "a"}])
+    with pytest.raises(ValueError) as e:
+        CausalLMDataModule(train_file=str(p), **NO_SPLITS).setup()
+    msg = str(e.value)
+    assert f"{p} line 1" in msg and "neither a text field 'text' nor a messages field 'messages'" in msg
+    assert "fields: ['body', 'label']" in msg and "--data.text_field" in msg
+    with pytest.raises(ValueError) as e:
+        SequenceClassificationDataModule(train_file=str(p), **NO_SPLITS).setup()
+    assert f"{p} line 1: has no text field 'text'" in str(e.value) and "--data.text_field" in str(e.value)
+
+
+def test_missing_label_column(tmp_path, write_jsonl):
+    p = write_jsonl(tmp_path / "t.jsonl", [{"text": "x", "target": "a"}])
+    dm = SequenceClassificationDataModule(train_file=str(p), **NO_SPLITS)
+    with pytest.raises(ValueError) as e:
+        dm.num_labels
+    assert f"{p} line 1: has no label field 'label' (fields: ['target', 'text'])" in str(e.value)
+    assert "--data.label_field" in str(e.value)
+    with pytest.raises(ValueError, match="has no label field 'labels'"):
+        TokenClassificationDataModule(train_file=str(write_jsonl(tmp_path / "w.jsonl", [{"words": ["a"]}])),
+                                      **NO_SPLITS).setup()
+
+
+def test_unknown_label(tmp_path, write_jsonl):
+    write_jsonl(tmp_path / "train.jsonl", [{"text": "a", "label": "pos"}, {"text": "b", "label": "neg"}] * 5)
+    val = write_jsonl(tmp_path / "val.jsonl", [{"text": "c", "label": "pos"}, {"text": "d", "label": "spam"}])
+    dm = SequenceClassificationDataModule(source=str(tmp_path), test_fraction=0.0)
+    with pytest.raises(ValueError) as e:
+        dm.setup()
+    assert str(e.value) == (
+        f"{val} line 2: label 'spam' is not one of the label names ['neg', 'pos']; add it to --data.label_names or "
+        "fix the record"
+    )
+    dm = SequenceClassificationDataModule(source=str(tmp_path), label_names=["neg", "pos", "spam"], test_fraction=0.0)
+    dm.setup()  # fixed by listing it
+    assert dm.num_labels == 3
+    dm = SequenceClassificationDataModule(train_file=str(tmp_path / "train.jsonl"), label_names=["pos"], **NO_SPLITS)
+    with pytest.raises(ValueError, match=r"label 'neg' is not one of the label names \['pos'\]"):
+        dm.setup()
+
+
+def test_unknown_word_label_and_misaligned_words(tmp_path, write_jsonl):
+    p = write_jsonl(tmp_path / "t.jsonl", [{"words": ["a", "b"], "labels": ["X", "Y"]}])
+    with pytest.raises(ValueError, match=r"line 1: label 'Y' is not one of the label names \['X'\]"):
+        TokenClassificationDataModule(train_file=str(p), label_names=["X"], **NO_SPLITS).setup()
+    p = write_jsonl(tmp_path / "m.jsonl", [{"words": ["a", "b"], "labels": ["X"]}])
+    with pytest.raises(ValueError, match=r"line 1: 2 words but 1 labels; give exactly one label per word"):
+        TokenClassificationDataModule(train_file=str(p), **NO_SPLITS).setup()
+
+
+def test_out_of_range_integer_label(tmp_path, write_jsonl):
+    p = write_jsonl(tmp_path / "t.jsonl", [{"text": "a", "label": 3}])
+    with pytest.raises(ValueError, match=r"line 1: label 3 is out of range for 2 label names \['a', 'b'\]"):
+        SequenceClassificationDataModule(train_file=str(p), label_names=["a", "b"], **NO_SPLITS).setup()
+
+
+def test_sequence_longer_than_row_with_splitting_off(tmp_path, write_jsonl):
+    p = write_jsonl(tmp_path / "t.jsonl", [{"text": "short"}, {"text": "x" * 40}])
+    with pytest.raises(ValueError) as e:
+        CausalLMDataModule(train_file=str(p), max_length=16, split_long=False, **NO_SPLITS).setup()
+    msg = str(e.value)
+    assert f"{p} line 2: 41 tokens, more than max_length=16 (the row length) and split_long=False" in msg
+    assert "raise max_length, set split_long=True" in msg
+    with pytest.raises(ValueError, match="more than max_length=16 \\(the sequence length\\)"):
+        CausalLMDataModule(train_file=str(p), max_length=16, split_long=False, pack=False, **NO_SPLITS).setup()
+    dm = CausalLMDataModule(train_file=str(p), max_length=16, split_long=True, **NO_SPLITS)
+    dm.setup()  # split instead
+    assert dm.datasets["train"].num_real_tokens == 6 + 41
+    with pytest.raises(ValueError, match=r"line 2: 40 tokens, more than max_length=16; raise max_length or set "
+                                         r"truncate=True"):
+        SequenceClassificationDataModule(train_file=str(write_jsonl(tmp_path / "c.jsonl", [
+            {"text": "a", "label": 0}, {"text": "y" * 40, "label": 1}])), max_length=16, truncate=False,
+            **NO_SPLITS).setup()
+
+
+def test_malformed_jsonl_line(tmp_path):
+    p = tmp_path / "train.jsonl"
+    p.write_text('{"text": "fine"}\n{"text": "broken\n')
+    with pytest.raises(ValueError) as e:
+        CausalLMDataModule(train_file=str(p)).setup()
+    assert str(e.value).startswith(f"{p} line 2: not valid JSON (")
+    assert str(e.value).endswith("); fix or remove the line")
+
+
+def test_bad_chat_record(tmp_path, write_jsonl):
+    p = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "bot", "content": "x"}]}])
+    with pytest.raises(ValueError, match=rf"{p} line 1: message 0 has role 'bot'; use one of"):
+        CausalLMDataModule(train_file=str(p), **NO_SPLITS).setup()
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="padding_side='top'; use 'right' or 'left'"):
+        CausalLMDataModule(padding_side="top")
+    with pytest.raises(ValueError, match="val_fraction=1.0; use a fraction in"):
+        CausalLMDataModule(val_fraction=1.0)
+    with pytest.raises(ValueError, match="data_format='xml'"):
+        CausalLMDataModule(data_format="xml")
+    with pytest.raises(ValueError, match="problem_type='ranking'"):
+        SequenceClassificationDataModule(problem_type="ranking")
+    with pytest.raises(ValueError, match="none of packages=\\['nope'\\]"):
+        SequenceClassificationDataModule(packages=["nope"])
+    with pytest.raises(ValueError, match="tokenizer 'no/such/dir' is neither 'byte' nor an existing directory"):
+        CausalLMDataModule(tokenizer="no/such/dir")
+
+
+def test_tokenizer_larger_than_model_vocab():
+    with pytest.raises(ValueError, match=r"^tokenizer has ids up to 261 but the model's vocab_size is 100; use the "
+                                         r"tokenizer of the checkpoint or raise vocab_size$"):
+        check_vocab_fits(ByteTokenizer(), 100)
