@@ -119,6 +119,11 @@ class _BaseDataModule(pl.LightningDataModule):
         for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0.0 <= frac < 1.0:
                 raise ValueError(f"{name}={frac}; use a fraction in [0, 1)")
+        if source == "embedded" and not train_file and (val_file or test_file):
+            raise ValueError(
+                f"val_file={val_file!r} / test_file={test_file!r} given without a train_file while source='embedded'; "
+                "pass train_file (or a source) for your own data, or drop val_file/test_file to use the embedded data"
+            )
         self.tokenizer_spec = tokenizer
         self.tokenizer = load_tokenizer(tokenizer)
         self.source = source

@@ -129,6 +129,8 @@ def test_bad_arguments():
         SequenceClassificationDataModule(problem_type="ranking")
     with pytest.raises(ValueError, match="none of packages=\\['nope'\\]"):
         SequenceClassificationDataModule(packages=["nope"])
+    with pytest.raises(ValueError, match="given without a train_file while source='embedded'; pass train_file"):
+        CausalLMDataModule(val_file="v.jsonl")
     with pytest.raises(ValueError, match="tokenizer 'no/such/dir' is neither 'byte' nor an existing directory"):
         CausalLMDataModule(tokenizer="no/such/dir")
 
