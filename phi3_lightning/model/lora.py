@@ -1,0 +1,359 @@
+"""LoRA (low-rank adapters) for the Phi-3 modules, in plain torch.
+
+A wrapped projection computes ``y = base(x) + (dropout(x) @ A^T @ B^T) * alpha / r`` with the pretrained
+``base`` frozen, ``A`` (r, in) kaiming-uniform and ``B`` (out, r) zero, so a freshly adapted model computes exactly
+what the base model does. Only A and B (plus any head named to be trained in full) receive gradients, so the
+optimizer state shrinks from 2 x 3.8B numbers to a few million for Phi-3-mini.
+
+```python
+model = Phi3ForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16)
+apply_lora(model, LoRAConfig(r=16, alpha=32))     # wraps qkv/o/gate_up/down in every layer, freezes the rest
+...train...
+torch.save(lora_state_dict(model), "adapter.pt")  # adapters (+ trained heads) only: megabytes
+merge_lora(model).save_pretrained(out_dir)        # plain Hugging Face checkpoint, original key names
+```
+
+Why not ``peft``? We tried it (peft 0.21.2 with torch 2.13, in a scratch environment): ``get_peft_model`` does wrap
+our ``Linear`` subclasses, trains, merges back (``merge_and_unload``) and compiles, so the maths composes. What
+does not fit this package:
+
+- importing peft imports transformers and accelerate, and ``model/`` must not depend on transformers (it is our
+  test oracle only) -- LoRA would then be unavailable in a minimal install;
+- meta-device initialisation, which Lightning's FSDP2 path relies on: Lightning materialises each module that
+  directly owns meta tensors and calls its ``reset_parameters()``. peft keeps its adapters as ``nn.Linear``
+  children (``lora_B.default``), so they get ``nn.Linear``'s kaiming init -- B is no longer zero and the adapted
+  model silently stops equalling the pretrained one (we saw max |B| = 0.5 after materialisation). Here
+  :class:`LoRALinear` owns A and B directly and its ``reset_parameters()`` re-creates the LoRA init;
+- peft wraps the whole model (``PeftModel`` -> ``LoraModel`` -> our head), which changes every state-dict key
+  (``base_model.model.model.layers...lora_A.default.weight``) and the forward signature the LightningModule and
+  checkpoints see. Here the head stays the same object with the same ``forward``; only the adapted projections
+  change, and :func:`merge_lora` restores the exact original module tree and keys.
+
+The whole thing is ~150 lines of torch; peft remains usable on top of our models for anyone who wants its other
+adapter types.
+
+Order of operations with FSDP2 / compile: ``apply_lora`` before sharding and before ``torch.compile``; the forward
+has no data-dependent Python control flow, so it compiles into one graph with the base matmul.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DEFAULT_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+# Freshly initialised layers of the heads (trained in full when ``train_head``); lm_head is pretrained.
+HEAD_MODULES = ("score", "pool_query")
+# Head names a shared config may list although this particular head lacks them.
+_ANY_HEAD = ("score", "pool_query", "lm_head")
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters: which projections get them, their size, and what else is trained."""
+
+    r: int = 16
+    """Rank of each adapter (A is r x in, B is out x r); 8-64 is typical, larger adapts more and costs more."""
+    alpha: float = 32.0
+    """Scale numerator: the adapter's output is multiplied by alpha / r (alpha = 2r is a common choice)."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input (the base path is never dropped)."""
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    """Linear layers to adapt, by name (qkv_proj, o_proj, gate_up_proj, down_proj, lm_head) or dotted suffix."""
+    layers: list[int] | None = None
+    """Decoder layer indices to adapt (e.g. the last 8); null = every layer. Modules outside layers are unaffected."""
+    train_head: bool = True
+    """Train the new classification layers (score, and pool_query of attention pooling) in full."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Further modules trained in full, by name (e.g. ["lm_head"], ["norm"], ["score"]); head names that the
+    current head lacks are skipped, so one config serves every head."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, str):
+            self.target_modules = [self.target_modules]
+        self.target_modules = list(self.target_modules)
+        self.modules_to_save = list(self.modules_to_save or [])
+        if self.layers is not None:
+            self.layers = list(self.layers)
+        self.validate()
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+    def validate(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"LoRA rank r={self.r!r} must be a positive integer (e.g. 8, 16, 64)")
+        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or self.alpha <= 0:
+            raise ValueError(f"LoRA alpha={self.alpha!r} must be a positive number (scaling = alpha / r)")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"LoRA dropout={self.dropout!r} must be in [0, 1)")
+        if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+            raise ValueError(
+                f"LoRA target_modules={self.target_modules!r} must be a non-empty list of module names, "
+                f"e.g. {list(DEFAULT_TARGETS)}"
+            )
+        if self.layers is not None and not all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers):
+            raise ValueError(f"LoRA layers={self.layers!r} must be a list of decoder layer indices")
+
+
+class LoRALinear(nn.Module):
+    """``base(x) + (dropout(x) @ A^T @ B^T) * scaling`` with ``base`` frozen; initially exactly ``base(x)``.
+
+    ``lora_A`` (r, in) and ``lora_B`` (out, r) are parameters of this module itself (not child layers), so
+    ``reset_parameters()`` -- which Lightning's meta-device materialisation calls -- gives them the LoRA init
+    (A kaiming-uniform, B zero) and leaves the base weight, which its own module initialises, alone.
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0) -> None:
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoRALinear wraps nn.Linear, got {type(base).__name__}")
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.r, self.alpha = r, float(alpha)
+        self.scaling = self.alpha / r
+        w = base.weight
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=w.device, dtype=w.dtype))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        base.requires_grad_(False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """LoRA init of the adapters only: A ~ kaiming-uniform(a=sqrt(5)) (as nn.Linear), B = 0."""
+        if self.lora_A.is_meta:
+            return
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        delta = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)  # (..., r) -> (..., out)
+        return self.base(x) + delta * self.scaling
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Effective weight ``W + B @ A * scaling`` (differentiable in A and B; adapter dropout not applied).
+
+        Lets code that reads ``layer.weight`` directly (the fused linear + cross-entropy on ``lm_head``) see the
+        adapted layer.
+        """
+        return self.base.weight + (self.lora_B @ self.lora_A) * self.scaling
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """``W + B @ A * scaling`` computed in fp32, in the base weight's dtype."""
+        w = self.base.weight
+        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+        return (w.float() + delta).to(w.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha:g}"
+
+
+# ---------------------------------------------------------------------------- helpers
+def _matches(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
+
+
+def _layer_index(name: str) -> int | None:
+    m = _LAYER_RE.search(name)
+    return int(m.group(1)) if m else None
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    """Names of the plain (not yet adapted) nn.Linear modules."""
+    inside = {n for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    return [n for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and not any(n.startswith(p + ".") for p in inside)]
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _num_layers(model: nn.Module) -> int:
+    idx = [i for n, _ in model.named_modules() if (i := _layer_index(n + ".")) is not None]
+    return max(idx) + 1 if idx else 0
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    """{module name -> LoRALinear} of an adapted model."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _resolve_saved_modules(model: nn.Module, names: Iterable[str]) -> list[str]:
+    all_names = [n for n, _ in model.named_modules() if n]
+    out: list[str] = []
+    for want in names:
+        hits = [n for n in all_names if _matches(n, want)]
+        if not hits and want not in _ANY_HEAD:
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in all_names if not _LAYER_RE.search(n + ".")})
+            raise ValueError(
+                f"modules_to_save entry {want!r} matches no module of {type(model).__name__}; "
+                f"top-level modules are: {', '.join(leaves)}"
+            )
+        # Keep only outermost matches (a module named inside another saved module is covered already).
+        for n in hits:
+            if n not in out:
+                out.append(n)
+    return [n for n in out if not any(n.startswith(o + ".") for o in out if o != n)]
+
+
+# ---------------------------------------------------------------------------- public API
+def mark_only_lora_trainable(model: nn.Module, modules_to_save: Iterable[str] = ()) -> list[str]:
+    """Freeze every parameter except the LoRA adapters and the modules named in ``modules_to_save``.
+
+    Returns the names of the modules trained in full. Tied parameters follow their module (training a tied
+    ``lm_head`` trains the embedding too, since they are one tensor).
+    """
+    saved = _resolve_saved_modules(model, modules_to_save)
+    model.requires_grad_(False)
+    for m in lora_modules(model).values():
+        m.lora_A.requires_grad_(True)
+        m.lora_B.requires_grad_(True)
+    for n in saved:
+        model.get_submodule(n).requires_grad_(True)
+    return saved
+
+
+def apply_lora(model: nn.Module, cfg: LoRAConfig | dict | None = None, **overrides) -> nn.Module:
+    """Wrap the matching ``nn.Linear`` layers of ``model`` in :class:`LoRALinear` (in place) and freeze the rest.
+
+    A target matches a module whose name equals it or ends with ``"." + target``; ``cfg.layers`` restricts
+    the matches inside decoder layers to those indices. Every target must match at least one layer, else a
+    ``ValueError`` names it and lists the linear layers there are. The config and the fully trained modules are
+    recorded on the model (``model.lora_config``, ``model.lora_modules_to_save``). Returns ``model``.
+    """
+    if cfg is None:
+        cfg = LoRAConfig(**overrides)
+    elif isinstance(cfg, dict):
+        cfg = LoRAConfig(**{**cfg, **overrides})
+    elif overrides:
+        cfg = dataclasses.replace(cfg, **overrides)
+    if lora_modules(model):
+        raise ValueError(f"{type(model).__name__} already has LoRA adapters; merge_lora() it first or start from the base model")
+    candidates = _linear_names(model)
+    n_layers = _num_layers(model)
+    if cfg.layers is not None:
+        bad = [i for i in cfg.layers if not 0 <= i < n_layers]
+        if bad:
+            raise ValueError(f"LoRA layers {bad} are out of range: the model has decoder layers 0..{n_layers - 1}")
+    chosen: list[str] = []
+    unmatched: list[str] = []
+    for t in cfg.target_modules:
+        hits = [n for n in candidates if _matches(n, t)]
+        if cfg.layers is not None:
+            hits = [n for n in hits if _layer_index(n) is None or _layer_index(n) in cfg.layers]
+        if not hits:
+            unmatched.append(t)
+        chosen += [n for n in hits if n not in chosen]
+    if unmatched:
+        available = sorted({n.rsplit(".", 1)[-1] for n in candidates})
+        where = f" in layers {cfg.layers}" if cfg.layers is not None else ""
+        raise ValueError(
+            f"LoRA target_modules {unmatched} match no nn.Linear of {type(model).__name__}{where}; "
+            f"linear layers available: {', '.join(available)}"
+        )
+    shared: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(p), []).append(n)
+    for name in chosen:
+        base = model.get_submodule(name)
+        tied = [n for n in shared.get(id(base.weight), []) if not n.startswith(name + ".")]
+        if tied:
+            raise ValueError(
+                f"{name}.weight is tied to {tied[0]}; LoRA on a tied layer would adapt both. Drop {name!r} from "
+                "target_modules (train it via modules_to_save instead)"
+            )
+        _set_submodule(model, name, LoRALinear(base, cfg.r, cfg.alpha, cfg.dropout))
+    to_save = (list(HEAD_MODULES) if cfg.train_head else []) + list(cfg.modules_to_save)
+    saved = mark_only_lora_trainable(model, to_save)
+    model.lora_config = cfg
+    model.lora_modules_to_save = saved
+    return model
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold ``B @ A * scaling`` into each base weight and put the plain base layers back (in place).
+
+    Afterwards the module tree and state-dict keys are the original ones, so ``save_pretrained`` writes a plain
+    Hugging Face checkpoint. The merge is computed in fp32 and stored in the base dtype. ``requires_grad`` flags
+    are left as they are (call ``model.requires_grad_(True)`` to train the merged model in full).
+    """
+    for name, m in lora_modules(model).items():
+        m.base.weight.copy_(m.merged_weight())  # plain tensors and DTensors (same layout) alike
+        _set_submodule(model, name, m.base)
+    for attr in ("lora_config", "lora_modules_to_save"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    return model
+
+
+def lora_state_dict(model: nn.Module, include_saved_modules: bool = True) -> dict[str, torch.Tensor]:
+    """The adapter weights (``*.lora_A`` / ``*.lora_B``), plus the fully trained modules' weights, on CPU.
+
+    Keys are those of ``model.state_dict()``, so :func:`load_lora_state_dict` puts them back into a model
+    prepared with the same :class:`LoRAConfig`.
+    """
+    saved = tuple(getattr(model, "lora_modules_to_save", ())) if include_saved_modules else ()
+    out: dict[str, torch.Tensor] = {}
+    for k, v in model.state_dict().items():
+        leaf = k.rsplit(".", 1)[-1]
+        if leaf in ("lora_A", "lora_B") or any(k.startswith(s + ".") for s in saved):
+            t = v.detach()
+            if hasattr(t, "full_tensor"):  # DTensor (FSDP2)
+                t = t.full_tensor()
+            out[k] = t.to("cpu").clone()
+    return out
+
+
+def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load adapters saved by :func:`lora_state_dict` into an adapted model; every adapter must be present."""
+    expected = {k for k in model.state_dict() if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B")}
+    if not expected:
+        raise ValueError(f"{type(model).__name__} has no LoRA adapters; call apply_lora() with the training config first")
+    missing = sorted(expected - set(state))
+    own = set(model.state_dict())
+    unexpected = sorted(set(state) - own)
+    if missing or unexpected:
+        raise ValueError(
+            f"adapter state does not fit the model: missing {missing[:4]}{' ...' if len(missing) > 4 else ''}, "
+            f"unexpected {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}; use the LoRAConfig it was trained with"
+        )
+    model.load_state_dict(state, strict=False)
+
+
+def lora_num_parameters(config, cfg: LoRAConfig | None = None) -> int:
+    """Analytic adapter parameter count for a :class:`Phi3Config` (A and B of every adapted projection)."""
+    cfg = cfg or LoRAConfig()
+    h, d = config.hidden_size, config.head_size
+    shapes = {
+        "qkv_proj": (h, (config.num_attention_heads + 2 * config.num_key_value_heads) * d),
+        "o_proj": (config.num_attention_heads * d, h),
+        "gate_up_proj": (h, 2 * config.intermediate_size),
+        "down_proj": (config.intermediate_size, h),
+    }
+    n_layers = config.num_hidden_layers if cfg.layers is None else len(set(cfg.layers))
+    leaves = {t.rsplit(".", 1)[-1] for t in cfg.target_modules}
+    per_layer = sum(cfg.r * (i + o) for t, (i, o) in shapes.items() if t in leaves)
+    n = per_layer * n_layers
+    if "lm_head" in leaves:
+        n += cfg.r * (h + config.vocab_size)
+    return n
