@@ -22,7 +22,9 @@ def prepare_context(backend: str, ctx) -> None:
     """
     from . import backends
 
-    if backend == "sdpa" or (backend in ("flash_attention_2", "flex") and ctx.offset > 0):
+    if backend == "sdpa" and ctx.by_document:
+        backends._varlen_metadata(ctx)
+    elif backend == "sdpa" or (backend in ("flash_attention_2", "flex") and ctx.offset > 0):
         ctx.bool_mask()
     elif backend == "flash_attention_2" and (ctx.key_padding is not None or ctx.doc_ids is not None):
         backends._varlen_metadata(ctx)

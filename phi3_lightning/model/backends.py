@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import warnings
 from typing import Callable
 
 import torch
@@ -52,11 +53,14 @@ def eager_attention(q, k, v, ctx: AttentionContext, scale: float, dropout_p: flo
 
 # ----------------------------------------------------------------------------- sdpa
 def sdpa_attention(q, k, v, ctx: AttentionContext, scale: float, dropout_p: float) -> torch.Tensor:
-    mask = ctx.bool_mask()
     n_rep = q.shape[1] // k.shape[1]
     if n_rep > 1:
-        # enable_gqa lets the kernel read each kv head once; the math kernel (CPU with a mask) repeats anyway.
         k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+    if ctx.by_document:  # packed rows: each document as its own causal sequence, no (T, T) mask
+        from .varlen import sdpa_by_document
+
+        return sdpa_by_document(q, k, v, ctx, scale, dropout_p)
+    mask = ctx.bool_mask()
     if q.shape[2] == 1 and q.device.type == "cpu":
         # Decode step: CPU SDPA is ~20x slower on strided views of the cache than on contiguous copies.
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -196,6 +200,10 @@ def reference_flash_attn_varlen_func(
 
 
 # ----------------------------------------------------------------------------- flex
+class FlexUnsupportedError(NotImplementedError):
+    """flex_attention cannot run this call here (e.g. a backward pass on CPU); the message says what to use."""
+
+
 def flex_available() -> tuple[bool, str]:
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
@@ -204,17 +212,40 @@ def flex_available() -> tuple[bool, str]:
     return True, "torch.nn.attention.flex_attention"
 
 
+# Whether flex_attention is wrapped in torch.compile: None = auto (CUDA only), True / False = always / never.
+# Measured on 2 CPU cores, torch 2.13, head_dim 32-128 (96 included): compiled flex is correct (max error vs fp64
+# ~1e-6) and 2-10x faster than eager flex per call, but each new (batch, seq_len) shape costs 7-19 s of compile.
+# Eager flex costs ~0.6 s of tracing on first use, then runs an unfused math path (scores materialised). Auto keeps
+# CPU eager so tests, evaluation and mixed-length batches never stall on compiles; a model compiled as a whole
+# (Lightning's compile setting) compiles flex with it anyway.
+_flex_compile: bool | None = None
 _compiled_flex: dict[str, Callable] = {}
+# Head dims this torch's flex_attention rejected (older releases took only powers of two, e.g. not Phi-3's 96):
+# such calls zero-pad q, k, v to the next power of two, which leaves q.k, the softmax and out[..., :d] unchanged.
+_flex_padded_dims: set[int] = set()
+
+
+def set_flex_compile(mode: bool | None) -> None:
+    """Compile flex_attention (True), run it eagerly (False), or auto (None: compile on CUDA only)."""
+    global _flex_compile
+    if mode not in (None, True, False):
+        raise ValueError(f"set_flex_compile takes True, False or None (auto), got {mode!r}")
+    _flex_compile = mode
+
+
+def flex_compiled(device: torch.device | str) -> bool:
+    """True when the flex backend runs ``torch.compile(flex_attention)`` on ``device``."""
+    return _flex_compile if _flex_compile is not None else torch.device(device).type == "cuda"
 
 
 def _flex_fn(device: torch.device) -> Callable:
     from torch.nn.attention.flex_attention import flex_attention
 
-    if device.type != "cuda":  # eager flex on CPU: correct, unfused (compile it through the model's compile setting)
+    if not flex_compiled(device):
         return flex_attention
-    if "cuda" not in _compiled_flex:
-        _compiled_flex["cuda"] = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex["cuda"]
+    if device.type not in _compiled_flex:
+        _compiled_flex[device.type] = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex[device.type]
 
 
 def _block_mask(ctx: AttentionContext):
@@ -242,13 +273,42 @@ def _block_mask(ctx: AttentionContext):
     return bm
 
 
+def _flex_call(fn: Callable, q, k, v, ctx: AttentionContext, scale: float) -> torch.Tensor:
+    """(B, H, T, D) -> (B, H, T, D); zero-pads the head dim when this torch cannot take it (see _flex_padded_dims)."""
+    d = q.shape[-1]
+    pad = (1 << (d - 1).bit_length()) - d if d in _flex_padded_dims else 0
+    if pad:
+        q, k, v = (F.pad(x, (0, pad)) for x in (q, k, v))  # (B, H, T, 2^n): extra dims are zeros
+    out = fn(q, k, v, block_mask=_block_mask(ctx), scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return out[..., :d] if pad else out
+
+
 def flex_attention_backend(q, k, v, ctx: AttentionContext, scale: float, dropout_p: float) -> torch.Tensor:
     if ctx.offset > 0 or ctx.q_len != ctx.kv_len:
         return sdpa_attention(q, k, v, ctx, scale, dropout_p)
     if dropout_p > 0:
         raise ValueError("the flex backend has no attention dropout; set attention_dropout=0 or use sdpa/eager")
     fn = _flex_fn(q.device)
-    out = fn(q, k, v, block_mask=_block_mask(ctx), scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    d = q.shape[-1]
+    try:
+        out = _flex_call(fn, q, k, v, ctx, scale)
+    except NotImplementedError as e:
+        if "backward" not in str(e):
+            raise
+        raise FlexUnsupportedError(
+            f"flex_attention in torch {torch.__version__} has no backward pass on {q.device.type} (inference only "
+            f"there); train with attn_implementation='sdpa' or 'eager', or run flex on CUDA"
+        ) from e
+    except ValueError as e:  # older torch: "NYI: Currently non power of 2 embedding dimension are not supported"
+        if "power of 2" not in str(e) or d in _flex_padded_dims:
+            raise
+        _flex_padded_dims.add(d)
+        warnings.warn(
+            f"flex_attention in torch {torch.__version__} cannot take head_dim={d}; the flex backend zero-pads it to "
+            f"{1 << (d - 1).bit_length()} (exact, more attention FLOPs); sdpa or a newer torch avoids the padding",
+            stacklevel=2,
+        )
+        out = _flex_call(fn, q, k, v, ctx, scale)
     return out.transpose(1, 2)
 
 

@@ -69,6 +69,13 @@ class AttentionContext:
         )
 
     @property
+    def by_document(self) -> bool:
+        """Packed or padded rows without a cache: SDPA runs each document (a run of real tokens) as its own causal
+        sequence instead of one dense (T, T) mask; padding costs no attention work."""
+        return (self.doc_ids is not None or self.key_padding is not None) and self.offset == 0 \
+            and self.q_len == self.kv_len
+
+    @property
     def mask_free(self) -> bool:
         """True for a one-token decode step with no padding: every visible key is allowed (the window is
         already applied by slicing keys from ``k_start``)."""
