@@ -1,0 +1,42 @@
+"""Attention backends side by side.
+
+``python -m phi3_lightning compare-attention --config configs/compare_attention.yaml [--check]``
+
+For one model (a preset with seeded random weights, or a checkpoint), the same weights and the same batches (padded
+and packed, several sequence lengths, optionally several sliding windows), every available backend is run and
+measured: forward and forward+backward time (median after warm-up), tokens/s, peak memory, and the error of logits
+and parameter gradients against an fp64 eager reference on the same weights. Results go to TensorBoard (one scalar
+series per backend and measure, step = sequence length; a summary table as text; a chart as an image) and the same
+table is printed. Backends that cannot run here are listed with the reason. ``--check`` makes the exit status 1
+when a backend disagrees with the reference beyond its dtype's tolerance.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from .config import TOLERANCES, CompareConfig, build_parser, config_from_namespace
+from .report import MEASURES, Row
+from .run import CompareResult, compare_attention
+
+__all__ = ["CompareConfig", "CompareResult", "MEASURES", "Row", "TOLERANCES", "build_parser", "compare_attention",
+           "main"]
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m phi3_lightning compare-attention") -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``), run the comparison, print the table; 1 if --check fails."""
+    parser = build_parser(prog)
+    ns = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    try:
+        cfg = config_from_namespace(ns)
+    except ValueError as e:
+        parser.error(str(e))
+    result = compare_attention(cfg)
+    print(result.summary)
+    print(f"TensorBoard: tensorboard --logdir {result.log_dir}")
+    if not result.passed:
+        if cfg.check:
+            print(f"check failed: {len(result.failures)} result(s) out of tolerance or failing", file=sys.stderr)
+            return 1
+        print("(not checked: run with --check to make this an error)")
+    return 0

@@ -1,0 +1,140 @@
+"""What ``compare-attention`` runs: one dataclass, every field with the help text the CLI prints.
+
+The same fields come from a YAML file (``--config configs/compare_attention.yaml``), from flags
+(``--seq_lens '[128, 256]'``) or from Python (``CompareConfig(seq_lens=[128])``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..model.backends import BACKENDS
+
+BATCH_KINDS = ("padded", "packed")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+# Largest relative error against the fp64 eager reference that still counts as "agrees", per compute dtype.
+# logits: max |x - ref| over real tokens / max |ref|; grads: ||g - g_ref||_2 / ||g_ref||_2 over all parameters.
+# Seen: float32 ~1e-6 on CPU and CUDA; bfloat16 5e-3..9e-3 on an H200 (tiny and small-bench, T <= 1024). A wrong
+# mask (one document seeing another, a padded key seen) moves the logits by O(10%) and more, far above these.
+TOLERANCES: dict[torch.dtype, dict[str, float]] = {
+    torch.float64: {"logits": 1e-9, "grads": 1e-8},
+    torch.float32: {"logits": 1e-4, "grads": 1e-3},
+    torch.float16: {"logits": 1e-2, "grads": 2e-2},
+    torch.bfloat16: {"logits": 5e-2, "grads": 1e-1},
+}
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class CompareConfig:
+    """Settings of one attention-backend comparison (same model, weights and batches for every backend)."""
+
+    preset: str = _help("Named architecture from phi3_lightning.model.PRESETS, randomly initialised from `seed` "
+                        "(ignored when `checkpoint` is set).", "tiny")
+    checkpoint: str | None = _help("Hugging Face-style checkpoint directory (config.json + safetensors) to load "
+                                   "instead of a preset.", None)
+    overrides: dict[str, Any] = _help("Phi3Config fields to replace, e.g. {num_hidden_layers: 2}.", factory=dict)
+    backends: list[str] = _help("Attention backends to compare; unavailable ones are listed with the reason.",
+                                factory=lambda: list(BACKENDS))
+    seq_lens: list[int] = _help("Row lengths (tokens) to run; each is one step of every TensorBoard series.",
+                                factory=lambda: [128, 256, 512])
+    batch_size: int = _help("Rows per batch.", 2)
+    batch_kinds: list[str] = _help("Batch layouts: 'padded' (right-padded rows of decreasing length) and/or "
+                                   "'packed' (rows of several documents, position_ids restarting at each).",
+                                   factory=lambda: list(BATCH_KINDS))
+    sliding_windows: list[int | None] | None = _help(
+        "Sliding windows to run, each on the same weights (null = full causal attention); default: the model's "
+        "own sliding_window only.", None)
+    dtype: str | None = _help("Compute dtype of the compared backends: float32, bfloat16, float16 or float64 "
+                              "(default: float32 on CPU, bfloat16 on CUDA). The reference is always float64 eager.",
+                              None)
+    device: str | None = _help("Device to run on, e.g. cpu, cuda, cuda:1 (default: cuda when available).", None)
+    num_threads: int | None = _help("CPU threads torch uses (torch.set_num_threads) during the run; default: "
+                                     "torch's own setting.", None)
+    warmup: int = _help("Untimed calls before timing each backend and shape.", 2)
+    repeats: int = _help("Timed calls; the median is reported.", 5)
+    memory: bool = _help("Measure peak memory of a forward and of a forward+backward (CUDA: max_memory_allocated; "
+                         "CPU: CPU-allocator bytes recorded by torch.profiler).", True)
+    flex_compile: bool | None = _help("Run torch.compile(flex_attention) (default null: on CUDA only; on CPU each new "
+                                      "shape costs ~10 s of compilation).", None)
+    log_dir: str = _help("TensorBoard root; each run writes to <log_dir>/<run_name>.", "logs/compare_attention")
+    run_name: str | None = _help("Sub-directory of this run (default: <model>-<device>-<dtype>-<timestamp>).", None)
+    seed: int = _help("Seed of the random weights (presets) and of the batches.", 0)
+    check: bool = _help("Exit with status 1 when a backend disagrees with the fp64 reference beyond its dtype's "
+                        "tolerance (or fails unexpectedly).", False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        unknown = [b for b in self.backends if b not in BACKENDS]
+        if unknown:
+            raise ValueError(f"unknown backend(s) {unknown}; choose from {', '.join(BACKENDS)}")
+        if not self.backends:
+            raise ValueError("backends is empty; name at least one of " + ", ".join(BACKENDS))
+        bad_kinds = [k for k in self.batch_kinds if k not in BATCH_KINDS]
+        if bad_kinds or not self.batch_kinds:
+            raise ValueError(f"batch_kinds={self.batch_kinds!r}; use a non-empty subset of {list(BATCH_KINDS)}")
+        if not self.seq_lens or any(not isinstance(t, int) or t < 4 for t in self.seq_lens):
+            raise ValueError(f"seq_lens={self.seq_lens!r} must be a non-empty list of integers >= 4")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be >= 1")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads={self.num_threads} must be >= 1 or null")
+        if self.warmup < 0 or self.repeats < 1:
+            raise ValueError(f"warmup={self.warmup} must be >= 0 and repeats={self.repeats} >= 1")
+        for w in self.sliding_windows or []:
+            if w is not None and (not isinstance(w, int) or w < 1):
+                raise ValueError(f"sliding_windows holds {w!r}; use positive integers or null")
+
+    # ------------------------------------------------------------------ resolved values
+    def torch_device(self) -> torch.device:
+        if self.device is not None:
+            return torch.device(self.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype is not None:
+            return DTYPES[self.dtype]
+        return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
+
+
+def build_parser(prog: str = "python -m phi3_lightning compare-attention"):
+    """A jsonargparse parser with ``--config`` and one flag per :class:`CompareConfig` field."""
+    from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
+
+    parser = ArgumentParser(
+        prog=prog,
+        description="Run every attention backend on the same model, weights and batches (padded and packed, several "
+        "sequence lengths); log time, tokens/s, peak memory and the error against an fp64 eager reference to "
+        "TensorBoard, and print the summary table.",
+        default_env=False,
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the fields below.")
+    hints = typing.get_type_hints(CompareConfig)
+    for f in dataclasses.fields(CompareConfig):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if hints[f.name] is bool:  # --check / --no_check (and `check: true` in YAML)
+            parser.add_argument(f"--{f.name}", action=ActionYesNo, default=default, help=f.metadata["help"])
+        else:
+            parser.add_argument(f"--{f.name}", type=hints[f.name], default=default, help=f.metadata["help"])
+    return parser
+
+
+def config_from_namespace(ns) -> CompareConfig:
+    d = ns.as_dict() if hasattr(ns, "as_dict") else dict(vars(ns))
+    names = {f.name for f in dataclasses.fields(CompareConfig)}
+    return CompareConfig(**{k: v for k, v in d.items() if k in names})

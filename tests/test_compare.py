@@ -1,0 +1,255 @@
+"""compare-attention end to end on CPU (TensorBoard read back), the --check tolerance gate, and the flex backend."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from phi3_lightning import Phi3ForCausalLM
+from phi3_lightning.compare import MEASURES, TOLERANCES, CompareConfig, build_parser, compare_attention, main
+from phi3_lightning.compare.config import config_from_namespace
+from phi3_lightning.compare.report import FWD_BWD_MEASURES, FWD_MEASURES
+from phi3_lightning.model import BACKENDS, backends, get_preset
+from phi3_lightning.model.backends import (
+    reference_flash_attn_func,
+    reference_flash_attn_varlen_func,
+    set_flash_kernels,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SEQ_LENS = [16, 40]
+WINDOWS = [None, 8]
+KINDS = ["padded", "packed"]
+
+
+def _run_main(argv: list[str]) -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(argv)
+    return rc, out.getvalue()
+
+
+def _settings():
+    return [k if w is None else f"{k}_w{w}" for w in WINDOWS for k in KINDS]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One compare-attention run on a tiny GQA model: every backend (flash through its reference kernels)."""
+    tmp = tmp_path_factory.mktemp("compare")
+    cfg = {
+        "preset": "tiny-gqa",  # 4 query / 2 kv heads of 32
+        "device": "cpu",
+        "dtype": "float32",
+        "overrides": {"num_hidden_layers": 1},
+        "backends": list(BACKENDS),
+        "seq_lens": SEQ_LENS,
+        "batch_size": 2,
+        "batch_kinds": KINDS,
+        "sliding_windows": WINDOWS,
+        "warmup": 0,
+        "repeats": 1,
+        "num_threads": 1,  # tiny tensors gain nothing from more; keeps the test fast on a busy machine
+        "log_dir": str(tmp / "logs"),
+        "run_name": "tiny",
+    }
+    (tmp / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    set_flash_kernels((reference_flash_attn_func, reference_flash_attn_varlen_func))
+    try:
+        rc, out = _run_main(["--config", str(tmp / "cfg.yaml"), "--check"])
+    finally:
+        set_flash_kernels(None)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp / "logs" / "tiny"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    return rc, out, acc
+
+
+def test_compare_attention_logs_series_table_and_chart(tiny_run):
+    rc, out, acc = tiny_run
+    assert rc == 0, out
+    tags = acc.Tags()
+    scalars = set(tags["scalars"])
+    summary = acc.Tensors("compare/summary/text_summary")[0].tensor_proto.string_val[0].decode()
+    for backend in BACKENDS:
+        for setting in _settings():
+            logged = {m for m in MEASURES if f"compare/{setting}/{m}/{backend}" in scalars}
+            assert set(FWD_MEASURES) <= logged, (backend, setting, logged)
+            if backend != "flex":
+                assert logged == set(MEASURES), (backend, setting)
+            elif logged != set(MEASURES):  # flex without a CPU backward: said so, not silently dropped
+                assert not logged & set(FWD_BWD_MEASURES)
+                assert "not measured: flex forward+backward (all batches)" in summary
+            for m in logged:  # one series per backend and measure, step = seq_len
+                events = acc.Scalars(f"compare/{setting}/{m}/{backend}")
+                assert [e.step for e in events] == SEQ_LENS
+                assert all(math.isfinite(e.value) for e in events)
+    # the summary table: as TensorBoard text and, identically, on the terminal
+    table_lines = [line for line in summary.splitlines() if line.startswith("|")]
+    assert len(table_lines) == 2 + len(BACKENDS) * len(_settings()) * len(SEQ_LENS)
+    assert "| batch" in table_lines[0] and "fwd+bwd ms" in table_lines[0] and "grad err" in table_lines[0]
+    assert all(line in out for line in table_lines)
+    assert "flash_attention_2*" in out and "substituted pure-torch kernels" in out
+    # the chart
+    (image,) = acc.Images("compare/chart")
+    assert image.width > 300 and image.height > 200
+    assert image.encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_backend_agrees_with_fp64_reference(tiny_run):
+    """Padded and packed batches, with and without the sliding window, every backend, logits and gradients."""
+    _, out, acc = tiny_run
+    tol = TOLERANCES[torch.float32]
+    checked = 0
+    for backend in BACKENDS:
+        for setting in _settings():
+            for measure, limit in (("logits_rel_err", tol["logits"]), ("grad_rel_err", tol["grads"])):
+                tag = f"compare/{setting}/{measure}/{backend}"
+                if measure == "grad_rel_err" and backend == "flex" and tag not in acc.Tags()["scalars"]:
+                    continue  # flex has no backward on this CPU torch (asserted in the test above)
+                values = [e.value for e in acc.Scalars(tag)]
+                assert len(values) == len(SEQ_LENS) and max(values) <= limit, (tag, values)
+                checked += 1
+    assert checked >= (len(BACKENDS) * 2 - 1) * len(_settings())
+    assert "within tolerance" in out
+
+
+def test_check_flag_fails_on_a_wrong_mask(tmp_path, monkeypatch):
+    """--check exits 1 when a backend is out of tolerance: sdpa made to ignore documents and padding."""
+    sdpa = backends.ATTENTION_FUNCTIONS["sdpa"]
+
+    def causal_only(q, k, v, ctx, scale, dropout_p):
+        plain = backends.AttentionContext(ctx.batch_size, ctx.q_len, ctx.kv_len, ctx.offset, ctx.k_start,
+                                          ctx.sliding_window, None, None, ctx.device)
+        return sdpa(q, k, v, plain, scale, dropout_p)
+
+    monkeypatch.setitem(backends.ATTENTION_FUNCTIONS, "sdpa", causal_only)
+    argv = ["--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--overrides", "{num_hidden_layers: 1}",
+            "--backends", "[eager, sdpa]", "--seq_lens", "[32]", "--batch_kinds", "[packed]", "--warmup", "0",
+            "--repeats", "1", "--no_memory", "--num_threads", "1", "--log_dir", str(tmp_path), "--check"]
+    rc, out = _run_main(argv)
+    assert rc == 1
+    assert "FAILED" in out and "sdpa packed T=32: logits_rel_err=" in out
+    rc, out = _run_main(argv[:-1])  # without --check: reported, exit 0
+    assert rc == 0 and "FAILED" in out
+
+
+def test_unavailable_backend_is_listed_with_its_reason(tmp_path):
+    res = compare_attention(preset="tiny", device="cpu", overrides={"num_hidden_layers": 1},
+                            backends=["eager", "flash_attention_2"], seq_lens=[16], batch_kinds=["padded"], warmup=0,
+                            repeats=1, memory=False, num_threads=1, log_dir=str(tmp_path))
+    assert set(res.unavailable) == {"flash_attention_2"} and "CUDA" in res.unavailable["flash_attention_2"]  # CPU run
+    assert "unavailable: flash_attention_2: " in res.summary
+    assert {r.backend for r in res.rows} == {"eager"}
+    assert res.passed and res.dtype == torch.float32
+
+
+def test_shipped_config_parses():
+    ns = build_parser().parse_args(["--config", str(ROOT / "configs" / "compare_attention.yaml")])
+    cfg = config_from_namespace(ns)
+    assert cfg.preset == "tiny" and cfg.backends == list(BACKENDS) and set(cfg.batch_kinds) == {"padded", "packed"}
+    assert None in cfg.sliding_windows and any(w for w in cfg.sliding_windows)
+    assert cfg.torch_dtype() == (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    assert max(cfg.seq_lens) <= get_preset(cfg.preset).max_position_embeddings
+
+
+def test_config_errors_are_clear():
+    with pytest.raises(ValueError, match="unknown backend"):
+        CompareConfig(backends=["xformers"])
+    with pytest.raises(ValueError, match="batch_kinds"):
+        CompareConfig(batch_kinds=["ragged"])
+    with pytest.raises(ValueError, match="exceed max_position_embeddings=1024"):
+        compare_attention(seq_lens=[2048], backends=["eager"])
+
+
+# ----------------------------------------------------------------------------- the flex backend
+needs_flex = pytest.mark.skipif(not backends.flex_available()[0], reason="this torch has no flex_attention")
+
+
+def _packed_inputs(vocab: int, t: int = 24):
+    ids = torch.randint(3, vocab, (2, t))
+    pos = torch.cat([torch.arange(10), torch.arange(t - 10)])[None].repeat(2, 1)
+    mask = torch.ones_like(ids)
+    mask[1, -4:] = 0
+    return ids, pos, mask
+
+
+@needs_flex
+def test_flex_pads_head_dims_this_torch_rejects(monkeypatch):
+    """Older torch rejects non-power-of-two head dims (Phi-3's 96): the backend zero-pads them, exactly."""
+    cfg = get_preset("tiny-gqa", hidden_size=96, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1,
+                     sliding_window=6)  # head_dim 24
+    model = Phi3ForCausalLM(cfg, attn_implementation="eager").eval()
+    ids, pos, mask = _packed_inputs(cfg.vocab_size)
+    real = mask.bool()
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask, position_ids=pos).logits
+    real_fn = backends._flex_fn(torch.device("cpu"))
+    seen = []
+
+    def old_torch_flex(q, k, v, **kw):
+        seen.append(q.shape[-1])
+        d = q.shape[-1]
+        if d & (d - 1):
+            raise ValueError(f"NYI: Currently non power of 2 embedding dimension are not supported. Got E={d}.")
+        return real_fn(q, k, v, **kw)
+
+    monkeypatch.setattr(backends, "_flex_padded_dims", set())
+    monkeypatch.setattr(backends, "_flex_fn", lambda device: old_torch_flex)
+    model.set_attn_implementation("flex")
+    with torch.no_grad(), pytest.warns(UserWarning, match="cannot take head_dim=24.*zero-pads it to 32"):
+        out = model(ids, attention_mask=mask, position_ids=pos).logits
+    assert seen == [24, 32]  # rejected once, then padded
+    with torch.no_grad():
+        out2 = model(ids, attention_mask=mask, position_ids=pos).logits  # remembered: padded directly, no warning
+    assert seen == [24, 32, 32]
+    for o in (out, out2):
+        assert (o[real] - ref[real]).abs().max() < 1e-5 * ref[real].abs().max()
+
+
+@needs_flex
+def test_flex_head_dim_96_matches_eager():
+    """Phi-3's head_dim 96 runs through flex as it is on this torch (padded if it were rejected)."""
+    cfg = get_preset("small-bench", vocab_size=64, num_hidden_layers=1, sliding_window=5, pad_token_id=0,
+                     bos_token_id=1, eos_token_id=2)  # 4 heads x 96
+    model = Phi3ForCausalLM(cfg, attn_implementation="eager").eval()
+    ids, pos, mask = _packed_inputs(cfg.vocab_size)
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask, position_ids=pos).logits
+        model.set_attn_implementation("flex")
+        out = model(ids, attention_mask=mask, position_ids=pos).logits
+    real = mask.bool()
+    assert (out[real] - ref[real]).abs().max() < 1e-5 * ref[real].abs().max()
+
+
+@needs_flex
+def test_flex_backward_on_cpu_is_a_clear_error_or_works():
+    cfg = get_preset("tiny", num_hidden_layers=1)
+    model = Phi3ForCausalLM(cfg, attn_implementation="flex")
+    ids, pos, mask = _packed_inputs(cfg.vocab_size, t=16)
+    try:
+        model(ids, attention_mask=mask, position_ids=pos, labels=ids).loss.backward()
+    except backends.FlexUnsupportedError as e:
+        assert "no backward pass on cpu" in str(e) and "attn_implementation='sdpa'" in str(e)
+    else:  # a torch with CPU flex backward: gradients exist
+        assert model.lm_head.weight.grad is not None
+
+
+def test_flex_compile_setting():
+    assert backends.flex_compiled("cuda") and not backends.flex_compiled("cpu")  # auto
+    try:
+        backends.set_flex_compile(True)
+        assert backends.flex_compiled("cpu")
+        backends.set_flex_compile(False)
+        assert not backends.flex_compiled("cuda")
+    finally:
+        backends.set_flex_compile(None)
+    with pytest.raises(ValueError, match="True, False or None"):
+        backends.set_flex_compile("yes")
