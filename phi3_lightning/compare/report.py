@@ -94,13 +94,14 @@ _COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
 
 
 def _nice_max(v: float) -> float:
+    """Smallest 4 * step >= v with step a round number (1, 1.5, 2, 2.5, 3, 4, 5, 6, 8 x 10^k): round grid labels."""
     if v <= 0 or not math.isfinite(v):
         return 1.0
-    e = 10 ** math.floor(math.log10(v))
-    for m in (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10):
-        if m * e >= v:
-            return m * e
-    return 10 * e
+    e = 10 ** math.floor(math.log10(v / 4))
+    for m in (1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10):
+        if 4 * m * e >= v:
+            return 4 * m * e
+    return 40 * e
 
 
 def chart(rows: list[Row], title: str, measures=(("fwd_ms", "forward ms"), ("fwd_bwd_ms", "forward+backward ms")),
@@ -144,6 +145,7 @@ def chart(rows: list[Row], title: str, measures=(("fwd_ms", "forward ms"), ("fwd
                 i = lens.index(t)
                 return x0 + (x1 - x0) * ((i + 0.5) / len(lens))
 
+            draw.text((x1 - draw.textlength("T", font=font), y0 + 16), "T", fill=(90, 90, 90), font=font)
             for t in lens:
                 draw.text((xpos(t) - draw.textlength(str(t), font=font) / 2, y0 + 6), str(t), fill="black", font=font)
             missing = [b for b in backends if not any(r.backend == b and measure in r.values for r in sub)]

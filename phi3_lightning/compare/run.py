@@ -252,7 +252,7 @@ def compare_attention(config: CompareConfig | None = None, **overrides) -> Compa
     head = (f"model {model_name} ({mcfg.num_hidden_layers} layers, hidden {mcfg.hidden_size}, heads "
             f"{mcfg.num_attention_heads}/{mcfg.num_key_value_heads} x {mcfg.head_size}, vocab {mcfg.vocab_size}), "
             f"batch {cfg.batch_size}, {dtype_name} on {device}"
-            + (f" ({threads} threads)" if device.type == "cpu" else "") + f", torch {torch.__version__}")
+            + (f" ({threads} thread{'s' if threads > 1 else ''})" if device.type == "cpu" else "") + f", torch {torch.__version__}")
     tbl = table(rows, labels)
     lines = [head, "", tbl, ""]
     lines.append(f"times: median of {cfg.repeats} calls after {cfg.warmup} warm-up calls; tok/s counts real "
