@@ -1,0 +1,583 @@
+"""Memory planner: per-GPU bytes of a Phi-3 fine-tuning run, before you launch it.
+
+```
+python -m phi3_lightning.memory --preset phi-3-mini-4k --method lora --precision bf16-true --seq-len 4096 --batch-size 1
+python -m phi3_lightning.memory --preset tiny --precision 32-true --measure     # estimate vs. measured on this CPU
+```
+
+What is counted (bytes per GPU; ``P`` parameters, ``P_t`` trainable ones):
+
+- weights: ``P x w`` (w = 4 for 32-true and the mixed precisions, whose master weights are fp32; 2 for 16/bf16-true);
+  LoRA adds its adapters. FSDP2 divides by the world size.
+- gradients: ``P_t x w`` (FSDP2: / world size).
+- optimizer: ``P_t x states x w`` (AdamW/Adam: 2 states, exp_avg and exp_avg_sq, created like the parameter, so in
+  bf16 under bf16-true; SGD with momentum: 1) (FSDP2: / world size).
+- activations: the tensors autograd saves for backward, per token of the micro-batch, summed over layers -- the
+  formula below, checked exactly against ``saved_tensors_hooks`` on CPU in the tests.
+- other: working memory next to the activations in forward/backward -- about one layer's activations plus the
+  fused loss's vocabulary-sized buffers (with checkpointing: the recomputed layer and its backward), FSDP2's
+  all-gathered layers. DDP's gradient buckets (a persistent second copy of the gradients) are counted apart.
+- step temporaries: AdamW's foreach temporaries inside ``optimizer.step()``, about one copy of the trained params.
+
+``total`` is the peak of the two phases: ``weights + optimizer + max(activations + other, gradients + step
+temporaries)`` (gradients are set to None between steps, so they build up while the activations are freed; with
+gradient accumulation they are added to the first term). The CUDA context (~0.5 GiB) and the caching allocator's
+reserve (5-15 % over allocated) come on top.
+
+Checked on an NVIDIA H200 (torch 2.11, random phi-3-mini, two AdamW steps, peak ``max_memory_allocated``),
+estimate / measured GiB (the working-memory terms were calibrated on these runs, the rest is derived):
+
+    LoRA r=16 bf16-true, 1 x 4096              26.6 / 26.6     (+ activation checkpointing: 9.4 / 9.4)
+    LoRA r=16 bf16-true, 4 x 1024              25.6 / 25.6
+    LoRA r=16 bf16-mixed, 1 x 2048             31.3 / 31.5
+    full bf16-true, 1 x 2048                   35.6 / 35.6     (+ activation checkpointing: 35.6 / 35.6)
+    full bf16-mixed, 1 x 1024                  71.2 / 71.2
+
+and the saved-activation bytes of every run matched the formula below to the byte (``saved_tensors_hooks``).
+
+Activation formula for one of our Phi-3 decoder layers, bytes per token (read off ``layer.py``, ``norm.py``,
+``attention.py``, ``mlp.py``; ``h`` hidden, ``I`` intermediate, ``H``/``Hkv`` query/kv heads of width ``d``,
+``r`` residual-stream bytes (4 for 32-true and mixed, 2 for 16/bf16-true), ``a`` compute bytes (2 except 32-true),
+``Tk`` keys per query):
+
+    each RMSNorm (x2)   4h (x.float())  + 4 (rsqrt)  + r*h (normalised, only if the norm weight trains)
+                        + a*h (its output, the next matmul's input)
+    attention (sdpa)    q H*d + k + v + out H*d  (all x a)  + 4H (logsumexp)
+                        MHA: k = Hkv*d, v keeps the fused qkv buffer alive: (H + 2 Hkv)*d
+                        GQA: k and v are repeated to H heads: H*d each (the qkv buffer is freed)
+                        flash_attention_2 / flex: k = Hkv*d, v = the qkv buffer (no repeat)
+                        eager: 4*H*d + a*H*Tk probabilities (+ 4*H*Tk fp32 softmax output when a = 2)
+                        sdpa with a mask (sliding window < T, padding, packing): + a*Tk (the bool mask as a float bias)
+    MLP                 a*(2I + I + I): the gate|up buffer, act(gate), up*act(gate)
+    mixed precision     + 2 bytes per linear weight of the layer (autocast's bf16 weight copies, saved for backward)
+    LoRA                + a*r_lora per adapted projection (x @ A^T); normalised tensors of frozen norms are not saved;
+                        layer 0 (frozen embedding, no gradient flows into it) skips norm 1 and the qkv weight copy
+
+Once per model: token ids 8, rope cos+sin 2*rotary_dim*r, the final norm (as above, without the output term),
+and the fused linear cross-entropy's saved gradients: a*h per token plus ``vocab x h x w`` for lm_head (computed
+even when lm_head is frozen). With activation checkpointing each layer keeps only its input, r*h per token, and
+one layer's full activations exist again during its recomputation.
+
+Numbers for the GPU side (CUDA flash / efficient SDPA kernels save the same q, k, v, out, logsumexp) are the same
+formula; only the CPU-measurable parts are checked exactly in the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from .model.config import PRESETS, Phi3Config
+from .model.lora import DEFAULT_TARGETS, LoRAConfig, lora_num_parameters
+
+GiB = 1024**3
+METHODS = ("full", "lora")
+STRATEGIES = ("single", "ddp", "fsdp2")
+OPTIMIZERS = {"adamw": 2, "adam": 2, "sgd": 1, "sgd-nomomentum": 0}
+HEADS = ("causal_lm", "sequence_classification", "token_classification")
+ATTENTION = ("sdpa", "flash_attention_2", "flex", "eager")
+_RNG_STATE_BYTES = 5056  # torch's CPU generator state, stored by every checkpointed layer (preserve_rng_state)
+
+
+@dataclass(frozen=True)
+class _Precision:
+    weight: int  # bytes per parameter, gradient and optimizer state
+    compute: int  # bytes of matmul outputs / activations (a)
+    residual: int  # bytes of the residual stream and embeddings (r)
+    autocast: bool
+
+
+PRECISIONS = {
+    "32-true": _Precision(4, 4, 4, False),
+    "bf16-true": _Precision(2, 2, 2, False),
+    "16-true": _Precision(2, 2, 2, False),
+    "bf16-mixed": _Precision(4, 2, 4, True),
+    "16-mixed": _Precision(4, 2, 4, True),
+}
+
+
+@dataclass
+class MemoryEstimate:
+    """Per-GPU bytes of one training step by category, and the estimated peak ``total``.
+
+    ``other`` is working memory next to the activations during forward/backward; ``step_temporaries`` exist only
+    inside ``optimizer.step()``, when the activations are gone. Gradients (set to None by ``zero_grad``) appear in
+    backward as activations are freed, so they are counted with the optimizer step, or also through the forward when
+    gradients are accumulated over micro-batches:
+
+        total = weights + optimizer + comm_buffers
+                + max(activations + other [+ gradients when accumulating], gradients + step_temporaries)
+    """
+
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    other: int
+    step_temporaries: int
+    params: int
+    trainable_params: int
+    comm_buffers: int = 0
+    grads_during_forward: bool = False
+    settings: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def forward_backward_peak(self) -> int:
+        return self.activations + self.other + (self.gradients if self.grads_during_forward else 0)
+
+    @property
+    def optimizer_step_peak(self) -> int:
+        return self.gradients + self.step_temporaries
+
+    @property
+    def total(self) -> int:
+        return (self.weights + self.optimizer + self.comm_buffers
+                + max(self.forward_backward_peak, self.optimizer_step_peak))
+
+    @property
+    def peak_phase(self) -> str:
+        return "optimizer step" if self.optimizer_step_peak > self.forward_backward_peak else "forward/backward"
+
+    def gib(self, name: str = "total") -> float:
+        return getattr(self, name) / GiB
+
+    def summary(self) -> str:
+        s = self.settings
+        what = "LoRA (r={}) fine-tuning".format(s["lora_rank"]) if s["method"] == "lora" else "full fine-tuning"
+        where = "1 GPU" if s["strategy"] == "single" else f"{s['strategy']} x {s['world_size']} GPUs"
+        ckpt = ", activation checkpointing" if s["activation_checkpointing"] else ""
+        return (f"{what} of {s['model']} ({self.params / 1e9:.2f}B params, {self.trainable_params / 1e6:.1f}M trained) "
+                f"in {s['precision']} on {where}, batch {s['batch_size']} x {s['seq_len']} tokens{ckpt}")
+
+    def format_table(self) -> str:
+        rows = [("weights", self.weights), ("optimizer state", self.optimizer)]
+        if self.comm_buffers:
+            rows.append(("DDP gradient buckets", self.comm_buffers))
+        rows += [("activations", self.activations), ("other (fwd/bwd working)", self.other),
+                 ("gradients", self.gradients), ("optimizer-step temporaries", self.step_temporaries)]
+        lines = [self.summary(), "", f"{'per GPU':<30}{'GiB':>10}", "-" * 40]
+        lines += [f"{name:<30}{b / GiB:>10.2f}" for name, b in rows]
+        grads = " + gradients" if self.grads_during_forward else ""
+        lines += ["-" * 40, f"{'total (peak: ' + self.peak_phase + ')':<30}{self.total / GiB:>10.2f}",
+                  f"total = weights + optimizer state{' + buckets' if self.comm_buffers else ''} + the larger of "
+                  f"(activations + other{grads}) and (gradients + step temporaries)"]
+        if self.details:
+            lines += ["", "breakdown:"]
+            lines += [f"  {k:<58}{v / GiB:>9.3f} GiB" for k, v in self.details.items()]
+        if self.notes:
+            lines += [""] + [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- parameter counts
+def _linear_shapes(c: Phi3Config) -> dict[str, tuple[int, int]]:
+    """(in, out) of the four projections of one decoder layer."""
+    h, d = c.hidden_size, c.head_size
+    return {
+        "qkv_proj": (h, (c.num_attention_heads + 2 * c.num_key_value_heads) * d),
+        "o_proj": (c.num_attention_heads * d, h),
+        "gate_up_proj": (h, 2 * c.intermediate_size),
+        "down_proj": (c.intermediate_size, h),
+    }
+
+
+def _head_params(c: Phi3Config, head: str) -> int:
+    if head == "causal_lm":
+        return 0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size
+    if head == "sequence_classification":
+        return c.hidden_size * c.num_labels
+    return c.hidden_size * c.num_labels + c.num_labels  # token classification: bias
+
+
+def _count_params(c: Phi3Config, head: str) -> int:
+    lm = 0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size
+    return c.num_parameters() - lm + _head_params(c, head)
+
+
+# ----------------------------------------------------------------------------- activations
+def layer_activation_bytes(c: Phi3Config, precision: str, tokens: int, kv_len: int, *, method: str = "full",
+                           lora_rank: int = 16, attn_implementation: str = "sdpa", masked: bool = False,
+                           first_layer: bool = False) -> int:
+    """Bytes one decoder layer saves for backward (see the module docstring for the formula)."""
+    p = PRECISIONS[precision]
+    a, r = p.compute, p.residual
+    h, i_sz, d = c.hidden_size, c.intermediate_size, c.head_size
+    nh, nkv = c.num_attention_heads, c.num_key_value_heads
+    lora = method == "lora"
+    lora_first = lora and first_layer  # no gradient reaches layer 0's input under LoRA (frozen embedding)
+
+    norm = 4 * h + 4 + (0 if lora else r * h) + a * h
+    norms = norm * 2 - (4 * h + 4 if lora_first else 0)
+
+    if attn_implementation in ("flash_attention_2", "flex"):
+        kv_bytes = nkv * d + (nh + 2 * nkv) * d
+        attn = a * (nh * d + kv_bytes + nh * d) + 4 * nh
+    elif attn_implementation == "eager":
+        attn = a * 4 * nh * d + a * nh * kv_len + (4 * nh * kv_len if a != 4 else 0)
+    else:  # sdpa
+        kv_bytes = 2 * nh * d if nh != nkv else nkv * d + (nh + 2 * nkv) * d
+        attn = a * (nh * d + kv_bytes + nh * d) + 4 * nh
+        if masked:
+            attn += a * kv_len
+
+    mlp = a * 4 * i_sz
+    per_token = norms + attn + mlp
+    if c.resid_pdrop > 0:
+        per_token += 2 * h  # dropout masks (1 byte)
+    if lora:
+        per_token += a * lora_rank * len(DEFAULT_TARGETS)
+    total = per_token * tokens
+    if p.autocast:  # bf16 copies of the layer's weights, saved by each matmul for grad_input
+        shapes = _linear_shapes(c)
+        copies = sum(i * o for name, (i, o) in shapes.items() if not (lora_first and name == "qkv_proj"))
+        if lora:  # A and B copies; layer 0's qkv A needs none (its input has no gradient)
+            copies += sum(lora_rank * (i + o) for i, o in shapes.values())
+            copies -= lora_rank * shapes["qkv_proj"][0] if lora_first else 0
+        total += 2 * copies
+    return total
+
+
+def _activation_parts(c: Phi3Config, precision: str, method: str, head: str, batch_size: int, seq_len: int,
+                      checkpointing: bool, lora_rank: int, attn_implementation: str, masked: bool) -> dict[str, int]:
+    p = PRECISIONS[precision]
+    a, r, w = p.compute, p.residual, p.weight
+    h, L = c.hidden_size, c.num_hidden_layers
+    tokens = batch_size * seq_len
+    lora = method == "lora"
+    window_mask = c.sliding_window is not None and seq_len > c.sliding_window
+    masked = masked or (window_mask and attn_implementation == "sdpa")
+    kw = dict(method=method, lora_rank=lora_rank, attn_implementation=attn_implementation, masked=masked)
+    layer = layer_activation_bytes(c, precision, tokens, seq_len, **kw)
+    first = layer_activation_bytes(c, precision, tokens, seq_len, first_layer=True, **kw)
+    parts: dict[str, int] = {}
+    if checkpointing:  # the layer being recomputed in backward is counted under "other"
+        parts["checkpointed layer inputs"] = L * r * h * tokens
+        parts["checkpoint RNG states"] = L * _RNG_STATE_BYTES
+        if masked and attn_implementation in ("sdpa", "eager"):  # the shared bool mask stays referenced
+            parts["attention mask (bool, shared)"] = batch_size * seq_len * seq_len
+    else:
+        parts["decoder layers"] = first + (L - 1) * layer
+    parts["ids + rope cos/sin"] = (0 if lora else 8 * tokens) + 2 * c.rotary_dim * r * tokens
+    parts["final norm"] = (4 * h + 4 + (0 if lora else r * h)) * tokens
+    if head == "causal_lm":
+        kept = batch_size * (seq_len - 1)  # positions with a next-token target
+        # grad wrt hidden (a*h per kept token, + its int64 index) and grad wrt lm_head.weight in the compute dtype
+        parts["fused loss: saved grads"] = (8 + a * h) * kept + c.vocab_size * h * a
+    else:
+        parts["classification head"] = a * h * tokens
+    return parts
+
+
+# ----------------------------------------------------------------------------- the estimator
+def _resolve_config(config_or_preset: Phi3Config | str) -> tuple[Phi3Config, str]:
+    if isinstance(config_or_preset, Phi3Config):
+        return config_or_preset, "custom config"
+    return Phi3Config.from_pretrained(config_or_preset), str(config_or_preset)
+
+
+def estimate_memory(
+    config_or_preset: Phi3Config | str,
+    method: str = "full",
+    precision: str = "bf16-mixed",
+    strategy: str = "single",
+    world_size: int = 1,
+    seq_len: int = 4096,
+    batch_size: int = 1,
+    activation_checkpointing: bool = False,
+    lora_rank: int = 16,
+    optimizer: str = "adamw",
+    head: str = "causal_lm",
+    attn_implementation: str = "sdpa",
+    masked: bool = False,
+    accumulate_grad_batches: int = 1,
+) -> MemoryEstimate:
+    """Per-GPU memory of one training step (micro-batch ``batch_size`` x ``seq_len`` on each GPU).
+
+    ``config_or_preset``: a :class:`Phi3Config`, a preset name or a checkpoint directory. ``masked``: batches carry
+    padding or packed documents (SDPA then gets an explicit mask; the sliding window of the 4k checkpoints adds it
+    automatically above 2047 tokens). ``accumulate_grad_batches > 1`` keeps gradients alive through the forward.
+    """
+    c, name = _resolve_config(config_or_preset)
+    checks = [(method, METHODS, "method"), (precision, PRECISIONS, "precision"), (strategy, STRATEGIES, "strategy"),
+              (optimizer, OPTIMIZERS, "optimizer"), (head, HEADS, "head"), (attn_implementation, ATTENTION, "attn_implementation")]
+    for value, allowed, what in checks:
+        if value not in allowed:
+            raise ValueError(f"{what}={value!r}; choose one of {', '.join(allowed)}")
+    for value, what in ((world_size, "world_size"), (seq_len, "seq_len"), (batch_size, "batch_size"),
+                        (lora_rank, "lora_rank"), (accumulate_grad_batches, "accumulate_grad_batches")):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{what}={value!r} must be a positive integer")
+    if strategy == "single" and world_size != 1:
+        raise ValueError(f"strategy='single' runs on one GPU but world_size={world_size}; use ddp or fsdp2")
+    if seq_len > c.max_position_embeddings:
+        raise ValueError(f"seq_len={seq_len} exceeds max_position_embeddings={c.max_position_embeddings} of {name}")
+
+    p = PRECISIONS[precision]
+    w = p.weight
+    n = _count_params(c, head)
+    lora = method == "lora"
+    n_lora = lora_num_parameters(c, LoRAConfig(r=lora_rank)) if lora else 0
+    head_trained = _head_params(c, head) if head != "causal_lm" else 0
+    trainable = n_lora + head_trained if lora else n
+    total_params = n + n_lora
+    shard = world_size if strategy == "fsdp2" else 1
+
+    weights = math.ceil(total_params * w / shard)
+    gradients = math.ceil(trainable * w / shard)
+    optim = math.ceil(trainable * OPTIMIZERS[optimizer] * w / shard)
+
+    parts = _activation_parts(c, precision, method, head, batch_size, seq_len, activation_checkpointing, lora_rank,
+                              attn_implementation, masked)
+    activations = sum(parts.values())
+
+    # Working memory next to the activations (calibrated on an H200 with phi-3-mini, see the module docstring):
+    # without checkpointing the peak sits at the start of backward, about one layer's activations of gradient
+    # buffers plus the loss's vocabulary-sized buffers; with checkpointing it is the recomputed layer plus its
+    # backward (~2 layers), or the loss buffers at the end of the forward, whichever is larger.
+    tokens = batch_size * seq_len
+    layer = layer_activation_bytes(c, precision, tokens, seq_len, method=method, lora_rank=lora_rank,
+                                   attn_implementation=attn_implementation,
+                                   masked=masked or (c.sliding_window is not None and seq_len > c.sliding_window))
+    loss_buffers = 0
+    if head == "causal_lm":
+        chunk = min(1024, batch_size * (seq_len - 1))
+        loss_buffers = chunk * c.vocab_size * (4 + p.compute) + (c.vocab_size * c.hidden_size * 4 if p.compute != 4 else 0)
+    other: dict[str, int] = {}
+    if activation_checkpointing:
+        if 2 * layer >= loss_buffers:
+            other["recomputed layer + its backward (~2 layers)"] = 2 * layer
+        else:
+            other["fused loss chunk + fp32 grad accumulator"] = loss_buffers
+    else:
+        other["backward working memory (~1 layer)"] = layer
+        if loss_buffers:
+            other["fused loss chunk + fp32 grad accumulator"] = loss_buffers
+    if strategy == "fsdp2" and world_size > 1:
+        per_layer = sum(i * o for i, o in _linear_shapes(c).values()) + 2 * c.hidden_size
+        root = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
+        # two layers in flight (prefetch) + the root unit (embedding / lm_head), gathered in the compute dtype
+        other["fsdp2 all-gathered params"] = (2 * per_layer + root) * p.compute
+        if not lora:
+            other["fsdp2 unsharded grads before reduce-scatter"] = 2 * per_layer * w
+    comm = gradients if strategy == "ddp" else 0  # DDP's buckets: a second, persistent copy of the gradients
+
+    notes = []
+    if lora and p.autocast:
+        notes.append(f"{precision} keeps the frozen base weights in fp32; bf16-true halves them for LoRA")
+    if c.sliding_window is not None and seq_len > c.sliding_window and attn_implementation == "sdpa":
+        notes.append(f"seq_len {seq_len} > sliding_window {c.sliding_window}: SDPA gets an explicit mask "
+                     "(a float bias per layer); flash_attention_2 avoids it")
+    settings = dict(model=name, method=method, precision=precision, strategy=strategy, world_size=world_size,
+                    seq_len=seq_len, batch_size=batch_size, activation_checkpointing=activation_checkpointing,
+                    lora_rank=lora_rank, optimizer=optimizer, head=head, attn_implementation=attn_implementation,
+                    masked=masked, accumulate_grad_batches=accumulate_grad_batches)
+    # AdamW (foreach) builds parameter-sized temporaries: one extra copy at its peak (measured on the H200).
+    step = math.ceil(trainable * w / shard) if OPTIMIZERS[optimizer] else 0
+    details = {f"activations: {k}": v for k, v in parts.items()}
+    details.update({f"other: {k}": v for k, v in other.items()})
+    if comm:
+        details["ddp gradient buckets (persistent)"] = comm
+    return MemoryEstimate(weights=weights, gradients=gradients, optimizer=optim, activations=activations,
+                          other=sum(other.values()), step_temporaries=step, comm_buffers=comm,
+                          grads_during_forward=accumulate_grad_batches > 1, params=total_params,
+                          trainable_params=trainable, settings=settings, details=details, notes=notes)
+
+
+# ----------------------------------------------------------------------------- OOM advice
+def explain_oom(config_or_preset: Phi3Config | str, device_bytes: int | None = None, **kwargs: Any) -> str:
+    """A message for a rank that ran out of memory: the estimate, and which changes would make it fit.
+
+    ``kwargs`` are :func:`estimate_memory`'s (the run's settings). ``device_bytes``: the GPU's memory (e.g.
+    ``torch.cuda.get_device_properties(0).total_memory``); with it only changes that fit (with 10 % headroom)
+    are suggested, smallest change first; without it every alternative is listed with its size.
+    """
+    est = estimate_memory(config_or_preset, **kwargs)
+    s = est.settings
+    msg = (f"estimated {est.gib():.1f} GiB per GPU for {est.summary()} (weights {est.gib('weights'):.1f}, "
+           f"gradients {est.gib('gradients'):.1f}, optimizer {est.gib('optimizer'):.1f}, "
+           f"activations {est.gib('activations'):.1f}, other {est.gib('other'):.1f} GiB)")
+    if device_bytes:
+        msg += f" but the GPU has {device_bytes / GiB:.1f} GiB"
+    budget = 0.9 * device_bytes if device_bytes else None
+    base = {k: v for k, v in s.items() if k != "model"}
+    ckpt = not s["activation_checkpointing"]
+    candidates: list[tuple[str, dict]] = []
+    if ckpt:
+        candidates.append(("activation checkpointing", dict(activation_checkpointing=True)))
+    if s["batch_size"] > 1:
+        candidates.append(("batch_size 1 with gradient accumulation", dict(batch_size=1)))
+    if s["precision"] in ("bf16-mixed", "16-mixed", "32-true"):
+        candidates.append(("precision bf16-true", dict(precision="bf16-true")))
+    if s["method"] == "full":
+        candidates.append((f"LoRA (r={s['lora_rank']})", dict(method="lora")))
+        if ckpt:
+            candidates.append(("LoRA + activation checkpointing", dict(method="lora", activation_checkpointing=True)))
+    for extra_label, extra in (("", {}), (" + activation checkpointing", dict(activation_checkpointing=True))):
+        if extra and not ckpt:
+            continue
+        for world in (2, 4, 8, 16, 32, 64, 128, 256):
+            if s["strategy"] == "fsdp2" and world <= s["world_size"]:
+                continue
+            alt = estimate_memory(config_or_preset, **{**base, **extra, "strategy": "fsdp2", "world_size": world})
+            if budget is None or alt.total <= budget:
+                candidates.append((f"fsdp2 with {world} GPUs{extra_label}", {**extra, "strategy": "fsdp2",
+                                                                             "world_size": world}))
+                break
+    tips = []
+    for label, change in candidates:
+        alt = estimate_memory(config_or_preset, **{**base, **change})
+        if budget is None or alt.total <= budget:
+            tips.append(f"{label} ({alt.gib():.1f} GiB)")
+    if not tips:
+        return msg + ("; no single change here fits: combine them (LoRA, activation checkpointing, bf16-true, "
+                      "a shorter seq_len, fsdp2 over more GPUs) or use a GPU with more memory")
+    return msg + "; try " + " / ".join(tips)
+
+
+# ----------------------------------------------------------------------------- measurement (CPU)
+def measure(config: Phi3Config | str, method: str = "full", precision: str = "32-true", seq_len: int = 128,
+            batch_size: int = 2, lora_rank: int = 16, attn_implementation: str = "sdpa",
+            activation_checkpointing: bool = False) -> dict[str, int]:
+    """Run one AdamW training step on CPU and measure what :func:`estimate_memory` predicts.
+
+    weights / gradients / optimizer: exact tensor sizes. activations: bytes of the distinct storages autograd
+    saves during the forward (``saved_tensors_hooks``, parameters excluded) -- the quantity the formula models.
+    ``peak_rss_delta``: growth of the process's peak RSS over the step (allocator-dependent, indicative only).
+    """
+    import gc
+    import resource
+    import warnings
+
+    import torch
+
+    from .model.heads import Phi3ForCausalLM
+    from .model.lora import apply_lora
+
+    c, _ = _resolve_config(config)
+    p = PRECISIONS[precision]
+    dtype = torch.float32 if p.weight == 4 else (torch.bfloat16 if precision.startswith("bf16") else torch.float16)
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(c, attn_implementation=attn_implementation).to(dtype).train()
+    if method == "lora":
+        apply_lora(model, LoRAConfig(r=lora_rank))
+    if activation_checkpointing:
+        model.gradient_checkpointing_enable()
+    params = {p_.untyped_storage().data_ptr() for p_ in model.parameters()}
+    ids = torch.randint(0, c.vocab_size, (batch_size, seq_len))
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            saved.setdefault(st.data_ptr(), st.nbytes())
+        return t
+
+    def live_tensors() -> list[torch.Tensor]:
+        with warnings.catch_warnings():  # isinstance() on some deprecated torch module attributes warns
+            warnings.simplefilter("ignore")
+            return [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and not o.is_meta]
+
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
+    before = {t.untyped_storage().data_ptr() for t in live_tensors()} if activation_checkpointing else set()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with torch.autocast("cpu", dtype=torch.bfloat16 if precision.startswith("bf16") else torch.float16,
+                        enabled=p.autocast):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(ids, labels=ids, return_logits=False)
+    if activation_checkpointing:
+        # Checkpointing keeps non-differentiable layer inputs (rope cos/sin, the mask) as plain references, which
+        # the hooks do not see: add every tensor that appeared during the forward and is not a parameter or output.
+        skip = params | before | {t.untyped_storage().data_ptr() for t in (out.loss, out.hidden_states)}
+        for t in live_tensors():
+            if t.untyped_storage().data_ptr() not in skip:
+                pack(t)
+    loss = out.loss
+    del out
+    activations = sum(saved.values())
+    loss.backward()
+    opt.step()
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def nbytes(ts) -> int:
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    uniq = {id(q): q for q in model.parameters()}.values()
+    return {
+        "weights": nbytes(uniq),
+        "gradients": nbytes(q.grad for q in uniq if q.grad is not None),
+        "optimizer": nbytes(t for st in opt.state.values() for t in st.values() if torch.is_tensor(t) and t.dim() > 0),
+        "activations": activations,
+        "peak_rss_delta": rss1 - rss0,
+    }
+
+
+def compare_table(est: MemoryEstimate, measured: dict[str, int]) -> str:
+    lines = [f"{'':<14}{'estimate MiB':>14}{'measured MiB':>14}{'ratio':>8}"]
+    for k in ("weights", "gradients", "optimizer", "activations"):
+        e, m = getattr(est, k), measured[k]
+        lines.append(f"{k:<14}{e / 2**20:>14.3f}{m / 2**20:>14.3f}{(e / m if m else float('nan')):>8.3f}")
+    lines.append(f"peak RSS growth over the first step (weights were already resident; CPU allocator, indicative): "
+                 f"{measured['peak_rss_delta'] / 2**20:.1f} MiB vs estimated total - weights "
+                 f"{(est.total - est.weights) / 2**20:.1f} MiB")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- CLI
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m phi3_lightning.memory", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--preset", default="phi-3-mini-4k", help=f"one of {', '.join(PRESETS)}")
+    src.add_argument("--config", help="a checkpoint directory or config.json")
+    ap.add_argument("--method", default="full", choices=METHODS)
+    ap.add_argument("--precision", default="bf16-mixed", choices=list(PRECISIONS))
+    ap.add_argument("--strategy", default="single", choices=STRATEGIES)
+    ap.add_argument("--world-size", "--devices", type=int, default=None, dest="world_size",
+                    help="GPUs (default 1 for single, 8 for ddp/fsdp2)")
+    ap.add_argument("--seq-len", type=int, default=4096)
+    ap.add_argument("--batch-size", type=int, default=1, help="micro-batch per GPU")
+    ap.add_argument("--activation-checkpointing", action="store_true")
+    ap.add_argument("--lora-rank", type=int, default=16)
+    ap.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS))
+    ap.add_argument("--head", default="causal_lm", choices=HEADS)
+    ap.add_argument("--attn-implementation", default="sdpa", choices=ATTENTION)
+    ap.add_argument("--masked", action="store_true", help="padded or packed batches (explicit SDPA mask)")
+    ap.add_argument("--gpu-memory", type=float, default=None, help="GiB per GPU: say whether it fits, and what would")
+    ap.add_argument("--measure", action="store_true",
+                    help="also run one step on this CPU and print estimate vs measured (small presets only)")
+    args = ap.parse_args(argv)
+    world = args.world_size or (1 if args.strategy == "single" else 8)
+    cfg = args.config or args.preset
+    if args.config is None and args.preset not in PRESETS:
+        ap.error(f"unknown preset {args.preset!r}; choose one of: {', '.join(PRESETS)}")
+    kwargs = dict(method=args.method, precision=args.precision, strategy=args.strategy, world_size=world,
+                  seq_len=args.seq_len, batch_size=args.batch_size, activation_checkpointing=args.activation_checkpointing,
+                  lora_rank=args.lora_rank, optimizer=args.optimizer, head=args.head,
+                  attn_implementation=args.attn_implementation, masked=args.masked)
+    try:
+        est = estimate_memory(cfg, **kwargs)
+    except ValueError as e:
+        ap.error(str(e))
+    print(est.format_table())
+    if args.gpu_memory:
+        fits = est.total <= args.gpu_memory * GiB
+        print()
+        print(f"fits in {args.gpu_memory:g} GiB" if fits else explain_oom(cfg, int(args.gpu_memory * GiB), **kwargs))
+    if args.measure:
+        if est.params > 2e8:
+            ap.error("--measure builds the model on this CPU; use a small preset (tiny, small-bench)")
+        m = measure(cfg, method=args.method, precision=args.precision, seq_len=args.seq_len,
+                    batch_size=args.batch_size, lora_rank=args.lora_rank, attn_implementation=args.attn_implementation,
+                    activation_checkpointing=args.activation_checkpointing)
+        print()
+        print(compare_table(est, m))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Memory planner: exact byte counts where they can be exact, and the activation formula vs autograd's saved tensors."""
+
+import math
+
+import pytest
+
+from phi3_lightning.memory import GiB, estimate_memory, explain_oom, layer_activation_bytes, main, measure
+from phi3_lightning.model import (
+    Phi3ForCausalLM,
+    Phi3ForSequenceClassification,
+    Phi3ForTokenClassification,
+    get_preset,
+)
+from phi3_lightning.model.lora import LoRAConfig, apply_lora, lora_num_parameters
+
+TINY = get_preset("tiny")
+
+
+def test_weights_are_parameter_count_times_dtype_size():
+    n = Phi3ForCausalLM(TINY).num_parameters()
+    assert estimate_memory(TINY, precision="32-true", seq_len=16).weights == 4 * n
+    assert estimate_memory(TINY, precision="bf16-mixed", seq_len=16).weights == 4 * n  # fp32 master weights
+    est = estimate_memory(TINY, precision="bf16-true", seq_len=16)
+    assert est.weights == 2 * n and est.gradients == 2 * n and est.optimizer == 2 * 2 * n  # AdamW: 2 bf16 states
+    assert estimate_memory(TINY, precision="32-true", optimizer="sgd", seq_len=16).optimizer == 4 * n
+    # Phi-3-mini-4k has 3,821,079,552 parameters (the Hub checkpoint's count)
+    mini = estimate_memory("phi-3-mini-4k", precision="bf16-true", seq_len=16)
+    assert mini.params == 3_821_079_552 and mini.weights == 2 * 3_821_079_552
+
+
+@pytest.mark.parametrize("head, cls", [("sequence_classification", Phi3ForSequenceClassification),
+                                       ("token_classification", Phi3ForTokenClassification)])
+def test_classification_heads_count_their_own_parameters(head, cls):
+    cfg = TINY.replace(num_labels=5)
+    model = cls(cfg)
+    est = estimate_memory(cfg, head=head, precision="32-true", seq_len=16)
+    assert est.params == model.num_parameters()
+    lora = estimate_memory(cfg, head=head, method="lora", lora_rank=4, precision="32-true", seq_len=16)
+    apply_lora(model, LoRAConfig(r=4))
+    assert lora.trainable_params == model.num_parameters(trainable_only=True)  # adapters + the score layer
+    assert lora.params == model.num_parameters()
+
+
+def test_fsdp2_shards_weights_grads_and_optimizer_state():
+    kw = dict(method="full", precision="bf16-mixed", seq_len=1024, batch_size=1)
+    single = estimate_memory("phi-3-mini-4k", **kw)
+    fsdp = estimate_memory("phi-3-mini-4k", strategy="fsdp2", world_size=4, **kw)
+    for part in ("weights", "gradients", "optimizer", "step_temporaries"):
+        assert getattr(fsdp, part) == math.ceil(getattr(single, part) / 4), part
+    assert fsdp.activations == single.activations  # activations are per micro-batch, not sharded
+    assert fsdp.other > single.other  # all-gathered layers
+    ddp = estimate_memory("phi-3-mini-4k", strategy="ddp", world_size=4, **kw)
+    assert ddp.weights == single.weights and ddp.optimizer == single.optimizer
+    assert ddp.comm_buffers == ddp.gradients and ddp.total == single.total + ddp.gradients
+    with pytest.raises(ValueError, match="world_size=4"):
+        estimate_memory("phi-3-mini-4k", strategy="single", world_size=4)
+
+
+def test_lora_optimizer_state_is_tiny():
+    kw = dict(precision="bf16-true", seq_len=4096, batch_size=1)
+    full = estimate_memory("phi-3-mini-4k", method="full", **kw)
+    lora = estimate_memory("phi-3-mini-4k", method="lora", lora_rank=16, **kw)
+    n_lora = lora_num_parameters(get_preset("phi-3-mini-4k"), LoRAConfig(r=16))
+    assert lora.trainable_params == n_lora == 32 * 16 * ((3072 + 9216) + (3072 + 3072) + (3072 + 16384) + (8192 + 3072))
+    assert lora.optimizer == 2 * 2 * n_lora and lora.gradients == 2 * n_lora
+    assert lora.optimizer < 0.01 * full.optimizer
+    assert lora.weights == full.weights + 2 * n_lora  # frozen base + adapters
+    assert lora.activations < full.activations  # frozen norms save no normalised copy
+    assert lora.total < full.total
+
+
+def test_total_is_the_larger_phase():
+    est = estimate_memory("phi-3-mini-4k", method="full", precision="bf16-true", seq_len=512)
+    assert est.peak_phase == "optimizer step"
+    assert est.total == est.weights + est.optimizer + est.gradients + est.step_temporaries
+    acc = estimate_memory("phi-3-mini-4k", method="lora", precision="bf16-true", seq_len=4096, accumulate_grad_batches=4)
+    assert acc.peak_phase == "forward/backward"
+    assert acc.total == acc.weights + acc.optimizer + acc.activations + acc.other + acc.gradients
+
+
+def test_activation_checkpointing_keeps_layer_inputs_only():
+    kw = dict(precision="bf16-true", seq_len=2048, batch_size=2, method="full")
+    cfg = get_preset("phi-3-mini-4k", sliding_window=None)
+    plain = estimate_memory(cfg, **kw)
+    ckpt = estimate_memory(cfg, activation_checkpointing=True, **kw)
+    tokens = 2 * 2048
+    assert ckpt.details["activations: checkpointed layer inputs"] == 32 * 2 * 3072 * tokens
+    layer = layer_activation_bytes(cfg, "bf16-true", tokens, 2048)
+    assert plain.details["activations: decoder layers"] == 32 * layer
+    assert ckpt.activations < plain.activations / 10
+    # bytes per token of one layer, by hand: norms 2*(4h+4+2h+2h), attention 2*(6*H*d)+4H, MLP 2*4I
+    h, i_sz = 3072, 8192
+    assert layer == tokens * (2 * (8 * h + 4) + 2 * 6 * h + 4 * 32 + 8 * i_sz)
+
+
+# The formula vs what autograd really saves (unique storages seen by saved_tensors_hooks, parameters excluded).
+@pytest.mark.parametrize("preset, method, precision, attn, ckpt", [
+    ("tiny", "full", "32-true", "sdpa", False),
+    ("tiny", "lora", "bf16-mixed", "eager", False),
+    ("tiny-gqa", "full", "bf16-mixed", "sdpa", False),  # GQA repeat + sliding-window mask (window 64 < 80)
+    ("tiny-gqa", "lora", "bf16-true", "sdpa", False),
+    ("tiny", "full", "32-true", "sdpa", True),
+    ("tiny-gqa", "lora", "bf16-mixed", "sdpa", True),
+])
+def test_estimate_matches_measured_bytes(preset, method, precision, attn, ckpt):
+    kw = dict(method=method, precision=precision, seq_len=80, batch_size=2, lora_rank=4,
+              attn_implementation=attn, activation_checkpointing=ckpt)
+    est = estimate_memory(preset, **kw)
+    got = measure(preset, **kw)
+    assert est.weights == got["weights"]
+    assert est.gradients == got["gradients"]
+    assert est.optimizer == got["optimizer"]
+    assert est.activations == got["activations"], (est.details, got)
+
+
+def test_cli_prints_a_table(capsys):
+    assert main(["--preset", "phi-3-mini-4k", "--method", "lora", "--precision", "bf16-true", "--seq-len", "4096",
+                 "--batch-size", "1"]) == 0
+    out = capsys.readouterr().out
+    est = estimate_memory("phi-3-mini-4k", method="lora", precision="bf16-true", seq_len=4096, batch_size=1)
+    assert "LoRA (r=16) fine-tuning of phi-3-mini-4k" in out
+    assert f"{est.total / GiB:.2f}" in out and f"{est.weights / GiB:.2f}" in out
+    main(["--preset", "tiny", "--precision", "32-true", "--seq-len", "32", "--batch-size", "2", "--measure"])
+    assert "measured" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--preset", "phi-9"])
+    with pytest.raises(SystemExit):
+        main(["--preset", "phi-3-mini-4k", "--seq-len", "8192"])
+
+
+def test_bad_arguments_name_the_choices():
+    with pytest.raises(ValueError, match="method='qlora'; choose one of full, lora"):
+        estimate_memory(TINY, method="qlora")
+    with pytest.raises(ValueError, match="precision='fp8'"):
+        estimate_memory(TINY, precision="fp8")
+    with pytest.raises(ValueError, match="max_position_embeddings=1024"):
+        estimate_memory(TINY, seq_len=2048)
+    with pytest.raises(ValueError, match="batch_size=0"):
+        estimate_memory(TINY, batch_size=0)
+
+
+def test_explain_oom_suggests_changes_that_fit():
+    kw = dict(method="full", precision="bf16-mixed", seq_len=4096, batch_size=4)
+    est = estimate_memory("phi-3-mini-4k", **kw)
+    gpu = 80 * GiB
+    assert est.total > gpu
+    msg = explain_oom("phi-3-mini-4k", device_bytes=gpu, **kw)
+    assert msg.startswith(f"estimated {est.total / GiB:.1f} GiB per GPU for full fine-tuning of phi-3-mini-4k")
+    assert "80.0 GiB" in msg and "LoRA" in msg and "activation checkpointing" in msg and "fsdp2 with" in msg
+    suggested = [float(x.split(" GiB")[0]) for x in msg.split("; try ")[1].split("(")[1:]]
+    assert suggested and all(s <= 0.9 * 80 for s in suggested)
+    # the fsdp2 suggestion is the smallest world size that fits
+    n = int(msg.split("fsdp2 with ")[1].split(" GPUs")[0])
+    fsdp_kw = dict(kw, activation_checkpointing="checkpointing" in msg.split("fsdp2 with ")[1].split("(")[0])
+    assert estimate_memory("phi-3-mini-4k", strategy="fsdp2", world_size=n, **fsdp_kw).total <= 0.9 * gpu
+    if n > 2:
+        assert estimate_memory("phi-3-mini-4k", strategy="fsdp2", world_size=n // 2, **fsdp_kw).total > 0.9 * gpu
+    hopeless = explain_oom("phi-3-mini-4k", device_bytes=1 * GiB, method="lora", precision="bf16-true",
+                           activation_checkpointing=True, seq_len=4096)
+    assert "no single change here fits" in hopeless and "9.4 GiB per GPU" in hopeless
