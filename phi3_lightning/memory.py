@@ -478,9 +478,17 @@ def measure(config: Phi3Config | str, method: str = "full", precision: str = "32
         return t
 
     def live_tensors() -> list[torch.Tensor]:
+        found = []
         with warnings.catch_warnings():  # isinstance() on some deprecated torch module attributes warns
             warnings.simplefilter("ignore")
-            return [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and not o.is_meta]
+            for o in gc.get_objects():
+                try:
+                    if isinstance(o, torch.Tensor) and not o.is_meta:
+                        o.untyped_storage().data_ptr()  # fake/functional tensors (left by torch.compile) raise
+                        found.append(o)
+                except (ReferenceError, RuntimeError):  # a dead weakref.proxy, a tensor without storage
+                    pass
+        return found
 
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
     before = {t.untyped_storage().data_ptr() for t in live_tensors()} if activation_checkpointing else set()
