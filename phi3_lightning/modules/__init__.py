@@ -1,0 +1,27 @@
+"""LightningModules for the three Phi-3 heads, plus the callbacks, schedulers and strategies the CLI uses.
+
+``CausalLMModule``, ``SequenceClassificationModule`` and ``TokenClassificationModule`` share
+:class:`Phi3LightningModule` (model building, configure_model with compile / activation checkpointing / FSDP2,
+optimizers, checkpoint metadata).
+"""
+
+from .base import COMPILE_SCOPES, Phi3LightningModule, resolve_model
+from .callbacks import PredictionWriter, ThroughputMonitor
+from .causal_lm import CausalLMModule
+from .loading import LoadedHead, export_checkpoint, load_head
+from .schedulers import WarmupDecayLR
+from .sequence_classification import SequenceClassificationModule
+from .strategies import AtomicCheckpointIO, FSDP2Strategy, FSDPStrategy
+from .token_classification import TokenClassificationModule
+
+MODULES = {
+    "causal_lm": CausalLMModule,
+    "sequence_classification": SequenceClassificationModule,
+    "token_classification": TokenClassificationModule,
+}
+
+__all__ = [
+    "AtomicCheckpointIO", "COMPILE_SCOPES", "CausalLMModule", "FSDP2Strategy", "FSDPStrategy", "LoadedHead", "MODULES",
+    "Phi3LightningModule", "PredictionWriter", "SequenceClassificationModule", "ThroughputMonitor",
+    "TokenClassificationModule", "WarmupDecayLR", "export_checkpoint", "load_head", "resolve_model",
+]

@@ -1,0 +1,411 @@
+"""The shared LightningModule of the three Phi-3 heads.
+
+What lives here (and not in the head modules):
+
+* building the backbone + head from a preset name, a :class:`Phi3Config`, or a Hugging Face checkpoint directory
+  (backbone weights go into any head; a head of another shape is an error unless ``strict_head=False``);
+* ``configure_model``: activation checkpointing per decoder layer, ``torch.compile`` (per layer or whole model),
+  and FSDP2 (``fully_shard`` per decoder layer + root) when Lightning's ``ModelParallelStrategy`` supplies a device
+  mesh. Under FSDP2 on GPU the model is built on the meta device, sharded, then materialised shard by shard with
+  each module's ``reset_parameters()``; pretrained weights are read on rank 0 and broadcast into the shards;
+* optimizer + LR scheduler from YAML (LightningCLI callable injection), weight decay on matrices only;
+* the vocabulary check (tokenizer ids must fit the embedding) before anything is built;
+* a ``phi3_lightning`` entry in every checkpoint (config, head, tokenizer) so ``generate``/``export`` can rebuild
+  the model without the original YAML.
+
+Checkpoint state-dict keys are ``head.<transformers key>`` (``head.model.layers.0.self_attn.qkv_proj.weight``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from pathlib import Path
+from typing import Any, ClassVar
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from ..model import BACKENDS, PRESETS, Phi3Config
+from ..model.heads import Phi3PreTrainedHead
+from .schedulers import WarmupDecayLR
+
+COMPILE_SCOPES = ("layers", "model")
+CHECKPOINT_KEY = "phi3_lightning"
+# Wrapper segments that FSDP1 / compile / checkpoint wrappers insert into parameter names.
+_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def clean_param_name(name: str) -> str:
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
+
+
+def resolve_model(model: str | Phi3Config | dict, overrides: dict[str, Any] | None = None) -> tuple[Phi3Config, Path | None]:
+    """``model`` (preset name, HF checkpoint directory, config.json path, Phi3Config or dict) -> (config, weights dir).
+
+    The weights directory is None unless ``model`` is a checkpoint directory (then its safetensors are loaded).
+    """
+    overrides = dict(overrides or {})
+    weights: Path | None = None
+    if isinstance(model, Phi3Config):
+        config = model
+    elif isinstance(model, dict):
+        config = Phi3Config.from_dict(model)
+    elif isinstance(model, str) and model in PRESETS:
+        config = Phi3Config.from_pretrained(model)
+    elif isinstance(model, (str, Path)):
+        path = Path(model).expanduser()
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise FileNotFoundError(
+                    f"model={str(model)!r} is a directory without config.json; pass a Hugging Face checkpoint "
+                    "directory (config.json + safetensors) or a preset name"
+                )
+            config = Phi3Config.from_pretrained(path)
+            weights = path
+        elif path.is_file() and path.suffix == ".json":
+            config = Phi3Config.from_json_file(path)  # architecture only: random init
+        else:
+            raise FileNotFoundError(
+                f"model={str(model)!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor an existing Hugging Face "
+                "checkpoint directory (config.json + safetensors) nor a config.json file; check the path"
+            )
+    else:
+        raise TypeError(f"model={model!r}: pass a preset name, a checkpoint directory or a Phi3Config")
+    if overrides:
+        config = config.replace(**overrides)
+    return config, weights
+
+
+def _is_plain(value: Any) -> bool:
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    return False
+
+
+def materialize_meta(module: nn.Module, device: torch.device) -> None:
+    """Give a meta-device (possibly FSDP2-sharded) module real storage on ``device`` and its init.
+
+    The same recipe as Lightning's and torchtitan's: ``to_empty`` on the root, then every submodule that owns
+    parameters or buffers runs its ``reset_parameters()``. Only ``module`` is touched (metric states are not).
+    """
+    module.to_empty(device=device)
+    missing = set()
+    for sub in module.modules():
+        owns = any(True for _ in sub.parameters(recurse=False)) or any(True for _ in sub.buffers(recurse=False))
+        if not owns:
+            continue
+        if callable(getattr(sub, "reset_parameters", None)):
+            sub.reset_parameters()
+        else:
+            missing.add(type(sub).__name__)
+    if missing:
+        raise RuntimeError(f"modules without reset_parameters() cannot be materialised from meta: {sorted(missing)}")
+
+
+class Phi3LightningModule(pl.LightningModule):
+    """Base class: a Phi-3 backbone + one head (``self.head``), built in ``configure_model``.
+
+    Subclasses set ``head_class`` / ``task`` and implement ``_shared_step`` (loss + metric updates) and
+    ``prediction_rows`` (what ``predict`` writes).
+
+    Args:
+        model: a preset name (``tiny``, ``phi-3-mini-4k`` ...), a Hugging Face checkpoint directory (config.json +
+            safetensors: its backbone, and its head when shapes match, are loaded), a ``config.json`` path
+            (architecture only, random init) or a Phi3Config.
+        config_overrides: Phi3Config fields replaced on top of ``model`` (e.g. ``{num_hidden_layers: 4}``).
+        attn_implementation: attention backend: ``eager``, ``sdpa``, ``flash_attention_2`` or ``flex``.
+        optimizer: optimizer class and arguments (``class_path`` + ``init_args``); weight decay applies to matrices
+            only (norm weights and biases get 0).
+        lr_scheduler: LR scheduler (e.g. ``phi3_lightning.modules.WarmupDecayLR``: warmup + cosine/linear decay),
+            stepped every optimizer step; null = constant learning rate.
+        activation_checkpointing: recompute each decoder layer in backward (saves activation memory, ~30% more
+            compute).
+        torch_compile: ``layers`` (compile each decoder layer; works with FSDP2), ``model`` (the whole head) or
+            null (eager).
+        compile_mode: ``torch.compile`` mode (``default``, ``reduce-overhead``, ``max-autotune``).
+        meta_init: under FSDP2, build on the meta device and initialise each shard in place (null = on GPU yes,
+            on CPU no: CPU builds the full model on every rank so the init equals a single-process one).
+        strict_head: a checkpoint head (``lm_head``/``score``) of another shape is an error (true) or is
+            re-initialised (false).
+    """
+
+    head_class: ClassVar[type[Phi3PreTrainedHead]]
+    task: ClassVar[str] = ""
+    _hparams_ignore: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(
+        self,
+        model: str | Phi3Config = "tiny",
+        config_overrides: dict[str, Any] | None = None,
+        attn_implementation: str = "sdpa",
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        activation_checkpointing: bool = False,
+        torch_compile: str | None = None,
+        compile_mode: str | None = None,
+        meta_init: bool | None = None,
+        strict_head: bool = True,
+        _head_overrides: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if attn_implementation not in BACKENDS:
+            raise ValueError(f"attn_implementation={attn_implementation!r}; choose one of {', '.join(BACKENDS)}")
+        if torch_compile not in (None, *COMPILE_SCOPES):
+            raise ValueError(f"torch_compile={torch_compile!r}; use 'layers', 'model' or null")
+        self._overrides = {**(config_overrides or {}), **(_head_overrides or {})}
+        self.config, self.weights_dir = resolve_model(model, self._overrides)
+        self.attn_implementation = attn_implementation
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.activation_checkpointing = activation_checkpointing
+        self.torch_compile = torch_compile
+        self.compile_mode = compile_mode
+        self.meta_init = meta_init
+        self.strict_head = strict_head
+        self.head: Phi3PreTrainedHead | None = None
+        self._no_decay: set[str] = set()
+        self._save_hparams()
+
+    # ------------------------------------------------------------------ hyper-parameters
+    def _save_hparams(self) -> None:
+        """save_hyperparameters (every subclass's init args), keeping plain data only, so checkpoints load with
+        ``weights_only=True`` (a Phi3Config is stored as its dict; optimizer classes given in Python are dropped)."""
+        frame = inspect.currentframe().f_back  # base __init__; Lightning walks up to the subclass __init__
+        self.save_hyperparameters(ignore=["_head_overrides", *self._hparams_ignore], frame=frame)
+        if self._overrides:
+            # label facts linked from the data module live in the config (num_labels, id2label, problem_type):
+            # stored once, under config_overrides, so they never clash with the data module's own hparams.
+            self.hparams["config_overrides"] = dict(self._overrides)
+        drop = []
+        for key, value in list(self.hparams.items()):
+            if isinstance(value, Phi3Config):
+                self.hparams[key] = value.to_dict()
+            elif not _is_plain(value):
+                drop.append(key)
+        for key in drop:
+            del self.hparams[key]
+        self._hparams_initial = dict(self.hparams)
+
+    # ------------------------------------------------------------------ building
+    @property
+    def num_labels(self) -> int:
+        return self.config.num_labels
+
+    def _head_kwargs(self) -> dict[str, Any]:
+        return {}
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (6N + attention) from the config's analytic count; classification heads
+        replace the vocab-sized lm_head term by their small score layer."""
+        flops = self.config.flops_per_token(seq_len)
+        if self.task != "causal_lm":
+            flops -= 6.0 * (self.config.vocab_size - self.config.num_labels) * self.config.hidden_size
+        return flops
+
+    def setup(self, stage: str) -> None:
+        """Check that the tokenizer's ids fit the embedding before anything is built or trained."""
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        tokenizer = getattr(dm, "tokenizer", None)
+        if tokenizer is not None:
+            from ..data.tokenizer import check_vocab_fits
+
+            check_vocab_fits(tokenizer, self.config.vocab_size)
+
+    def configure_model(self) -> None:
+        if self.head is not None:
+            return
+        trainer = self._trainer
+        mesh = getattr(self, "_device_mesh", None)
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        resuming = trainer is not None and trainer.ckpt_path is not None
+        load_weights = self.weights_dir is not None and not resuming
+        meta = mesh is not None and (self.meta_init if self.meta_init is not None else device.type != "cpu")
+        if self.meta_init and mesh is None:
+            warnings.warn("meta_init applies under FSDP2 (ModelParallelStrategy) only; building normally", stacklevel=2)
+        if mesh is not None and self.torch_compile == "model":
+            raise ValueError(
+                "torch_compile='model' cannot be combined with FSDP2 sharding; use torch_compile: layers "
+                "(each decoder layer compiled, then sharded)"
+            )
+        kwargs = self._head_kwargs()
+        dtype = torch.get_default_dtype()  # bf16 under precision 'bf16-true'
+        if meta:
+            with torch.device("meta"):
+                head = self.head_class(self.config, self.attn_implementation, device=torch.device("meta"), **kwargs)
+        elif load_weights:
+            head = self._load_pretrained(device=None, dtype=dtype)
+        else:
+            head = self.head_class(self.config, self.attn_implementation, **kwargs)
+        self._no_decay = {n for n, p in head.named_parameters() if p.ndim < 2}
+        if self.activation_checkpointing:
+            head.gradient_checkpointing_enable()
+        if self.torch_compile == "layers":
+            for layer in head.model.layers:
+                layer.compile(mode=self.compile_mode)
+        if mesh is not None:
+            self._shard(head, mesh)
+            if meta:
+                materialize_meta(head, device)
+                if load_weights:
+                    self._broadcast_pretrained(head)
+        elif self.torch_compile == "model":
+            head.compile(mode=self.compile_mode)
+        self.head = head
+
+    def _load_pretrained(self, device=None, dtype=None) -> Phi3PreTrainedHead:
+        rank_zero_info(f"loading weights from {self.weights_dir}")
+        return self.head_class.from_pretrained(
+            self.weights_dir, attn_implementation=self.attn_implementation, dtype=dtype, device=device,
+            strict_head=self.strict_head, **self._overrides, **self._head_kwargs(),
+        )  # fmt: skip
+
+    @staticmethod
+    def _data_parallel_mesh(mesh):
+        names = mesh.mesh_dim_names or ()
+        if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+            raise ValueError(
+                f"ModelParallelStrategy built a tensor-parallel mesh of size {mesh['tensor_parallel'].size()}, but the "
+                "Phi-3 modules implement FSDP2 only; set tensor_parallel_size: 1 (the fsdp2 overlay uses "
+                "phi3_lightning.modules.FSDP2Strategy, which does)"
+            )
+        return mesh["data_parallel"] if "data_parallel" in names else mesh
+
+    def _shard(self, head: Phi3PreTrainedHead, mesh) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        dp = self._data_parallel_mesh(mesh)
+        for layer in head.model.layers:
+            fully_shard(layer, mesh=dp)
+        fully_shard(head, mesh=dp)
+
+    def _broadcast_pretrained(self, head: Phi3PreTrainedHead) -> None:
+        """Rank 0 reads the checkpoint; every rank receives its shards."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        full: dict[str, torch.Tensor] = {}
+        if self.global_rank == 0:
+            full = self._load_pretrained(device="cpu", dtype=torch.get_default_dtype()).state_dict()
+        set_model_state_dict(head, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batch: dict[str, torch.Tensor], **kwargs: Any):
+        assert self.head is not None, "call configure_model() first (the Trainer does)"
+        return self.head(
+            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"), labels=batch.get("labels"), **kwargs,
+        )  # fmt: skip
+
+    def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def _log_metrics(self, stage: str, metrics: dict[str, Any], batch_size: int) -> None:
+        """Log torchmetrics objects (already updated): train per step and per epoch (``train/x_step``,
+        ``train/x_epoch``), val/test per epoch (``val/x``). torchmetrics syncs them across processes."""
+        train = stage == "train"
+        for name, metric in metrics.items():
+            self.log(
+                f"{stage}/{name}", metric, on_step=train, on_epoch=True, prog_bar=name in ("loss", "accuracy"),
+                batch_size=batch_size,
+            )  # fmt: skip
+
+    def _register_metrics(self, factory) -> None:
+        """One fresh metric set per stage: ``train_metrics``, ``val_metrics``, ``test_metrics``."""
+        for stage in ("train", "val", "test"):
+            setattr(self, f"{stage}_metrics", factory())
+
+    def stage_metrics(self, stage: str) -> nn.ModuleDict:
+        return getattr(self, f"{stage}_metrics")
+
+    @staticmethod
+    def _update(metric, stage: str, *args: Any, **kwargs: Any) -> None:
+        """Train: ``forward`` (gives the step value and accumulates); val/test: ``update`` only."""
+        if stage == "train":
+            metric(*args, **kwargs)
+        else:
+            metric.update(*args, **kwargs)
+
+    # ------------------------------------------------------------------ predict
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> Any:
+        raise NotImplementedError
+
+    def prediction_rows(self, outputs: Any, datamodule: Any) -> list[dict[str, Any]]:
+        """JSON-ready rows (one per example) of one predict batch's outputs."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ optimization
+    def configure_optimizers(self):
+        assert self.head is not None
+        decay, no_decay = [], []
+        for name, p in self.head.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if clean_param_name(name) in self._no_decay else decay).append(p)
+        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = self.optimizer_factory([g for g in groups if g["params"]])
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        if isinstance(scheduler, WarmupDecayLR):
+            total = self.trainer.estimated_stepping_batches
+            if total is not None and math.isfinite(total):
+                scheduler.set_total_steps(int(total))
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss", "interval": "epoch"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_info(self) -> dict[str, Any]:
+        """What ``generate``/``export`` need to rebuild the model from a Lightning checkpoint alone."""
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        info = {
+            "task": self.task,
+            "config": self.config.to_dict(),
+            "attn_implementation": self.attn_implementation,
+            "head_kwargs": self._head_kwargs(),
+        }
+        spec = getattr(dm, "tokenizer_spec", None)
+        if isinstance(spec, str):
+            info["tokenizer"] = spec
+        return info
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = self.checkpoint_info()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint whose head has other shapes (e.g. num_labels) fails with a message saying which."""
+        state = checkpoint.get("state_dict") or {}
+        if self.head is None or not state:
+            return
+        own = self.state_dict()
+        for key, tensor in state.items():
+            if key in own and hasattr(tensor, "shape") and tuple(tensor.shape) != tuple(own[key].shape):
+                hint = (
+                    "num_labels / label names differ from the run that wrote it; use the same data labels"
+                    if ".score." in key
+                    else "the architecture (model / config_overrides) differs from the run that wrote it"
+                )
+                raise ValueError(
+                    f"checkpoint tensor {key} has shape {tuple(tensor.shape)} but this model's is "
+                    f"{tuple(own[key].shape)}: {hint}"
+                )
+

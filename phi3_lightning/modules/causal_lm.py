@@ -1,0 +1,72 @@
+"""Causal language modelling (next-token prediction), pretraining-style packed text or chat fine-tuning."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+
+from ..model import Phi3ForCausalLM
+from ..model.loss import IGNORE_INDEX, fused_linear_cross_entropy, shift_labels
+from .base import Phi3LightningModule
+
+
+class PerplexityFromLoss(MeanMetric):
+    """exp(token-weighted mean loss): update with (mean loss of a batch, its number of target tokens)."""
+
+    def compute(self) -> torch.Tensor:
+        return super().compute().exp()
+
+
+def _stage_metrics() -> nn.ModuleDict:
+    return nn.ModuleDict({"loss": MeanMetric(), "perplexity": PerplexityFromLoss()})
+
+
+class CausalLMModule(Phi3LightningModule):
+    """Phi-3 causal LM: loss and perplexity (token-weighted) under ``train/``, ``val/``, ``test/``.
+
+    Training uses the model's fused chunked linear + cross-entropy (no (B, T, vocab) logits are materialised).
+    ``predict`` writes each row's loss, perplexity and number of predicted tokens.
+    """
+
+    head_class = Phi3ForCausalLM
+    task = "causal_lm"
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._register_metrics(_stage_metrics)
+
+    def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        out = self(batch, return_logits=False)
+        n_targets = (shift_labels(batch["labels"]) != IGNORE_INDEX).sum()
+        metrics = self.stage_metrics(stage)
+        loss = out.loss.detach().float()
+        self._update(metrics["loss"], stage, loss, n_targets)
+        self._update(metrics["perplexity"], stage, loss, n_targets)
+        self._log_metrics(stage, dict(metrics.items()), batch_size=batch["input_ids"].shape[0])
+        return out.loss
+
+    @torch.no_grad()
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict:
+        out = self(batch, return_logits=False)
+        weight = self.head.lm_head.weight
+        if hasattr(weight, "full_tensor"):  # FSDP2 DTensor outside forward
+            weight = weight.full_tensor()
+        h = out.hidden_states
+        losses, counts = [], []
+        for i in range(h.shape[0]):  # per-row loss without materialising (B, T, vocab) logits
+            labels = batch["labels"][i : i + 1]
+            n = int((shift_labels(labels) != IGNORE_INDEX).sum())
+            counts.append(n)
+            losses.append(float(fused_linear_cross_entropy(h[i : i + 1], weight, labels)) if n else float("nan"))
+        index = batch.get("index", torch.arange(h.shape[0]))
+        return {"index": index.tolist(), "loss": losses, "tokens": counts}
+
+    def prediction_rows(self, outputs: dict, datamodule: Any) -> list[dict[str, Any]]:
+        rows = []
+        for i, loss, n in zip(outputs["index"], outputs["loss"], outputs["tokens"]):
+            ppl = float(torch.tensor(loss).exp()) if n else None
+            rows.append({"index": i, "tokens": n, "loss": loss if n else None, "perplexity": ppl})
+        return rows

@@ -1,0 +1,188 @@
+"""Rebuild a head from any checkpoint this package writes or reads, and export Lightning checkpoints.
+
+Accepted by :func:`load_head`:
+
+* a Hugging Face directory (``config.json`` + safetensors): the head named by ``architectures``;
+* a Lightning ``.ckpt`` file written by ``fit`` (full state dict);
+* a Lightning distributed checkpoint directory (FSDP2 with ``save_distributed_checkpoint: true``): ``meta.pt`` +
+  the torch.distributed.checkpoint shards, read without a process group.
+
+Lightning checkpoints carry a ``phi3_lightning`` entry (task, config, tokenizer) written by the LightningModule, so
+nothing but the file is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..model import HEADS, Phi3Config
+from ..model.checkpoint import atomic_write_text, resolve_dtype
+from ..model.heads import Phi3PreTrainedHead
+from .base import CHECKPOINT_KEY, resolve_model
+from .strategies import default_permissions, replace_dir
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+EXPORT_INFO = "phi3_lightning.json"
+_ARCH_TO_TASK = {cls.__name__: task for task, cls in HEADS.items()}
+_CLASS_TO_TASK = {
+    "CausalLMModule": "causal_lm",
+    "SequenceClassificationModule": "sequence_classification",
+    "TokenClassificationModule": "token_classification",
+}
+
+
+@dataclass
+class LoadedHead:
+    head: Phi3PreTrainedHead
+    task: str
+    tokenizer: str | None
+    """Tokenizer spec for :func:`phi3_lightning.data.load_tokenizer` (``"byte"`` or a directory), if known."""
+    source: str
+
+
+def is_lightning_checkpoint(path: Path) -> bool:
+    return path.is_file() or (path.is_dir() and (path / "meta.pt").is_file())
+
+
+def _torch_load(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a checkpoint holding Python objects (hparams given in Python)
+        if "weights_only" not in str(e) and "Unpickler" not in str(e) and "global" not in str(e).lower():
+            raise ValueError(f"{path} is not a readable Lightning checkpoint ({type(e).__name__}: {e})") from None
+        warnings.warn(f"{path}: loading with weights_only=False (it holds Python objects); only do this for files "
+                      "you trust", stacklevel=3)
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _info_from_hparams(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """Older/foreign checkpoints without the phi3_lightning entry: rebuild from the module's hyper-parameters."""
+    hp = dict(ckpt.get("hyper_parameters") or {})
+    cls = str(hp.get("_class_path", "")).rsplit(".", 1)[-1]
+    task = _CLASS_TO_TASK.get(cls)
+    if task is None:
+        raise ValueError("the checkpoint has neither a 'phi3_lightning' entry nor a known module class path; was it "
+                         "written by phi3_lightning fit?")
+    overrides = dict(hp.get("config_overrides") or {})
+    if hp.get("label_names"):
+        overrides["id2label"] = {str(i): n for i, n in enumerate(hp["label_names"])}
+        overrides["num_labels"] = len(hp["label_names"])
+    elif hp.get("num_labels"):
+        overrides["num_labels"] = hp["num_labels"]
+    config, _ = resolve_model(hp.get("model", "tiny"), overrides)
+    kwargs = {"pooling": hp["pooling"]} if task == "sequence_classification" and "pooling" in hp else {}
+    return {"task": task, "config": config.to_dict(), "head_kwargs": kwargs,
+            "attn_implementation": hp.get("attn_implementation", "sdpa")}
+
+
+def _strip(key: str) -> str:
+    key = key.replace("_orig_mod.", "")
+    return key[len("head."):] if key.startswith("head.") else key
+
+
+def _load_lightning(path: Path, attn: str | None, device, dtype) -> LoadedHead:
+    distributed = path.is_dir()
+    ckpt = _torch_load(path / "meta.pt" if distributed else path)
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} does not hold a Lightning checkpoint (got a {type(ckpt).__name__})")
+    info = ckpt.get(CHECKPOINT_KEY) or _info_from_hparams(ckpt)
+    task = info["task"]
+    config = Phi3Config.from_dict(info["config"])
+    head_cls = HEADS[task]
+    head = head_cls(config, attn or info.get("attn_implementation", "sdpa"), **(info.get("head_kwargs") or {}))
+    own = head.state_dict()
+    if distributed:
+        import torch.distributed.checkpoint as dcp
+
+        wanted = {"state_dict": {f"head.{k}": v for k, v in own.items()}}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "no process group: loading on one process"
+            dcp.load(wanted, checkpoint_id=str(path))
+        state = {_strip(k): v for k, v in wanted["state_dict"].items()}
+    else:
+        if "state_dict" not in ckpt:
+            raise ValueError(f"{path} has no state_dict; is it a Lightning checkpoint?")
+        state = {_strip(k): v for k, v in ckpt["state_dict"].items()}
+    for key, tensor in state.items():
+        if key in own and tuple(tensor.shape) != tuple(own[key].shape):
+            raise ValueError(f"{path}: tensor {key} has shape {tuple(tensor.shape)} but the {task} head built from the "
+                             f"checkpoint's config expects {tuple(own[key].shape)}")
+    missing, unexpected = head.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"{path}: state dict does not match the {task} head (missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]})")
+    head.tie_weights()
+    head.to(device=device, dtype=dtype)
+    tok = info.get("tokenizer") or (ckpt.get("datamodule_hyper_parameters") or {}).get("tokenizer")
+    return LoadedHead(head.eval(), task, tok if isinstance(tok, str) else None, str(path))
+
+
+def _load_hf(path: Path, attn: str | None, device, dtype) -> LoadedHead:
+    config = json.loads((path / "config.json").read_text())
+    arch = (config.get("architectures") or ["Phi3ForCausalLM"])[0]
+    task = _ARCH_TO_TASK.get(arch, "causal_lm")
+    head = HEADS[task].from_pretrained(path, attn_implementation=attn or "sdpa", dtype=dtype, device=device)
+    tok = None
+    if (path / "tokenizer.json").is_file():
+        tok = str(path)
+    elif (path / EXPORT_INFO).is_file():
+        tok = json.loads((path / EXPORT_INFO).read_text()).get("tokenizer")
+    return LoadedHead(head.eval(), task, tok, str(path))
+
+
+def load_head(path: str | Path, attn_implementation: str | None = None, device: str | torch.device = "cpu",
+              dtype: str | torch.dtype | None = None) -> LoadedHead:
+    """A ready (eval-mode) head from a Hugging Face directory or a Lightning checkpoint (file or FSDP2 directory)."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(
+            f"checkpoint {str(path)!r} does not exist; pass a Lightning .ckpt (e.g. logs/<run>/<backend>/version_0/"
+            "checkpoints/last.ckpt) or a Hugging Face directory with config.json"
+        )
+    dtype = resolve_dtype(dtype)
+    if p.is_dir() and (p / "config.json").is_file():
+        return _load_hf(p, attn_implementation, device, dtype)
+    if is_lightning_checkpoint(p):
+        return _load_lightning(p, attn_implementation, device, dtype)
+    raise FileNotFoundError(f"{p} is a directory with neither config.json (Hugging Face) nor meta.pt (Lightning "
+                            "distributed checkpoint)")
+
+
+def export_checkpoint(checkpoint: str | Path, output: str | Path, dtype: str | torch.dtype | None = None,
+                      max_shard_size: int | str = "5GB", overwrite: bool = False) -> Path:
+    """Write a checkpoint's head as a Hugging Face directory that transformers loads (``Phi3For*``).
+
+    Everything is written into a temporary sibling directory that is renamed to ``output`` at the end. The
+    tokenizer files are copied when the run used a Hugging Face tokenizer; ``phi3_lightning.json`` records the
+    tokenizer spec (e.g. ``"byte"``) for ``generate``.
+    """
+    out = Path(output).expanduser()
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite true or choose another directory")
+    loaded = load_head(checkpoint, dtype=None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        loaded.head.save_pretrained(tmp, max_shard_size=max_shard_size, dtype=dtype)
+        tok = loaded.tokenizer
+        if tok and tok != "byte" and Path(tok).is_dir():
+            for name in TOKENIZER_FILES:
+                if (Path(tok) / name).is_file():
+                    shutil.copy2(Path(tok) / name, tmp / name)
+        info = {"tokenizer": tok, "task": loaded.task, "exported_from": str(Path(checkpoint).resolve())}
+        atomic_write_text(tmp / EXPORT_INFO, json.dumps(info, indent=2) + "\n")
+        default_permissions(tmp)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,139 @@
+"""Strategy and checkpoint-IO presets for Phi-3.
+
+* :class:`AtomicCheckpointIO`: every ``.ckpt`` file is written to a temporary name in its directory, fsynced and
+  renamed into place, so a crash never leaves a truncated checkpoint (the CLI installs it on every strategy
+  that uses a CheckpointIO).
+* :class:`FSDP2Strategy`: Lightning's ``ModelParallelStrategy`` set up for pure FSDP2 data parallelism
+  (tensor_parallel_size=1, data_parallel_size = every process), with distributed checkpoints written to a
+  temporary directory and renamed into place. The LightningModule shards itself in ``configure_model``.
+* :class:`FSDPStrategy`: Lightning's FSDP1 ``FSDPStrategy`` (CUDA only) wrapping each decoder layer.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.strategies import FSDPStrategy as _LightningFSDPStrategy
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+
+def default_permissions(path: Path) -> None:
+    """mkstemp/mkdtemp create 0600/0700 entries; give ``path`` (and, for a directory, what it holds) the modes a
+    plain ``open``/``mkdir`` would have under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    entries = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for p in entries:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """torch.save to ``.<name>.<random>.tmp`` next to the target, fsync, then ``os.replace`` (atomic on POSIX)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            default_permissions(Path(tmp))
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def replace_dir(tmp: Path, path: Path) -> None:
+    """Move directory ``tmp`` to ``path``; an existing ``path`` is swapped out first and removed after."""
+    if path.exists():
+        old = path.with_name(f".{path.name}.old")
+        if old.exists():
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    else:
+        os.replace(tmp, path)
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """FSDP2 (``fully_shard`` per decoder layer + root, applied by the Phi-3 LightningModule) on any accelerator
+    (CUDA with NCCL, CPU with gloo).
+
+    Args:
+        data_parallel_size: processes that shard the model; "auto" = all of them (world size / tensor_parallel_size).
+        tensor_parallel_size: must stay 1 (the Phi-3 modules implement FSDP2, not tensor parallelism).
+        save_distributed_checkpoint: each rank writes its shard into a checkpoint directory (true) or rank 0 gathers
+            one full ``.ckpt`` file (false; simpler to export, needs the whole model in rank 0's host memory).
+        process_group_backend: "nccl", "gloo" ...; null picks the device's default.
+        timeout: collective-operation timeout.
+    """
+
+    def __init__(
+        self,
+        data_parallel_size: Literal["auto"] | int = "auto",
+        tensor_parallel_size: int = 1,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        if tensor_parallel_size != 1:
+            raise ValueError(
+                f"tensor_parallel_size={tensor_parallel_size}: the Phi-3 modules implement FSDP2 data parallelism "
+                "only; set tensor_parallel_size: 1"
+            )
+        super().__init__(data_parallel_size, tensor_parallel_size, save_distributed_checkpoint,
+                         process_group_backend, timeout)  # fmt: skip
+
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto":
+            self._data_parallel_size = self.num_nodes * self.num_processes // self._tensor_parallel_size
+        super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(filepath))
+        tmp = path.with_name(f".{path.name}.tmp")
+        if self.global_rank == 0 and tmp.exists():
+            shutil.rmtree(tmp)
+        self.barrier()
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        self.barrier()
+        if self.global_rank == 0:
+            replace_dir(tmp, path)
+        self.barrier()
+
+
+class FSDPStrategy(_LightningFSDPStrategy):
+    """Lightning's FSDP1 (CUDA only) with every ``Phi3DecoderLayer`` its own FSDP unit and original parameters
+    kept (so weight decay still tells matrices from vectors). On CPU use :class:`FSDP2Strategy` instead.
+
+    Args:
+        sharding_strategy: FULL_SHARD, SHARD_GRAD_OP, NO_SHARD or HYBRID_SHARD.
+        state_dict_type: "full" (one .ckpt gathered on rank 0) or "sharded" (a directory of shards).
+        cpu_offload: keep parameters and gradients on the CPU between uses.
+        kwargs: any other ``lightning.pytorch.strategies.FSDPStrategy`` argument.
+    """
+
+    def __init__(self, sharding_strategy: str = "FULL_SHARD", state_dict_type: Literal["full", "sharded"] = "full",
+                 cpu_offload: bool = False, **kwargs: Any) -> None:
+        from ..model.layer import Phi3DecoderLayer
+
+        kwargs.setdefault("auto_wrap_policy", {Phi3DecoderLayer})
+        kwargs.setdefault("use_orig_params", True)
+        super().__init__(sharding_strategy=sharding_strategy, state_dict_type=state_dict_type,
+                         cpu_offload=cpu_offload, **kwargs)  # fmt: skip
