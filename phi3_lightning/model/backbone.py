@@ -15,7 +15,7 @@ from .norm import Phi3RMSNorm
 from .rope import Phi3RotaryEmbedding
 
 
-def prepare_context(backend: str, ctx) -> None:
+def prepare_context(backend: str, ctx, dtype: torch.dtype) -> None:
     """Materialise the mask representation ``backend`` needs once, before the layers run.
 
     Layers then only read it, so a per-layer ``torch.compile`` never traces mask construction.
@@ -25,7 +25,9 @@ def prepare_context(backend: str, ctx) -> None:
     if backend == "sdpa" and ctx.by_document:
         backends._varlen_metadata(ctx)
     elif backend == "sdpa" or (backend in ("flash_attention_2", "flex") and ctx.offset > 0):
-        ctx.bool_mask()
+        ctx.sdpa_mask(dtype)
+    elif backend == "eager":
+        ctx.additive_mask(dtype)
     elif backend == "flash_attention_2" and (ctx.key_padding is not None or ctx.doc_ids is not None):
         backends._varlen_metadata(ctx)
     elif backend == "flex":
@@ -94,7 +96,7 @@ class Phi3Model(nn.Module):
             derive_documents=cache is None,
             device=inputs_embeds.device,
         )
-        prepare_context(self.attn_implementation, ctx)
+        prepare_context(self.attn_implementation, ctx, inputs_embeds.dtype)
         rope = self.rotary_emb(position_ids, inputs_embeds.dtype)  # (B, T, R) each
         h = inputs_embeds
         for layer in self.layers:

@@ -60,7 +60,7 @@ def sdpa_attention(q, k, v, ctx: AttentionContext, scale: float, dropout_p: floa
         from .varlen import sdpa_by_document
 
         return sdpa_by_document(q, k, v, ctx, scale, dropout_p)
-    mask = ctx.bool_mask()
+    mask = ctx.sdpa_mask(q.dtype)
     if q.shape[2] == 1 and q.device.type == "cpu":
         # Decode step: CPU SDPA is ~20x slower on strided views of the cache than on contiguous copies.
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()

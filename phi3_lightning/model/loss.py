@@ -35,9 +35,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
         n = hidden.shape[0]
         needs_grad = hidden.requires_grad or weight.requires_grad
+        need_w = weight.requires_grad  # a frozen lm_head (LoRA) needs no (V, H) gradient buffer
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if needs_grad else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         for s in range(0, n, chunk):
             h = hidden[s : s + chunk]  # (C, H)
             y = targets[s : s + chunk]  # (C,)
@@ -50,18 +51,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 probs /= n
                 g = probs.to(hidden.dtype)
                 grad_h[s : s + chunk] = g @ weight
-                if weight.dtype == torch.float32:
+                if not need_w:
+                    pass
+                elif weight.dtype == torch.float32:
                     grad_w.addmm_(g.t(), h)  # in place, no (V, H) temporary
                 else:
                     grad_w += (g.t() @ h).float()
         if needs_grad:
-            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_w else None)
         return total / n
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out.to(grad_w.dtype), None, None
+        gw = grad_w * grad_out.to(grad_w.dtype) if grad_w is not None else None
+        return grad_h * grad_out.to(grad_h.dtype), gw, None, None
 
 
 def fused_linear_cross_entropy(

@@ -104,6 +104,11 @@ class AttentionContext:
         self.cache["bool"] = mask
         return mask
 
+    def sdpa_mask(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The mask SDPA gets: None (is_causal or mask-free), else the shared additive float mask, so the kernel
+        does not convert a boolean mask to a new float tensor in every layer."""
+        return None if self.bool_mask() is None else self.additive_mask(dtype)
+
     def additive_mask(self, dtype: torch.dtype) -> torch.Tensor | None:
         """(B, 1, Tq, Tk) float: 0 where allowed, dtype's most negative value elsewhere (as transformers)."""
         key = ("add", dtype)

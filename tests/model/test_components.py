@@ -169,3 +169,13 @@ def test_gradient_checkpointing_same_gradients():
     model.train()
     g2 = torch.autograd.grad(model(x, labels=x).loss, model.model.layers[0].mlp.down_proj.weight)[0]
     assert torch.allclose(g1, g2, atol=1e-7)
+
+
+def test_fused_loss_with_frozen_weight_gives_hidden_grad_only():
+    torch.manual_seed(0)
+    h = torch.randn(2, 5, 8, requires_grad=True)
+    w = torch.randn(20, 8)  # frozen
+    labels = torch.randint(0, 20, (2, 5))
+    ref_gh = torch.autograd.grad(causal_lm_loss(h @ w.T, labels), h)[0]
+    gh = torch.autograd.grad(fused_linear_cross_entropy(h, w, labels, chunk_size=3), h)[0]
+    assert torch.allclose(gh, ref_gh, atol=1e-6)
