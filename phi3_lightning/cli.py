@@ -318,7 +318,13 @@ def generate_main(argv: list[str]) -> int:
             if t in stops:
                 new = new[:i]
                 break
-        return tokenizer.decode(new, skip_special_tokens=True)
+        # The embedding may have more rows than the tokenizer has ids (tiny preset: 512 vs 262 byte ids); an
+        # untrained model can sample those rows, which have no text.
+        unknown = sum(t >= tokenizer.vocab_size for t in new)
+        if unknown:
+            print(f"note: dropped {unknown} generated id(s) outside the tokenizer's vocab ({tokenizer.vocab_size})",
+                  file=sys.stderr)
+        return tokenizer.decode([t for t in new if t < tokenizer.vocab_size], skip_special_tokens=True)
 
     chat_format = getattr(tokenizer, "chat_format", "phi3")
     if not args.chat:

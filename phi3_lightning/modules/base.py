@@ -187,9 +187,17 @@ class Phi3LightningModule(pl.LightningModule):
             # label facts linked from the data module live in the config (num_labels, id2label, problem_type):
             # stored once, under config_overrides, so they never clash with the data module's own hparams.
             self.hparams["config_overrides"] = dict(self._overrides)
+        accepted = set()
+        for cls in type(self).__mro__:
+            if cls is Phi3LightningModule or (isinstance(cls, type) and issubclass(cls, Phi3LightningModule)):
+                accepted |= set(inspect.signature(cls.__init__).parameters)
         drop = []
         for key, value in list(self.hparams.items()):
-            if isinstance(value, Phi3Config):
+            if key not in accepted and not key.startswith("_"):
+                # e.g. the CLI's links record num_labels=None for a causal LM; LightningCLI re-parses the hparams of
+                # a --ckpt_path as init arguments, so only real ones may stay.
+                drop.append(key)
+            elif isinstance(value, Phi3Config):
                 self.hparams[key] = value.to_dict()
             elif not _is_plain(value):
                 drop.append(key)

@@ -1,0 +1,75 @@
+"""Atomic checkpoint writes, directory swaps, run naming / resume directory selection of the CLI."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+from jsonargparse import Namespace
+
+from phi3_lightning.cli import latest_version, name_run
+from phi3_lightning.modules import AtomicCheckpointIO
+from phi3_lightning.modules.strategies import replace_dir
+
+
+def test_atomic_checkpoint_io(tmp_path):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "ck" / "last.ckpt"
+    io.save_checkpoint({"w": torch.ones(2)}, path)
+    assert torch.load(path, weights_only=True)["w"].sum() == 2
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (path.stat().st_mode & 0o777) == 0o666 & ~umask  # not mkstemp's 0600
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle")
+
+    with pytest.raises(RuntimeError, match="cannot pickle"):
+        io.save_checkpoint({"w": Boom()}, path)
+    assert torch.load(path, weights_only=True)["w"].sum() == 2  # the old file is intact
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no temp file left behind
+
+
+def test_replace_dir(tmp_path):
+    new, target = tmp_path / "new", tmp_path / "target"
+    new.mkdir()
+    (new / "a").write_text("new")
+    target.mkdir()
+    (target / "old").write_text("old")
+    replace_dir(new, target)
+    assert [p.name for p in target.iterdir()] == ["a"] and not new.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["target"]
+
+
+def _cfg(config_files, attn="eager", ckpt_path=None, save_dir="logs"):
+    logger = Namespace(class_path="lightning.pytorch.loggers.TensorBoardLogger",
+                       init_args=Namespace(save_dir=save_dir, name="auto", version=None))  # fmt: skip
+    return Namespace(
+        config=config_files, ckpt_path=ckpt_path, trainer=Namespace(logger=logger),
+        model=Namespace(class_path="phi3_lightning.modules.CausalLMModule",
+                        init_args=Namespace(attn_implementation=attn)),
+    )  # fmt: skip
+
+
+def test_runs_are_named_by_config_and_backend(tmp_path):
+    cfg = _cfg(["configs/causal_lm.yaml", "configs/strategies/bf16.yaml"])
+    name_run(cfg, "fit")
+    assert cfg.trainer.logger.init_args.name == "causal_lm+bf16/eager"
+    cfg = _cfg([], attn="sdpa")
+    name_run(cfg, "validate")
+    assert cfg.trainer.logger.init_args.name == "causal_lm/sdpa"
+
+    root = tmp_path / "causal_lm" / "sdpa"
+    for i, delay in ((0, 0), (1, 0.05)):
+        d = root / f"version_{i}" / "checkpoints"
+        d.mkdir(parents=True)
+        time.sleep(delay)
+        (d / "last.ckpt").write_bytes(b"x")
+    (root / "version_2").mkdir()  # no checkpoint: not a resume candidate
+    assert latest_version(root) == "version_1"
+    cfg = _cfg(["causal_lm.yaml"], attn="sdpa", ckpt_path="last", save_dir=str(tmp_path))
+    name_run(cfg, "fit")
+    assert cfg.trainer.logger.init_args.version == "version_1"

@@ -1,0 +1,195 @@
+"""LightningModules without the CLI: building (preset / config / HF directory), optimizer groups, schedules,
+meta-device materialisation, checkpoint metadata and head-mismatch errors, the Python API end to end."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from phi3_lightning.data import CausalLMDataModule
+from phi3_lightning.model import Phi3Config, Phi3ForCausalLM, Phi3ForSequenceClassification, get_preset
+from phi3_lightning.modules import (
+    CausalLMModule,
+    SequenceClassificationModule,
+    ThroughputMonitor,
+    TokenClassificationModule,
+    WarmupDecayLR,
+    load_head,
+    resolve_model,
+)
+from phi3_lightning.modules.base import materialize_meta
+
+
+def built(module):
+    module.configure_model()
+    return module
+
+
+# ---------------------------------------------------------------------------------------------------- schedules
+def test_warmup_then_cosine_or_linear_decay():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    cos = WarmupDecayLR(opt, warmup_steps=10, total_steps=110, decay="cosine", min_lr_ratio=0.1)
+    assert cos.factor(0) == 0.0 and cos.factor(5) == 0.5 and cos.factor(10) == 1.0
+    assert math.isclose(cos.factor(60), 0.1 + 0.9 * 0.5) and math.isclose(cos.factor(110), 0.1)
+    assert math.isclose(cos.factor(500), 0.1)
+    lin = WarmupDecayLR(opt, warmup_steps=0, total_steps=100, decay="linear", min_lr_ratio=0.0)
+    assert lin.factor(0) == 1.0 and math.isclose(lin.factor(25), 0.75)
+    late = WarmupDecayLR(opt, warmup_steps=2)
+    assert late.factor(50) == 1.0  # no total yet: constant after warmup
+    late.set_total_steps(102)
+    assert math.isclose(late.factor(102), 0.1)
+    state = cos.state_dict()
+    assert "lr_lambdas" not in state
+    fresh = WarmupDecayLR(opt, warmup_steps=1)
+    fresh.load_state_dict(state)
+    assert fresh.total_steps == 110 and fresh.warmup_steps == 10
+    with pytest.raises(ValueError, match="decay='step'"):
+        WarmupDecayLR(opt, decay="step")
+
+
+# ---------------------------------------------------------------------------------------------------- building
+def test_weight_decay_only_on_matrices():
+    opt = functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1)
+    m = built(CausalLMModule(model="tiny", optimizer=opt))
+    optimizer = m.configure_optimizers()
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim == 2 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    n = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+    assert n == m.head.num_parameters() == m.config.num_parameters()
+
+
+def test_build_from_preset_config_overrides_and_checkpoint_dir(tmp_path):
+    m = built(CausalLMModule(model="tiny", config_overrides={"num_hidden_layers": 1}))
+    assert len(m.head.model.layers) == 1 and m.weights_dir is None
+    cfg = get_preset("tiny-gqa")
+    m = built(TokenClassificationModule(model=cfg, label_names=["a", "b", "c"]))
+    assert m.head.score.out_features == 3 and m.config.id2label == {"0": "a", "1": "b", "2": "c"}
+    assert m.hparams["model"]["num_key_value_heads"] == 2  # a Phi3Config is kept as plain data
+
+    torch.manual_seed(3)
+    lm = Phi3ForCausalLM.from_config("tiny")
+    lm.save_pretrained(tmp_path / "lm")
+    with pytest.warns(UserWarning, match="initialised new head weights"):
+        seq = built(SequenceClassificationModule(model=str(tmp_path / "lm"), num_labels=4))
+    torch.testing.assert_close(seq.head.model.embed_tokens.weight, lm.model.embed_tokens.weight)
+    assert seq.head.score.out_features == 4
+    cfg_only = built(CausalLMModule(model=str(tmp_path / "lm" / "config.json")))  # architecture only
+    assert not torch.equal(cfg_only.head.model.embed_tokens.weight, lm.model.embed_tokens.weight)
+
+
+def test_head_mismatch_with_checkpoint_dir(tmp_path):
+    Phi3ForSequenceClassification.from_config(get_preset("tiny", num_labels=3)).save_pretrained(tmp_path / "s3")
+    with pytest.raises(ValueError, match=r"score.weight has shape \(3, 128\).*\(5, 128\).*num_labels"):
+        built(SequenceClassificationModule(model=str(tmp_path / "s3"), num_labels=5))
+    with pytest.warns(UserWarning):
+        m = built(SequenceClassificationModule(model=str(tmp_path / "s3"), num_labels=5, strict_head=False))
+    assert m.head.score.out_features == 5
+    same = built(SequenceClassificationModule(model=str(tmp_path / "s3")))  # num_labels from config.json
+    assert same.config.num_labels == 3
+
+
+def test_bad_model_arguments(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a preset"):
+        resolve_model("phi-9")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="without config.json"):
+        resolve_model(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="attn_implementation='fast'"):
+        CausalLMModule(attn_implementation="fast")
+    with pytest.raises(ValueError, match="torch_compile"):
+        CausalLMModule(torch_compile="all")
+    with pytest.raises(ValueError, match="2 label_names"):
+        SequenceClassificationModule(num_labels=3, label_names=["a", "b"])
+
+
+def test_activation_checkpointing_and_compile_settings(monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compiled.append((type(self).__name__, kw)))
+    m = built(CausalLMModule(activation_checkpointing=True, torch_compile="layers", compile_mode="max-autotune"))
+    assert m.head.model.gradient_checkpointing
+    assert compiled == [("Phi3DecoderLayer", {"mode": "max-autotune"})] * 2
+    compiled.clear()
+    built(CausalLMModule(torch_compile="model"))
+    assert compiled == [("Phi3ForCausalLM", {"mode": None})]
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    batch = {"input_ids": torch.randint(0, 256, (2, 16))}
+    batch["labels"] = batch["input_ids"]
+    grads = []
+    for ac in (False, True):
+        torch.manual_seed(0)
+        m = built(CausalLMModule(activation_checkpointing=ac))
+        m.train()
+        m(batch, return_logits=False).loss.backward()
+        grads.append(m.head.model.layers[0].mlp.gate_up_proj.weight.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_meta_init_materialises_like_an_eager_build():
+    config = get_preset("tiny-gqa")
+    with torch.device("meta"):
+        head = Phi3ForSequenceClassification(config, device=torch.device("meta"), pooling="attention")
+    torch.manual_seed(0)
+    materialize_meta(head, torch.device("cpu"))
+    eager = Phi3ForSequenceClassification(config, pooling="attention")
+    for (name, p), (_, q) in zip(head.state_dict().items(), eager.state_dict().items()):
+        assert not p.is_meta and p.shape == q.shape and torch.isfinite(p).all(), name
+        if name.endswith("norm.weight"):
+            torch.testing.assert_close(p, q)
+    assert head.model.embed_tokens.weight[config.pad_token_id].abs().sum() == 0
+    torch.testing.assert_close(head.model.rotary_emb.short_inv_freq, eager.model.rotary_emb.short_inv_freq)
+    std = head.model.layers[0].self_attn.qkv_proj.weight.std().item()
+    assert abs(std - config.initializer_range) < 0.003
+
+
+def test_flops_per_token_and_peak():
+    lm, seq = CausalLMModule(), SequenceClassificationModule(num_labels=4)
+    assert lm.flops_per_token(256) == lm.config.flops_per_token(256)
+    assert seq.flops_per_token(256) == lm.flops_per_token(256) - 6 * (512 - 4) * 128
+
+    class T:  # the bits of a Trainer the monitor reads
+        precision = "32-true"
+
+        class strategy:
+            root_device = torch.device("cpu")
+
+    assert ThroughputMonitor().peak_flops_per_device(T) == pytest.approx(0.1e12 * torch.get_num_threads())
+    assert ThroughputMonitor(peak_tflops=2.0).peak_flops_per_device(T) == 2e12
+
+
+def test_checkpoint_head_mismatch_is_explained():
+    eight = built(SequenceClassificationModule(num_labels=8))
+    three = built(SequenceClassificationModule(num_labels=3))
+    with pytest.raises(ValueError, match=r"head.score.weight has shape \(8, 128\).*\(3, 128\).*num_labels"):
+        three.on_load_checkpoint({"state_dict": eight.state_dict()})
+
+
+# ---------------------------------------------------------------------------------------------------- Python API
+def test_python_api_fit_save_load(tmp_path):
+    """No CLI: Trainer + module + data module; the checkpoint loads with weights_only (plain hparams), the
+    phi3_lightning entry rebuilds the head for generate/export, and load_from_checkpoint restores the weights."""
+    dm = CausalLMDataModule(max_length=32, max_files=3, batch_size=2, cache_dir=str(tmp_path / "cache"), progress=False)
+    opt = functools.partial(torch.optim.AdamW, lr=1e-3)
+    model = CausalLMModule(model="tiny", optimizer=opt, lr_scheduler=functools.partial(WarmupDecayLR, warmup_steps=1))
+    trainer = pl.Trainer(max_steps=2, limit_val_batches=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                         callbacks=[ThroughputMonitor(log_every_n_steps=1)])  # fmt: skip
+    trainer.fit(model, dm)
+    assert model.lr_schedulers().total_steps == 2  # filled in from the trainer
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["phi3_lightning"]["task"] == "causal_lm" and ckpt["phi3_lightning"]["tokenizer"] == "byte"
+    again = CausalLMModule.load_from_checkpoint(path, optimizer=opt)
+    for (k, v), (_, w) in zip(model.state_dict().items(), again.state_dict().items()):
+        torch.testing.assert_close(v, w, msg=k)
+    loaded = load_head(path)
+    torch.testing.assert_close(loaded.head.lm_head.weight, model.head.lm_head.weight)
+    assert loaded.tokenizer == "byte" and loaded.task == "causal_lm"
+    assert isinstance(Phi3Config.from_dict(ckpt["phi3_lightning"]["config"]), Phi3Config)

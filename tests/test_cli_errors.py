@@ -1,0 +1,87 @@
+"""Bad input gets a message that names the problem: unknown keys, wrong types, missing checkpoints, a head that does
+not match its checkpoint, a tokenizer too big for the model, FSDP1 asked for on CPU."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+
+from phi3_lightning.model import Phi3ForSequenceClassification, get_preset
+
+from .modules.helpers import CONFIGS, run_main, small_args
+
+LM = str(CONFIGS / "causal_lm.yaml")
+
+
+def test_unknown_config_key_is_named(tmp_path):
+    rc, _, err = run_main("fit", "--config", LM, "--trainer.max_stepz", "3")
+    assert rc == 2 and "max_stepz" in err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  init_args:\n    bogus_option: 1\n")
+    rc, _, err = run_main("fit", "--config", LM, "--config", bad)
+    assert rc == 2 and "bogus_option" in err and "not accepted" in err
+
+
+def test_wrong_type_is_named():
+    rc, _, err = run_main("fit", "--config", LM, "--trainer.max_steps", "many")
+    assert rc == 2 and "trainer.max_steps" in err and "int" in err
+    rc, _, err = run_main("fit", "--config", LM, "--data.init_args.batch_size", "1.5")
+    assert rc == 2 and "batch_size" in err
+
+
+def test_missing_checkpoint_path(tmp_path):
+    rc, _, err = run_main("fit", "--config", LM, "--ckpt_path", tmp_path / "nope.ckpt")
+    assert rc == 1 and "nope.ckpt" in err and "does not exist" in err
+    rc, _, err = run_main("generate", "--checkpoint", tmp_path / "nope", "--prompt", "x")
+    assert rc == 1 and "does not exist" in err
+    rc, _, err = run_main("export", "--checkpoint", tmp_path / "nope.ckpt", "--output", tmp_path / "out")
+    assert rc == 1 and "does not exist" in err
+    rc, _, err = run_main("fit", "--config", LM, "--model.init_args.model", tmp_path / "no_such_dir")
+    assert rc != 0 and "no_such_dir" in err and "preset" in err
+
+
+def test_fsdp_on_cpu_points_to_the_fsdp2_overlay():
+    rc, _, err = run_main("fit", "--config", LM, "--config", CONFIGS / "strategies" / "fsdp.yaml",
+                          "--trainer.accelerator", "cpu")  # fmt: skip
+    assert rc == 1 and "CUDA" in err and "configs/strategies/fsdp2.yaml" in err
+    rc, _, err = run_main("fit", "--config", LM, "--trainer.strategy", "fsdp", "--trainer.accelerator", "cpu")
+    assert rc == 1 and "fsdp2.yaml" in err
+
+
+def test_head_checkpoint_mismatch(tmp_path):
+    """A sequence-classification checkpoint with 3 labels, data with 8 classes: say which tensor and what to do."""
+    hf = tmp_path / "seq3"
+    Phi3ForSequenceClassification.from_config(get_preset("tiny", num_labels=3)).save_pretrained(hf)
+    args = small_args("sequence_classification", tmp_path / "logs", tmp_path / "cache", steps=1)
+    rc, _, err = run_main("fit", *args, "--model.init_args.model", hf)
+    assert rc == 1 and "score.weight" in err and "(3, 128)" in err and "num_labels" in err
+
+
+def test_tokenizer_larger_than_vocab(tmp_path):
+    args = small_args("causal_lm", tmp_path / "logs", tmp_path / "cache", steps=1)
+    rc, _, err = run_main("fit", *args, "--model.init_args.config_overrides", "{vocab_size: 200}")
+    assert rc == 1 and "vocab_size is 200" in err
+
+
+def test_help_and_unknown_command():
+    rc, out, _ = run_main("--help")
+    assert rc == 0 and all(c in out for c in ("fit", "validate", "test", "predict", "generate", "export",
+                                              "compare-attention"))  # fmt: skip
+    rc, _, err = run_main("train")
+    assert rc == 2 and "unknown command 'train'" in err
+    rc, out, _ = run_main("generate", "--help")
+    assert rc == 0 and "--checkpoint" in out and "--chat" in out
+
+
+def test_compare_attention_dispatch(monkeypatch):
+    seen = {}
+    fake = types.ModuleType("phi3_lightning.compare")
+    fake.main = lambda argv: seen.setdefault("argv", argv) and 0
+    monkeypatch.setitem(sys.modules, "phi3_lightning.compare", fake)
+    rc, _, _ = run_main("compare-attention", "--seq_lens", "16")
+    assert rc == 0 and seen["argv"] == ["--seq_lens", "16"]
+    monkeypatch.setitem(sys.modules, "phi3_lightning.compare", None)  # import fails
+    rc, _, err = run_main("compare-attention")
+    assert rc == 2 and "phi3_lightning.compare" in err
