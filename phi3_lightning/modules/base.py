@@ -111,6 +111,24 @@ def materialize_meta(module: nn.Module, device: torch.device) -> None:
             missing.add(type(sub).__name__)
     if missing:
         raise RuntimeError(f"modules without reset_parameters() cannot be materialised from meta: {sorted(missing)}")
+    _zero_sharded_padding_rows(module)
+
+
+@torch.no_grad()
+def _zero_sharded_padding_rows(module: nn.Module) -> None:
+    """``Embedding.reset_parameters`` zeroes the pad row with ``weight[pad].zero_()``; on an FSDP2-sharded DTensor
+    that writes to a gathered temporary, not to the shard. Zero the row in the shard that holds it."""
+    for m in module.modules():
+        w = getattr(m, "weight", None)
+        pad = getattr(m, "padding_idx", None)
+        if not isinstance(m, nn.Embedding) or pad is None or not hasattr(w, "to_local"):
+            continue
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        shape, offset = compute_local_shape_and_global_offset(w.shape, w.device_mesh, w.placements)
+        row = pad - offset[0]
+        if 0 <= row < shape[0]:
+            w.to_local()[row].zero_()
 
 
 class Phi3LightningModule(pl.LightningModule):
@@ -241,6 +259,11 @@ class Phi3LightningModule(pl.LightningModule):
         meta = mesh is not None and (self.meta_init if self.meta_init is not None else device.type != "cpu")
         if self.meta_init and mesh is None:
             warnings.warn("meta_init applies under FSDP2 (ModelParallelStrategy) only; building normally", stacklevel=2)
+        if meta and device.type == "cpu" and not load_weights:
+            warnings.warn(
+                "meta_init on CPU: DTensor random ops have no per-shard RNG on CPU, so every shard gets the same random "
+                "values; leave meta_init null on CPU for an init equal to a single-process run", stacklevel=2,
+            )  # fmt: skip
         if mesh is not None and self.torch_compile == "model":
             raise ValueError(
                 "torch_compile='model' cannot be combined with FSDP2 sharding; use torch_compile: layers "
@@ -380,6 +403,15 @@ class Phi3LightningModule(pl.LightningModule):
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss", "interval": "epoch"}}
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """FSDP1 shards gradients, so Lightning's norm clipping refuses it: clip through the FSDP root instead."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if gradient_clip_val and isinstance(self.trainer.strategy, FSDPStrategy) and gradient_clip_algorithm in (None, "norm"):
+            self.trainer.model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_info(self) -> dict[str, Any]:
