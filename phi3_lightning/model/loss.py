@@ -39,24 +39,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if needs_grad else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        inv_n = 1.0 / n
         for s in range(0, n, chunk):
             h = hidden[s : s + chunk]  # (C, H)
-            y = targets[s : s + chunk]  # (C,)
-            logits = (h @ weight.t()).float()  # (C, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (C,)
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            y = targets[s : s + chunk, None]  # (C, 1)
+            logp = torch.log_softmax((h @ weight.t()).float(), dim=-1)  # (C, V), one fused row-wise kernel
+            total -= logp.gather(1, y).sum()
             if needs_grad:
-                probs = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place over the logits block
-                probs[torch.arange(y.numel(), device=y.device), y] -= 1.0
-                probs /= n
+                # d(mean CE)/d(logits) = (softmax - onehot) / n; the 1/n is folded into the two matmuls below
+                probs = logp.exp_().scatter_add_(1, y, torch.full_like(y, -1.0, dtype=logp.dtype))
                 g = probs.to(hidden.dtype)
-                grad_h[s : s + chunk] = g @ weight
-                if not need_w:
-                    pass
-                elif weight.dtype == torch.float32:
-                    grad_w.addmm_(g.t(), h)  # in place, no (V, H) temporary
-                else:
-                    grad_w += (g.t() @ h).float()
+                grad_h[s : s + chunk] = (g @ weight).mul_(inv_n)
+                if need_w and weight.dtype == torch.float32:
+                    grad_w.addmm_(g.t(), h, alpha=inv_n)  # in place, no (V, H) temporary
+                elif need_w:
+                    grad_w.add_(g.t() @ h, alpha=inv_n)
         if needs_grad:
             ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_w else None)
         return total / n
