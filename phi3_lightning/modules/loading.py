@@ -130,12 +130,10 @@ def _load_hf(path: Path, attn: str | None, device, dtype) -> LoadedHead:
     config = json.loads((path / "config.json").read_text())
     arch = (config.get("architectures") or ["Phi3ForCausalLM"])[0]
     task = _ARCH_TO_TASK.get(arch, "causal_lm")
-    head = HEADS[task].from_pretrained(path, attn_implementation=attn or "sdpa", dtype=dtype, device=device)
-    tok = None
-    if (path / "tokenizer.json").is_file():
-        tok = str(path)
-    elif (path / EXPORT_INFO).is_file():
-        tok = json.loads((path / EXPORT_INFO).read_text()).get("tokenizer")
+    info = json.loads((path / EXPORT_INFO).read_text()) if (path / EXPORT_INFO).is_file() else {}
+    head = HEADS[task].from_pretrained(path, attn_implementation=attn or "sdpa", dtype=dtype, device=device,
+                                       **(info.get("head_kwargs") or {}))  # fmt: skip
+    tok = str(path) if (path / "tokenizer.json").is_file() else info.get("tokenizer")
     return LoadedHead(head.eval(), task, tok, str(path))
 
 
@@ -169,6 +167,12 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, dtype: str | t
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite true or choose another directory")
     loaded = load_head(checkpoint, dtype=None)
+    if getattr(loaded.head, "pooling", "last") != "last":
+        warnings.warn(
+            f"{checkpoint} pools with pooling={loaded.head.pooling!r}, which transformers' Phi3ForSequenceClassification "
+            "does not have: it will ignore pool_query.weight and pool the last token. phi3_lightning's "
+            "from_pretrained(..., pooling='attention') loads it as trained.", stacklevel=2,
+        )  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -179,6 +183,8 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, dtype: str | t
                 if (Path(tok) / name).is_file():
                     shutil.copy2(Path(tok) / name, tmp / name)
         info = {"tokenizer": tok, "task": loaded.task, "exported_from": str(Path(checkpoint).resolve())}
+        if getattr(loaded.head, "pooling", "last") != "last":
+            info["head_kwargs"] = {"pooling": loaded.head.pooling}
         atomic_write_text(tmp / EXPORT_INFO, json.dumps(info, indent=2) + "\n")
         default_permissions(tmp)
         replace_dir(tmp, out)
