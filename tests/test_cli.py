@@ -140,3 +140,13 @@ def test_resume_with_ckpt_path_last_continues_the_same_run(runs, workdir):
     assert max(steps) == 5 and steps.count(4) == 1  # steps 0-3 from the first fit, 4-5 after resuming
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 6
+
+
+def test_test_subcommand_logs_test_metrics(runs, workdir):
+    logs, cache, _ = workdir
+    ckpt = runs["token_classification"] / "checkpoints" / "last.ckpt"
+    rc, _, err = run_main("test", *small_args("token_classification", logs, cache), "--ckpt_path", ckpt)
+    assert rc == 0, err[-3000:]
+    run = sorted((logs / "token_classification" / "sdpa").glob("version_*"))[-1]
+    tags = scalars(run)
+    assert finite(tags["test/loss"]) and finite(tags["test/accuracy"]) and finite(tags["test/f1"])

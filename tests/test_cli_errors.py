@@ -6,8 +6,6 @@ from __future__ import annotations
 import sys
 import types
 
-import pytest
-
 from phi3_lightning.model import Phi3ForSequenceClassification, get_preset
 
 from .modules.helpers import CONFIGS, run_main, small_args
