@@ -29,6 +29,13 @@ SAFE_INDEX = "model.safetensors.index.json"
 _IGNORED_KEYS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
 
+def _default_mode() -> int:
+    """The mode a plainly created file gets (0644 under the usual umask); mkstemp would leave 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -37,6 +44,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -55,6 +63,7 @@ def atomic_save_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> Non
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"format": "pt"})
+        os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -111,3 +111,15 @@ def test_sequence_longer_than_model_and_bad_ids():
         m(torch.ones(1, 130, dtype=torch.long))
     with pytest.raises(ValueError, match="token id 97 outside the vocabulary"):
         m(torch.tensor([[1, 97]]))
+
+
+def test_saved_files_are_readable_by_others(tmp_path):
+    import os
+    import stat
+
+    Phi3ForCausalLM(config("mini-4k")).save_pretrained(tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("model.safetensors", "config.json"):
+        mode = stat.S_IMODE((tmp_path / name).stat().st_mode)
+        assert mode == 0o666 & ~umask
