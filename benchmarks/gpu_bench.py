@@ -105,6 +105,28 @@ def time_steps(step, warmup, steps):
     return statistics.median(times)
 
 
+def timed_training(args, model, loss_fn, flops_per_token, label: str, log_row) -> None:
+    """Time ``loss_fn().backward() + fused AdamW`` steps of ``model``; log tokens/s, MFU, peak memory; free it."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    model.train()
+
+    def step():
+        loss_fn().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    sec = time_steps(step, args.warmup, args.steps)
+    tok_s = args.batch * args.seq / sec
+    mfu = tok_s * flops_per_token / (args.peak_tflops * 1e12)
+    log_row(f"| {label} | {tok_s:,.0f} | {mfu * 100:.1f}% | {torch.cuda.max_memory_allocated() / 2**30:.1f} | "
+            f"{sec * 1000:.0f} ms | {time.time() - t0:.0f}s |")
+    del opt
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def bench_ours(args, backend, compiled, device, dtype, log_row):
     model = build_full(args.preset, backend, device, dtype)
     cfg = model.config
@@ -113,36 +135,18 @@ def bench_ours(args, backend, compiled, device, dtype, log_row):
     if compiled:
         for layer in model.model.layers:
             layer.compile()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     gen = torch.Generator().manual_seed(1)
     rows = [packed_row(args.seq, cfg.vocab_size, device, gen) for _ in range(args.batch)]
-    ids = torch.stack([r[0] for r in rows])
-    pos = torch.stack([r[1] for r in rows])
-    labels = torch.stack([r[2] for r in rows])
+    ids, pos, labels = (torch.stack([r[i] for r in rows]) for i in range(3))
     lengths = [n for r in rows for n in r[3]]
     mean_doc = sum(n * n for n in lengths) / sum(lengths)  # token-weighted mean context length
-    model.train()
-
-    def step():
-        loss = model(ids, position_ids=pos, labels=labels, return_logits=False).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    torch.cuda.reset_peak_memory_stats()
-    t0 = time.time()
-    sec = time_steps(step, args.warmup, args.steps)
-    tok_s = args.batch * args.seq / sec
-    flops = cfg.flops_per_token(int(mean_doc))
-    mfu = tok_s * flops / (args.peak_tflops * 1e12)
-    log_row(f"| ours | {backend} | {'yes' if compiled else 'no'} | packed | {tok_s:,.0f} | {mfu * 100:.1f}% | "
-            f"{torch.cuda.max_memory_allocated() / 2**30:.1f} | {sec * 1000:.0f} ms | {time.time() - t0:.0f}s |")
-    del model, opt
-    gc.collect()
-    torch.cuda.empty_cache()
+    timed_training(args, model, lambda: model(ids, position_ids=pos, labels=labels, return_logits=False).loss,
+                   cfg.flops_per_token(int(mean_doc)), f"ours | {backend} | {'yes' if compiled else 'no'} | packed",
+                   log_row)
 
 
 def bench_hf(args, device, dtype, log_row):
+    """transformers vs ours on the very same unpacked rows (SDPA, no compile), for a like-for-like ratio."""
     try:
         import transformers
     except ImportError:
@@ -151,50 +155,17 @@ def bench_hf(args, device, dtype, log_row):
     cfg = get_preset(args.preset)
     d = cfg.to_dict()
     d.pop("architectures")
-    hc = transformers.Phi3Config(**d)
     with torch.device(device):
-        model = transformers.Phi3ForCausalLM._from_config(hc, attn_implementation="sdpa", dtype=dtype)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+        hf = transformers.Phi3ForCausalLM._from_config(transformers.Phi3Config(**d), attn_implementation="sdpa",
+                                                       dtype=dtype)
     x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=device)
-    model.train()
-
-    def step():
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    torch.cuda.reset_peak_memory_stats()
-    t0 = time.time()
-    sec = time_steps(step, args.warmup, args.steps)
-    tok_s = args.batch * args.seq / sec
-    mfu = tok_s * cfg.flops_per_token(args.seq) / (args.peak_tflops * 1e12)
-    log_row(f"| transformers | sdpa | no | unpacked | {tok_s:,.0f} | {mfu * 100:.1f}% | "
-            f"{torch.cuda.max_memory_allocated() / 2**30:.1f} | {sec * 1000:.0f} ms | {time.time() - t0:.0f}s |")
-    # ours on the very same unpacked rows, for a like-for-like ratio
-    del model, opt
-    gc.collect()
-    torch.cuda.empty_cache()
-    model = build_full(args.preset, "sdpa", device, dtype)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    model.train()
-
-    def step2():
-        loss = model(x, labels=x, return_logits=False).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    torch.cuda.reset_peak_memory_stats()
-    t0 = time.time()
-    sec = time_steps(step2, args.warmup, args.steps)
-    tok_s2 = args.batch * args.seq / sec
-    mfu = tok_s2 * cfg.flops_per_token(args.seq) / (args.peak_tflops * 1e12)
-    log_row(f"| ours | sdpa | no | unpacked | {tok_s2:,.0f} | {mfu * 100:.1f}% | "
-            f"{torch.cuda.max_memory_allocated() / 2**30:.1f} | {sec * 1000:.0f} ms | {time.time() - t0:.0f}s |")
-    del model, opt
-    gc.collect()
-    torch.cuda.empty_cache()
+    flops = cfg.flops_per_token(args.seq)
+    timed_training(args, hf, lambda: hf(input_ids=x, labels=x).loss, flops, "transformers | sdpa | no | unpacked",
+                   log_row)
+    del hf
+    ours = build_full(args.preset, "sdpa", device, dtype)
+    timed_training(args, ours, lambda: ours(x, labels=x, return_logits=False).loss, flops,
+                   "ours | sdpa | no | unpacked", log_row)
 
 
 def main(argv=None) -> int:
@@ -249,8 +220,8 @@ def main(argv=None) -> int:
             except Exception as e:  # report and go on: one backend failing must not hide the others
                 log(f"| ours | {backend} | {'yes' if compiled else 'no'} | packed | FAILED: {type(e).__name__}: "
                     f"{str(e).splitlines()[0][:120]} | | | | |")
-                gc.collect()
-                torch.cuda.empty_cache()
+            gc.collect()  # the model died with bench_ours' frame: give its memory back before the next one
+            torch.cuda.empty_cache()
     if not args.no_hf and time.time() - t_start < args.budget_s:
         try:
             bench_hf(args, device, dtype, log)
