@@ -18,6 +18,7 @@ Checkpoint state-dict keys are ``head.<transformers key>`` (``head.model.layers.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import warnings
@@ -32,6 +33,7 @@ from torch import nn
 
 from ..model import BACKENDS, PRESETS, Phi3Config
 from ..model.heads import Phi3PreTrainedHead
+from ..model.lora import LoRAConfig, apply_lora
 from .schedulers import WarmupDecayLR
 
 COMPILE_SCOPES = ("layers", "model")
@@ -81,6 +83,19 @@ def resolve_model(model: str | Phi3Config | dict, overrides: dict[str, Any] | No
     if overrides:
         config = config.replace(**overrides)
     return config, weights
+
+
+def as_lora_config(lora: LoRAConfig | dict | None) -> LoRAConfig | None:
+    """``lora`` as a :class:`LoRAConfig` (a dict is what checkpoint hyper-parameters and Python callers hold)."""
+    if lora is None or isinstance(lora, LoRAConfig):
+        return lora
+    if isinstance(lora, dict):
+        known = {f.name for f in dataclasses.fields(LoRAConfig)}
+        unknown = sorted(set(lora) - known)
+        if unknown:
+            raise ValueError(f"lora has unknown fields {unknown}; LoRAConfig fields are {sorted(known)}")
+        return LoRAConfig(**lora)
+    raise TypeError(f"lora={lora!r}: pass a LoRAConfig, a dict of its fields, or null")
 
 
 def _is_plain(value: Any) -> bool:
@@ -156,6 +171,12 @@ class Phi3LightningModule(pl.LightningModule):
             on CPU no: CPU builds the full model on every rank so the init equals a single-process one).
         strict_head: a checkpoint head (``lm_head``/``score``) of another shape is an error (true) or is
             re-initialised (false).
+        lora: low-rank adapters (``{r: 16, alpha: 32, target_modules: [qkv_proj, o_proj, gate_up_proj, down_proj],
+            layers: null, train_head: true}``): the named projections get adapters and everything else is frozen,
+            except the new classification layers (``score``) with ``train_head``; only trainable parameters go to
+            the optimizer. Applied right after the weights are loaded, before activation checkpointing, compile
+            and FSDP2 sharding. ``export`` merges the adapters into a plain Hugging Face checkpoint. null = full
+            fine-tuning.
     """
 
     head_class: ClassVar[type[Phi3PreTrainedHead]]
@@ -174,6 +195,7 @@ class Phi3LightningModule(pl.LightningModule):
         compile_mode: str | None = None,
         meta_init: bool | None = None,
         strict_head: bool = True,
+        lora: LoRAConfig | None = None,
         _head_overrides: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -191,6 +213,7 @@ class Phi3LightningModule(pl.LightningModule):
         self.compile_mode = compile_mode
         self.meta_init = meta_init
         self.strict_head = strict_head
+        self.lora = as_lora_config(lora)
         self.head: Phi3PreTrainedHead | None = None
         self._no_decay: set[str] = set()
         self._save_hparams()
@@ -217,6 +240,8 @@ class Phi3LightningModule(pl.LightningModule):
                 drop.append(key)
             elif isinstance(value, Phi3Config):
                 self.hparams[key] = value.to_dict()
+            elif key == "lora" and self.lora is not None:  # a LoRAConfig or a partial dict: every field, plain
+                self.hparams[key] = dataclasses.asdict(self.lora)
             elif not _is_plain(value):
                 drop.append(key)
         for key in drop:
@@ -278,6 +303,11 @@ class Phi3LightningModule(pl.LightningModule):
             head = self._load_pretrained(device=None, dtype=dtype)
         else:
             head = self.head_class(self.config, self.attn_implementation, **kwargs)
+        if self.lora is not None:
+            # Before checkpointing / compile / sharding, so they see the final module tree. On the meta device the
+            # adapters get their init (A kaiming, B = 0) from LoRALinear.reset_parameters in materialize_meta.
+            apply_lora(head, self.lora)
+            self._log_lora(head)
         self._no_decay = {n for n, p in head.named_parameters() if p.ndim < 2}
         if self.activation_checkpointing:
             head.gradient_checkpointing_enable()
@@ -300,6 +330,14 @@ class Phi3LightningModule(pl.LightningModule):
             self.weights_dir, attn_implementation=self.attn_implementation, dtype=dtype, device=device,
             strict_head=self.strict_head, **self._overrides, **self._head_kwargs(),
         )  # fmt: skip
+
+    @staticmethod
+    def _log_lora(head: nn.Module) -> None:
+        total = sum(p.numel() for p in head.parameters())
+        trained = sum(p.numel() for p in head.parameters() if p.requires_grad)
+        full = getattr(head, "lora_modules_to_save", [])
+        rank_zero_info(f"LoRA: training {trained:,} of {total:,} parameters ({100 * trained / max(total, 1):.2f} %)"
+                       + (f"; trained in full: {', '.join(full)}" if full else ""))
 
     @staticmethod
     def _data_parallel_mesh(mesh):
@@ -326,7 +364,10 @@ class Phi3LightningModule(pl.LightningModule):
 
         full: dict[str, torch.Tensor] = {}
         if self.global_rank == 0:
-            full = self._load_pretrained(device="cpu", dtype=torch.get_default_dtype()).state_dict()
+            src = self._load_pretrained(device="cpu", dtype=torch.get_default_dtype())
+            if self.lora is not None:  # same keys as the sharded head; rank 0's adapters go to every rank
+                apply_lora(src, self.lora)
+            full = src.state_dict()
         set_model_state_dict(head, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
     # ------------------------------------------------------------------ forward
@@ -422,6 +463,7 @@ class Phi3LightningModule(pl.LightningModule):
             "config": self.config.to_dict(),
             "attn_implementation": self.attn_implementation,
             "head_kwargs": self._head_kwargs(),
+            "lora": dataclasses.asdict(self.lora) if self.lora is not None else None,
         }
         spec = getattr(dm, "tokenizer_spec", None)
         if isinstance(spec, str):
