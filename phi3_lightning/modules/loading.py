@@ -7,12 +7,15 @@ Accepted by :func:`load_head`:
 * a Lightning distributed checkpoint directory (FSDP2 with ``save_distributed_checkpoint: true``): ``meta.pt`` +
   the torch.distributed.checkpoint shards, read without a process group.
 
-Lightning checkpoints carry a ``phi3_lightning`` entry (task, config, tokenizer) written by the LightningModule, so
-nothing but the file is needed.
+Lightning checkpoints carry a ``phi3_lightning`` entry (task, config, tokenizer, LoRA settings) written by the
+LightningModule, so nothing but the file is needed. A LoRA-trained checkpoint is rebuilt with its adapters, which
+are then merged into the base weights (``merge_lora``): the head has the original module tree and key names, so
+``export`` writes a plain Hugging Face checkpoint. :func:`export_adapter` writes the adapters alone instead.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -26,11 +29,14 @@ import torch
 from ..model import HEADS, Phi3Config
 from ..model.checkpoint import atomic_write_text, resolve_dtype
 from ..model.heads import Phi3PreTrainedHead
-from .base import CHECKPOINT_KEY, resolve_model
+from ..model.lora import LoRAConfig, apply_lora, lora_state_dict, merge_lora
+from .base import CHECKPOINT_KEY, as_lora_config, resolve_model
 from .strategies import default_permissions, replace_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 EXPORT_INFO = "phi3_lightning.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
 _ARCH_TO_TASK = {cls.__name__: task for task, cls in HEADS.items()}
 _CLASS_TO_TASK = {
     "CausalLMModule": "causal_lm",
@@ -46,6 +52,8 @@ class LoadedHead:
     tokenizer: str | None
     """Tokenizer spec for :func:`phi3_lightning.data.load_tokenizer` (``"byte"`` or a directory), if known."""
     source: str
+    lora: LoRAConfig | None = None
+    """The LoRA settings it was trained with (the adapters are merged unless ``load_head(merge_lora=False)``)."""
 
 
 def is_lightning_checkpoint(path: Path) -> bool:
@@ -80,7 +88,7 @@ def _info_from_hparams(ckpt: dict[str, Any]) -> dict[str, Any]:
     config, _ = resolve_model(hp.get("model", "tiny"), overrides)
     kwargs = {"pooling": hp["pooling"]} if task == "sequence_classification" and "pooling" in hp else {}
     return {"task": task, "config": config.to_dict(), "head_kwargs": kwargs,
-            "attn_implementation": hp.get("attn_implementation", "sdpa")}
+            "attn_implementation": hp.get("attn_implementation", "sdpa"), "lora": hp.get("lora")}
 
 
 def _strip(key: str) -> str:
@@ -88,7 +96,7 @@ def _strip(key: str) -> str:
     return key[len("head."):] if key.startswith("head.") else key
 
 
-def _load_lightning(path: Path, attn: str | None, device, dtype) -> LoadedHead:
+def _load_lightning(path: Path, attn: str | None, device, dtype, merge: bool = True) -> LoadedHead:
     distributed = path.is_dir()
     ckpt = _torch_load(path / "meta.pt" if distributed else path)
     if not isinstance(ckpt, dict):
@@ -98,6 +106,9 @@ def _load_lightning(path: Path, attn: str | None, device, dtype) -> LoadedHead:
     config = Phi3Config.from_dict(info["config"])
     head_cls = HEADS[task]
     head = head_cls(config, attn or info.get("attn_implementation", "sdpa"), **(info.get("head_kwargs") or {}))
+    lora = as_lora_config(info.get("lora"))
+    if lora is not None:
+        apply_lora(head, lora)  # the checkpoint holds base weights + adapters under the adapted key names
     own = head.state_dict()
     if distributed:
         import torch.distributed.checkpoint as dcp
@@ -121,9 +132,12 @@ def _load_lightning(path: Path, attn: str | None, device, dtype) -> LoadedHead:
         raise ValueError(f"{path}: state dict does not match the {task} head (missing {missing[:5]}, unexpected "
                          f"{unexpected[:5]})")
     head.tie_weights()
+    if lora is not None and merge:
+        merge_lora(head)  # W + B @ A * alpha / r, in fp32, stored in the trained dtype; original keys again
+        head.requires_grad_(True)
     head.to(device=device, dtype=dtype)
     tok = info.get("tokenizer") or (ckpt.get("datamodule_hyper_parameters") or {}).get("tokenizer")
-    return LoadedHead(head.eval(), task, tok if isinstance(tok, str) else None, str(path))
+    return LoadedHead(head.eval(), task, tok if isinstance(tok, str) else None, str(path), lora)
 
 
 def _load_hf(path: Path, attn: str | None, device, dtype) -> LoadedHead:
@@ -138,8 +152,12 @@ def _load_hf(path: Path, attn: str | None, device, dtype) -> LoadedHead:
 
 
 def load_head(path: str | Path, attn_implementation: str | None = None, device: str | torch.device = "cpu",
-              dtype: str | torch.dtype | None = None) -> LoadedHead:
-    """A ready (eval-mode) head from a Hugging Face directory or a Lightning checkpoint (file or FSDP2 directory)."""
+              dtype: str | torch.dtype | None = None, merge_lora: bool = True) -> LoadedHead:
+    """A ready (eval-mode) head from a Hugging Face directory or a Lightning checkpoint (file or FSDP2 directory).
+
+    ``merge_lora``: a LoRA-trained Lightning checkpoint comes back with its adapters merged into the base weights
+    (true) or still wrapped in ``LoRALinear`` (false; e.g. for :func:`~phi3_lightning.model.lora.lora_state_dict`).
+    """
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(
@@ -150,7 +168,7 @@ def load_head(path: str | Path, attn_implementation: str | None = None, device: 
     if p.is_dir() and (p / "config.json").is_file():
         return _load_hf(p, attn_implementation, device, dtype)
     if is_lightning_checkpoint(p):
-        return _load_lightning(p, attn_implementation, device, dtype)
+        return _load_lightning(p, attn_implementation, device, dtype, merge=merge_lora)
     raise FileNotFoundError(f"{p} is a directory with neither config.json (Hugging Face) nor meta.pt (Lightning "
                             "distributed checkpoint)")
 
@@ -176,16 +194,61 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, dtype: str | t
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        loaded.head.save_pretrained(tmp, max_shard_size=max_shard_size, dtype=dtype)
+        loaded.head.save_pretrained(tmp, max_shard_size=max_shard_size, dtype=dtype)  # LoRA: merged already
         tok = loaded.tokenizer
         if tok and tok != "byte" and Path(tok).is_dir():
             for name in TOKENIZER_FILES:
                 if (Path(tok) / name).is_file():
                     shutil.copy2(Path(tok) / name, tmp / name)
         info = {"tokenizer": tok, "task": loaded.task, "exported_from": str(Path(checkpoint).resolve())}
+        if loaded.lora is not None:
+            info["merged_lora"] = dataclasses.asdict(loaded.lora)
         if getattr(loaded.head, "pooling", "last") != "last":
             info["head_kwargs"] = {"pooling": loaded.head.pooling}
         atomic_write_text(tmp / EXPORT_INFO, json.dumps(info, indent=2) + "\n")
+        default_permissions(tmp)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def export_adapter(checkpoint: str | Path, output: str | Path, dtype: str | torch.dtype | None = None,
+                   overwrite: bool = False) -> Path:
+    """Write only the LoRA adapters of a LoRA-trained Lightning checkpoint (plus the layers trained in full, e.g.
+    ``score``): ``adapter_model.safetensors`` (keys as in the adapted head's ``state_dict``) and
+    ``adapter_config.json`` (the :class:`LoRAConfig`, the task, the base model's config and head arguments).
+
+    Megabytes instead of gigabytes. To use them, build the base head, adapt it the same way and load the weights::
+
+        info = json.load(open(out / "adapter_config.json"))
+        head = Phi3ForCausalLM.from_pretrained(base_dir)          # the checkpoint fine-tuning started from
+        apply_lora(head, LoRAConfig(**info["lora"]))
+        load_lora_state_dict(head, safetensors.torch.load_file(out / "adapter_model.safetensors"))
+    """
+    from safetensors.torch import save_file
+
+    out = Path(output).expanduser()
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite true or choose another directory")
+    loaded = load_head(checkpoint, merge_lora=False)
+    if loaded.lora is None:
+        raise ValueError(f"{checkpoint} was not trained with LoRA (model.init_args.lora is null); it has no adapters "
+                         "to export: drop --lora_only to export the whole model")
+    dtype = resolve_dtype(dtype)
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+             for k, v in lora_state_dict(loaded.head).items()}
+    pooling = getattr(loaded.head, "pooling", "last")
+    info = {"lora": dataclasses.asdict(loaded.lora), "task": loaded.task, "tokenizer": loaded.tokenizer,
+            "config": loaded.head.config.to_dict(), "head_kwargs": {"pooling": pooling} if pooling != "last" else {},
+            "trained_in_full": list(getattr(loaded.head, "lora_modules_to_save", [])),
+            "exported_from": str(Path(checkpoint).resolve())}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        atomic_write_text(tmp / ADAPTER_CONFIG, json.dumps(info, indent=2) + "\n")
         default_permissions(tmp)
         replace_dir(tmp, out)
     except BaseException:
