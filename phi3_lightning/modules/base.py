@@ -370,6 +370,12 @@ class Phi3LightningModule(pl.LightningModule):
             full = src.state_dict()
         set_model_state_dict(head, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """Always on: a CUDA out-of-memory error gets the memory planner's estimate and advice appended."""
+        from .oom import OOMAdvice
+
+        return [OOMAdvice()]
+
     # ------------------------------------------------------------------ forward
     def forward(self, batch: dict[str, torch.Tensor], **kwargs: Any):
         assert self.head is not None, "call configure_model() first (the Trainer does)"
