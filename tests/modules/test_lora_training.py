@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import lightning.pytorch as pl
@@ -22,7 +25,7 @@ from phi3_lightning.modules import CausalLMModule, SequenceClassificationModule,
 from phi3_lightning.modules.base import materialize_meta
 from phi3_lightning.modules.oom import MARKER, OOMAdvice
 
-from .helpers import CONFIGS, run_main, run_module, scalars, small_args
+from .helpers import CONFIGS, ROOT, run_main, run_module, scalars, small_args
 
 LORA_YAML = """\
 model:
@@ -315,15 +318,26 @@ model:
 """
 
 
+def _torchrun(*argv, cwd, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node N -m phi3_lightning ...``: torch's launcher starts the processes and
+    Lightning detects its environment (TorchElasticEnvironment) instead of launching its own."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node",
+           str(nproc), "-m", "phi3_lightning", *map(str, argv)]  # fmt: skip
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.mark.slow
 def test_fsdp2_two_process_lora_saves_resumes_and_exports(lm_run, tmp_path):
-    """gloo, meta init + rank-0 broadcast of the pretrained weights into the adapted, sharded model; epoch 1, then a
-    second launch resumes from its distributed checkpoint for epoch 2; export merges the sharded adapters."""
+    """gloo, meta init + rank-0 broadcast of the pretrained weights into the adapted, sharded model. Epoch 1 is
+    launched by torchrun, epoch 2 resumes from its distributed checkpoint under Lightning's own launcher (the same
+    YAML both ways); export merges the sharded adapters."""
     transformers = pytest.importorskip("transformers")
     (tmp_path / "fsdp2_lora.yaml").write_text(FSDP2_LORA)
 
-    def fit(epochs: int, *extra):
-        proc = run_module(
+    def fit(epochs: int, *extra, launch=run_module):
+        proc = launch(
             "fit", "--config", CONFIGS / "causal_lm.yaml", "--config", CONFIGS / "strategies" / "fsdp2.yaml",
             "--config", tmp_path / "fsdp2_lora.yaml", "--trainer.max_epochs", epochs,
             "--trainer.logger.init_args.save_dir", tmp_path / "logs", "--model.init_args.model", lm_run.init,
@@ -332,9 +346,11 @@ def test_fsdp2_two_process_lora_saves_resumes_and_exports(lm_run, tmp_path):
             cwd=tmp_path,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-4000:]
+        return proc
 
     run = tmp_path / "logs" / "causal_lm+fsdp2+fsdp2_lora" / "sdpa"
-    fit(1)
+    proc = fit(1, launch=_torchrun)
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stderr
     first = run / "version_0" / "checkpoints" / "epoch=0.ckpt"
     assert first.is_dir() and (first / "meta.pt").is_file()
     fit(2, "--ckpt_path", first)
