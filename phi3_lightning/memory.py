@@ -266,8 +266,9 @@ def _activation_parts(c: Phi3Config, precision: str, method: str, head: str, bat
     parts["final norm"] = (4 * h + 4 + (0 if lora else r * h)) * tokens
     if head == "causal_lm":
         kept = batch_size * (seq_len - 1)  # positions with a next-token target
-        # grad wrt hidden (a*h per kept token, + its int64 index) and grad wrt lm_head.weight in the compute dtype
-        parts["fused loss: saved grads"] = (8 + a * h) * kept + c.vocab_size * h * a
+        # grad wrt hidden (a*h per kept token, + its int64 index) and, when lm_head trains (not under LoRA, which
+        # freezes it), grad wrt lm_head.weight in the compute dtype
+        parts["fused loss: saved grads"] = (8 + a * h) * kept + (0 if lora else c.vocab_size * h * a)
     else:
         parts["classification head"] = a * h * tokens
     return parts

@@ -105,9 +105,12 @@ class AttentionContext:
         return mask
 
     def sdpa_mask(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """The mask SDPA gets: None (is_causal or mask-free), else the shared additive float mask, so the kernel
-        does not convert a boolean mask to a new float tensor in every layer."""
-        return None if self.bool_mask() is None else self.additive_mask(dtype)
+        """The mask SDPA gets: None (is_causal or mask-free), else the shared boolean mask.
+
+        (A shared additive float mask would spare SDPA a per-layer conversion, but it is kept alive for backward
+        at 2-4x the bytes of the boolean one; ``phi3_lightning.memory`` models the boolean mask, measured on GPU.)
+        """
+        return self.bool_mask()
 
     def additive_mask(self, dtype: torch.dtype) -> torch.Tensor | None:
         """(B, 1, Tq, Tk) float: 0 where allowed, dtype's most negative value elsewhere (as transformers)."""
