@@ -15,11 +15,13 @@ are then merged into the base weights (``merge_lora``): the head has the origina
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,6 +175,25 @@ def load_head(path: str | Path, attn_implementation: str | None = None, device: 
                             "distributed checkpoint)")
 
 
+def _check_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite true or choose another directory")
+
+
+@contextlib.contextmanager
+def _staged_directory(out: Path) -> Iterator[Path]:
+    """A temporary sibling of ``out`` to write into; renamed to ``out`` on success, removed on any error."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        default_permissions(tmp)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def export_checkpoint(checkpoint: str | Path, output: str | Path, dtype: str | torch.dtype | None = None,
                       max_shard_size: int | str = "5GB", overwrite: bool = False) -> Path:
     """Write a checkpoint's head as a Hugging Face directory that transformers loads (``Phi3For*``).
@@ -182,8 +203,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, dtype: str | t
     tokenizer spec (e.g. ``"byte"``) for ``generate``.
     """
     out = Path(output).expanduser()
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite true or choose another directory")
+    _check_output(out, overwrite)
     loaded = load_head(checkpoint, dtype=None)
     if getattr(loaded.head, "pooling", "last") != "last":
         warnings.warn(
@@ -191,9 +211,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, dtype: str | t
             "does not have: it will ignore pool_query.weight and pool the last token. phi3_lightning's "
             "from_pretrained(..., pooling='attention') loads it as trained.", stacklevel=2,
         )  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with _staged_directory(out) as tmp:
         loaded.head.save_pretrained(tmp, max_shard_size=max_shard_size, dtype=dtype)  # LoRA: merged already
         tok = loaded.tokenizer
         if tok and tok != "byte" and Path(tok).is_dir():
@@ -206,11 +224,6 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, dtype: str | t
         if getattr(loaded.head, "pooling", "last") != "last":
             info["head_kwargs"] = {"pooling": loaded.head.pooling}
         atomic_write_text(tmp / EXPORT_INFO, json.dumps(info, indent=2) + "\n")
-        default_permissions(tmp)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -230,8 +243,7 @@ def export_adapter(checkpoint: str | Path, output: str | Path, dtype: str | torc
     from safetensors.torch import save_file
 
     out = Path(output).expanduser()
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite true or choose another directory")
+    _check_output(out, overwrite)
     loaded = load_head(checkpoint, merge_lora=False)
     if loaded.lora is None:
         raise ValueError(f"{checkpoint} was not trained with LoRA (model.init_args.lora is null); it has no adapters "
@@ -244,14 +256,7 @@ def export_adapter(checkpoint: str | Path, output: str | Path, dtype: str | torc
             "config": loaded.head.config.to_dict(), "head_kwargs": {"pooling": pooling} if pooling != "last" else {},
             "trained_in_full": list(getattr(loaded.head, "lora_modules_to_save", [])),
             "exported_from": str(Path(checkpoint).resolve())}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with _staged_directory(out) as tmp:
         save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         atomic_write_text(tmp / ADAPTER_CONFIG, json.dumps(info, indent=2) + "\n")
-        default_permissions(tmp)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
