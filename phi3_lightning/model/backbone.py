@@ -25,7 +25,7 @@ def prepare_context(backend: str, ctx, dtype: torch.dtype) -> None:
     if backend == "sdpa" and ctx.by_document:
         backends._varlen_metadata(ctx)
     elif backend == "sdpa" or (backend in ("flash_attention_2", "flex") and ctx.offset > 0):
-        ctx.sdpa_mask(dtype)
+        ctx.bool_mask()
     elif backend == "eager":
         ctx.additive_mask(dtype)
     elif backend == "flash_attention_2" and (ctx.key_padding is not None or ctx.doc_ids is not None):

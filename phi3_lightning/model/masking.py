@@ -104,14 +104,6 @@ class AttentionContext:
         self.cache["bool"] = mask
         return mask
 
-    def sdpa_mask(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """The mask SDPA gets: None (is_causal or mask-free), else the shared boolean mask.
-
-        (A shared additive float mask would spare SDPA a per-layer conversion, but it is kept alive for backward
-        at 2-4x the bytes of the boolean one; ``phi3_lightning.memory`` models the boolean mask, measured on GPU.)
-        """
-        return self.bool_mask()
-
     def additive_mask(self, dtype: torch.dtype) -> torch.Tensor | None:
         """(B, 1, Tq, Tk) float: 0 where allowed, dtype's most negative value elsewhere (as transformers)."""
         key = ("add", dtype)
