@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from phi3_lightning.model.attention import Phi3Attention
 from phi3_lightning.model.backbone import Phi3Model
@@ -179,3 +181,50 @@ def test_fused_loss_with_frozen_weight_gives_hidden_grad_only():
     ref_gh = torch.autograd.grad(causal_lm_loss(h @ w.T, labels), h)[0]
     gh = torch.autograd.grad(fused_linear_cross_entropy(h, w, labels, chunk_size=3), h)[0]
     assert torch.allclose(gh, ref_gh, atol=1e-6)
+
+
+def test_fused_loss_bf16_and_no_grad_paths():
+    torch.manual_seed(0)
+    h32 = torch.randn(2, 9, 16)
+    w32 = torch.randn(40, 16) * 0.5
+    labels = torch.randint(0, 40, (2, 9))
+    h, w = h32.bfloat16().requires_grad_(), w32.bfloat16().requires_grad_()
+    ref = causal_lm_loss(h @ w.T, labels)  # logits in bf16, softmax in fp32: what the fused path computes
+    gh, gw = torch.autograd.grad(ref, (h, w))
+    fused = fused_linear_cross_entropy(h, w, labels, chunk_size=5)
+    fh, fw = torch.autograd.grad(fused, (h, w))
+    assert fused.dtype == torch.float32 and torch.allclose(fused, ref, rtol=1e-5)
+    assert fh.dtype == torch.bfloat16 and fw.dtype == torch.bfloat16
+    assert torch.allclose(fh.float(), gh.float(), atol=2e-2, rtol=2e-2)
+    assert torch.allclose(fw.float(), gw.float(), atol=2e-2, rtol=2e-2)
+    with torch.no_grad():  # evaluation: loss only, chunk larger than the number of targets
+        plain = fused_linear_cross_entropy(h32, w32, labels, chunk_size=1000)
+    assert torch.allclose(plain, causal_lm_loss(h32 @ w32.T, labels), rtol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_split_linear_equals_linear(rows, dtype):
+    from phi3_lightning.model.linear import Linear, _row_split_linear
+
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        lin = Linear(0.02, 48, 300, bias=True).to(dtype)  # 300 rows: split in 4 parts of 75
+        nn.init.normal_(lin.bias)
+        x = torch.randn(1, rows, 48, dtype=dtype) if rows != 3 else torch.randn(3, 48, dtype=dtype)
+        with torch.no_grad():
+            y = _row_split_linear(x, lin.weight, lin.bias)
+            assert y is not None and y.shape == x.shape[:-1] + (300,)
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            assert torch.allclose(y.float(), F.linear(x, lin.weight, lin.bias).float(), atol=tol, rtol=tol)
+            assert torch.equal(lin(x), y)  # the module takes this path for small inference inputs
+        # training (autograd), more than 32 rows, or a single thread: plain F.linear
+        assert _row_split_linear(x.requires_grad_(), lin.weight.requires_grad_(), None) is None
+        assert _row_split_linear(torch.randn(33, 48, dtype=dtype), lin.weight, None) is None
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            assert _row_split_linear(x, lin.weight, None) is None
+    finally:
+        torch.set_num_threads(threads)
