@@ -37,12 +37,21 @@ class Phi3Attention(nn.Module):
         b, t, _ = x.shape
         d = self.head_dim
         qkv = self.qkv_proj(x)  # (B, T, (H + 2 Hkv) D)
-        q, k, v = qkv.split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
-        q = q.view(b, t, self.num_heads, d).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(b, t, self.num_kv_heads, d).transpose(1, 2)  # (B, Hkv, T, D)
-        v = v.view(b, t, self.num_kv_heads, d).transpose(1, 2)
+        hq, hkv = self.num_heads, self.num_kv_heads
         cos, sin = rope
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if t == 1:
+            # Decode step: q and k rotated together in one (B, 1, H + Hkv, D) pass (half the elementwise calls);
+            # with T = 1 the (B, H, 1, D) views of the result are contiguous.
+            qk = apply_rotary(qkv[..., : (hq + hkv) * d].view(b, t, hq + hkv, d), cos, sin, heads_axis=2)
+            q, k = qk[:, :, :hq].transpose(1, 2), qk[:, :, hq:].transpose(1, 2)
+            v = qkv[..., (hq + hkv) * d :].view(b, t, hkv, d).transpose(1, 2)
+        else:
+            # Separately, so q and k come out contiguous in (B, H, T, D): CPU SDPA's backward is slower on
+            # the strided views a joint rotation would give.
+            q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+            q = apply_rotary(q.view(b, t, hq, d).transpose(1, 2), cos, sin)  # (B, H, T, D)
+            k = apply_rotary(k.view(b, t, hkv, d).transpose(1, 2), cos, sin)  # (B, Hkv, T, D)
+            v = v.view(b, t, hkv, d).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, ctx.k_start)  # (B, Hkv, Tk, D) visible keys
         dropout = self.attention_dropout if self.training else 0.0

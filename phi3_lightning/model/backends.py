@@ -63,9 +63,6 @@ def sdpa_attention(q, k, v, ctx: AttentionContext, scale: float, dropout_p: floa
     # The shared boolean mask (not an additive float copy: that would stay alive for backward at 2-4x the bytes;
     # phi3_lightning.memory models this boolean mask, as measured on GPU).
     mask = ctx.bool_mask()
-    if q.shape[2] == 1 and q.device.type == "cpu":
-        # Decode step: CPU SDPA is ~20x slower on strided views of the cache than on contiguous copies.
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None and q.shape[2] > 1, scale=scale
     )

@@ -72,9 +72,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first ``cos.shape[-1]`` dims of x (B, H, T, D) with cos/sin (B, T, R)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, R)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads_axis: int = 1) -> torch.Tensor:
+    """Rotate the first ``cos.shape[-1]`` dims of x with cos/sin (B, T, R).
+
+    x is (B, H, T, D) with ``heads_axis=1`` (default) or (B, T, H, D) with ``heads_axis=2``.
+    """
+    cos, sin = cos.unsqueeze(heads_axis), sin.unsqueeze(heads_axis)  # broadcast over heads
     r = cos.shape[-1]
     if r == x.shape[-1]:
         return x * cos + rotate_half(x) * sin
