@@ -92,7 +92,7 @@ def worker(args) -> dict:
             sync()
             times.append(time.perf_counter() - t0)
         med = statistics.median(times)
-        result.update(step_s=med, tokens_per_s=args.batch * args.seq / med)
+        result.update(step_s=med, tokens_per_s=args.batch * args.seq / med, times=times)
         if device.type == "cuda":
             result["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
         else:
@@ -118,7 +118,8 @@ def worker(args) -> dict:
             sync()
             times.append(time.perf_counter() - t0)
         med = statistics.median(times)
-        result.update(gen_s=med, tokens_per_s=args.new_tokens / med, tokens=out[0, -args.new_tokens:].tolist())
+        result.update(gen_s=med, tokens_per_s=args.new_tokens / med, tokens=out[0, -args.new_tokens:].tolist(),
+                      times=times)
     return result
 
 
@@ -141,7 +142,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per side per round")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds per side (medians pool all repeats)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
@@ -160,6 +162,7 @@ def main(argv=None) -> int:
         return 0
     if args.quick:
         args.preset, args.batch, args.seq, args.new_tokens, args.warmup, args.repeats = "tiny", 2, 64, 8, 1, 2
+        args.rounds = 1
 
     import torch
 
@@ -173,12 +176,28 @@ def main(argv=None) -> int:
 
         print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
               f"device {args.device}, {args.dtype}, attn={args.attn}, threads={args.threads}")
-        print(f"model: {args.preset} ({cfg.num_parameters() / 1e6:.1f}M params), medians of {args.repeats} after "
-              f"{args.warmup} warm-up")
+        print(f"model: {args.preset} ({cfg.num_parameters() / 1e6:.1f}M params), medians of {args.rounds} alternating "
+              f"rounds x {args.repeats} repeats per side, {args.warmup} warm-up per round")
         rows, ratios = [], {}
+
+        def both(task: str) -> tuple[dict, dict]:
+            """Alternate the two sides over rounds (hf, ours, ours, hf, ...) so drift on a shared machine hits
+            both; pool every timed repeat of a side and take the median."""
+            runs: dict[str, list[dict]] = {"hf": [], "ours": []}
+            for r in range(args.rounds):
+                for impl in (("hf", "ours") if r % 2 == 0 else ("ours", "hf")):
+                    runs[impl].append(run_side(impl, task, d, args))
+            pooled = {}
+            for impl, rs in runs.items():
+                times = [x for res in rs for x in res["times"]]
+                med = statistics.median(times)
+                pooled[impl] = dict(rs[0], times=times, median_s=med,
+                                    peak_mb=statistics.median(res.get("peak_mb", 0.0) for res in rs),
+                                    tokens_per_s=(args.batch * args.seq if task == "train" else args.new_tokens) / med)
+            return pooled["hf"], pooled["ours"]
+
         if "train" in args.tasks:
-            hf = run_side("hf", "train", d, args)
-            ours = run_side("ours", "train", d, args)
+            hf, ours = both("train")
             rows.append(("train step tokens/s", hf["tokens_per_s"], ours["tokens_per_s"]))
             rows.append(("train peak memory MB", hf["peak_mb"], ours["peak_mb"]))
             ratios["train_speed"] = ours["tokens_per_s"] / hf["tokens_per_s"]
@@ -188,8 +207,7 @@ def main(argv=None) -> int:
                 rows.append(("train tokens/s, ours compiled", hf["tokens_per_s"], comp["tokens_per_s"]))
                 ratios["train_speed_compiled"] = comp["tokens_per_s"] / hf["tokens_per_s"]
         if "generate" in args.tasks:
-            hf = run_side("hf", "generate", d, args)
-            ours = run_side("ours", "generate", d, args)
+            hf, ours = both("generate")
             rows.append(("greedy generate new tokens/s", hf["tokens_per_s"], ours["tokens_per_s"]))
             ratios["generate_speed"] = ours["tokens_per_s"] / hf["tokens_per_s"]
             ratios["generate_same_tokens"] = float(hf["tokens"] == ours["tokens"])

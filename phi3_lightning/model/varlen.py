@@ -5,6 +5,14 @@ them masked; a padded row wastes the scores of its padding. Running each documen
 document id) as its own causal sequence does only sum(L_i^2) work and lets SDPA use its fused causal kernel. This
 is the SDPA backend's path for packed or padded batches without a KV cache; flash's varlen kernel does the same in
 one launch. Padding positions get a zero attention output.
+
+Many short documents would mean many small SDPA calls (a packed row of 1024 tokens of 40-token lines: ~25 calls
+per row per layer, each paying a fixed dispatch cost forward and backward). So documents are grouped by length:
+those whose lengths share the same power-of-two ceiling go into one (n, L, H, D) batch, each right-padded to the
+group's longest length L, and run in one causal SDPA call. That is exact: under the causal (and window) mask a
+real query only sees keys at or before it, never the padding after its document, and the padding queries' outputs
+are dropped (so they receive no gradient). The work stays within 4x of sum(L_i^2) (at most 2x each length) and the
+number of calls is at most log2(T) + 1 per layer. The gather / scatter indices are built once per batch.
 """
 
 from __future__ import annotations
@@ -15,31 +23,62 @@ import torch.nn.functional as F
 from .masking import AttentionContext
 
 
-def _segments(ctx: AttentionContext) -> tuple[torch.Tensor, list[int]]:
+def _buckets(ctx: AttentionContext, device: torch.device) -> list[tuple]:
+    """Per length group: (n docs, padded length L, gather index into the real tokens + one zero row,
+    rows of the (n * L) layout that are real, their positions in the (B * T) layout), once per batch."""
     from .backends import _varlen_metadata
 
     meta = _varlen_metadata(ctx)
-    if "bounds" not in meta:
-        meta["bounds"] = meta["cu_seqlens"].tolist()  # one host sync per batch, shared by all layers
-    return meta["indices"], meta["bounds"]
+    if "buckets" in meta:
+        return meta["buckets"]
+    idx = meta["indices"]
+    bounds = meta["cu_seqlens"].tolist()  # one host sync per batch, shared by all layers
+    n_real = bounds[-1]
+    groups: dict[int, list[int]] = {}
+    for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+        groups.setdefault((e - s - 1).bit_length(), []).append(i)  # ceil(log2(length))
+    out = []
+    for key in sorted(groups):
+        docs = groups[key]
+        starts = torch.tensor([bounds[i] for i in docs])
+        lens = torch.tensor([bounds[i + 1] - bounds[i] for i in docs])
+        length = int(lens.max())
+        ar = torch.arange(length)
+        real = ar[None, :] < lens[:, None]  # (n, L)
+        gather = torch.where(real, starts[:, None] + ar[None, :], n_real).flatten()  # n_real: the zero row
+        real_rows = real.flatten().nonzero().squeeze(-1)
+        dest = gather[real_rows]
+        out.append((len(docs), length, gather.to(device), real_rows.to(device), dest.to(device)))
+    dest_all = torch.cat([b[4] for b in out]) if out else torch.zeros(0, dtype=torch.long, device=device)
+    meta["buckets"] = (out, idx.index_select(0, dest_all))  # final positions in the (B * T) layout
+    return meta["buckets"]
 
 
 def sdpa_by_document(q, k, v, ctx: AttentionContext, scale: float, dropout_p: float) -> torch.Tensor:
     """q (B, H, T, D), k/v (B, H, T, D) with kv heads already repeated -> (B, T, H, D); padding rows are 0."""
     b, h, t, d = q.shape
-    idx, bounds = _segments(ctx)
-    flat = [x.transpose(1, 2).reshape(b * t, h, d).index_select(0, idx) for x in (q, k, v)]  # (N, H, D) each
+    groups, dest = _buckets(ctx, q.device)
+    idx = _varlen_idx(ctx)
+    # real tokens in document order, plus one zero row that the padding of every group points at
+    flat = [torch.cat([x.transpose(1, 2).reshape(b * t, h, d).index_select(0, idx), x.new_zeros(1, h, d)])
+            for x in (q, k, v)]
     w = ctx.sliding_window
     outs = []
-    for s, e in zip(bounds[:-1], bounds[1:]):
-        qs, ks, vs = (x[s:e].transpose(0, 1)[None] for x in flat)  # (1, H, L, D)
-        n = e - s
+    for n, length, gather, real_rows, _ in groups:
+        qs, ks, vs = (x.index_select(0, gather).view(n, length, h, d).transpose(1, 2) for x in flat)  # (n, H, L, D)
         mask = None
-        if w is not None and n > w:
-            i = torch.arange(n, device=q.device)
+        if w is not None and length > w:
+            i = torch.arange(length, device=q.device)
             mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - w)
         o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, dropout_p=dropout_p,
-                                           is_causal=mask is None and n > 1, scale=scale)
-        outs.append(o[0].transpose(0, 1))  # (L, H, D)
-    out_u = torch.cat(outs) if outs else flat[0]
-    return out_u.new_zeros(b * t, h, d).index_copy(0, idx, out_u).view(b, t, h, d)
+                                           is_causal=mask is None and length > 1, scale=scale)
+        outs.append(o.transpose(1, 2).reshape(n * length, h, d).index_select(0, real_rows))  # (n_real, H, D)
+    if not outs:
+        return q.new_zeros(b, t, h, d)
+    return outs[0].new_zeros(b * t, h, d).index_copy(0, dest, torch.cat(outs)).view(b, t, h, d)
+
+
+def _varlen_idx(ctx: AttentionContext) -> torch.Tensor:
+    from .backends import _varlen_metadata
+
+    return _varlen_metadata(ctx)["indices"]

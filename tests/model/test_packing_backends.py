@@ -141,3 +141,49 @@ def test_real_flash_kernel_packed_matches_sdpa():
         out = model(input_ids, attention_mask=mask, position_ids=position_ids).logits.float()
     real = mask.bool()
     assert (out[real] - ref[real]).abs().max() < 3e-2 * ref.abs().max()
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_sdpa_by_document_groups_equal_one_call_per_document_with_grads(window):
+    """Documents grouped by length and right-padded inside a group give each document's own causal attention,
+    forward and backward (padding queries dropped, padding keys never seen by a real query)."""
+    import torch.nn.functional as F
+
+    from phi3_lightning.model.masking import build_context
+    from phi3_lightning.model.varlen import sdpa_by_document
+
+    torch.manual_seed(3)
+    rows = [[1, 7, 2, 13, 4, 3], [9, 8, 16, 1], [5]]  # many lengths -> several groups, one doc per group too
+    t, h, d = 40, 2, 8
+    pos = torch.zeros(len(rows), t, dtype=torch.long)
+    mask = torch.zeros(len(rows), t, dtype=torch.long)
+    for r, lens in enumerate(rows):
+        at = 0
+        for n in lens:
+            pos[r, at : at + n] = torch.arange(n)
+            at += n
+        mask[r, :at] = 1
+        pos[r, at:] = torch.arange(t - at)
+    ctx = build_context(batch_size=len(rows), q_len=t, attention_mask=mask, position_ids=pos, past_len=0,
+                        sliding_window=window, derive_documents=True, device=pos.device)
+    q, k, v = (torch.randn(len(rows), h, t, d, requires_grad=True) for _ in range(3))
+    out = sdpa_by_document(q, k, v, ctx, d**-0.5, 0.0)  # (B, T, H, D)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad((out * g).sum(), (q, k, v))
+    ref = torch.zeros_like(out)
+    for r, lens in enumerate(rows):
+        at = 0
+        for n in lens:
+            sl = slice(at, at + n)
+            i = torch.arange(n)
+            allowed = i[None, :] <= i[:, None]
+            if window is not None:
+                allowed &= i[None, :] > i[:, None] - window
+            ref[r, sl] = F.scaled_dot_product_attention(q[r : r + 1, :, sl], k[r : r + 1, :, sl], v[r : r + 1, :, sl],
+                                                        attn_mask=allowed, scale=d**-0.5)[0].transpose(0, 1)
+            at += n
+    ref_grads = torch.autograd.grad((ref * g).sum(), (q, k, v))
+    assert torch.allclose(out, ref, atol=1e-6)
+    assert out[mask == 0].abs().max() == 0  # padding rows are zero
+    for a, b in zip(grads, ref_grads):
+        assert torch.allclose(a, b, atol=1e-5)
