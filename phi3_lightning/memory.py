@@ -347,7 +347,10 @@ def estimate_memory(
     loss_buffers = 0
     if head == "causal_lm":
         chunk = min(1024, batch_size * (seq_len - 1))
-        loss_buffers = chunk * c.vocab_size * (4 + p.compute) + (c.vocab_size * c.hidden_size * 4 if p.compute != 4 else 0)
+        # fp32 workspace (chunk x vocab) + in low precision the chunk's logits / gradient in the compute dtype and
+        # the fp32 lm_head gradient accumulator; in fp32 the logits are written straight into the workspace
+        loss_buffers = chunk * c.vocab_size * (4 + (p.compute if p.compute != 4 else 0)) + (
+            c.vocab_size * c.hidden_size * 4 if p.compute != 4 else 0)
     other: dict[str, int] = {}
     if activation_checkpointing:
         if 2 * layer >= loss_buffers:

@@ -110,7 +110,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def fused_linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 512
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1024
 ) -> torch.Tensor:
     """Causal-LM loss from final hidden states (B, T, H) and the lm_head weight (V, H), without full logits.
 

@@ -1,0 +1,36 @@
+"""The benchmark scripts run end to end (tiny settings); their timings are not asserted, their checks are."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str) -> str:
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_compare_transformers_quick_runs_and_generates_the_same_tokens():
+    pytest.importorskip("transformers")
+    out = _run("benchmarks/compare_transformers.py", "--quick")
+    ratios = dict(kv.split("=") for kv in re.search(r"^RATIOS (.*)$", out, re.M).group(1).split())
+    assert set(ratios) == {"train_speed", "train_memory", "generate_speed", "generate_same_tokens"}
+    assert float(ratios["generate_same_tokens"]) == 1.0  # greedy tokens identical to transformers' generate
+    assert all(float(v) > 0 for v in ratios.values())
+    assert "| train step tokens/s |" in out and "| greedy generate new tokens/s |" in out
+
+
+def test_packing_throughput_counts_the_same_tokens_in_every_column():
+    out = _run("benchmarks/packing_throughput.py", "--steps", "1", "--max-len", "128", "--rows", "2",
+               "--corpora", "token_types")
+    row = next(line for line in out.splitlines() if line.startswith("| token_types |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    fix, longest, packed = (float(x.rstrip("%")) for x in cells[2].split(" / "))
+    assert fix <= longest <= packed <= 100.0  # padding to max_length wastes the most, packing the least
+    assert int(cells[1]) > 2
