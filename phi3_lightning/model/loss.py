@@ -98,15 +98,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
                         grad_w.copy_(g.t() @ h)
                     else:
                         grad_w.add_(g.t() @ h)
-        if needs_grad:
-            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_w else None)
+        # Gradients are intermediate results, kept on ctx (not save_for_backward) so backward can hand them over
+        # and drop its own reference: autograd then adopts them as .grad without a (V, H) copy.
+        ctx.grads = (grad_h, grad_w.to(weight.dtype) if need_w else None) if needs_grad else None
         return total / n
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
-        gw = grad_w * grad_out.to(grad_w.dtype) if grad_w is not None else None
-        return grad_h * grad_out.to(grad_h.dtype), gw, None, None
+        if ctx.grads is None:
+            raise RuntimeError(
+                "backward ran twice through fused_linear_cross_entropy (its gradients are computed once, in the "
+                "forward, and handed over); recompute the loss instead of retain_graph=True"
+            )
+        grad_h, grad_w = ctx.grads
+        ctx.grads = None
+        # scaled in place: the buffers are ours alone, so a (V, H) temporary is not needed
+        grad_h.mul_(grad_out.to(grad_h.dtype))
+        if grad_w is not None:
+            grad_w.mul_(grad_out.to(grad_w.dtype))
+        return grad_h, grad_w, None, None
 
 
 def fused_linear_cross_entropy(

@@ -228,3 +228,17 @@ def test_row_split_linear_equals_linear(rows, dtype):
             assert _row_split_linear(x, lin.weight, None) is None
     finally:
         torch.set_num_threads(threads)
+
+
+def test_fused_loss_scales_by_upstream_grad_and_refuses_a_second_backward():
+    torch.manual_seed(0)
+    h = torch.randn(2, 6, 8, requires_grad=True)
+    w = torch.randn(30, 8, requires_grad=True)
+    labels = torch.randint(0, 30, (2, 6))
+    gh, gw = torch.autograd.grad(3.0 * causal_lm_loss(h @ w.T, labels), (h, w))
+    fh, fw = torch.autograd.grad(3.0 * fused_linear_cross_entropy(h, w, labels, chunk_size=4), (h, w))
+    assert torch.allclose(fh, gh, atol=1e-6) and torch.allclose(fw, gw, atol=1e-6)
+    loss = fused_linear_cross_entropy(h, w, labels)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
