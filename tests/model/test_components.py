@@ -242,3 +242,15 @@ def test_fused_loss_scales_by_upstream_grad_and_refuses_a_second_backward():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         loss.backward()
+
+
+def test_rmsnorm_fast_path_is_bit_identical_and_skipped_under_autocast():
+    torch.manual_seed(0)
+    norm = Phi3RMSNorm(48, eps=1e-5)
+    nn.init.normal_(norm.weight)
+    x = torch.randn(3, 5, 48, requires_grad=True)
+    h = x.float()
+    explicit = norm.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5))
+    assert torch.equal(norm(x), explicit)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert norm(x).dtype == torch.float32  # normalised in fp32, as transformers does under autocast
