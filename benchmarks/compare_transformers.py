@@ -62,6 +62,8 @@ def worker(args) -> dict:
 
     if args.task == "train":
         model.train()
+        if args.impl == "ours" and args.checkpointing:
+            model.gradient_checkpointing_enable()
         if args.impl == "ours" and args.compile:
             for layer in model.model.layers:
                 layer.compile()
@@ -123,13 +125,15 @@ def worker(args) -> dict:
     return result
 
 
-def run_side(impl: str, task: str, ckpt: str, args, compile_: bool = False) -> dict:
+def run_side(impl: str, task: str, ckpt: str, args, compile_: bool = False, checkpointing: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--impl", impl, "--task", task, "--ckpt", ckpt,
            "--batch", str(args.batch), "--seq", str(args.seq), "--prompt", str(args.prompt),
            "--new-tokens", str(args.new_tokens), "--warmup", str(args.warmup), "--repeats", str(args.repeats),
            "--threads", str(args.threads), "--device", args.device, "--dtype", args.dtype, "--attn", args.attn]
     if compile_:
         cmd.append("--compile")
+    if checkpointing:
+        cmd.append("--checkpointing")
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -149,6 +153,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--attn", default="sdpa")
     p.add_argument("--compile", action="store_true", help="also time our model with per-layer torch.compile")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="also time our model with activation checkpointing (its cost in speed, its saving in memory)")
     p.add_argument("--quick", action="store_true", help="tiny smoke run")
     p.add_argument("--tasks", default="train,generate")
     # worker-only
@@ -206,6 +212,12 @@ def main(argv=None) -> int:
                 comp = run_side("ours", "train", d, args, compile_=True)
                 rows.append(("train tokens/s, ours compiled", hf["tokens_per_s"], comp["tokens_per_s"]))
                 ratios["train_speed_compiled"] = comp["tokens_per_s"] / hf["tokens_per_s"]
+            if args.checkpointing:
+                ck = run_side("ours", "train", d, args, checkpointing=True)
+                rows.append(("train tokens/s, ours + activation checkpointing", hf["tokens_per_s"], ck["tokens_per_s"]))
+                rows.append(("train peak memory MB, ours + activation checkpointing", hf["peak_mb"], ck["peak_mb"]))
+                ratios["train_speed_checkpointing"] = ck["tokens_per_s"] / hf["tokens_per_s"]
+                ratios["train_memory_checkpointing"] = ck["peak_mb"] / hf["peak_mb"]
         if "generate" in args.tasks:
             hf, ours = both("generate")
             rows.append(("greedy generate new tokens/s", hf["tokens_per_s"], ours["tokens_per_s"]))
