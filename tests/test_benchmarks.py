@@ -34,3 +34,16 @@ def test_packing_throughput_counts_the_same_tokens_in_every_column():
     fix, longest, packed = (float(x.rstrip("%")) for x in cells[2].split(" / "))
     assert fix <= longest <= packed <= 100.0  # padding to max_length wastes the most, packing the least
     assert int(cells[1]) > 2
+
+
+def test_gpu_bench_falls_back_to_its_correctness_check_on_cpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("has CUDA: the script would run its full GPU timing here")
+    out = _run("benchmarks/gpu_bench.py")
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "unavailable" not in line
+            and not line.startswith("| backend")]
+    checked = {line.split("|")[1].strip(): line.rstrip(" |").rsplit("|", 1)[-1].strip() for line in rows}
+    assert {"eager", "sdpa"} <= set(checked) and set(checked.values()) == {"yes"}, out
+    assert "timing skipped" in out
