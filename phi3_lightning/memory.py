@@ -508,6 +508,11 @@ def measure(config: Phi3Config | str, method: str = "full", precision: str = "32
         for t in live_tensors():
             if t.untyped_storage().data_ptr() not in skip:
                 pack(t)
+    # the fused loss keeps its two gradients on its autograd node (handed to autograd in backward), not through
+    # save_for_backward, so the hooks do not see them
+    for t in getattr(out.loss.grad_fn, "grads", None) or ():
+        if t is not None:
+            pack(t)
     loss = out.loss
     del out
     activations = sum(saved.values())
