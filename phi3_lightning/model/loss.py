@@ -14,9 +14,9 @@ import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 
-# CPU only: the fused loss's (chunk, vocab) fp32 workspace is kept between calls, one per thread. A fresh
-# 65 MB buffer every step is page-faulted in again by the kernel (glibc returns such blocks to the OS on free):
-# ~45 ms of a 1.9 s training step on the 2-core benchmark machine. CUDA's caching allocator already reuses it.
+# CPU only: the fused loss's (chunk, vocab) fp32 workspace is kept between calls, one per thread. A fresh buffer of
+# that size (131 MB for 1024 x 32064) is page-faulted in again on every step, because glibc hands such blocks back
+# to the kernel on free: ~0.7 ms per MB on the 2-core benchmark machine. CUDA's caching allocator already reuses it.
 _cpu_workspace = threading.local()
 
 
@@ -49,8 +49,9 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 class _LinearCrossEntropy(torch.autograd.Function):
     """loss = mean_i CE(h_i @ W^T, y_i), computed chunk by chunk; gradients are computed in the forward.
 
-    Memory: one (chunk, vocab) fp32 workspace (kept between calls on CPU), reused by every chunk and updated in place (logits -> exp ->
-    softmax / n -> (softmax - onehot) / n), instead of (N, vocab) logits plus their gradient; no recompute.
+    Memory: one (chunk, vocab) fp32 workspace (kept between calls on CPU), reused by every chunk and updated in
+    place (logits -> exp -> softmax / n -> (softmax - onehot) / n), instead of (N, vocab) logits plus their
+    gradient; no recompute.
     Reusing one buffer matters on CPU too: a fresh 100+ MB tensor per chunk is page-faulted in again on every
     step, which cost ~25% of the logits matmul's time on the 2-core benchmark machine.
     Every target is assumed valid (the caller drops ignored positions first).
