@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from .masking import AttentionContext
 
 
-def _buckets(ctx: AttentionContext, device: torch.device) -> list[tuple]:
-    """Per length group: (n docs, padded length L, gather index into the real tokens + one zero row,
-    rows of the (n * L) layout that are real, their positions in the (B * T) layout), once per batch."""
+def _buckets(ctx: AttentionContext, device: torch.device) -> tuple[list[tuple], torch.Tensor]:
+    """Once per batch: per length group (n docs, padded length L, gather index into the real tokens + one zero row,
+    rows of the (n * L) layout that are real, their positions among the real tokens), and where the concatenated
+    real rows of all groups go in the (B * T) layout."""
     from .backends import _varlen_metadata
 
     meta = _varlen_metadata(ctx)
@@ -56,9 +57,11 @@ def _buckets(ctx: AttentionContext, device: torch.device) -> list[tuple]:
 
 def sdpa_by_document(q, k, v, ctx: AttentionContext, scale: float, dropout_p: float) -> torch.Tensor:
     """q (B, H, T, D), k/v (B, H, T, D) with kv heads already repeated -> (B, T, H, D); padding rows are 0."""
+    from .backends import _varlen_metadata
+
     b, h, t, d = q.shape
     groups, dest = _buckets(ctx, q.device)
-    idx = _varlen_idx(ctx)
+    idx = _varlen_metadata(ctx)["indices"]
     # real tokens in document order, plus one zero row that the padding of every group points at
     flat = [torch.cat([x.transpose(1, 2).reshape(b * t, h, d).index_select(0, idx), x.new_zeros(1, h, d)])
             for x in (q, k, v)]
@@ -76,9 +79,3 @@ def sdpa_by_document(q, k, v, ctx: AttentionContext, scale: float, dropout_p: fl
     if not outs:
         return q.new_zeros(b, t, h, d)
     return outs[0].new_zeros(b * t, h, d).index_copy(0, dest, torch.cat(outs)).view(b, t, h, d)
-
-
-def _varlen_idx(ctx: AttentionContext) -> torch.Tensor:
-    from .backends import _varlen_metadata
-
-    return _varlen_metadata(ctx)["indices"]
