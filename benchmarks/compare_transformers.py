@@ -197,7 +197,7 @@ def main(argv=None) -> int:
             for impl, rs in runs.items():
                 times = [x for res in rs for x in res["times"]]
                 med = statistics.median(times)
-                pooled[impl] = dict(rs[0], times=times, median_s=med,
+                pooled[impl] = dict(rs[0], times=times,
                                     peak_mb=statistics.median(res.get("peak_mb", 0.0) for res in rs),
                                     tokens_per_s=(args.batch * args.seq if task == "train" else args.new_tokens) / med)
             return pooled["hf"], pooled["ours"]

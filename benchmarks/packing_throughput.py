@@ -72,18 +72,18 @@ def packed_batches(docs, max_len, rows_per_batch, pad_id):
 
 def measure(model, opt, batches, warmup):
     """Real tokens/s over all batches after `warmup` extra steps (on the first batch), and the real fraction."""
-    for _ in range(warmup):
-        b = batches[0]
+
+    def step(b):
         model(b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"],
               labels=b["labels"], return_logits=False).loss.backward()
-        opt.zero_grad(set_to_none=True)
-    t0 = time.perf_counter()
-    for b in batches:
-        loss = model(b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"],
-                     labels=b["labels"], return_logits=False).loss
-        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step(batches[0])
+    t0 = time.perf_counter()
+    for b in batches:
+        step(b)
     elapsed = time.perf_counter() - t0
     real = sum(int(b["attention_mask"].sum()) for b in batches)
     slots = sum(b["input_ids"].numel() for b in batches)

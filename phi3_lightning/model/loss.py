@@ -52,8 +52,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
     Memory: one (chunk, vocab) fp32 workspace (kept between calls on CPU), reused by every chunk and updated in
     place (logits -> exp -> softmax / n -> (softmax - onehot) / n), instead of (N, vocab) logits plus their
     gradient; no recompute.
-    Reusing one buffer matters on CPU too: a fresh 100+ MB tensor per chunk is page-faulted in again on every
-    step, which cost ~25% of the logits matmul's time on the 2-core benchmark machine.
     Every target is assumed valid (the caller drops ignored positions first).
     """
 
@@ -90,15 +88,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 g = b if fp32 else b.to(hidden.dtype)
                 torch.mm(g, weight, out=grad_h[s : s + c])
                 if need_w and fp32:
-                    if s == 0:
-                        torch.mm(g.t(), h, out=grad_w)
-                    else:
-                        grad_w.addmm_(g.t(), h)  # in place, no (V, H) temporary
+                    grad_w.addmm_(g.t(), h, beta=float(s > 0))  # in place; beta=0 ignores the empty buffer
                 elif need_w:
-                    if s == 0:
-                        grad_w.copy_(g.t() @ h)
-                    else:
-                        grad_w.add_(g.t() @ h)
+                    part = g.t() @ h
+                    grad_w.copy_(part) if s == 0 else grad_w.add_(part)
         # Gradients are intermediate results, kept on ctx (not save_for_backward) so backward can hand them over
         # and drop its own reference: autograd then adopts them as .grad without a (V, H) copy.
         ctx.grads = (grad_h, grad_w.to(weight.dtype) if need_w else None) if needs_grad else None

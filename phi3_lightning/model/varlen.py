@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from .masking import AttentionContext
 
 
-def _buckets(ctx: AttentionContext, device: torch.device) -> tuple[list[tuple], torch.Tensor]:
+def _buckets(ctx: AttentionContext, device: torch.device) -> tuple[list[tuple], torch.Tensor, torch.Tensor]:
     """Once per batch: per length group (n docs, padded length L, gather index into the real tokens + one zero row,
-    rows of the (n * L) layout that are real, their positions among the real tokens), and where the concatenated
-    real rows of all groups go in the (B * T) layout."""
+    rows of the (n * L) layout that are real); the real tokens' positions in the (B * T) layout; and where the
+    concatenated real rows of all groups go in that layout."""
     from .backends import _varlen_metadata
 
     meta = _varlen_metadata(ctx)
@@ -38,7 +38,7 @@ def _buckets(ctx: AttentionContext, device: torch.device) -> tuple[list[tuple], 
     groups: dict[int, list[int]] = {}
     for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
         groups.setdefault((e - s - 1).bit_length(), []).append(i)  # ceil(log2(length))
-    out = []
+    out, dests = [], []
     for key in sorted(groups):
         docs = groups[key]
         starts = torch.tensor([bounds[i] for i in docs])
@@ -48,26 +48,23 @@ def _buckets(ctx: AttentionContext, device: torch.device) -> tuple[list[tuple], 
         real = ar[None, :] < lens[:, None]  # (n, L)
         gather = torch.where(real, starts[:, None] + ar[None, :], n_real).flatten()  # n_real: the zero row
         real_rows = real.flatten().nonzero().squeeze(-1)
-        dest = gather[real_rows]
-        out.append((len(docs), length, gather.to(device), real_rows.to(device), dest.to(device)))
-    dest_all = torch.cat([b[4] for b in out]) if out else torch.zeros(0, dtype=torch.long, device=device)
-    meta["buckets"] = (out, idx.index_select(0, dest_all))  # final positions in the (B * T) layout
+        dests.append(gather[real_rows])  # positions among the real tokens
+        out.append((len(docs), length, gather.to(device), real_rows.to(device)))
+    dest = torch.cat(dests).to(device) if dests else torch.zeros(0, dtype=torch.long, device=device)
+    meta["buckets"] = (out, idx, idx.index_select(0, dest))  # final positions in the (B * T) layout
     return meta["buckets"]
 
 
 def sdpa_by_document(q, k, v, ctx: AttentionContext, scale: float, dropout_p: float) -> torch.Tensor:
     """q (B, H, T, D), k/v (B, H, T, D) with kv heads already repeated -> (B, T, H, D); padding rows are 0."""
-    from .backends import _varlen_metadata
-
     b, h, t, d = q.shape
-    groups, dest = _buckets(ctx, q.device)
-    idx = _varlen_metadata(ctx)["indices"]
+    groups, idx, dest = _buckets(ctx, q.device)
     # real tokens in document order, plus one zero row that the padding of every group points at
     flat = [torch.cat([x.transpose(1, 2).reshape(b * t, h, d).index_select(0, idx), x.new_zeros(1, h, d)])
             for x in (q, k, v)]
     w = ctx.sliding_window
     outs = []
-    for n, length, gather, real_rows, _ in groups:
+    for n, length, gather, real_rows in groups:
         qs, ks, vs = (x.index_select(0, gather).view(n, length, h, d).transpose(1, 2) for x in flat)  # (n, H, L, D)
         mask = None
         if w is not None and length > w:
