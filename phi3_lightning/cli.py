@@ -107,6 +107,18 @@ def _cli_class():
                 parser.link_arguments("data", f"model.init_args.{attr}", compute_fn=_DataFact(attr),
                                       apply_on="instantiate")  # fmt: skip
 
+        def _parse_ckpt_path(self) -> None:
+            """LightningCLI reads the checkpoint's hyper-parameters here, first of all: refuse a missing, unsafe or
+            unreadable checkpoint with a clear error before anything opens it."""
+            cfg = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
+            ckpt_path = cfg.get("ckpt_path")
+            check_ckpt_path(ckpt_path)
+            if ckpt_path is not None and str(ckpt_path) not in RESERVED_CKPT and "://" not in str(ckpt_path):
+                from .modules.safe_load import verify_checkpoint
+
+                verify_checkpoint(Path(str(ckpt_path)).expanduser())
+            super()._parse_ckpt_path()
+
         def before_instantiate_classes(self) -> None:
             cfg = self.config[self.subcommand] if self.subcommand else self.config
             check_fsdp_accelerator(cfg.trainer)

@@ -33,6 +33,7 @@ from ..model.checkpoint import atomic_write_text, resolve_dtype
 from ..model.heads import Phi3PreTrainedHead
 from ..model.lora import LoRAConfig, apply_lora, lora_state_dict, merge_lora
 from .base import CHECKPOINT_KEY, as_lora_config, resolve_model
+from .safe_load import load_checkpoint_file, load_distributed
 from .strategies import default_permissions, replace_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
@@ -63,14 +64,7 @@ def is_lightning_checkpoint(path: Path) -> bool:
 
 
 def _torch_load(path: Path) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a checkpoint holding Python objects (hparams given in Python)
-        if "weights_only" not in str(e) and "Unpickler" not in str(e) and "global" not in str(e).lower():
-            raise ValueError(f"{path} is not a readable Lightning checkpoint ({type(e).__name__}: {e})") from None
-        warnings.warn(f"{path}: loading with weights_only=False (it holds Python objects); only do this for files "
-                      "you trust", stacklevel=3)
-        return torch.load(path, map_location="cpu", weights_only=False)
+    return load_checkpoint_file(path, map_location="cpu")
 
 
 def _info_from_hparams(ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -113,12 +107,10 @@ def _load_lightning(path: Path, attn: str | None, device, dtype, merge: bool = T
         apply_lora(head, lora)  # the checkpoint holds base weights + adapters under the adapted key names
     own = head.state_dict()
     if distributed:
-        import torch.distributed.checkpoint as dcp
-
         wanted = {"state_dict": {f"head.{k}": v for k, v in own.items()}}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "no process group: loading on one process"
-            dcp.load(wanted, checkpoint_id=str(path))
+            load_distributed(wanted, path)
         state = {_strip(k): v for k, v in wanted["state_dict"].items()}
     else:
         if "state_dict" not in ckpt:

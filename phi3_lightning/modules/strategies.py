@@ -24,6 +24,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import FSDPStrategy as _LightningFSDPStrategy
 from lightning.pytorch.strategies import ModelParallelStrategy
 
+from .safe_load import load_checkpoint_file, safe_lightning_distributed_load
+
 
 def default_permissions(path: Path) -> None:
     """mkstemp/mkdtemp create 0600/0700 entries; give ``path`` (and, for a directory, what it holds) the modes a
@@ -54,6 +56,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+        """Only ``torch.load(weights_only=True)``, whatever the caller asks (see :mod:`.safe_load`)."""
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        return load_checkpoint_file(path, map_location=map_location if map_location is not None else "cpu")
 
 
 def replace_dir(tmp: Path, path: Path) -> None:
@@ -117,6 +125,14 @@ class FSDP2Strategy(ModelParallelStrategy):
             replace_dir(tmp, path)
         self.barrier()
 
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's loader with ``weights_only=True`` and a safe reader for distributed checkpoints."""
+        path = Path(checkpoint_path)
+        if path.is_file():
+            load_checkpoint_file(path, mmap=True)  # refuse an unsafe or unreadable file before Lightning reads it
+        with safe_lightning_distributed_load("lightning.fabric.strategies.model_parallel"):
+            return super().load_checkpoint(checkpoint_path, weights_only=True)
+
 
 class FSDPStrategy(_LightningFSDPStrategy):
     """Lightning's FSDP1 (CUDA only) with every ``Phi3DecoderLayer`` its own FSDP unit and original parameters
@@ -137,3 +153,12 @@ class FSDPStrategy(_LightningFSDPStrategy):
         kwargs.setdefault("use_orig_params", True)
         super().__init__(sharding_strategy=sharding_strategy, state_dict_type=state_dict_type,
                          cpu_offload=cpu_offload, **kwargs)  # fmt: skip
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's FSDP1 reads a full checkpoint with its own (unrestricted) lazy unpickler: check the file with
+        the safe unpickler first, which refuses any global it would not allow."""
+        path = Path(checkpoint_path)
+        if path.is_file():
+            load_checkpoint_file(path, mmap=True)
+        with safe_lightning_distributed_load("lightning.pytorch.strategies.fsdp"):
+            return super().load_checkpoint(checkpoint_path, weights_only=True)
