@@ -304,6 +304,9 @@ def generate_main(argv: list[str]) -> int:
 
     if args.prompt is None and not args.chat:
         raise UsageError("generate needs --prompt TEXT (or --chat to talk on stdin)")
+    from .model.generation import check_generation_args
+
+    check_generation_args(args.max_new_tokens, args.do_sample, args.temperature, args.top_k, args.top_p)  # before loading
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

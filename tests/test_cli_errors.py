@@ -6,9 +6,9 @@ from __future__ import annotations
 import sys
 import types
 
-from phi3_lightning.model import Phi3ForSequenceClassification, get_preset
+from phi3_lightning.model import Phi3ForCausalLM, Phi3ForSequenceClassification, get_preset
 
-from .modules.helpers import CONFIGS, run_main, small_args
+from .modules.helpers import CONFIGS, ROOT, run_main, small_args
 
 LM = str(CONFIGS / "causal_lm.yaml")
 
@@ -59,7 +59,9 @@ def test_head_checkpoint_mismatch(tmp_path):
 
 def test_tokenizer_larger_than_vocab(tmp_path):
     args = small_args("causal_lm", tmp_path / "logs", tmp_path / "cache", steps=1)
-    rc, _, err = run_main("fit", *args, "--model.init_args.config_overrides", "{vocab_size: 200}")
+    # (ids inside the smaller vocab, else the config itself is refused: pad_token_id=257 >= vocab_size=200)
+    rc, _, err = run_main("fit", *args, "--model.init_args.config_overrides",
+                          "{vocab_size: 200, bos_token_id: 1, eos_token_id: 1, pad_token_id: 0}")
     assert rc == 1 and "vocab_size is 200" in err
 
 
@@ -83,3 +85,58 @@ def test_compare_attention_dispatch(monkeypatch):
     monkeypatch.setitem(sys.modules, "phi3_lightning.compare", None)  # import fails
     rc, _, err = run_main("compare-attention")
     assert rc == 2 and "phi3_lightning.compare" in err
+
+
+# ---------------------------------------------------------------------- one `error:` line instead of a traceback
+def _error_line(rc: int, err: str) -> str:
+    assert rc == 1 and "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_generate_with_a_file_that_is_not_a_checkpoint(tmp_path):
+    readme = ROOT / "README.md"
+    line = _error_line(*run_main("generate", "--checkpoint", readme, "--prompt", "x")[::2])
+    assert f"{readme} is not a Lightning checkpoint (it starts with b'#" in line and "last.ckpt" in line
+    line = _error_line(*run_main("export", "--checkpoint", readme, "--output", tmp_path / "out")[::2])
+    assert "is not a Lightning checkpoint" in line and not (tmp_path / "out").exists()
+    hf = tmp_path / "hf"
+    Phi3ForCausalLM.from_config(get_preset("tiny")).save_pretrained(hf)
+    line = _error_line(*run_main("generate", "--checkpoint", hf / "model.safetensors", "--prompt", "x")[::2])
+    assert "model.safetensors is not a Lightning checkpoint" in line and f"pass the directory that holds config.json ({hf})" in line
+
+
+def test_generate_rejects_sampling_settings_that_cannot_work(tmp_path):
+    hf = tmp_path / "hf"
+    Phi3ForCausalLM.from_config(get_preset("tiny")).save_pretrained(hf)
+    base = ["generate", "--checkpoint", hf, "--tokenizer", "byte", "--prompt", "hi", "--max_new_tokens"]
+    assert run_main(*base, "2", "--do_sample")[0] == 0  # the checkpoint itself is fine
+    cases = [(["-1"], "max_new_tokens=-1 must be an integer >= 0"),
+             # (the parser refuses the literal 'nan'/'inf'; 1e999 parses to inf)
+             (["2", "--do_sample", "--temperature", "1e999"], "temperature=inf must be a finite number > 0 when sampling"),
+             (["2", "--do_sample", "--top_p", "-0.5"], "top_p=-0.5 must be in (0, 1]"),
+             (["2", "--do_sample", "--top_k", "0"], "top_k=0 must be an integer >= 1")]
+    for extra, message in cases:
+        rc, _, err = run_main(*base, *extra)
+        assert message in _error_line(rc, err)
+
+
+def test_generate_with_a_tokenizer_that_is_not_json(tmp_path):
+    hf = tmp_path / "hf"
+    Phi3ForCausalLM.from_config(get_preset("tiny")).save_pretrained(hf)
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("<html>not found</html>")
+    rc, _, err = run_main("generate", "--checkpoint", hf, "--tokenizer", tmp_path / "tok", "--prompt", "hi")
+    assert f"tokenizer file {tmp_path / 'tok' / 'tokenizer.json'} is not valid JSON" in _error_line(rc, err)
+
+
+def test_config_override_typo_and_bad_value_via_fit(tmp_path):
+    args = small_args("causal_lm", tmp_path / "logs", tmp_path / "cache", steps=1)
+    # (jsonargparse reports a module's init error inside its "Does not validate ..." block, under `error:`)
+    rc, _, err = run_main("fit", *args, "--model.init_args.config_overrides", "{num_hiden_layers: 8}")
+    _error_line(rc, err)
+    assert "'num_hiden_layers' is not a Phi3Config field; did you mean 'num_hidden_layers'?" in err
+    rc, _, err = run_main("fit", *args, "--model.init_args.config_overrides", "{rms_norm_eps: 0}")
+    _error_line(rc, err)
+    assert "rms_norm_eps=0 must be a finite number > 0" in err

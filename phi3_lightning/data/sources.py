@@ -160,6 +160,19 @@ def _read_parquet(path: Path, limit: int | None) -> list[Record]:
     return [Record(r, f"{path} row {i}") for i, r in enumerate(rows)]
 
 
+def not_utf8_message(path: Path, what: str = "file") -> str:
+    """'<what> <path> is not valid UTF-8 (line N, byte 0x..)' and the fix; the file is re-read only on this error path."""
+    raw = path.read_bytes()
+    try:
+        raw.decode("utf-8")
+        where = ""
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        where = f" (line {line}, byte 0x{raw[e.start]:02x} at offset {e.start})"
+    return (f"{what} {str(path)!r} is not valid UTF-8{where}; text files are read as UTF-8: re-save it as UTF-8 "
+            "(e.g. iconv -f latin1 -t utf-8 IN > OUT)")
+
+
 def read_records(
     path: str | Path,
     text_field: str = "text",
@@ -189,18 +202,21 @@ def read_records(
     if not path.is_file():
         raise ValueError(f"{what} {str(path)!r} does not exist; check the path")
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        records = _read_jsonl(path, limit)
-    elif suffix == ".json":
-        records = _read_json(path, limit)
-    elif suffix in (".csv", ".tsv"):
-        records = _read_csv(path, limit, "\t" if suffix == ".tsv" else ",")
-    elif suffix == ".txt":
-        records = _read_txt(path, limit, text_field, text_unit)
-    elif suffix == ".parquet":
-        records = _read_parquet(path, limit)
-    else:
-        raise ValueError(f"{what} {str(path)!r} has an unknown suffix {suffix!r}; use one of {TEXT_SUFFIXES}")
+    try:
+        if suffix == ".jsonl":
+            records = _read_jsonl(path, limit)
+        elif suffix == ".json":
+            records = _read_json(path, limit)
+        elif suffix in (".csv", ".tsv"):
+            records = _read_csv(path, limit, "\t" if suffix == ".tsv" else ",")
+        elif suffix == ".txt":
+            records = _read_txt(path, limit, text_field, text_unit)
+        elif suffix == ".parquet":
+            records = _read_parquet(path, limit)
+        else:
+            raise ValueError(f"{what} {str(path)!r} has an unknown suffix {suffix!r}; use one of {TEXT_SUFFIXES}")
+    except UnicodeDecodeError as e:
+        raise ValueError(not_utf8_message(path, what)) from e
     if not records:
         raise ValueError(f"{what} {str(path)!r} holds no records (it is empty); add data or point {what} elsewhere")
     return records

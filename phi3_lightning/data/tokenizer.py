@@ -190,7 +190,23 @@ def _read_json(path: Path) -> dict[str, Any]:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); fix or remove the file") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON (not UTF-8 text: {e.reason} at byte {e.start}); fix or remove the "
+                         "file") from e
     return data if isinstance(data, dict) else {}
+
+
+def _tokenizer_file_error(file: Path, error: Exception) -> ValueError:
+    """Why ``tokenizers`` refused ``file``: not JSON at all (named with the JSON error), or JSON it cannot read."""
+    try:
+        json.loads(file.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        detail = f"{e.msg} at line {e.lineno}" if isinstance(e, json.JSONDecodeError) else f"not UTF-8 text: {e.reason}"
+        return ValueError(f"tokenizer file {file} is not valid JSON ({detail}); a tokenizer is a Hugging Face "
+                          "tokenizer.json: pass the checkpoint directory that holds it, re-download it, or use "
+                          "tokenizer='byte'")
+    return ValueError(f"tokenizer file {file} is JSON but not a tokenizer.json the tokenizers library can read "
+                      f"({error}); re-download it from the checkpoint, or use tokenizer='byte'")
 
 
 def _token_content(value: Any) -> str | None:
@@ -253,7 +269,10 @@ class HFTokenizer:
             )
         directory = file.parent
         self.name = str(path)
-        self._tok = _RustTokenizer.from_file(str(file))
+        try:
+            self._tok = _RustTokenizer.from_file(str(file))
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for unreadable files
+            raise _tokenizer_file_error(file, e) from None
         vocab = self._tok.get_vocab(with_added_tokens=True)
         self._vocab_size = max(vocab.values()) + 1 if vocab else 0
 

@@ -144,6 +144,41 @@ def _materialize(module: torch.nn.Module, device: torch.device, dtype: torch.dty
             m.reset_parameters()
 
 
+def _check_finite(converted: torch.Tensor, stored: torch.Tensor, name: str, file: Path) -> torch.Tensor:
+    """``converted`` if it holds only finite numbers, else an error naming the tensor and the file (NaN/inf weights
+    would only show up later as NaN logits or a NaN loss)."""
+    if not converted.is_floating_point() or bool(torch.isfinite(converted).all()):
+        return converted
+    if stored.is_floating_point() and not bool(torch.isfinite(stored).all()):
+        bad = int((~torch.isfinite(stored)).sum())
+        raise ValueError(
+            f"{file}: tensor {name} holds {bad} NaN/inf value(s) of {stored.numel()}; the checkpoint is corrupt "
+            "(e.g. saved after the training loss diverged); use an earlier checkpoint or re-download it"
+        )
+    raise ValueError(
+        f"{file}: tensor {name} ({stored.dtype}) overflows to inf in {converted.dtype}; load it with "
+        "dtype='float32' or 'bfloat16'"
+    )
+
+
+def _untie_if_head_differs(model: torch.nn.Module, loaded: set[str], path: Path) -> None:
+    """``tie_word_embeddings: true`` but the checkpoint stores its own, different ``lm_head.weight``: do what
+    transformers (5.x) does with the same directory -- keep both stored tensors, do not tie -- and say so."""
+    config = model.config
+    if not (config.tie_word_embeddings and {"lm_head.weight", "model.embed_tokens.weight"} <= loaded):
+        return
+    if torch.equal(model.lm_head.weight, model.model.embed_tokens.weight):
+        return
+    warnings.warn(
+        f"{path}: the config sets tie_word_embeddings=true but the checkpoint stores its own lm_head.weight, "
+        "different from model.embed_tokens.weight; as transformers does, the stored lm_head is used and the weights "
+        "are NOT tied (this model's config now says tie_word_embeddings=false). Set tie_word_embeddings to false in "
+        "config.json to silence this, or remove lm_head.weight from the checkpoint to tie them.",
+        stacklevel=3,
+    )
+    config.tie_word_embeddings = False
+
+
 class PretrainedMixin:
     """``from_pretrained`` / ``save_pretrained`` for the heads (needs ``config``, ``model``, ``architecture``)."""
 
@@ -180,6 +215,11 @@ class PretrainedMixin:
         from safetensors import safe_open
 
         path = Path(path)
+        if path.is_file():
+            raise ValueError(
+                f"{path} is a file; from_pretrained needs a checkpoint directory: pass the directory that holds "
+                f"config.json and the safetensors weights (here maybe {path.parent})"
+            )
         head_kwargs = {k: config_overrides.pop(k) for k in ("pooling",) if k in config_overrides}
         config = Phi3Config.from_pretrained(path, **config_overrides)
         shards = checkpoint_files(path)
@@ -212,7 +252,7 @@ class PretrainedMixin:
                         raise ValueError(
                             f"{file}: tensor {name} has shape {tuple(tensor.shape)} but the model expects {want}; {hint}"
                         )
-                    part[name] = tensor.to(device=device, dtype=dtype)
+                    part[name] = _check_finite(tensor.to(device=device, dtype=dtype), tensor, name, path / file)
             model.load_state_dict(part, strict=False, assign=True)
             loaded.update(part)
             del part
@@ -230,6 +270,7 @@ class PretrainedMixin:
         if unexpected:
             warnings.warn(f"{cls.__name__}: ignored checkpoint tensors {sorted(unexpected)[:5]}", stacklevel=2)
         _materialize(model, device, dtype)
+        _untie_if_head_differs(model, loaded, path)
         model.tie_weights()
         return model
 

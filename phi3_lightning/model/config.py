@@ -7,6 +7,7 @@ The field names and meanings are those of Hugging Face's ``Phi3Config`` so that 
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import math
 import os
@@ -16,6 +17,8 @@ from typing import Any
 
 _ROPE_TYPE_ALIASES = {"su": "longrope", "yarn": "longrope", "longrope": "longrope", "default": "default"}
 HIDDEN_ACTS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu")
+# config.json keys that are not fields but that from_dict reads (transformers spellings of fields).
+_READ_KEYS = ("rope_parameters", "label2id", "dtype")
 
 
 @dataclass
@@ -211,6 +214,49 @@ class Phi3Config:
                 self.problem_type in ("regression", "single_label_classification", "multi_label_classification"),
                 f"problem_type={self.problem_type!r}; use regression, single_label_classification or multi_label_classification",
             )
+        self._validate_values(need)
+
+    def _validate_values(self, need) -> None:
+        """Values that cannot give a working model: an error now instead of NaN logits or an index error later."""
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        for name in ("max_position_embeddings", "original_max_position_embeddings"):
+            v = getattr(self, name)
+            need(is_int(v) and v > 0, f"{name}={v!r} must be a positive integer (the longest sequence the model "
+                                      "accepts; 4096 for the 4k checkpoints)")
+        need(self.head_dim is None or (is_int(self.head_dim) and self.head_dim > 0),
+             f"head_dim={self.head_dim!r} must be a positive integer or null (null = hidden_size // num_attention_heads)")
+        need(is_num(self.rms_norm_eps) and self.rms_norm_eps > 0,
+             f"rms_norm_eps={self.rms_norm_eps!r} must be a finite number > 0 (it keeps RMSNorm from dividing by "
+             "zero); use the checkpoint's value, e.g. 1e-5")
+        need(is_num(self.rope_theta) and self.rope_theta > 0,
+             f"rope_theta={self.rope_theta!r} must be a finite number > 0 (the RoPE base wavelength); use the "
+             "checkpoint's value, e.g. 10000.0")
+        need(is_num(self.initializer_range) and self.initializer_range >= 0,
+             f"initializer_range={self.initializer_range!r} must be a finite number >= 0 (the std of the weight "
+             "init), e.g. 0.02")
+        need(is_int(self.num_labels) and self.num_labels >= 1,
+             f"num_labels={self.num_labels!r} must be an integer >= 1 (1 = regression, 2+ = classes)")
+        for name in ("attention_dropout", "resid_pdrop", "embd_pdrop", "classifier_dropout"):
+            v = getattr(self, name)
+            need(v is None and name == "classifier_dropout" or (is_num(v) and 0.0 <= v < 1.0),
+                 f"{name}={v!r} must be a probability in [0, 1); use 0.0 to disable dropout")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            v = getattr(self, name)
+            ids = list(v) if isinstance(v, (list, tuple)) and name == "eos_token_id" else [v]
+            bad = [i for i in ids if i is not None and not (is_int(i) and 0 <= i < self.vocab_size)]
+            need(not bad, f"{name}={v!r} is outside the vocabulary [0, vocab_size={self.vocab_size}); set it to an id "
+                          f"below {self.vocab_size} (the tokenizer's), raise vocab_size, or set it to null")
+        if self.is_longrope:
+            for key in ("short_factor", "long_factor"):
+                bad = [x for x in self.rope_scaling[key] if not (is_num(x) and x > 0)]
+                need(not bad, f"rope_scaling[{key!r}] holds {bad[:3]}: every LongRoPE factor must be a finite "
+                              "number > 0; use the factors from the checkpoint's config.json")
 
     # ------------------------------------------------------------------ I/O
     @classmethod
@@ -266,6 +312,8 @@ class Phi3Config:
         return cfg.replace(**overrides) if overrides else cfg
 
     def replace(self, **overrides: Any) -> "Phi3Config":
+        """A copy with ``overrides`` applied; a name that is not a field (a typo) is an error naming the closest."""
+        check_override_names(overrides, also=self.extra)
         d = self.to_dict()
         d.update(overrides)
         return Phi3Config.from_dict(d)
@@ -289,6 +337,24 @@ class Phi3Config:
         from .checkpoint import atomic_write_text
 
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def check_override_names(overrides: dict[str, Any], also: dict[str, Any] | None = None) -> None:
+    """Overrides must name Phi3Config fields (or keys already in the config, ``also``): a typo such as
+    ``num_hiden_layers`` would otherwise land in ``extra`` and be silently ignored.
+
+    Unknown keys *read from a config.json* are different: real checkpoints carry many we do not use, and
+    :meth:`Phi3Config.from_dict` keeps those in ``extra``.
+    """
+    valid = sorted(({f.name for f in fields(Phi3Config)} - {"extra"}) | set(_READ_KEYS))
+    unknown = [k for k in overrides if k not in valid and k not in (also or {})]
+    if not unknown:
+        return
+    key = unknown[0]
+    close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}?" if close else f"valid fields: {', '.join(valid)}"
+    raise ValueError(f"config override {key!r} is not a Phi3Config field; {hint} (check config_overrides / the "
+                     "keyword arguments of from_pretrained)")
 
 
 # ---------------------------------------------------------------------- presets
@@ -354,6 +420,7 @@ def get_preset(name: str, **overrides: Any) -> Phi3Config:
     """A named architecture; ``overrides`` replace fields (e.g. ``num_hidden_layers=2``)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}")
+    check_override_names(overrides)
     d = copy.deepcopy(PRESETS[name])
     d.update(overrides)
     return Phi3Config.from_dict(d)

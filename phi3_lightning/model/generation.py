@@ -10,6 +10,8 @@ Position ids follow transformers' ``generate``: ``cumsum(attention_mask) - 1`` w
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .cache import KVCache
@@ -18,6 +20,21 @@ from .cache import KVCache
 def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
     pos = attention_mask.long().cumsum(-1) - 1
     return pos.masked_fill(attention_mask == 0, 1)
+
+
+def check_generation_args(max_new_tokens: int, do_sample: bool, temperature: float, top_k: int | None,
+                          top_p: float | None) -> None:
+    """ValueError naming the value, before any work: these would otherwise fail mid-generation with a shape error or
+    "probability tensor contains either inf, nan or element < 0"."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0 (the number of tokens to add)")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k={top_k!r} must be an integer >= 1; use None to sample from the whole vocabulary")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p={top_p!r} must be in (0, 1] (the probability mass kept); use None or 1.0 to keep all")
+    if do_sample and not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature={temperature!r} must be a finite number > 0 when sampling (1.0 = the model's "
+                         "distribution); use do_sample=False for greedy decoding")
 
 
 def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
@@ -48,6 +65,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
              generator: torch.Generator | None = None) -> torch.Tensor:
     """Return (B, T + n) = prompt followed by generated tokens; finished rows are filled with the pad id."""
     config = model.config
+    check_generation_args(max_new_tokens, do_sample, temperature, top_k, top_p)
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be a non-empty (batch, seq_len) tensor, got shape {tuple(input_ids.shape)}")
     b, t0 = input_ids.shape

@@ -326,10 +326,12 @@ class Phi3LightningModule(pl.LightningModule):
 
     def _load_pretrained(self, device=None, dtype=None) -> Phi3PreTrainedHead:
         rank_zero_info(f"loading weights from {self.weights_dir}")
-        return self.head_class.from_pretrained(
+        head = self.head_class.from_pretrained(
             self.weights_dir, attn_implementation=self.attn_implementation, dtype=dtype, device=device,
             strict_head=self.strict_head, **self._overrides, **self._head_kwargs(),
         )  # fmt: skip
+        self.config = head.config  # from_pretrained unties a tie_word_embeddings checkpoint whose lm_head differs
+        return head
 
     @staticmethod
     def _log_lora(head: nn.Module) -> None:

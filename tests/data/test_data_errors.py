@@ -1,5 +1,7 @@
 """Bad input gives a ValueError that names the offending value and says what to do."""
 
+from pathlib import Path
+
 import pytest
 
 from phi3_lightning.data import (
@@ -139,3 +141,49 @@ def test_tokenizer_larger_than_model_vocab():
     with pytest.raises(ValueError, match=r"^tokenizer has ids up to 261 but the model's vocab_size is 100; use the "
                                          r"tokenizer of the checkpoint or raise vocab_size$"):
         check_vocab_fits(ByteTokenizer(), 100)
+
+
+@pytest.mark.parametrize("name,content,line", [
+    ("train.txt", b"first paragraph\n\nsecond caf\xe9 paragraph\n", 3),
+    ("train.jsonl", b'{"text": "fine"}\n{"text": "caf\xe9"}\n', 2),
+    ("train.csv", b"text,label\nfine,a\ncaf\xe9,b\n", 3),
+    ("train.json", b'[{"text": "caf\xe9"}]', 1),
+])
+def test_file_that_is_not_utf8_is_named_with_line_and_fix(tmp_path, name, content, line):
+    p = tmp_path / name
+    p.write_bytes(content)
+    module = SequenceClassificationDataModule if name.endswith(".csv") else CausalLMDataModule
+    with pytest.raises(ValueError) as e:
+        module(train_file=str(p), **NO_SPLITS).setup()
+    msg = str(e.value)
+    assert f"train_file '{p}' is not valid UTF-8 (line {line}, byte 0xe9" in msg
+    assert "re-save it as UTF-8" in msg
+
+
+def test_tokenizer_file_that_is_not_json_is_named(tmp_path, make_hf_dir):
+    from phi3_lightning.data import load_tokenizer
+
+    d = make_hf_dir(tmp_path / "tok", "phi3")
+    (d / "tokenizer.json").write_text("version: 1\nmodel: bpe\n")  # YAML, not JSON
+    for spec in (d, d / "tokenizer.json"):
+        with pytest.raises(ValueError, match=rf"^tokenizer file {d / 'tokenizer.json'} is not valid JSON \(Expecting "
+                                             r"value at line 1\); .*pass the checkpoint directory that holds it"):
+            load_tokenizer(str(spec))
+    (d / "tokenizer.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ValueError, match=r"tokenizer.json is not valid JSON \(not UTF-8 text"):
+        load_tokenizer(str(d))
+    (d / "tokenizer.json").write_text('{"version": "1.0"}')  # JSON, but not a tokenizer
+    with pytest.raises(ValueError, match=r"tokenizer.json is JSON but not a tokenizer.json the tokenizers library can "
+                                         r"read \(.*\); re-download it"):
+        load_tokenizer(str(d))
+    with pytest.raises(ValueError, match=r"README.md is not valid JSON"):
+        CausalLMDataModule(tokenizer=str(Path(__file__).parents[2] / "README.md"))
+
+
+def test_tokenizer_side_file_that_is_not_utf8_is_named(tmp_path, make_hf_dir):
+    from phi3_lightning.data import load_tokenizer
+
+    d = make_hf_dir(tmp_path / "tok", "phi3")
+    (d / "tokenizer_config.json").write_bytes(b'{"eos_token": "caf\xe9"}')
+    with pytest.raises(ValueError, match=r"tokenizer_config.json: not valid JSON \(not UTF-8 text"):
+        load_tokenizer(str(d))

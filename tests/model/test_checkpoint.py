@@ -1,6 +1,7 @@
 """Checkpoint I/O: export round trip through transformers, sharding, and clear errors on bad input."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -123,3 +124,95 @@ def test_saved_files_are_readable_by_others(tmp_path):
     for name in ("model.safetensors", "config.json"):
         mode = stat.S_IMODE((tmp_path / name).stat().st_mode)
         assert mode == 0o666 & ~umask
+
+
+# ---------------------------------------------------------------------- no silent wrong numbers at load time
+def _rewrite(path, name, fn):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(path)
+    state[name] = fn(state[name].clone())
+    save_file(state, path, metadata={"format": "pt"})
+
+
+def test_nan_or_inf_weights_are_named_with_their_file(tmp_path):
+    Phi3ForCausalLM(config("mini-4k")).save_pretrained(tmp_path)
+    name = "model.layers.1.mlp.down_proj.weight"
+
+    def poison(t):
+        t[0, 0], t[3, 5] = float("nan"), float("inf")
+        return t
+
+    _rewrite(tmp_path / "model.safetensors", name, poison)
+    with pytest.raises(ValueError, match=rf"model.safetensors: tensor {name} holds 2 NaN/inf value\(s\) of 6144; "
+                                         "the checkpoint is corrupt .*earlier checkpoint"):
+        Phi3ForCausalLM.from_pretrained(tmp_path)
+
+
+def test_weight_that_overflows_the_requested_dtype_is_named(tmp_path):
+    Phi3ForCausalLM(config("mini-4k")).save_pretrained(tmp_path)
+    _rewrite(tmp_path / "model.safetensors", "model.norm.weight", lambda t: t.fill_(1e6))
+    assert Phi3ForCausalLM.from_pretrained(tmp_path).model.norm.weight[0] == 1e6  # fine in float32
+    with pytest.raises(ValueError, match=r"tensor model.norm.weight \(torch.float32\) overflows to inf in "
+                                         r"torch.float16; load it with dtype='float32' or 'bfloat16'"):
+        Phi3ForCausalLM.from_pretrained(tmp_path, dtype="float16")
+
+
+def test_file_instead_of_directory_is_refused(tmp_path):
+    Phi3ForCausalLM(config("mini-4k")).save_pretrained(tmp_path)
+    for f in ("model.safetensors", "config.json"):
+        with pytest.raises(ValueError, match=rf"{f} is a file; .*pass the directory that holds config.json"):
+            Phi3ForCausalLM.from_pretrained(tmp_path / f)
+
+
+def _untied_hf_dir_marked_tied(tmp_path):
+    """What the issue reproduced: a transformers checkpoint with its own lm_head whose config.json says tied."""
+    torch.manual_seed(0)
+    hc = transformers.Phi3Config(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                 num_attention_heads=4, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                                 max_position_embeddings=64, tie_word_embeddings=False)
+    transformers.Phi3ForCausalLM(hc).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["tie_word_embeddings"] = True
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    from safetensors.torch import load_file
+
+    return load_file(tmp_path / "model.safetensors")
+
+
+def test_tied_config_with_a_different_stored_head_does_what_transformers_does(tmp_path):
+    stored = _untied_hf_dir_marked_tied(tmp_path)
+    assert not torch.equal(stored["lm_head.weight"], stored["model.embed_tokens.weight"])
+    hf = transformers.Phi3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    with pytest.warns(UserWarning, match=r"tie_word_embeddings=true but the checkpoint stores its own lm_head.weight, "
+                                         r"different from model.embed_tokens.weight; .*NOT tied"):
+        ours = Phi3ForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    # transformers 5.24 keeps the stored head (it does not tie); so do we, and the logits agree
+    assert torch.equal(hf.lm_head.weight, stored["lm_head.weight"])
+    assert torch.equal(ours.lm_head.weight, stored["lm_head.weight"])
+    assert ours.lm_head.weight is not ours.model.embed_tokens.weight and not ours.config.tie_word_embeddings
+    x = torch.randint(3, 97, (2, 11))
+    with torch.no_grad():
+        a, b = ours(x).logits, hf(x).logits
+    assert (a - b).abs().max() < 1e-4 * b.abs().max()
+    # saved again it says what it is, and loads back without a warning
+    ours.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["tie_word_embeddings"] is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = Phi3ForCausalLM.from_pretrained(tmp_path / "again", attn_implementation="eager").eval()
+    with torch.no_grad():
+        assert torch.equal(again(x).logits, a)
+
+
+def test_tied_config_with_an_equal_stored_head_ties(tmp_path, recwarn):
+    m = Phi3ForCausalLM(config("phi-4-mini"))
+    m.save_pretrained(tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(tmp_path / "model.safetensors")
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()  # a writer that stores both copies
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    back = Phi3ForCausalLM.from_pretrained(tmp_path)
+    assert back.lm_head.weight is back.model.embed_tokens.weight and back.config.tie_word_embeddings
+    assert not [w for w in recwarn if "tie_word_embeddings" in str(w.message)]

@@ -50,7 +50,7 @@ def test_rope_parameters_key_is_read():
 
 def test_transformers_written_config_round_trip(tmp_path):
     hc = transformers.Phi3Config(hidden_size=64, num_attention_heads=4, intermediate_size=96, num_hidden_layers=1,
-                                 vocab_size=50, rope_theta=2e5)
+                                 vocab_size=50, rope_theta=2e5, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     hc.save_pretrained(tmp_path)
     cfg = Phi3Config.from_pretrained(tmp_path)
     assert cfg.rope_theta == 2e5 and cfg.hidden_size == 64 and not cfg.is_longrope
@@ -88,3 +88,69 @@ def test_flops_per_token_counts_six_n_plus_attention():
     cfg = get_preset("tiny")
     n = cfg.num_parameters(include_embeddings=False) + cfg.vocab_size * cfg.hidden_size
     assert cfg.flops_per_token(256) == 6 * n + 12 * 2 * 4 * 32 * 256
+
+
+# ---------------------------------------------------------------------- overrides and values that cannot work
+def test_unknown_override_names_the_closest_field(tmp_path):
+    """A typo in config_overrides must not land in `extra` and be ignored: an error names the field meant."""
+    with pytest.raises(ValueError, match=r"'num_hiden_layers' is not a Phi3Config field; did you mean "
+                                         r"'num_hidden_layers'\?"):
+        get_preset("tiny").replace(num_hiden_layers=8)
+    with pytest.raises(ValueError, match=r"'rope_thetta' .* did you mean 'rope_theta'\?"):
+        get_preset("tiny", rope_thetta=5.0)
+    get_preset("tiny").save(tmp_path / "config.json")
+    with pytest.raises(ValueError, match=r"'sliding_windw' .* did you mean 'sliding_window'\?"):
+        Phi3Config.from_pretrained(tmp_path, sliding_windw=8)
+    with pytest.raises(ValueError, match=r"'zzz' is not a Phi3Config field; valid fields: .*num_hidden_layers"):
+        get_preset("tiny").replace(zzz=1)
+    # real fields (and transformers' spellings that from_dict reads) are accepted
+    assert get_preset("tiny").replace(num_hidden_layers=1, dtype="bfloat16").num_hidden_layers == 1
+
+
+def test_unknown_config_json_keys_still_land_in_extra(tmp_path):
+    d = get_preset("tiny").to_dict()
+    d.update(transformers_version="5.24.0", auto_map={"x": "y"})
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    cfg = Phi3Config.from_pretrained(tmp_path)
+    assert cfg.extra["auto_map"] == {"x": "y"} and cfg.extra["transformers_version"] == "5.24.0"
+    # a key the checkpoint itself carries may be overridden
+    assert cfg.replace(transformers_version="x").extra["transformers_version"] == "x"
+
+
+@pytest.mark.parametrize("override,message", [
+    (dict(rms_norm_eps=0.0), r"rms_norm_eps=0.0 must be a finite number > 0 .* e.g. 1e-5"),
+    (dict(rms_norm_eps=-1e-6), r"rms_norm_eps=-1e-06 must be a finite number > 0"),
+    (dict(rms_norm_eps=float("nan")), r"rms_norm_eps=nan must be a finite number > 0"),
+    (dict(rope_theta=0.0), r"rope_theta=0.0 must be a finite number > 0 .* e.g. 10000.0"),
+    (dict(rope_theta=-10000.0), r"rope_theta=-10000.0 must be"),
+    (dict(max_position_embeddings=0), r"max_position_embeddings=0 must be a positive integer"),
+    (dict(max_position_embeddings=-5), r"max_position_embeddings=-5 must be a positive integer"),
+    (dict(num_labels=0), r"num_labels=0 must be an integer >= 1"),
+    (dict(pad_token_id=512), r"pad_token_id=512 is outside the vocabulary \[0, vocab_size=512\); set it to an id "
+                             r"below 512 .*raise vocab_size, or set it to null"),
+    (dict(pad_token_id=-1), r"pad_token_id=-1 is outside the vocabulary"),
+    (dict(eos_token_id=600), r"eos_token_id=600 is outside the vocabulary \[0, vocab_size=512\)"),
+    (dict(eos_token_id=[256, 700]), r"eos_token_id=\[256, 700\] is outside the vocabulary"),
+    (dict(bos_token_id=100000), r"bos_token_id=100000 is outside the vocabulary"),
+    (dict(vocab_size=200), r"(bos|eos|pad)_token_id=25[67] is outside the vocabulary \[0, vocab_size=200\)"),
+    (dict(head_dim=0), r"head_dim=0 must be a positive integer or null"),
+    (dict(resid_pdrop=1.5), r"resid_pdrop=1.5 must be a probability in \[0, 1\)"),
+    (dict(initializer_range=-0.02), r"initializer_range=-0.02 must be a finite number >= 0"),
+])
+def test_values_that_cannot_work_are_refused_at_config_time(override, message):
+    with pytest.raises(ValueError, match=message):
+        get_preset("tiny", **override)
+
+
+def test_valid_ids_and_nulls_are_accepted():
+    cfg = get_preset("tiny", pad_token_id=None, bos_token_id=None, eos_token_id=[256, 511], classifier_dropout=None)
+    assert cfg.eos_token_ids == [256, 511] and cfg.pad_token_id is None
+    assert get_preset("tiny", num_labels=1).num_labels == 1
+
+
+def test_invalid_value_in_a_checkpoint_config_is_named(tmp_path):
+    d = get_preset("tiny").to_dict()
+    d["rms_norm_eps"] = 0
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="rms_norm_eps=0 must be"):
+        Phi3Config.from_pretrained(tmp_path)

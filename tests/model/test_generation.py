@@ -82,3 +82,30 @@ def test_generate_rejects_too_long():
     model = Phi3ForCausalLM(config("mini-4k"))
     with pytest.raises(ValueError, match="exceeds max_position_embeddings=128"):
         model.generate(torch.ones(1, 100, dtype=torch.long), max_new_tokens=40)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(max_new_tokens=-1), r"max_new_tokens=-1 must be an integer >= 0"),
+    (dict(do_sample=True, temperature=float("nan")), r"temperature=nan must be a finite number > 0 when sampling.*"
+                                                     r"do_sample=False for greedy"),
+    (dict(do_sample=True, temperature=float("inf")), r"temperature=inf must be a finite number > 0"),
+    (dict(do_sample=True, temperature=0.0), r"temperature=0.0 must be a finite number > 0"),
+    (dict(do_sample=True, top_p=-0.5), r"top_p=-0.5 must be in \(0, 1\].*use None or 1.0"),
+    (dict(do_sample=True, top_p=0.0), r"top_p=0.0 must be in \(0, 1\]"),
+    (dict(do_sample=True, top_p=1.5), r"top_p=1.5 must be in \(0, 1\]"),
+    (dict(do_sample=True, top_k=0), r"top_k=0 must be an integer >= 1; use None"),
+    (dict(do_sample=True, top_k=-3), r"top_k=-3 must be an integer >= 1"),
+])
+def test_generate_rejects_settings_that_cannot_work(kwargs, message):
+    model = Phi3ForCausalLM(config("mini-4k"))
+    with pytest.raises(ValueError, match=message):
+        model.generate(torch.ones(1, 4, dtype=torch.long), **{"max_new_tokens": 3, **kwargs})
+
+
+def test_generate_edge_values_that_work():
+    model = Phi3ForCausalLM(config("mini-4k")).eval()
+    x = torch.full((1, 4), 5, dtype=torch.long)
+    assert torch.equal(model.generate(x, max_new_tokens=0), x)
+    g = torch.Generator().manual_seed(0)
+    out = model.generate(x, max_new_tokens=3, do_sample=True, temperature=1e-3, top_k=1, top_p=1.0, generator=g)
+    assert torch.equal(out, model.generate(x, max_new_tokens=3))  # top_k=1 is greedy
