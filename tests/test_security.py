@@ -130,7 +130,7 @@ def test_unreadable_files_are_clear_errors(tmp_path, fitted):
     _, last, _, _, _ = fitted
     text = tmp_path / "README.md"
     text.write_text("# not a checkpoint\n")
-    with pytest.raises(ValueError, match="is not a torch checkpoint"):
+    with pytest.raises(ValueError, match="is not a Lightning checkpoint"):
         load_checkpoint_file(text)
     cut = tmp_path / "cut.ckpt"
     data = last.read_bytes()

@@ -145,23 +145,6 @@ def _load_hf(path: Path, attn: str | None, device, dtype) -> LoadedHead:
     return LoadedHead(head.eval(), task, tok, str(path))
 
 
-def _check_torch_file(path: Path) -> None:
-    """A file given as a checkpoint must look like one written by ``torch.save`` (a zip archive, or the legacy
-    pickle format) before it is handed to ``torch.load``; anything else (a README, a safetensors or JSON file of a
-    Hugging Face directory) gets a one-line error instead of an unpickling traceback."""
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head.startswith(b"PK") or head.startswith(b"\x80"):  # zip (torch.save) / pickle protocol >= 2 (legacy)
-        return
-    what = "it is empty" if not head else f"it starts with {head!r}, not a torch.save zip archive"
-    if path.suffix in (".safetensors", ".json") or path.name == "config.json":
-        fix = f"for a Hugging Face checkpoint pass the directory that holds config.json ({path.parent})"
-    else:
-        fix = ("pass a .ckpt written by fit (e.g. logs/<run>/<backend>/version_0/checkpoints/last.ckpt) or a Hugging "
-               "Face directory with config.json")
-    raise ValueError(f"{path} is not a Lightning checkpoint ({what}); {fix}")
-
-
 def load_head(path: str | Path, attn_implementation: str | None = None, device: str | torch.device = "cpu",
               dtype: str | torch.dtype | None = None, merge_lora: bool = True) -> LoadedHead:
     """A ready (eval-mode) head from a Hugging Face directory or a Lightning checkpoint (file or FSDP2 directory).
@@ -178,8 +161,6 @@ def load_head(path: str | Path, attn_implementation: str | None = None, device: 
     dtype = resolve_dtype(dtype)
     if p.is_dir() and (p / "config.json").is_file():
         return _load_hf(p, attn_implementation, device, dtype)
-    if p.is_file():
-        _check_torch_file(p)
     if is_lightning_checkpoint(p):
         return _load_lightning(p, attn_implementation, device, dtype, merge=merge_lora)
     raise FileNotFoundError(f"{p} is a directory with neither config.json (Hugging Face) nor meta.pt (Lightning "

@@ -36,6 +36,23 @@ class UnsafeCheckpointError(ValueError):
     """The file needs more than the safe unpickler allows (it may try to run code); it was not loaded."""
 
 
+def _check_torch_file(path: Path) -> None:
+    """A file given as a checkpoint must look like one written by ``torch.save`` (a zip archive, or the legacy
+    pickle format) before it is handed to ``torch.load``; anything else (a README, a safetensors or JSON file of a
+    Hugging Face directory) gets a one-line error instead of an unpickling traceback."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(b"PK") or head.startswith(b"\x80"):  # zip (torch.save) / pickle protocol >= 2 (legacy)
+        return
+    what = "it is empty" if not head else f"it starts with {head!r}, not a torch.save zip archive"
+    if path.suffix in (".safetensors", ".json") or path.name == "config.json":
+        fix = f"for a Hugging Face checkpoint pass the directory that holds config.json ({path.parent})"
+    else:
+        fix = ("pass a .ckpt written by fit (e.g. logs/<run>/<backend>/version_0/checkpoints/last.ckpt) or a Hugging "
+               "Face directory with config.json")
+    raise ValueError(f"{path} is not a Lightning checkpoint ({what}); {fix}")
+
+
 def load_checkpoint_file(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> Any:
     """``torch.load`` with ``weights_only=True`` (plus :data:`SAFE_GLOBALS`); clear errors for every bad file.
 
@@ -45,6 +62,7 @@ def load_checkpoint_file(path: str | Path, map_location: Any = "cpu", mmap: bool
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file {str(path)!r} does not exist")
+    _check_torch_file(path)
     try:
         with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
