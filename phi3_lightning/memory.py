@@ -72,6 +72,7 @@ from typing import Any, Sequence
 
 from .model.config import PRESETS, Phi3Config
 from .model.lora import DEFAULT_TARGETS, LoRAConfig, lora_num_parameters
+from .options import StrictArgumentParser
 
 GiB = 1024**3
 METHODS = ("full", "lora")
@@ -546,28 +547,40 @@ def compare_table(est: MemoryEstimate, measured: dict[str, int]) -> str:
 
 # ----------------------------------------------------------------------------- CLI
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m phi3_lightning.memory", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = StrictArgumentParser(prog="python -m phi3_lightning memory", description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group()
-    src.add_argument("--preset", default="phi-3-mini-4k", help=f"one of {', '.join(PRESETS)}")
-    src.add_argument("--config", help="a checkpoint directory or config.json")
-    ap.add_argument("--method", default="full", choices=METHODS)
-    ap.add_argument("--precision", default="bf16-mixed", choices=list(PRECISIONS))
-    ap.add_argument("--strategy", default="single", choices=STRATEGIES)
+    src.add_argument("--preset", default="phi-3-mini-4k", help=f"named model shape: one of {', '.join(PRESETS)}")
+    src.add_argument("--config", help="a checkpoint directory or config.json instead of a preset")
+    ap.add_argument("--method", default="full", choices=METHODS,
+                    help="full fine-tuning (every weight trained) or LoRA adapters (base weights frozen)")
+    ap.add_argument("--precision", default="bf16-mixed", choices=list(PRECISIONS),
+                    help="Lightning precision: *-true keeps weights in that dtype, *-mixed keeps fp32 master weights")
+    ap.add_argument("--strategy", default="single", choices=STRATEGIES,
+                    help="one GPU, DDP (a full replica per GPU) or FSDP2 (weights, gradients, optimizer sharded)")
     ap.add_argument("--world-size", "--devices", type=int, default=None, dest="world_size",
                     help="GPUs (default 1 for single, 8 for ddp/fsdp2)")
-    ap.add_argument("--seq-len", type=int, default=4096)
+    ap.add_argument("--seq-len", type=int, default=None,
+                    help="tokens per row (default: 4096, or the model's max_position_embeddings if smaller)")
     ap.add_argument("--batch-size", type=int, default=1, help="micro-batch per GPU")
-    ap.add_argument("--activation-checkpointing", action="store_true")
-    ap.add_argument("--lora-rank", type=int, default=16)
-    ap.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS))
-    ap.add_argument("--head", default="causal_lm", choices=HEADS)
-    ap.add_argument("--attn-implementation", default="sdpa", choices=ATTENTION)
+    ap.add_argument("--activation-checkpointing", action="store_true",
+                    help="recompute each decoder layer in backward (keeps only layer inputs)")
+    ap.add_argument("--lora-rank", type=int, default=16, help="adapter rank r with --method lora")
+    ap.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS),
+                    help="optimizer, for its state per trained parameter (AdamW: two fp32 moments)")
+    ap.add_argument("--head", default="causal_lm", choices=HEADS, help="which head is trained")
+    ap.add_argument("--attn-implementation", default="sdpa", choices=ATTENTION, help="attention backend")
     ap.add_argument("--masked", action="store_true", help="padded or packed batches (explicit SDPA mask)")
     ap.add_argument("--gpu-memory", type=float, default=None, help="GiB per GPU: say whether it fits, and what would")
     ap.add_argument("--measure", action="store_true",
                     help="also run one step on this CPU and print estimate vs measured (small presets only)")
     args = ap.parse_args(argv)
+    if args.seq_len is None:
+        try:
+            limit = _resolve_config(args.config or args.preset)[0].max_position_embeddings
+        except (ValueError, FileNotFoundError, KeyError):
+            limit = 4096  # the estimate below reports the bad preset / config
+        args.seq_len = min(4096, limit)
     world = args.world_size or (1 if args.strategy == "single" else 8)
     cfg = args.config or args.preset
     if args.config is None and args.preset not in PRESETS:

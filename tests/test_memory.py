@@ -161,3 +161,25 @@ def test_explain_oom_suggests_changes_that_fit():
                                  seq_len=4096).total
     assert 9 * GiB < lora_total < 10 * GiB
     assert "no single change here fits" in hopeless and f"{lora_total / GiB:.1f} GiB per GPU" in hopeless
+
+
+def test_planner_cli_refuses_prefixes_and_suggests_the_option(capsys):
+    from phi3_lightning.memory import main
+
+    for typo, wanted in (("--seq", "--seq-len"), ("--seq_len", "--seq-len"), ("--batch", "--batch-size")):
+        with pytest.raises(SystemExit) as e:
+            main(["--preset", "tiny", typo, "128"])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert f"unrecognized arguments: {typo} 128" in err and f"did you mean {wanted}?" in err
+
+
+def test_planner_default_seq_len_fits_small_presets(capsys):
+    """README example: `--preset tiny --precision 32-true` (tiny allows 1024 positions; the default was 4096)."""
+    from phi3_lightning.memory import main
+
+    assert main(["--preset", "tiny", "--precision", "32-true"]) == 0
+    out = capsys.readouterr().out
+    assert "batch 1 x 1024 tokens" in out
+    assert main(["--preset", "phi-3-mini-4k"]) == 0
+    assert "batch 1 x 4096 tokens" in capsys.readouterr().out
