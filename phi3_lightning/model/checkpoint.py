@@ -243,9 +243,18 @@ class PretrainedMixin:
         ``path`` that this save does not write (a tokenizer, a README) are hard-linked (or copied) into it, except
         the old weights (``model*.safetensors``, the index), which this save replaces; then it is swapped in. A
         crash leaves the complete old or the complete new directory (see :mod:`phi3_lightning.atomic`)."""
+        path = Path(path)
+        with staged_directory(path, carry=_carry_over) as tmp:
+            self.write_pretrained_files(tmp, max_shard_size=max_shard_size, dtype=dtype)
+        return path
+
+    def write_pretrained_files(self, directory: str | os.PathLike, max_shard_size: int | str = "5GB",
+                               dtype: torch.dtype | str | None = None) -> None:
+        """The files of :meth:`save_pretrained` written straight into the existing ``directory``, with no staging:
+        for callers that stage a larger directory themselves (``export``). Use ``save_pretrained`` otherwise."""
         from safetensors.torch import save_file
 
-        path = Path(path)
+        tmp = Path(directory)
         dtype = resolve_dtype(dtype)
         state = {}
         skip = {"lm_head.weight"} if self.config.tie_word_embeddings else set()
@@ -270,18 +279,16 @@ class PretrainedMixin:
         cfg = self.config.to_dict()
         cfg["architectures"] = [self.architecture]
         cfg["torch_dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "") if state else "float32"
-        with staged_directory(path, carry=_carry_over) as tmp:
-            if len(shards) == 1:
-                save_file(shards[0], str(tmp / SAFE_SINGLE), metadata={"format": "pt"})
-            else:
-                weight_map = {}
-                n = len(shards)
-                for i, shard in enumerate(shards, 1):
-                    name = f"model-{i:05d}-of-{n:05d}.safetensors"
-                    save_file(shard, str(tmp / name), metadata={"format": "pt"})
-                    weight_map.update({k: name for k in shard})
-                total = sum(t.numel() * t.element_size() for t in state.values())
-                index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-                (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-            (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        return path
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / SAFE_SINGLE), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            n = len(shards)
+            for i, shard in enumerate(shards, 1):
+                name = f"model-{i:05d}-of-{n:05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

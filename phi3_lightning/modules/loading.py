@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..atomic import staged_directory
+from ..atomic import recover_interrupted, staged_directory
 from ..model import HEADS, Phi3Config
 from ..model.checkpoint import resolve_dtype
 from ..model.heads import Phi3PreTrainedHead
@@ -160,6 +160,8 @@ def load_head(path: str | Path, attn_implementation: str | None = None, device: 
     """
     p = Path(path).expanduser()
     if not p.exists():
+        recover_interrupted(p)  # an export/save killed between the two renames of its directory swap
+    if not p.exists():
         raise FileNotFoundError(
             f"checkpoint {str(path)!r} does not exist; pass a Lightning .ckpt (e.g. logs/<run>/<backend>/version_0/"
             "checkpoints/last.ckpt) or a Hugging Face directory with config.json"
@@ -212,7 +214,8 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, dtype: str | t
                       max_shard_size: int | str = "5GB", overwrite: bool = False) -> Path:
     """Write a checkpoint's head as a Hugging Face directory that transformers loads (``Phi3For*``).
 
-    Everything is written into a temporary sibling directory that is renamed to ``output`` at the end. The
+    Everything is written into a staging sibling directory that is swapped in at the end (old export or new, never a
+    mix). With ``overwrite`` a previous export is replaced; a directory holding anything else is refused. The
     tokenizer files are copied when the run used a Hugging Face tokenizer; ``phi3_lightning.json`` records the
     tokenizer spec (e.g. ``"byte"``) for ``generate``.
     """
@@ -226,7 +229,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, dtype: str | t
             "from_pretrained(..., pooling='attention') loads it as trained.", stacklevel=2,
         )  # fmt: skip
     with staged_directory(out, carry=_not_exported) as tmp:
-        loaded.head.save_pretrained(tmp, max_shard_size=max_shard_size, dtype=dtype)  # LoRA: merged already
+        loaded.head.write_pretrained_files(tmp, max_shard_size=max_shard_size, dtype=dtype)  # LoRA: merged already
         tok = loaded.tokenizer
         if tok and tok != "byte" and Path(tok).is_dir():
             for name in TOKENIZER_FILES:
