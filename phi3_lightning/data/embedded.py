@@ -25,13 +25,13 @@ import json
 import os
 import sys
 import sysconfig
-import tempfile
 import tokenize
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..atomic import atomic_write_text
 from .sources import Record, split_by_hash, stable_fraction
 
 __all__ = [
@@ -269,24 +269,6 @@ def _cache_path(kind: str, params: dict[str, Any], cache_dir: Path, root: Path) 
     return cache_dir / f"embedded-{kind}-py{v.major}{v.minor}-{digest}.json"
 
 
-def _write_atomic(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, ensure_ascii=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def load_embedded(
     kind: str, cache_dir: str | Path | None = None, progress: bool = True, **params: Any
 ) -> list[Record]:
@@ -315,7 +297,8 @@ def load_embedded(
             "another source"
         )
     try:
-        _write_atomic(path, {"kind": kind, "params": params, "python": sys.version, "records": records})
+        payload = {"kind": kind, "params": params, "python": sys.version, "records": records}
+        atomic_write_text(path, json.dumps(payload, ensure_ascii=False))
     except OSError as e:  # a read-only home still trains, it just rebuilds next time
         warnings.warn(f"could not write the embedded cache {path} ({e}); set cache_dir to a writable place", stacklevel=2)
     return records

@@ -4,16 +4,18 @@ Loading builds the model on the meta device and fills it shard by shard, each te
 target dtype and device (``load_state_dict(assign=True)``), so peak host memory stays near one copy of the
 weights plus one tensor. Only safetensors are read: no pickle, no remote code.
 
-Saving writes every file to a temporary name in the target directory and renames it into place, so a crash never
-leaves a half-written file; config.json is written last.
+Saving is all-or-nothing at the directory level: every file is written into a staging sibling directory, which
+is then swapped in (``phi3_lightning.atomic.staged_directory``), so a crash leaves the complete old or the complete
+new directory, never a mix of shards. An index may only name shards inside its directory, and every tensor it
+lists must be in the shard it names.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import posixpath
 import re
-import tempfile
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -21,53 +23,35 @@ from typing import Any
 
 import torch
 
+from ..atomic import recover_interrupted, staged_directory
 from .config import Phi3Config
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 # Keys older exports carry that hold no learned state.
 _IGNORED_KEYS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+# Files of an existing directory that a save replaces instead of carrying over: the old weights and index.
+_OWN_WEIGHTS = re.compile(r"model.*\.safetensors|" + re.escape(SAFE_INDEX))
 
 
-def _default_mode() -> int:
-    """The mode a plainly created file gets (0644 under the usual umask); mkstemp would leave 0600."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+def _carry_over(name: str) -> bool:
+    """Entries of an existing directory that ``save_pretrained`` keeps (a tokenizer, a README): all but old weights
+    and staging leftovers of earlier writers."""
+    return not (_OWN_WEIGHTS.fullmatch(name) or (name.startswith(".") and name.endswith(".tmp")))
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _default_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def atomic_save_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """safetensors file written under a temporary name, then renamed into place."""
-    from safetensors.torch import save_file
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        os.chmod(tmp, _default_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _shard_name(index: Path, name: object) -> str:
+    """A weight_map value, refused unless it names a file inside the checkpoint directory."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{index} maps a tensor to {name!r}, which is not a file name; the index is corrupt")
+    norm = posixpath.normpath(name.replace(os.sep, "/"))
+    if posixpath.isabs(norm) or os.path.isabs(name) or os.path.splitdrive(name)[0] or norm == ".." \
+            or norm.startswith("../") or norm == ".":
+        raise ValueError(
+            f"{index} names the shard {name!r}, which is outside the checkpoint directory; refusing to read it (a "
+            "safetensors index may only name files in its own directory). Fix or re-download the index"
+        )
+    return name
 
 
 def parse_size(size: int | str) -> int:
@@ -103,15 +87,30 @@ def checkpoint_files(path: Path) -> dict[str, list[str]]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as e:
             raise ValueError(f"{index} is not a valid safetensors index ({e!r}); re-download it") from None
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index} has a weight_map that is not a mapping; re-download it")
         shards: dict[str, list[str]] = defaultdict(list)
         for name, file in weight_map.items():
-            shards[file].append(name)
+            shards[_shard_name(index, file)].append(name)
         missing = sorted(f for f in shards if not (path / f).is_file())
         if missing:
             raise FileNotFoundError(
                 f"{index.name} lists shard(s) {', '.join(missing)} that are missing from {path}; "
                 "download every shard of the checkpoint"
             )
+        from safetensors import safe_open
+
+        for file, names in shards.items():
+            with safe_open(path / file, framework="pt") as f:
+                present = set(f.keys())
+            absent = [n for n in names if n not in present]
+            if absent:
+                shown = ", ".join(absent[:3]) + (" ..." if len(absent) > 3 else "")
+                raise ValueError(
+                    f"{index.name} says {len(absent)} tensor(s) ({shown}) are in {file}, but {path / file} does not "
+                    "hold them: the shards and the index come from different saves (an interrupted copy or save?); "
+                    "save or download the checkpoint again"
+                )
         return dict(shards)
     single = path / SAFE_SINGLE
     if single.is_file():
@@ -220,6 +219,8 @@ class PretrainedMixin:
                 f"{path} is a file; from_pretrained needs a checkpoint directory: pass the directory that holds "
                 f"config.json and the safetensors weights (here maybe {path.parent})"
             )
+        if not path.exists():
+            recover_interrupted(path)  # a save killed between the two renames of its directory swap
         head_kwargs = {k: config_overrides.pop(k) for k in ("pooling",) if k in config_overrides}
         config = Phi3Config.from_pretrained(path, **config_overrides)
         shards = checkpoint_files(path)
@@ -277,9 +278,24 @@ class PretrainedMixin:
     def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB",
                         dtype: torch.dtype | str | None = None) -> Path:
         """Write config.json + safetensors (sharded with an index above ``max_shard_size``) that transformers'
-        ``Phi3*`` classes load. Tied ``lm_head`` is not written twice. Every file is written atomically."""
+        ``Phi3*`` classes load. Tied ``lm_head`` is not written twice.
+
+        All-or-nothing: the files are written into a staging sibling of ``path``; the entries of an existing
+        ``path`` that this save does not write (a tokenizer, a README) are hard-linked (or copied) into it, except
+        the old weights (``model*.safetensors``, the index), which this save replaces; then it is swapped in. A
+        crash leaves the complete old or the complete new directory (see :mod:`phi3_lightning.atomic`)."""
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        with staged_directory(path, carry=_carry_over) as tmp:
+            self.write_pretrained_files(tmp, max_shard_size=max_shard_size, dtype=dtype)
+        return path
+
+    def write_pretrained_files(self, directory: str | os.PathLike, max_shard_size: int | str = "5GB",
+                               dtype: torch.dtype | str | None = None) -> None:
+        """The files of :meth:`save_pretrained` written straight into the existing ``directory``, with no staging:
+        for callers that stage a larger directory themselves (``export``). Use ``save_pretrained`` otherwise."""
+        from safetensors.torch import save_file
+
+        tmp = Path(directory)
         dtype = resolve_dtype(dtype)
         state = {}
         skip = {"lm_head.weight"} if self.config.tie_word_embeddings else set()
@@ -301,27 +317,19 @@ class PretrainedMixin:
                 size = 0
             shards[-1][k] = t
             size += nbytes
-        old = set(p.name for p in path.glob("model*.safetensors")) | ({SAFE_INDEX} if (path / SAFE_INDEX).exists() else set())
-        written = set()
+        cfg = self.config.to_dict()
+        cfg["architectures"] = [self.architecture]
+        cfg["torch_dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "") if state else "float32"
         if len(shards) == 1:
-            atomic_save_safetensors(path / SAFE_SINGLE, shards[0])
-            written.add(SAFE_SINGLE)
+            save_file(shards[0], str(tmp / SAFE_SINGLE), metadata={"format": "pt"})
         else:
             weight_map = {}
             n = len(shards)
             for i, shard in enumerate(shards, 1):
                 name = f"model-{i:05d}-of-{n:05d}.safetensors"
-                atomic_save_safetensors(path / name, shard)
-                written.add(name)
+                save_file(shard, str(tmp / name), metadata={"format": "pt"})
                 weight_map.update({k: name for k in shard})
             total = sum(t.numel() * t.element_size() for t in state.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            atomic_write_text(path / SAFE_INDEX, json.dumps(index, indent=2, sort_keys=True) + "\n")
-            written.add(SAFE_INDEX)
-        for stale in old - written:  # a previous save with another sharding
-            (path / stale).unlink(missing_ok=True)
-        cfg = self.config.to_dict()
-        cfg["architectures"] = [self.architecture]
-        cfg["torch_dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "") if state else "float32"
-        atomic_write_text(path / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        return path
+            (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

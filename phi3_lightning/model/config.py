@@ -334,7 +334,7 @@ class Phi3Config:
         return out
 
     def save(self, path: str | os.PathLike) -> None:
-        from .checkpoint import atomic_write_text
+        from ..atomic import atomic_write_text
 
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 

@@ -6,10 +6,8 @@ Both are always on in the CLI (``--throughput.*``, ``--predictions.*``); in Pyth
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from .strategies import default_permissions
+from ..atomic import StagedFile
 
 _PRECISION_DTYPES = {
     "32-true": torch.float32, "32": torch.float32, "bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16,
@@ -188,7 +186,7 @@ class PredictionWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.path = path
         self._file = None
-        self._tmp: str | None = None
+        self._staged: StagedFile | None = None
         self._target: Path | None = None
         self.count = 0
 
@@ -204,9 +202,8 @@ class PredictionWriter(BasePredictionWriter):
 
     def on_predict_start(self, trainer, pl_module) -> None:
         self._target = self._resolve(trainer)
-        self._target.parent.mkdir(parents=True, exist_ok=True)
-        fd, self._tmp = tempfile.mkstemp(prefix=f".{self._target.name}.", suffix=".tmp", dir=self._target.parent)
-        self._file = os.fdopen(fd, "w", encoding="utf-8")
+        self._staged = StagedFile(self._target)
+        self._file = open(self._staged.path, "w", encoding="utf-8")
         self.count = 0
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
@@ -219,16 +216,13 @@ class PredictionWriter(BasePredictionWriter):
     def on_predict_end(self, trainer, pl_module) -> None:
         if self._file is None:
             return
-        self._file.flush()
-        os.fsync(self._file.fileno())
         self._file.close()
-        default_permissions(Path(self._tmp))
-        os.replace(self._tmp, self._target)
+        self._staged.commit()
         self._file = None
         print(f"wrote {self.count} predictions to {self._target}", file=sys.stderr)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if self._file is not None:
             self._file.close()
-            Path(self._tmp).unlink(missing_ok=True)
+            self._staged.discard()
             self._file = None

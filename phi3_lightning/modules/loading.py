@@ -15,26 +15,24 @@ are then merged into the base weights (``merge_lora``): the head has the origina
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
+import re
 import shutil
-import tempfile
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..atomic import recover_interrupted, staged_directory
 from ..model import HEADS, Phi3Config
-from ..model.checkpoint import atomic_write_text, resolve_dtype
+from ..model.checkpoint import resolve_dtype
 from ..model.heads import Phi3PreTrainedHead
 from ..model.lora import LoRAConfig, apply_lora, lora_state_dict, merge_lora
 from .base import CHECKPOINT_KEY, as_lora_config, resolve_model
 from .safe_load import load_checkpoint_file, load_distributed
-from .strategies import default_permissions, replace_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 EXPORT_INFO = "phi3_lightning.json"
@@ -154,6 +152,8 @@ def load_head(path: str | Path, attn_implementation: str | None = None, device: 
     """
     p = Path(path).expanduser()
     if not p.exists():
+        recover_interrupted(p)  # an export/save killed between the two renames of its directory swap
+    if not p.exists():
         raise FileNotFoundError(
             f"checkpoint {str(path)!r} does not exist; pass a Lightning .ckpt (e.g. logs/<run>/<backend>/version_0/"
             "checkpoints/last.ckpt) or a Hugging Face directory with config.json"
@@ -167,30 +167,47 @@ def load_head(path: str | Path, attn_implementation: str | None = None, device: 
                             "distributed checkpoint)")
 
 
+# What an export writes (and so may replace with --overwrite); anything else in the output directory is not ours.
+_EXPORT_NAMES = re.compile(
+    r"config\.json|model.*\.safetensors|model\.safetensors\.index\.json|" + "|".join(
+        re.escape(n) for n in (EXPORT_INFO, ADAPTER_WEIGHTS, ADAPTER_CONFIG, *TOKENIZER_FILES))
+)  # fmt: skip
+
+
+def _not_exported(name: str) -> bool:
+    """Entries of an output directory that an export keeps: whatever it does not write itself. (``_check_output``
+    refuses such a directory; this keeps a file that appears meanwhile.)"""
+    return not (_EXPORT_NAMES.fullmatch(name) or (name.startswith(".") and name.endswith(".tmp")))
+
+
 def _check_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite true or choose another directory")
-
-
-@contextlib.contextmanager
-def _staged_directory(out: Path) -> Iterator[Path]:
-    """A temporary sibling of ``out`` to write into; renamed to ``out`` on success, removed on any error."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        yield tmp
-        default_permissions(tmp)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """Refuse an output that exists unless ``overwrite``; even then refuse one holding anything an export does not
+    write (``--overwrite`` replaces a previous export, it never deletes a user's files)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"{out} exists and is a file, not a directory; choose another output directory")
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace the previous export in it "
+                              "or choose another directory")
+    foreign = [n for n in entries if _not_exported(n)]
+    if foreign:
+        shown = ", ".join(foreign[:10]) + (f" and {len(foreign) - 10} more" if len(foreign) > 10 else "")
+        raise FileExistsError(
+            f"{out} holds files that an export does not write ({shown}); --overwrite only replaces a previous "
+            "export and would delete them. Move them away or choose another output directory"
+        )
 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, dtype: str | torch.dtype | None = None,
                       max_shard_size: int | str = "5GB", overwrite: bool = False) -> Path:
     """Write a checkpoint's head as a Hugging Face directory that transformers loads (``Phi3For*``).
 
-    Everything is written into a temporary sibling directory that is renamed to ``output`` at the end. The
+    Everything is written into a staging sibling directory that is swapped in at the end (old export or new, never a
+    mix). With ``overwrite`` a previous export is replaced; a directory holding anything else is refused. The
     tokenizer files are copied when the run used a Hugging Face tokenizer; ``phi3_lightning.json`` records the
     tokenizer spec (e.g. ``"byte"``) for ``generate``.
     """
@@ -203,8 +220,8 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, dtype: str | t
             "does not have: it will ignore pool_query.weight and pool the last token. phi3_lightning's "
             "from_pretrained(..., pooling='attention') loads it as trained.", stacklevel=2,
         )  # fmt: skip
-    with _staged_directory(out) as tmp:
-        loaded.head.save_pretrained(tmp, max_shard_size=max_shard_size, dtype=dtype)  # LoRA: merged already
+    with staged_directory(out, carry=_not_exported) as tmp:
+        loaded.head.write_pretrained_files(tmp, max_shard_size=max_shard_size, dtype=dtype)  # LoRA: merged already
         tok = loaded.tokenizer
         if tok and tok != "byte" and Path(tok).is_dir():
             for name in TOKENIZER_FILES:
@@ -215,7 +232,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, dtype: str | t
             info["merged_lora"] = dataclasses.asdict(loaded.lora)
         if getattr(loaded.head, "pooling", "last") != "last":
             info["head_kwargs"] = {"pooling": loaded.head.pooling}
-        atomic_write_text(tmp / EXPORT_INFO, json.dumps(info, indent=2) + "\n")
+        (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return out
 
 
@@ -248,7 +265,7 @@ def export_adapter(checkpoint: str | Path, output: str | Path, dtype: str | torc
             "config": loaded.head.config.to_dict(), "head_kwargs": {"pooling": pooling} if pooling != "last" else {},
             "trained_in_full": list(getattr(loaded.head, "lora_modules_to_save", [])),
             "exported_from": str(Path(checkpoint).resolve())}
-    with _staged_directory(out) as tmp:
+    with staged_directory(out, carry=_not_exported) as tmp:
         save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        atomic_write_text(tmp / ADAPTER_CONFIG, json.dumps(info, indent=2) + "\n")
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(info, indent=2) + "\n")
     return out

@@ -11,9 +11,7 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -24,57 +22,26 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import FSDPStrategy as _LightningFSDPStrategy
 from lightning.pytorch.strategies import ModelParallelStrategy
 
+from ..atomic import atomic_torch_save, clean_stale_staging, fsync_tree, recover_interrupted, staging_path
+from ..atomic import default_permissions, replace_dir  # noqa: F401 - re-exported: older imports and tests/modules/test_io.py
 from .safe_load import load_checkpoint_file, safe_lightning_distributed_load
 
 
-def default_permissions(path: Path) -> None:
-    """mkstemp/mkdtemp create 0600/0700 entries; give ``path`` (and, for a directory, what it holds) the modes a
-    plain ``open``/``mkdir`` would have under the current umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    entries = [path, *path.rglob("*")] if path.is_dir() else [path]
-    for p in entries:
-        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """torch.save to ``.<name>.<random>.tmp`` next to the target, fsync, then ``os.replace`` (atomic on POSIX)."""
+    """torch.save to a staging file ``.<name>.<pid>.<host>.<random>.tmp`` beside the target, fsync, then
+    ``os.replace`` (atomic on POSIX); staging files of killed writers are removed by the next save
+    (:func:`phi3_lightning.atomic.atomic_write`)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None or "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            default_permissions(Path(tmp))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_torch_save(Path(path), checkpoint)
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
         """Only ``torch.load(weights_only=True)``, whatever the caller asks (see :mod:`.safe_load`)."""
         if "://" in str(path):
             return super().load_checkpoint(path, map_location=map_location, weights_only=True)
         return load_checkpoint_file(path, map_location=map_location if map_location is not None else "cpu")
-
-
-def replace_dir(tmp: Path, path: Path) -> None:
-    """Move directory ``tmp`` to ``path``; an existing ``path`` is swapped out first and removed after."""
-    if path.exists():
-        old = path.with_name(f".{path.name}.old")
-        if old.exists():
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-    else:
-        os.replace(tmp, path)
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -115,14 +82,25 @@ class FSDP2Strategy(ModelParallelStrategy):
         if not self._save_distributed_checkpoint:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         path = Path(self.broadcast(filepath))
-        tmp = path.with_name(f".{path.name}.tmp")
-        if self.global_rank == 0 and tmp.exists():
-            shutil.rmtree(tmp)
-        self.barrier()
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        self.barrier()
+        # rank 0 names the staging directory (its pid in the name) and every rank writes its shard into it
+        tmp = None
         if self.global_rank == 0:
-            replace_dir(tmp, path)
+            recover_interrupted(path)
+            clean_stale_staging(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = staging_path(path)
+            tmp.mkdir()
+        tmp = Path(self.broadcast(str(tmp) if tmp is not None else None))
+        try:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+            self.barrier()
+            if self.global_rank == 0:
+                fsync_tree(tmp)
+                replace_dir(tmp, path)
+        except BaseException:
+            if self.global_rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         self.barrier()
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
