@@ -200,9 +200,40 @@ def _cli_class():
             strategy = trainer.strategy
             if type(getattr(strategy, "_checkpoint_io", None)) in (type(None), TorchCheckpointIO):
                 strategy.checkpoint_io = AtomicCheckpointIO()
+            trainer.callbacks.append(_checkpoint_dir_follower())
             return trainer
 
     return Phi3CLI
+
+
+def _checkpoint_dir_follower():
+    """A callback: resuming from a checkpoint that lies in the ModelCheckpoint's directory, whose recorded ``dirpath``
+    differs (the run was moved, or fit runs from another working directory), moves the recorded best/last paths to
+    the current directory, so Lightning keeps tracking them instead of starting over (``last-v1.ckpt``)."""
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+    def moved(value: Any, old: str, new: str) -> Any:
+        if isinstance(value, str) and value and Path(value).parent == Path(old):
+            return str(Path(new) / Path(value).name)
+        return value
+
+    class CheckpointDirFollower(Callback):
+        def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+            if trainer.ckpt_path is None or not Path(str(trainer.ckpt_path)).is_file():
+                return
+            here = Path(str(trainer.ckpt_path)).resolve().parent
+            states = checkpoint.get("callbacks") or {}
+            for cb in trainer.checkpoint_callbacks:
+                state = states.get(cb.state_key) if isinstance(cb, ModelCheckpoint) else None
+                old, new = (state or {}).get("dirpath"), cb.dirpath
+                if not old or not new or old == new or Path(new).resolve() != here:
+                    continue
+                for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+                    state[key] = moved(state.get(key), old, new)
+                state["best_k_models"] = {moved(k, old, new): v for k, v in (state.get("best_k_models") or {}).items()}
+                state["dirpath"] = new
+
+    return CheckpointDirFollower()
 
 
 class _DataFact:
