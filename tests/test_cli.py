@@ -147,6 +147,7 @@ def test_test_subcommand_logs_test_metrics(runs, workdir):
     ckpt = runs["token_classification"] / "checkpoints" / "last.ckpt"
     rc, _, err = run_main("test", *small_args("token_classification", logs, cache), "--ckpt_path", ckpt)
     assert rc == 0, err[-3000:]
-    run = sorted((logs / "token_classification" / "sdpa").glob("version_*"))[-1]
+    run = runs["token_classification"] / "test"  # logged into the evaluated run, not a new version
+    assert sorted(p.name for p in run.parent.parent.glob("version_*")) == ["version_0"]
     tags = scalars(run)
     assert finite(tags["test/loss"]) and finite(tags["test/accuracy"]) and finite(tags["test/f1"])

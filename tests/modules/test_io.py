@@ -70,6 +70,10 @@ def test_runs_are_named_by_config_and_backend(tmp_path):
         (d / "last.ckpt").write_bytes(b"x")
     (root / "version_2").mkdir()  # no checkpoint: not a resume candidate
     assert latest_version(root) == "version_1"
+    # naming only: --ckpt_path last is resolved within the one named run (tests/test_runs.py), never "the newest"
     cfg = _cfg(["causal_lm.yaml"], attn="sdpa", ckpt_path="last", save_dir=str(tmp_path))
     name_run(cfg, "fit")
-    assert cfg.trainer.logger.init_args.version == "version_1"
+    assert cfg.trainer.logger.init_args.version is None
+    cfg.run_name, cfg.run_version = "mine", "3"
+    name_run(cfg, "validate")
+    assert (cfg.trainer.logger.init_args.name, cfg.trainer.logger.init_args.version) == ("mine", "version_3")

@@ -1,0 +1,171 @@
+"""Run identity: --ckpt_path last/best resolve within one named run for every command, ambiguity is refused, a live
+fit's lock is respected (a stale one taken over), evaluation logs into the evaluated run, settings that disagree with
+the checkpoint are refused, and unreadable / mismatched checkpoints give one-line errors."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+
+import pytest
+import torch
+
+from .modules.helpers import run_main, scalars, small_args
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two finished runs: 'a' (4 steps, validated at 2 and 4) and 'b' (other data, written after 'a')."""
+    root = tmp_path_factory.mktemp("runs")
+    logs, cache = root / "logs", root / "cache"
+    rc, _, err = run_main("fit", *small_args("causal_lm", logs, cache), "--run_name", "a")
+    assert rc == 0, err[-3000:]
+    rc, _, err = run_main("fit", *small_args("causal_lm", logs, cache, steps=2), "--run_name", "b",
+                          "--data.init_args.max_files", "4")  # fmt: skip
+    assert rc == 0, err[-3000:]
+    return logs, cache
+
+
+def _args(runs, *extra: str) -> list[str]:
+    logs, cache = runs
+    return [*small_args("causal_lm", logs, cache), *extra]
+
+
+def _copy_run(runs, src: str, dst: str, versions=("version_0",)) -> None:
+    logs, _ = runs
+    for v in versions:
+        shutil.copytree(logs / src / "version_0", logs / dst / v)
+
+
+def _val_loss(run_dir) -> float:
+    values = scalars(run_dir)["val/loss"]
+    assert len(values) == 1, values
+    return values[0][1]
+
+
+def test_validate_last_and_best_evaluate_the_trained_checkpoints(runs):
+    logs, _ = runs
+    run = logs / "a" / "version_0"
+    fit_losses = [v for _, v in scalars(run)["val/loss"]]  # at steps 2 and 4
+
+    rc, _, err = run_main("validate", *_args(runs, "--run_name", "a", "--ckpt_path", "last"))
+    assert rc == 0, err[-3000:]
+    assert f"{run / 'checkpoints' / 'last.ckpt'}" in err  # the note names the resolved file: run a, not the newer b
+    last = _val_loss(run / "validate")
+    rc, _, err = run_main("validate", *_args(runs, "--ckpt_path", run / "checkpoints" / "last.ckpt",
+                                             "--trainer.logger.init_args.sub_dir", "explicit"))  # fmt: skip
+    assert rc == 0, err[-3000:]
+    assert last == pytest.approx(_val_loss(run / "explicit"), abs=1e-6) == pytest.approx(fit_losses[-1], abs=1e-5)
+
+    rc, _, err = run_main("validate", *_args(runs, "--run_name", "a", "--ckpt_path", "best",
+                                             "--trainer.logger.init_args.sub_dir", "best"))  # fmt: skip
+    assert rc == 0, err[-3000:]
+    assert _val_loss(run / "best") == pytest.approx(min(fit_losses), abs=1e-5)
+
+    rc, _, err = run_main("validate", *_args(runs, "--run_name", "a", "--trainer.logger.init_args.sub_dir", "none"))
+    assert rc == 0, err[-3000:]  # no checkpoint: the untrained model, which the numbers above must not be
+    assert abs(_val_loss(logs / "a" / "version_1" / "none") - last) > 1e-3
+    assert sorted(p.name for p in (logs / "a").iterdir()) == ["version_0", "version_1"]  # only the last one is new
+
+
+def test_test_and_predict_log_into_the_evaluated_run(runs, tmp_path):
+    logs, _ = runs
+    run = logs / "b" / "version_0"
+    config = (run / "config.yaml").read_bytes()
+    rc, _, err = run_main("test", *_args(runs, "--run_name", "b", "--ckpt_path", "last"))
+    assert rc == 0, err[-3000:]
+    assert "test/loss" in scalars(run / "test")
+    rc, _, err = run_main("predict", *_args(runs, "--run_name", "b", "--ckpt_path", "best",
+                                            "--predictions.path", tmp_path / "p.jsonl"))  # fmt: skip
+    assert rc == 0, err[-3000:]
+    assert (run / "predict" / "config.yaml").is_file() and (tmp_path / "p.jsonl").stat().st_size > 0
+    assert [p.name for p in (logs / "b").iterdir()] == ["version_0"]  # no new version
+    assert (run / "config.yaml").read_bytes() == config  # the run's record untouched
+
+
+def test_fit_last_resumes_the_named_run_not_the_newest(runs):
+    logs, _ = runs
+    _copy_run(runs, "a", "resume_a")
+    b_last = logs / "b" / "version_0" / "checkpoints" / "last.ckpt"
+    b_mtime = b_last.stat().st_mtime_ns
+    rc, _, err = run_main("fit", *_args(runs, "--run_name", "resume_a", "--ckpt_path", "last",
+                                        "--trainer.max_steps", "6"))  # fmt: skip
+    assert rc == 0, err[-3000:]
+    run = logs / "resume_a" / "version_0"
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+    assert not (run / "fit.lock").exists() and [p.name for p in run.parent.iterdir()] == ["version_0"]
+    assert b_last.stat().st_mtime_ns == b_mtime
+
+
+def test_ambiguous_versions_are_refused_until_one_is_named(runs):
+    logs, _ = runs
+    _copy_run(runs, "a", "amb", versions=("version_0", "version_1"))
+    rc, _, err = run_main("validate", *_args(runs, "--run_name", "amb", "--ckpt_path", "last"))
+    assert rc == 1 and "ambiguous" in err and "version_0" in err and "version_1" in err and "--run_version" in err
+    assert not (logs / "amb" / "version_2").exists()
+    rc, _, err = run_main("validate", *_args(runs, "--run_name", "amb", "--ckpt_path", "last", "--run_version", "1"))
+    assert rc == 0, err[-3000:]
+    assert "val/loss" in scalars(logs / "amb" / "version_1" / "validate")
+    rc, _, err = run_main("validate", *_args(runs, "--run_name", "nothing_here", "--ckpt_path", "best"))
+    assert rc == 1 and "no checkpoints" in err and "Traceback" not in err
+
+
+def test_live_lock_refuses_and_stale_lock_is_taken_over(runs):
+    logs, _ = runs
+    _copy_run(runs, "a", "locked")
+    run = logs / "locked" / "version_0"
+    config = (run / "config.yaml").read_bytes()
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        (run / "fit.lock").write_text(f"{live.pid} {socket.gethostname()}\n")
+        rc, _, err = run_main("fit", *_args(runs, "--run_name", "locked", "--ckpt_path", "last",
+                                            "--trainer.max_steps", "6"))  # fmt: skip
+        assert rc == 1 and str(live.pid) in err and "fit.lock" in err
+        assert (run / "config.yaml").read_bytes() == config
+        assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    finally:
+        live.kill()
+        live.wait()
+    (run / "fit.lock").write_text(f"{live.pid} {socket.gethostname()}\n")  # its process has ended: stale
+    rc, _, err = run_main("fit", *_args(runs, "--run_name", "locked", "--ckpt_path", "last",
+                                        "--trainer.max_steps", "6"))  # fmt: skip
+    assert rc == 0, err[-3000:]
+    assert "stale lock" in err
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+    assert not (run / "fit.lock").exists()
+
+
+def test_settings_that_disagree_with_the_checkpoint(runs):
+    logs, _ = runs
+    ckpt = logs / "a" / "version_0" / "checkpoints" / "last.ckpt"
+    rc, _, err = run_main("fit", *_args(runs, "--ckpt_path", ckpt,
+                                        "--model.init_args.config_overrides", "{num_hidden_layers: 3}"))  # fmt: skip
+    assert rc == 1 and "config_overrides.num_hidden_layers" in err and "3" in err and "Traceback" not in err
+    rc, _, err = run_main("fit", *_args(runs, "--ckpt_path", ckpt, "--model.init_args.optimizer.init_args.lr", "0.5"))
+    assert rc == 1 and "optimizer.init_args.lr" in err and "0.5" in err and "0.003" in err
+    rc, _, err = run_main("fit", *_args(runs, "--ckpt_path", ckpt, "--model.init_args.lr_scheduler", "null"))
+    assert rc == 1 and "lr_scheduler" in err
+    rc, _, err = run_main("validate", *_args(runs, "--ckpt_path", ckpt, "--data.init_args.tokenizer", "gpt2"))
+    assert rc == 1 and "data.init_args.tokenizer" in err and "byte" in err
+    # an execution setting is applied (and recorded): another attention backend, same numbers
+    rc, _, err = run_main("validate", *_args(runs, "--ckpt_path", ckpt, "--model.init_args.attn_implementation",
+                                             "eager", "--trainer.logger.init_args.sub_dir", "eager"))  # fmt: skip
+    assert rc == 0, err[-3000:]
+    run = logs / "a" / "version_0"
+    assert "attn_implementation: eager" in (run / "eager" / "config.yaml").read_text()
+    assert _val_loss(run / "eager") == pytest.approx(scalars(run)["val/loss"][-1][1], abs=1e-4)
+
+
+def test_unreadable_and_mismatched_checkpoints_are_one_line_errors(runs, tmp_path):
+    logs, cache = runs
+    ckpt = logs / "a" / "version_0" / "checkpoints" / "last.ckpt"
+    data = ckpt.read_bytes()
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(data[: len(data) // 2])
+    for command in ("fit", "validate"):
+        rc, _, err = run_main(command, *_args(runs, "--ckpt_path", cut))
+        assert rc == 1 and "cut.ckpt" in err and "truncated or corrupt" in err and "Traceback" not in err
+    rc, _, err = run_main("validate", *small_args("sequence_classification", logs, cache), "--ckpt_path", ckpt)
+    assert rc == 1 and "Traceback" not in err
+    assert "causal_lm" in err and "sequence_classification" in err and "configs/causal_lm.yaml" in err
