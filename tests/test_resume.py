@@ -115,6 +115,12 @@ def test_resumed_batches_are_the_uninterrupted_ones(cache):
     again = [b["input_ids"] for b in loader2]
     assert len(again) == len(rest) and all(torch.equal(x, y) for x, y in zip(again, rest))
     assert len(first) + len(rest) == len(loader)
+    # a position only means the same batches under the same data settings: anything else is refused, by name
+    with pytest.raises(ValueError, match="seed was 0, this run's is 7"):
+        _seeded = _data("causal_padded", cache)
+        _seeded.seed = 7
+        _seeded.setup("fit")
+        _seeded.train_dataloader().load_state_dict(state)
 
 
 OVERLAY = """\
