@@ -18,6 +18,7 @@ from .embedded import (
     token_type_names,
 )
 from .packing import PackedRows, pack_documents, packing_efficiency, plan_packing
+from .sampling import EpochSampler, ResumableDataLoader
 from .efficiency import efficiency_report
 from .sources import Record, load_source, read_records, resolve_splits, split_by_hash
 from .tokenizer import CHAT_FORMATS, ByteTokenizer, HFTokenizer, Tokenizer, check_vocab_fits, load_tokenizer
@@ -37,6 +38,8 @@ __all__ = [
     "PaddingCollator",
     "LengthGroupedSampler",
     "padding_efficiency",
+    "EpochSampler",
+    "ResumableDataLoader",
     "PackedRows",
     "pack_documents",
     "plan_packing",

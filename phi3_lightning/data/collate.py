@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.utils.data import BatchSampler, Sampler
 
-__all__ = ["PaddingCollator", "LengthGroupedSampler", "padding_efficiency", "IGNORE_INDEX"]
+__all__ = ["PaddingCollator", "LengthGroupedSampler", "length_grouped_batches", "padding_efficiency", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
 
@@ -208,24 +208,10 @@ class LengthGroupedSampler(BatchSampler):
             self.sampler.set_epoch(epoch)
 
     def _batches(self) -> list[list[int]]:
-        indices = list(iter(self.sampler))
-        mega = self.batch_size * self.mega_batch_mult
-        batches: list[list[int]] = []
-        for start in range(0, len(indices), mega):
-            chunk = sorted(indices[start : start + mega], key=lambda i: -self.lengths[i])
-            batches.extend(chunk[j : j + self.batch_size] for j in range(0, len(chunk), self.batch_size))
-        # only the batch made from the tail of the last mega-batch can be short
-        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
-            batches.pop()
-        if not batches:
-            return batches
-        if self.shuffle:
-            g = torch.Generator()
-            g.manual_seed(self.seed + self.epoch)
-            batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
-        longest = max(range(len(batches)), key=lambda b: max(self.lengths[i] for i in batches[b]))
-        batches[0], batches[longest] = batches[longest], batches[0]
-        return batches
+        seed = self.seed + self.epoch if self.shuffle else None
+        return length_grouped_batches(
+            list(iter(self.sampler)), self.lengths, self.batch_size, self.mega_batch_mult, self.drop_last, seed
+        )
 
     def __iter__(self) -> Iterator[list[int]]:
         yield from self._batches()
@@ -238,6 +224,39 @@ class LengthGroupedSampler(BatchSampler):
         if self.drop_last and tail % self.batch_size:
             count -= 1
         return count
+
+
+def length_grouped_batches(
+    indices: Sequence[int],
+    lengths: Sequence[int],
+    batch_size: int,
+    mega_batch_mult: int = 50,
+    drop_last: bool = False,
+    shuffle_seed: int | None = None,
+) -> list[list[int]]:
+    """``indices`` cut into batches of similar length (the batch order of :class:`LengthGroupedSampler`).
+
+    Mega-batches of ``batch_size * mega_batch_mult`` indices are sorted by length (longest first) and cut into
+    batches; the batches are shuffled with ``shuffle_seed`` (None: kept in order), then the longest batch of all is
+    put first. Only the batch made from the tail of the last mega-batch can be short (dropped with ``drop_last``).
+    """
+    mega = batch_size * mega_batch_mult
+    batches: list[list[int]] = []
+    for start in range(0, len(indices), mega):
+        chunk = sorted(indices[start : start + mega], key=lambda i: -lengths[i])
+        batches.extend(chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size))
+    # only the batch made from the tail of the last mega-batch can be short
+    if drop_last and batches and len(batches[-1]) < batch_size:
+        batches.pop()
+    if not batches:
+        return batches
+    if shuffle_seed is not None:
+        g = torch.Generator()
+        g.manual_seed(shuffle_seed)
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+    longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
+    batches[0], batches[longest] = batches[longest], batches[0]
+    return batches
 
 
 def padding_efficiency(batches: Sequence[Sequence[int]], pad_to_multiple_of: int | None = None) -> float:

@@ -28,12 +28,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
 from .chat import tokenize_chat
 from .collate import IGNORE_INDEX, LengthGroupedSampler, PaddingCollator, padding_efficiency
 from .embedded import DEFAULT_PACKAGES, available_packages, embedded_splits, load_embedded, token_type_names
 from .packing import PACKING_STRATEGIES, PackedRows, pack_documents
+from .sampling import EpochSampler, ResumableDataLoader, rank_state, rng_states
 from .sources import SPLITS, Record, iter_field, load_source, resolve_splits
 from .tokenizer import CHAT_FORMATS, load_tokenizer
 
@@ -145,6 +146,7 @@ class _BaseDataModule(pl.LightningDataModule):
         self.datasets: dict[str, Dataset] = {}
         self.efficiency: dict[str, float] = {}
         self._records: dict[str, list[Record]] | None = None
+        self._rng_to_restore: dict[str, Any] | None = None
 
     # ---------------------------------------------------------------- tokenizer facts
     @property
@@ -245,23 +247,45 @@ class _BaseDataModule(pl.LightningDataModule):
         dataset = self.datasets[split]
         batch_size = self.batch_size if train else self.eval_batch_size
         common: dict[str, Any] = dict(
-            collate_fn=self._collator(), num_workers=self.num_workers, persistent_workers=self.num_workers > 0
+            collate_fn=self._collator(), num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            generator=torch.Generator(),  # iterating a loader draws a worker seed: never from the global RNG
         )
+        lengths = getattr(dataset, "lengths", None) if self.group_by_length else None
+        if train:
+            replicas, rank = self._data_parallel()
+            sampler = EpochSampler(
+                dataset, self.seed, num_replicas=replicas, rank=rank, batch_size=batch_size, lengths=lengths
+            )
+            loader = ResumableDataLoader(dataset, batch_size=batch_size, sampler=sampler, **common)
+            loader.rng_to_restore, self._rng_to_restore = self._rng_to_restore, None
+            return loader
         if indexed:
             return DataLoader(_Indexed(dataset), batch_size=batch_size, shuffle=False, **common)
-        if train:
-            g = torch.Generator()
-            g.manual_seed(self.seed)
-            sampler = RandomSampler(dataset, generator=g)
-        else:
-            sampler = SequentialSampler(dataset)
-        lengths = getattr(dataset, "lengths", None)
-        if self.group_by_length and lengths is not None:
-            batch_sampler = LengthGroupedSampler(
-                sampler, batch_size, drop_last=False, lengths=lengths, shuffle=train, seed=self.seed
-            )
+        sampler = SequentialSampler(dataset)
+        if lengths is not None:
+            batch_sampler = LengthGroupedSampler(sampler, batch_size, drop_last=False, lengths=lengths, shuffle=False)
             return DataLoader(dataset, batch_sampler=batch_sampler, **common)
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **common)
+
+    def _data_parallel(self) -> tuple[int, int]:
+        """(data-parallel processes, this one's rank) the train sampler shards over; (1, 0) outside a Trainer."""
+        trainer = self.trainer
+        if trainer is None or not trainer._accelerator_connector.use_distributed_sampler:
+            return 1, 0
+        kwargs = trainer.distributed_sampler_kwargs
+        if not kwargs:
+            return 1, 0
+        return int(kwargs["num_replicas"]), int(kwargs["rank"])
+
+    # ---------------------------------------------------------------- resume state (in every checkpoint)
+    def state_dict(self) -> dict[str, Any]:
+        """The global torch RNG state of every process (dropout), put back right before the first training batch of
+        a resumed run. (The train loader's position in its epoch is saved by Lightning from the loader itself.)"""
+        return {"rng": rng_states()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        states = state_dict.get("rng")
+        self._rng_to_restore = rank_state(states) if states else None
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

@@ -5,10 +5,11 @@ import torch
 
 from phi3_lightning.data import (
     CausalLMDataModule,
-    LengthGroupedSampler,
     SequenceClassificationDataModule,
     TokenClassificationDataModule,
 )
+from phi3_lightning.data.collate import padding_efficiency
+from phi3_lightning.data.sampling import EpochSampler
 from phi3_lightning.data.tokenizer import ByteTokenizer
 
 BATCH_KEYS = {"input_ids", "attention_mask", "position_ids", "labels"}
@@ -55,7 +56,7 @@ def test_causal_lm_unpacked_padding(cache_dir):
                             cache_dir=cache_dir, progress=False)
     dm.setup()
     loader = dm.train_dataloader()
-    assert isinstance(loader.batch_sampler, LengthGroupedSampler)
+    assert isinstance(loader.sampler, EpochSampler) and loader.sampler.lengths is not None  # grouped by length
     batch = next(iter(loader))
     B, T = _check_common(batch)
     assert T % 16 == 0 and T <= 48
@@ -245,24 +246,33 @@ def test_cli_signature_and_help():
         assert "label_names" in p.format_help()
 
 
-def test_ddp_sampler_injection_keeps_length_grouping(cache_dir):
-    """Under DDP Lightning re-creates the batch sampler with a DistributedSampler through its `sampler` argument."""
-    from lightning.fabric.utilities.data import _replace_dunder_methods
-    from lightning.pytorch.utilities.data import _update_dataloader
-    from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
+def test_train_sampler_shards_by_rank_and_keeps_length_grouping(cache_dir):
+    """The train sampler is a DistributedSampler (Lightning keeps it) that shards by rank itself, groups each rank's
+    shard by length, and orders by (seed, epoch) alone."""
+    from torch.utils.data import DistributedSampler
 
     dm = TokenClassificationDataModule(cache_dir=cache_dir, progress=False, max_files=2, max_examples=60, batch_size=4)
     dm.setup()
-    with _replace_dunder_methods(DataLoader, "dataset"), _replace_dunder_methods(BatchSampler):
-        loader = dm.train_dataloader()
-    n = len(dm.datasets["train"])
-    seen = []
+    loader = dm.train_dataloader()
+    assert isinstance(loader.sampler, DistributedSampler)  # Lightning's use_distributed_sampler leaves it alone
+    ds = dm.datasets["train"]
+    n = len(ds)
+    seen, grouped, plain = [], 0.0, 0.0
     for rank in (0, 1):
-        new = _update_dataloader(loader, DistributedSampler(dm.datasets["train"], num_replicas=2, rank=rank))
-        assert isinstance(new.batch_sampler, LengthGroupedSampler)
-        assert isinstance(new.batch_sampler.sampler, DistributedSampler)
-        seen += [i for b in new.batch_sampler for i in b]
+        s = EpochSampler(ds, seed=0, num_replicas=2, rank=rank, batch_size=4, lengths=ds.lengths, mega_batch_mult=3)
+        order = list(s)
+        assert len(order) == len(s) and order == list(s)  # deterministic
+        s.set_epoch(1)
+        assert list(s) != order  # each epoch its own order
+        s.set_epoch(0)
+        seen += order
+        batches = [[ds.lengths[i] for i in order[j : j + 4]] for j in range(0, len(order), 4)]
+        grouped += padding_efficiency(batches)
+        s.lengths = None
+        plain_order = list(s)
+        plain += padding_efficiency([[ds.lengths[i] for i in plain_order[j : j + 4]] for j in range(0, len(order), 4)])
     assert set(seen) == set(range(n))
+    assert grouped > plain
 
 
 def test_trainer_runs_on_each_datamodule(cache_dir):
