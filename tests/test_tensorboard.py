@@ -175,3 +175,27 @@ def test_hparams_tab_compares_runs_by_final_val_metrics(board, logs):
         final = scalars(logs / _fit_run(backend))["val/loss"][-1][1]
         (loss,) = [m["value"] for m in g["metricValues"] if m["name"]["tag"] == "val/loss"]
         assert loss == pytest.approx(final)  # the last validation, not a placeholder
+
+
+def test_logger_keeps_epoch_only_when_asked_and_writes_hparams_once_at_the_end(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    from phi3_lightning.modules import Phi3TensorBoardLogger
+
+    for log_epoch in (False, True):
+        lg = Phi3TensorBoardLogger(str(tmp_path), name=f"e{log_epoch}", log_epoch=log_epoch)
+        lg.log_hyperparams({"lr": 0.1, "attn": "sdpa"})
+        lg.log_metrics({"train/loss": 3.0, "epoch": 0}, step=1)
+        lg.log_metrics({"val/loss": 2.5, "epoch": 0}, step=2)
+        lg.log_metrics({"val/loss": 2.0, "epoch": 0}, step=4)
+        lg.finalize("success")
+        ea = EventAccumulator(lg.log_dir, size_guidance={"scalars": 0, "tensors": 0})
+        ea.Reload()
+        assert ("epoch" in ea.Tags()["scalars"]) is log_epoch
+        assert "hp_metric" not in ea.Tags()["scalars"]
+        assert [e.step for e in ea.Scalars("val/loss")] == [2, 4]  # no extra point from the hparams summary
+        content = ea.SummaryMetadata("_hparams_/experiment").plugin_data.content
+        exp = plugin_data_pb2.HParamsPluginData.FromString(content).experiment
+        assert [m.name.tag for m in exp.metric_infos] == ["val/loss"]
+        assert {h.name for h in exp.hparam_infos} == {"lr", "attn"}
