@@ -17,7 +17,7 @@ from ..model import Phi3Config, Phi3ForCausalLM, get_preset
 from ..model import backends as B
 from . import bench
 from .config import TOLERANCES, CompareConfig
-from .report import FWD_BWD_MEASURES, FWD_MEASURES, Row, chart, setting_name, table, write_tensorboard
+from .report import Row, chart, setting_name, table, write_tensorboard
 
 MIB = 2.0**20
 

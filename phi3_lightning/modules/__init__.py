@@ -23,6 +23,7 @@ MODULES = {
 
 __all__ = [
     "AtomicCheckpointIO", "COMPILE_SCOPES", "CausalLMModule", "FSDP2Strategy", "FSDPStrategy", "LoadedHead", "MODULES",
-    "Phi3LightningModule", "Phi3TensorBoardLogger", "PredictionWriter", "SequenceClassificationModule", "ThroughputMonitor",
-    "TokenClassificationModule", "WarmupDecayLR", "export_adapter", "export_checkpoint", "load_head", "resolve_model",
+    "Phi3LightningModule", "Phi3TensorBoardLogger", "PredictionWriter", "SequenceClassificationModule",
+    "ThroughputMonitor", "TokenClassificationModule", "WarmupDecayLR", "export_adapter", "export_checkpoint",
+    "load_head", "resolve_model",
 ]
