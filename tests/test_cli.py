@@ -43,7 +43,7 @@ def test_fit_logs_loss_metric_and_throughput(runs, base):
     assert finite(tags[VAL_METRIC[base]])
     for perf in ("perf/tokens_per_sec", "perf/mfu", "perf/tflops_per_device", "perf/peak_memory_mb"):
         assert finite(tags[perf]) and all(v > 0 for _, v in tags[perf]), perf
-    assert "lr-AdamW/pg1" in tags  # LearningRateMonitor: warmup + cosine from YAML
+    assert "train/lr/pg1" in tags  # LearningRateMonitor: warmup + cosine from YAML, beside the train/ cards
     card = texts(run)["run/text_summary"]
     assert "| attn_implementation | sdpa |" in card and "| precision | 32-true |" in card
     ckpts = {p.name for p in (run / "checkpoints").iterdir()}

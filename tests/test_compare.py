@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import yaml
 from phi3_lightning import Phi3ForCausalLM
 from phi3_lightning.compare import MEASURES, TOLERANCES, CompareConfig, build_parser, compare_attention, main
 from phi3_lightning.compare.config import config_from_namespace
-from phi3_lightning.compare.report import FWD_BWD_MEASURES, FWD_MEASURES
+from phi3_lightning.compare.report import CHARTS, FWD_BWD_MEASURES, FWD_MEASURES
 from phi3_lightning.model import BACKENDS, backends, get_preset
 from phi3_lightning.model.backends import (
     reference_flash_attn_func,
@@ -65,22 +66,31 @@ def tiny_run(tmp_path_factory):
         rc, out = _run_main(["--config", str(tmp / "cfg.yaml"), "--check"])
     finally:
         set_flash_kernels(None)
+    return rc, out, _accumulators(tmp / "logs" / "tiny")
+
+
+def _accumulators(run: Path) -> dict:
+    """The run directory ("") and its per-backend runs ("<backend>"), read back as TensorBoard reads them."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(tmp / "logs" / "tiny"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
-    acc.Reload()
-    return rc, out, acc
+    out = {}
+    for d in [run] + sorted(p for p in run.iterdir() if p.is_dir()):
+        acc = EventAccumulator(str(d), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+        acc.Reload()
+        out["" if d == run else d.name] = acc
+    return out
 
 
 def test_compare_attention_logs_series_table_and_chart(tiny_run):
-    rc, out, acc = tiny_run
+    rc, out, runs = tiny_run
     assert rc == 0, out
-    tags = acc.Tags()
-    scalars = set(tags["scalars"])
+    acc = runs[""]
+    assert set(runs) == {""} | set(BACKENDS)  # one run per backend: TensorBoard overlays them per measure
     summary = acc.Tensors("compare/summary/text_summary")[0].tensor_proto.string_val[0].decode()
     for backend in BACKENDS:
+        scalars = set(runs[backend].Tags()["scalars"])
         for setting in _settings():
-            logged = {m for m in MEASURES if f"compare/{setting}/{m}/{backend}" in scalars}
+            logged = {m for m in MEASURES if f"compare/{setting}/{m}" in scalars}
             assert set(FWD_MEASURES) <= logged, (backend, setting, logged)
             if backend != "flex":
                 assert logged == set(MEASURES), (backend, setting)
@@ -88,13 +98,21 @@ def test_compare_attention_logs_series_table_and_chart(tiny_run):
                 assert not logged & set(FWD_BWD_MEASURES)
                 assert "not measured: flex forward+backward (all batches)" in summary
             for m in logged:  # one series per backend and measure, step = seq_len
-                events = acc.Scalars(f"compare/{setting}/{m}/{backend}")
+                events = runs[backend].Scalars(f"compare/{setting}/{m}")
                 assert [e.step for e in events] == SEQ_LENS
                 assert all(math.isfinite(e.value) for e in events)
+            for m in {"fwd_ms", "fwd_bwd_ms"} & logged:  # the spread beside every timed median
+                q1 = [e.value for e in runs[backend].Scalars(f"compare_spread/{setting}/{m}/q1")]
+                q3 = [e.value for e in runs[backend].Scalars(f"compare_spread/{setting}/{m}/q3")]
+                med = [e.value for e in runs[backend].Scalars(f"compare/{setting}/{m}")]
+                assert all(a <= b <= c for a, b, c in zip(q1, med, q3)), (backend, setting, m, q1, med, q3)
     # the summary table: as TensorBoard text and, identically, on the terminal
     table_lines = [line for line in summary.splitlines() if line.startswith("|")]
     assert len(table_lines) == 2 + len(BACKENDS) * len(_settings()) * len(SEQ_LENS)
     assert "| batch" in table_lines[0] and "fwd+bwd ms" in table_lines[0] and "grad err" in table_lines[0]
+    assert "| timing" in table_lines[0] and "| n " in table_lines[0]
+    eager = [line for line in table_lines if "| eager " in line]
+    assert eager and all(re.search(r"\| +[0-9.]+ \([0-9.]+-[0-9.]+\) \|", line) for line in eager)  # median (q1-q3)
     assert all(line in out for line in table_lines)
     assert "flash_attention_2*" in out and "substituted pure-torch kernels" in out
     # the chart
@@ -103,15 +121,33 @@ def test_compare_attention_logs_series_table_and_chart(tiny_run):
     assert image.encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_custom_scalars_layout_has_one_chart_per_measure_with_every_backend(tiny_run):
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    _, _, runs = tiny_run
+    (event,) = runs[""].Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+    titles = [c.title for c in layout.category]
+    assert titles[: len(_settings())] == [f"compare-attention {s}" for s in _settings()]  # per measure charts first
+    for setting, category in zip(_settings(), layout.category):
+        assert [c.title for c in category.chart] == [title for title, _ in CHARTS]
+        for chart, (_, measure) in zip(category.chart, CHARTS):
+            (regex,) = chart.multiline.tag
+            lines = [b for b in BACKENDS if any(re.search(regex, t) for t in runs[b].Tags()["scalars"])]
+            expected = [b for b in BACKENDS if b != "flex" or measure in FWD_MEASURES
+                        or f"compare/{setting}/{measure}" in runs["flex"].Tags()["scalars"]]
+            assert lines == expected, (setting, measure, lines)
+
+
 def test_every_backend_agrees_with_fp64_reference(tiny_run):
     """Padded and packed batches, with and without the sliding window, every backend, logits and gradients."""
-    _, out, acc = tiny_run
+    _, out, runs = tiny_run
     tol = TOLERANCES[torch.float32]
     checked = 0
     for backend in BACKENDS:
         for setting in _settings():
             for measure, limit in (("logits_rel_err", tol["logits"]), ("grad_rel_err", tol["grads"])):
-                tag = f"compare/{setting}/{measure}/{backend}"
+                tag, acc = f"compare/{setting}/{measure}", runs[backend]
                 if measure == "grad_rel_err" and backend == "flex" and tag not in acc.Tags()["scalars"]:
                     continue  # flex has no backward on this CPU torch (asserted in the test above)
                 values = [e.value for e in acc.Scalars(tag)]
@@ -253,3 +289,94 @@ def test_flex_compile_setting():
         backends.set_flex_compile(None)
     with pytest.raises(ValueError, match="True, False or None"):
         backends.set_flex_compile("yes")
+
+
+# ----------------------------------------------------------------------------- timing quality
+class _FakeClock:
+    """perf_counter that advances only when a timed function "runs" for the duration it is given."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+    def fn(self, name, durations, calls):
+        it = iter(durations)
+
+        def run():
+            calls.append(name)
+            self.now += next(it)
+
+        return run
+
+
+def test_quantiles_match_numpy():
+    import numpy as np
+
+    from phi3_lightning.compare.bench import Timing
+
+    xs = [5.0, 1.0, 4.0, 2.0, 10.0, 3.0]
+    t = Timing(xs)
+    assert t.q1 == pytest.approx(np.quantile(xs, 0.25)) and t.q3 == pytest.approx(np.quantile(xs, 0.75))
+    assert t.median == 3.5 and t.min == 1.0 and t.max == 10.0
+    assert t.rel_spread == pytest.approx((np.quantile(xs, 0.75) - np.quantile(xs, 0.25)) / 3.5)
+
+
+def test_timing_repeats_until_the_spread_is_small(monkeypatch):
+    """Noisy first calls, then steady ones: rounds continue past `repeats` until IQR/median <= max_spread."""
+    from phi3_lightning.compare import bench
+
+    clock, calls = _FakeClock(), []
+    monkeypatch.setattr(bench.time, "perf_counter", clock)
+    a = [1.0, 3.0, 1.0, 3.0] + [2.0] * 100  # spread 100% over the first 4, then constant
+    b = [5.0, 9.0, 5.0, 9.0] + [6.0] * 100
+    out = bench.time_interleaved({"a": clock.fn("a", a, calls), "b": clock.fn("b", b, calls)}, torch.device("cpu"),
+                                 warmup=0, min_repeats=4, max_spread=0.1, time_budget_s=1e9)
+    assert calls[:6] == ["a", "b", "a", "b", "a", "b"]  # interleaved: one call of each per round
+    assert out["a"].n == out["b"].n > 4 and not out["a"].budget_spent
+    assert out["a"].rel_spread <= 0.1 and out["b"].rel_spread <= 0.1
+    n = out["a"].n  # the first round count at which both spreads are under 0.1: nothing more was timed
+    assert bench.Timing(a[: n - 1]).rel_spread > 0.1 or bench.Timing(b[: n - 1]).rel_spread > 0.1
+
+
+def test_timing_stops_at_the_time_budget(monkeypatch):
+    from phi3_lightning.compare import bench
+
+    clock, calls = _FakeClock(), []
+    monkeypatch.setattr(bench.time, "perf_counter", clock)
+    a = [1.0, 3.0] * 1000  # never steady
+    out = bench.time_interleaved({"a": clock.fn("a", a, calls)}, torch.device("cpu"), warmup=2, min_repeats=5,
+                                 max_spread=0.1, time_budget_s=50.0)
+    assert out["a"].budget_spent and 50.0 <= sum(out["a"].samples) <= 53.0
+    assert len(calls) == 2 + out["a"].n  # warm-up calls are not timed
+    out = bench.time_interleaved({"a": clock.fn("a", a, calls)}, torch.device("cpu"), warmup=0, min_repeats=5,
+                                 max_spread=0.1, time_budget_s=0.0)
+    assert out["a"].n == 5  # budget 0: exactly `repeats`
+
+
+def test_noisy_rows_are_flagged_and_do_not_fail_check(tmp_path, monkeypatch):
+    """Spread above max_spread, and fwd+bwd timed faster than fwd: flagged 'noisy'; --check stays 0 (correctness)."""
+    from phi3_lightning.compare import bench
+
+    steady, noisy = bench.Timing([0.010] * 5), bench.Timing([0.001, 0.002, 0.004], budget_spent=True)  # IQR 75%
+    fwd_bwd = iter([noisy, bench.Timing([0.005] * 5)])  # T=16: noisy; T=32: fwd+bwd faster than fwd
+
+    def fake_timings(fns, device, warmup, min_repeats, max_spread, time_budget_s):
+        assert list(fns) == ["fwd_ms", "fwd_bwd_ms"] and max_spread == 0.1
+        return {"fwd_ms": steady, "fwd_bwd_ms": next(fwd_bwd)}
+
+    monkeypatch.setattr(bench, "time_interleaved", fake_timings)
+    argv = ["--preset", "tiny", "--device", "cpu", "--overrides", "{num_hidden_layers: 1}", "--backends", "[eager]",
+            "--seq_lens", "[16, 32]", "--batch_kinds", "[padded]", "--warmup", "0", "--repeats", "3", "--no_memory",
+            "--num_threads", "1", "--log_dir", str(tmp_path), "--run_name", "noisy", "--check"]
+    rc, out = _run_main(argv)
+    assert rc == 0, out
+    rows = [line for line in out.splitlines() if line.startswith("| padded")]
+    assert len(rows) == 2 and all("| noisy " in r and "| yes" in r for r in rows)
+    assert "eager padded T=16: fwd_bwd_ms IQR 75% of median" in out
+    assert "eager padded T=32: fwd+bwd timed faster than fwd" in out
+    assert "2 of 2 rows" in out and "--check does not look at timings" in out
+    runs = _accumulators(tmp_path / "noisy")
+    rel = [e.value for e in runs["eager"].Scalars("compare_spread/padded/fwd_bwd_ms/rel_iqr")]
+    assert rel[0] == pytest.approx(0.75) and rel[1] == 0.0

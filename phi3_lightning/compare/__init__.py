@@ -4,11 +4,14 @@
 
 For one model (a preset with seeded random weights, or a checkpoint), the same weights and the same batches (padded
 and packed, several sequence lengths, optionally several sliding windows), every available backend is run and
-measured: forward and forward+backward time (median after warm-up), tokens/s, peak memory, and the error of logits
-and parameter gradients against an fp64 eager reference on the same weights. Results go to TensorBoard (one scalar
-series per backend and measure, step = sequence length; a summary table as text; a chart as an image) and the same
-table is printed. Backends that cannot run here are listed with the reason. ``--check`` makes the exit status 1
-when a backend disagrees with the reference beyond its dtype's tolerance.
+measured: forward and forward+backward time (timed alternately; the median with its interquartile range, repeated
+until the spread is small or a time budget is spent, rows still too noisy to rank flagged "noisy"), tokens/s, peak
+memory, and the error of logits and parameter gradients against an fp64 eager reference on the same weights. Results
+go to TensorBoard (one run per backend, ``<run>/<backend>``, with one scalar series per measure, step = sequence
+length; a custom-scalars layout with one chart per measure and batch kind whose lines are the backends; a summary
+table as text; a chart as an image) and the same table is printed. Backends that cannot run here are listed with the
+reason. ``--check`` makes the exit status 1 when a backend disagrees with the reference beyond its dtype's tolerance
+(timing noise never changes it).
 """
 
 from __future__ import annotations

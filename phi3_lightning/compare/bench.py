@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -109,18 +110,88 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_time(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
-    """Median wall-clock seconds of ``repeats`` calls after ``warmup`` untimed calls (device synchronised)."""
+def quantile(sorted_values: list[float], q: float) -> float:
+    """Linear-interpolation quantile (numpy's default) of an already sorted, non-empty list."""
+    pos = (len(sorted_values) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+@dataclass
+class Timing:
+    """Timed calls of one function, in seconds: the median and its spread (quartiles, extremes)."""
+
+    samples: list[float]
+    budget_spent: bool = False  # stopped by the time budget, not because the spread was small enough
+
+    @property
+    def n(self) -> int:
+        return len(self.samples)
+
+    def _q(self, q: float) -> float:
+        return quantile(sorted(self.samples), q)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def q1(self) -> float:
+        return self._q(0.25)
+
+    @property
+    def q3(self) -> float:
+        return self._q(0.75)
+
+    @property
+    def min(self) -> float:
+        return min(self.samples)
+
+    @property
+    def max(self) -> float:
+        return max(self.samples)
+
+    @property
+    def rel_spread(self) -> float:
+        """Interquartile range over the median: 0.1 means the middle half of the calls lie within 10% of it."""
+        m = self.median
+        return (self.q3 - self.q1) / m if m > 0 else float("inf")
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, min_repeats: int,
+                     max_spread: float, time_budget_s: float, max_repeats: int = 10_000) -> dict[str, Timing]:
+    """Time several functions in one loop, one call of each per round (a, b, a, b, ...), device synchronised.
+
+    Interleaving makes a change of machine load hit every function alike, so their medians stay comparable (a
+    forward+backward cannot come out faster than its forward because the machine got quieter between the two).
+    After ``warmup`` untimed rounds, rounds are repeated until, after at least ``min_repeats`` of them, the relative
+    interquartile range of every function is <= ``max_spread``, or ``time_budget_s`` seconds of timing are spent
+    (then ``Timing.budget_spent`` is set), or ``max_repeats`` rounds ran.
+    """
     for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn in fns.values():
+            fn()
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    started = time.perf_counter()
+    rounds = 0
+    spent = False
+    while True:
+        for k, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            samples[k].append(time.perf_counter() - t0)
+        rounds += 1
+        if rounds < min_repeats:
+            continue
+        if all(Timing(v).rel_spread <= max_spread for v in samples.values()) or rounds >= max_repeats:
+            break
+        if time.perf_counter() - started >= time_budget_s:
+            spent = True
+            break
+    return {k: Timing(v, budget_spent=spent) for k, v in samples.items()}
 
 
 # ----------------------------------------------------------------------------- memory

@@ -63,7 +63,13 @@ class CompareConfig:
     num_threads: int | None = _help("CPU threads torch uses (torch.set_num_threads) during the run; default: "
                                      "torch's own setting.", None)
     warmup: int = _help("Untimed calls before timing each backend and shape.", 2)
-    repeats: int = _help("Timed calls; the median is reported.", 5)
+    repeats: int = _help("Fewest timed calls of each of forward and forward+backward (timed alternately, one of each "
+                         "per round); the median is reported with its interquartile range (IQR).", 5)
+    max_spread: float = _help("Keep timing (more rounds than `repeats`) until IQR / median of both forward and "
+                              "forward+backward is at most this, or `time_budget_s` is spent; a row whose spread "
+                              "stays above it is flagged 'noisy' (too noisy to rank backends).", 0.1)
+    time_budget_s: float = _help("Seconds of timing allowed per backend and batch while the spread is above "
+                                 "`max_spread` (0: exactly `repeats` rounds).", 5.0)
     memory: bool = _help("Measure peak memory of a forward and of a forward+backward (CUDA: max_memory_allocated; "
                          "CPU: CPU-allocator bytes recorded by torch.profiler).", True)
     flex_compile: bool | None = _help("Run torch.compile(flex_attention) (default null: on CUDA only; on CPU each new "
@@ -96,6 +102,10 @@ class CompareConfig:
             raise ValueError(f"num_threads={self.num_threads} must be >= 1 or null")
         if self.warmup < 0 or self.repeats < 1:
             raise ValueError(f"warmup={self.warmup} must be >= 0 and repeats={self.repeats} >= 1")
+        if not self.max_spread > 0:
+            raise ValueError(f"max_spread={self.max_spread} must be > 0 (e.g. 0.1: IQR within 10% of the median)")
+        if not self.time_budget_s >= 0:
+            raise ValueError(f"time_budget_s={self.time_budget_s} must be >= 0 seconds")
         for w in self.sliding_windows or []:
             if w is not None and (not isinstance(w, int) or w < 1):
                 raise ValueError(f"sliding_windows holds {w!r}; use positive integers or null")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-# (name, unit, what it is). Every measure is one TensorBoard series per backend: compare/<batch>/<name>/<backend>.
+# name -> what it is. Every measure is one TensorBoard series compare/<batch>/<name> in each backend's run directory
+# (<run>/<backend>), so TensorBoard draws one chart per measure with one line per backend.
 MEASURES: dict[str, str] = {
     "fwd_ms": "median forward time (no grad), milliseconds",
     "fwd_bwd_ms": "median forward+backward time of the loss, milliseconds",
@@ -35,6 +37,8 @@ class Row:
     values: dict[str, float] = field(default_factory=dict)
     not_measured: dict[str, str] = field(default_factory=dict)  # "forward" / "forward+backward" -> reason
     failures: list[str] = field(default_factory=list)  # out of tolerance or an unexpected error
+    timings: dict[str, Any] = field(default_factory=dict)  # "fwd_ms" / "fwd_bwd_ms" -> bench.Timing (spread)
+    noisy: list[str] = field(default_factory=list)  # why the times of this row are too noisy to rank backends
 
     @property
     def ok(self) -> bool:
@@ -69,18 +73,33 @@ COLUMNS = [  # (header, measure, format)
 ]
 
 
+def _fmt_time(r: Row, measure: str) -> str:
+    """``median (q1-q3)`` in ms: the median and its interquartile range."""
+    v = r.values.get(measure)
+    t = r.timings.get(measure)
+    if v is None or t is None:
+        return _fmt(v, "ms")
+    return f"{_fmt(v, 'ms')} ({_fmt(t.q1 * 1e3, 'ms')}-{_fmt(t.q3 * 1e3, 'ms')})"
+
+
 def table(rows: list[Row], backend_labels: dict[str, str] | None = None) -> str:
-    """A Markdown pipe table, aligned so it reads the same in a terminal and in TensorBoard's text tab."""
+    """A Markdown pipe table, aligned so it reads the same in a terminal and in TensorBoard's text tab.
+
+    Times are ``median (q1-q3)``; ``n`` is the number of timed calls of each; ``timing`` says "noisy" where the
+    spread is too large to rank backends on that row; ``ok`` is correctness alone (what ``--check`` gates).
+    """
     labels = backend_labels or {}
-    header = ["batch", "T", "backend"] + [c[0] for c in COLUMNS] + ["ok"]
+    header = ["batch", "T", "backend"] + [c[0] for c in COLUMNS] + ["n", "timing", "ok"]
     body = []
     for r in rows:
         cells = [r.batch, str(r.seq_len), labels.get(r.backend, r.backend)]
-        cells += [_fmt(r.values.get(m), f) for _, m, f in COLUMNS]
+        cells += [_fmt_time(r, m) if f == "ms" else _fmt(r.values.get(m), f) for _, m, f in COLUMNS]
+        n = max((t.n for t in r.timings.values()), default=0)
+        cells += [str(n) if n else "n/a", "noisy" if r.noisy else ("ok" if r.timings else "n/a")]
         cells.append("yes" if r.ok else "NO")
         body.append(cells)
     widths = [max(len(x) for x in col) for col in zip(header, *body)]
-    right = [False, True, False] + [True] * len(COLUMNS) + [False]
+    right = [False, True, False] + [True] * len(COLUMNS) + [True, False, False]
 
     def line(cells):
         return "| " + " | ".join(c.rjust(w) if rj else c.ljust(w) for c, w, rj in zip(cells, widths, right)) + " |"
@@ -123,6 +142,9 @@ def chart(rows: list[Row], title: str, measures=(("fwd_ms", "forward ms"), ("fwd
         draw.line([(x, 30), (x + 18, 30)], fill=color[b], width=3)
         draw.text((x + 22, 24), b, fill="black", font=font)
         x += 34 + int(draw.textlength(b, font=font))
+    if any(r.noisy for r in rows):
+        draw.ellipse([x, 26, x + 8, 34], fill="white", outline=(90, 90, 90), width=2)
+        draw.text((x + 14, 24), "noisy: spread too large to rank (whiskers: IQR)", fill="black", font=font)
     ml, mr, mt, mb = 52, 12, 22, 30  # panel margins
     for mi, (measure, label) in enumerate(measures):
         for si, setting in enumerate(settings):
@@ -157,22 +179,80 @@ def chart(rows: list[Row], title: str, measures=(("fwd_ms", "forward ms"), ("fwd
                        for r in sorted(sub, key=lambda r: r.seq_len) if r.backend == b and measure in r.values]
                 if len(pts) > 1:
                     draw.line(pts, fill=color[b], width=2)
-                for px, py in pts:
-                    draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color[b])
+                mine = [r for r in sorted(sub, key=lambda r: r.seq_len) if r.backend == b and measure in r.values]
+                for (px, py), r in zip(pts, mine):
+                    t = r.timings.get(measure)
+                    if t is not None:  # interquartile range as a whisker
+                        lo, hi = (y0 - (y0 - y1) * min(v * 1e3 / ymax, 1.0) for v in (t.q1, t.q3))
+                        draw.line([(px, lo), (px, hi)], fill=color[b], width=1)
+                    if r.noisy:  # hollow: too noisy to rank
+                        draw.ellipse([px - 4, py - 4, px + 4, py + 4], fill="white", outline=color[b], width=2)
+                    else:
+                        draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color[b])
     return np.asarray(img, dtype=np.uint8)
 
 
 # ----------------------------------------------------------------------------- tensorboard
-def write_tensorboard(log_dir: str, rows: list[Row], summary: str, image: np.ndarray, config_text: str) -> None:
+CHARTS = [  # (chart title, measure): the custom-scalars layout, in this order for every batch setting
+    ("forward ms", "fwd_ms"),
+    ("forward+backward ms", "fwd_bwd_ms"),
+    ("forward tokens/s", "fwd_tokens_per_s"),
+    ("forward+backward tokens/s", "fwd_bwd_tokens_per_s"),
+    ("forward peak memory MiB", "fwd_peak_mib"),
+    ("forward+backward peak memory MiB", "fwd_bwd_peak_mib"),
+    ("logits error (max|d| / max|ref|)", "logits_rel_err"),
+    ("grad error (||d|| / ||ref||)", "grad_rel_err"),
+]
+TIMED = ("fwd_ms", "fwd_bwd_ms")
+LAYOUT_PREFIX = "compare-attention"  # custom-scalars categories: "compare-attention padded", ...
+
+
+def scalar_tag(setting: str, measure: str) -> str:
+    return f"compare/{setting}/{measure}"
+
+
+def spread_tag(setting: str, measure: str, what: str) -> str:
+    """``q1`` / ``q3`` (ms) and ``rel_iqr`` (IQR / median) of a timed measure."""
+    return f"compare_spread/{setting}/{measure}/{what}"
+
+
+def layout(settings: list[str], max_spread: float) -> dict:
+    """Custom-scalars layout: per batch setting, one chart per measure whose lines are the backends (runs)."""
+    out = {}
+    for setting in settings:
+        charts = {title: ["Multiline", [f"^{scalar_tag(setting, m)}$"]] for title, m in CHARTS}
+        out[f"{LAYOUT_PREFIX} {setting}"] = charts
+    out[f"{LAYOUT_PREFIX} timing spread (IQR / median; above {max_spread:g} = noisy)"] = {
+        f"{setting} {title}": ["Multiline", [f"^{spread_tag(setting, m, 'rel_iqr')}$"]]
+        for setting in settings for title, m in CHARTS if m in TIMED
+    }
+    return out
+
+
+def write_tensorboard(log_dir: str, rows: list[Row], summary: str, image: np.ndarray, config_text: str,
+                      max_spread: float = 0.1) -> None:
+    """``<log_dir>``: the summary table, the config, the chart and the custom-scalars layout; ``<log_dir>/<backend>``:
+    that backend's scalars (step = sequence length), one run per backend so every chart overlays the backends."""
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(log_dir=log_dir)
     try:
-        for r in sorted(rows, key=lambda r: r.seq_len):
-            for m, v in r.values.items():
-                writer.add_scalar(f"compare/{r.batch}/{m}/{r.backend}", v, global_step=r.seq_len)
+        settings = list(dict.fromkeys(r.batch for r in rows))
+        writer.add_custom_scalars(layout(settings, max_spread))
         writer.add_text("compare/summary", summary)
         writer.add_text("compare/config", config_text)
         writer.add_image("compare/chart", image, dataformats="HWC")
     finally:
         writer.close()
+    for backend in dict.fromkeys(r.backend for r in rows):
+        writer = SummaryWriter(log_dir=f"{log_dir}/{backend}")
+        try:
+            for r in sorted((r for r in rows if r.backend == backend), key=lambda r: r.seq_len):
+                for m, v in r.values.items():
+                    writer.add_scalar(scalar_tag(r.batch, m), v, global_step=r.seq_len)
+                for m, t in r.timings.items():
+                    writer.add_scalar(spread_tag(r.batch, m, "q1"), t.q1 * 1e3, global_step=r.seq_len)
+                    writer.add_scalar(spread_tag(r.batch, m, "q3"), t.q3 * 1e3, global_step=r.seq_len)
+                    writer.add_scalar(spread_tag(r.batch, m, "rel_iqr"), t.rel_spread, global_step=r.seq_len)
+        finally:
+            writer.close()

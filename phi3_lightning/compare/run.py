@@ -17,7 +17,7 @@ from ..model import Phi3Config, Phi3ForCausalLM, get_preset
 from ..model import backends as B
 from . import bench
 from .config import TOLERANCES, CompareConfig
-from .report import FWD_BWD_MEASURES, FWD_MEASURES, Row, chart, setting_name, table, write_tensorboard
+from .report import Row, chart, setting_name, table, write_tensorboard
 
 MIB = 2.0**20
 
@@ -126,34 +126,32 @@ def _reason(e: BaseException) -> str:
 # ----------------------------------------------------------------------------- one backend, one batch
 def _measure(model, batch: dict, row: Row, ref_logits, ref_grads, cfg: CompareConfig, device, tol) -> None:
     real = batch["attention_mask"].bool()
+    forward = lambda: bench.forward_logits(model, batch)  # noqa: E731
+    train_step = lambda: bench.train_step(model, batch)  # noqa: E731
+    timed = {}  # measure -> function: what runs here is timed below, both in one interleaved loop
 
-    # forward: error against the reference, time, memory
+    # forward: error against the reference, memory
     try:
-        logits = bench.forward_logits(model, batch)
+        logits = forward()
         row.values.update(bench.logits_errors(logits, ref_logits, real))
         del logits
-        t = bench.median_time(lambda: bench.forward_logits(model, batch), device, cfg.warmup, cfg.repeats)
-        row.values["fwd_ms"] = t * 1e3
-        row.values["fwd_tokens_per_s"] = row.tokens / t
+        timed["fwd_ms"] = forward
         if cfg.memory:
-            row.values["fwd_peak_mib"] = _peak_mib(lambda: bench.forward_logits(model, batch), device)
+            row.values["fwd_peak_mib"] = _peak_mib(forward, device)
     except NotImplementedError as e:
         row.not_measured["forward"] = _reason(e)
     except Exception as e:  # noqa: BLE001 - reported, and a failure for --check
         row.not_measured["forward"] = _reason(e)
         row.failures.append(f"{row.backend} {row.batch} T={row.seq_len} forward raised {_reason(e)}")
 
-    # forward+backward of the loss: gradient error, time, memory
+    # forward+backward of the loss: gradient error, memory
     try:
-        bench.train_step(model, batch)
+        train_step()
         row.values.update(bench.grad_errors(bench.grad_vector(model), ref_grads))
         model.zero_grad(set_to_none=True)
-        t = bench.median_time(lambda: bench.train_step(model, batch), device, cfg.warmup, cfg.repeats)
-        row.values["fwd_bwd_ms"] = t * 1e3
-        row.values["fwd_bwd_tokens_per_s"] = row.tokens / t
+        timed["fwd_bwd_ms"] = train_step
         if cfg.memory:
-            model.zero_grad(set_to_none=True)
-            row.values["fwd_bwd_peak_mib"] = _peak_mib(lambda: bench.train_step(model, batch), device)
+            row.values["fwd_bwd_peak_mib"] = _peak_mib(train_step, device)
     except NotImplementedError as e:
         row.not_measured["forward+backward"] = _reason(e)
     except Exception as e:  # noqa: BLE001
@@ -161,6 +159,25 @@ def _measure(model, batch: dict, row: Row, ref_logits, ref_grads, cfg: CompareCo
         row.failures.append(f"{row.backend} {row.batch} T={row.seq_len} forward+backward raised {_reason(e)}")
     finally:
         model.zero_grad(set_to_none=True)
+
+    # time: forward and forward+backward alternately, until their spread is small or the budget is spent
+    if timed:
+        try:
+            timings = bench.time_interleaved(timed, device, cfg.warmup, cfg.repeats, cfg.max_spread, cfg.time_budget_s)
+        except Exception as e:  # noqa: BLE001 - it ran once above: a failure now is unexpected
+            row.not_measured["timing"] = _reason(e)
+            row.failures.append(f"{row.backend} {row.batch} T={row.seq_len} timing raised {_reason(e)}")
+            timings = {}
+        finally:
+            model.zero_grad(set_to_none=True)
+        for measure, t in timings.items():
+            row.timings[measure] = t
+            row.values[measure] = t.median * 1e3
+            row.values[measure.replace("_ms", "_tokens_per_s")] = row.tokens / t.median
+            if t.rel_spread > cfg.max_spread:
+                row.noisy.append(f"{measure} IQR {t.rel_spread:.0%} of median")
+        if len(timings) == 2 and timings["fwd_bwd_ms"].median < timings["fwd_ms"].median:
+            row.noisy.append("fwd+bwd timed faster than fwd")
 
     for measure, limit in (("logits_rel_err", tol["logits"]), ("grad_rel_err", tol["grads"])):
         v = row.values.get(measure)
@@ -255,9 +272,18 @@ def compare_attention(config: CompareConfig | None = None, **overrides) -> Compa
             + (f" ({threads} thread{'s' if threads > 1 else ''})" if device.type == "cpu" else "") + f", torch {torch.__version__}")
     tbl = table(rows, labels)
     lines = [head, "", tbl, ""]
-    lines.append(f"times: median of {cfg.repeats} calls after {cfg.warmup} warm-up calls; tok/s counts real "
-                 "(non-padding) tokens. Batches: padded = right-padded rows; packed = documents with restarting "
-                 "position_ids (+ a padding tail on rows after the first); _wN = sliding window N.")
+    lines.append(f"times: median (q1-q3) of n calls, forward and forward+backward timed alternately after "
+                 f"{cfg.warmup} warm-up round(s); at least {cfg.repeats} rounds, more until IQR/median <= "
+                 f"{cfg.max_spread:g} or {cfg.time_budget_s:g} s per row; tok/s counts real (non-padding) tokens. "
+                 "Batches: padded = right-padded rows; packed = documents with restarting position_ids (+ a padding "
+                 "tail on rows after the first); _wN = sliding window N.")
+    noisy = [r for r in rows if r.noisy]
+    if noisy:
+        lines.append(f"noisy: {len(noisy)} of {len(rows)} rows have a timing spread too large to rank backends "
+                     f"(IQR/median > {cfg.max_spread:g} within {cfg.time_budget_s:g} s, or fwd+bwd timed faster than "
+                     "fwd); rerun on a quieter machine, with --num_threads, or a larger --time_budget_s. "
+                     "--check does not look at timings.")
+        lines += [f"  - {r.backend} {r.batch} T={r.seq_len}: {'; '.join(r.noisy)}" for r in noisy]
     lines.append(f"errors vs fp64 eager on the same weights: logits err = max|d| / max|ref| over real tokens, grad err "
                  f"= ||d||_2 / ||ref||_2 over all parameter gradients; {dtype_name} tolerance: logits <= "
                  f"{tol['logits']:g}, grads <= {tol['grads']:g}.")
@@ -287,6 +313,6 @@ def compare_attention(config: CompareConfig | None = None, **overrides) -> Compa
     config_text = "```\n" + "\n".join(f"{k}: {v}" for k, v in dataclasses.asdict(cfg).items()) + "\n```"
     # TensorBoard renders Markdown: keep the table as a table and every note as its own paragraph.
     tb_text = "\n\n".join([head, tbl] + [line for line in lines[4:] if line])
-    write_tensorboard(str(log_dir), rows, tb_text, image, config_text)
+    write_tensorboard(str(log_dir), rows, tb_text, image, config_text, max_spread=cfg.max_spread)
     return CompareResult(rows=rows, unavailable=unavailable, notes=lines[4:], table=tbl, summary=summary,
                          log_dir=log_dir, dtype=dtype, device=device, failures=failures)

@@ -8,6 +8,7 @@ optimizers, checkpoint metadata).
 from .base import COMPILE_SCOPES, Phi3LightningModule, resolve_model
 from .callbacks import PredictionWriter, ThroughputMonitor
 from .causal_lm import CausalLMModule
+from .loggers import Phi3TensorBoardLogger
 from .loading import LoadedHead, export_adapter, export_checkpoint, load_head
 from .schedulers import WarmupDecayLR
 from .sequence_classification import SequenceClassificationModule
@@ -22,6 +23,7 @@ MODULES = {
 
 __all__ = [
     "AtomicCheckpointIO", "COMPILE_SCOPES", "CausalLMModule", "FSDP2Strategy", "FSDPStrategy", "LoadedHead", "MODULES",
-    "Phi3LightningModule", "PredictionWriter", "SequenceClassificationModule", "ThroughputMonitor",
-    "TokenClassificationModule", "WarmupDecayLR", "export_adapter", "export_checkpoint", "load_head", "resolve_model",
+    "Phi3LightningModule", "Phi3TensorBoardLogger", "PredictionWriter", "SequenceClassificationModule",
+    "ThroughputMonitor", "TokenClassificationModule", "WarmupDecayLR", "export_adapter", "export_checkpoint",
+    "load_head", "resolve_model",
 ]

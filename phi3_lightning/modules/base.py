@@ -449,9 +449,12 @@ class Phi3LightningModule(pl.LightningModule):
             total = self.trainer.estimated_stepping_batches
             if total is not None and math.isfinite(total):
                 scheduler.set_total_steps(int(total))
+        # name: LearningRateMonitor logs train/lr/pg<N>, beside the other train/ cards (not a card group of its own)
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss", "interval": "epoch"}}
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss",
+                                                             "interval": "epoch", "name": "train/lr"}}
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """FSDP1 shards gradients, so Lightning's norm clipping refuses it: clip through the FSDP root instead."""

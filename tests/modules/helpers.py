@@ -69,7 +69,8 @@ def texts(run_dir: Path) -> dict[str, str]:
 
     ea = EventAccumulator(str(run_dir), size_guidance={"tensors": 0})
     ea.Reload()
-    return {tag: ea.Tensors(tag)[-1].tensor_proto.string_val[0].decode() for tag in ea.Tags()["tensors"]}
+    return {tag: ea.Tensors(tag)[-1].tensor_proto.string_val[0].decode() for tag in ea.Tags()["tensors"]
+            if ea.SummaryMetadata(tag).plugin_data.plugin_name == "text"}  # not e.g. the custom-scalars layout
 
 
 def finite(values: list[tuple[int, float]]) -> bool:
