@@ -259,12 +259,15 @@ def test_signal_during_fit_saves_last_ckpt_exits_nonzero_and_resumes(tmp_path, c
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 128 + signum, err[-3000:]
-    last = logs / "causal_lm" / "sdpa" / "version_0" / "checkpoints" / "last.ckpt"
+    last = logs / "causal_lm+marker" / "sdpa" / "version_0" / "checkpoints" / "last.ckpt"
     assert f"saved a resumable checkpoint to {last}" in err and "--ckpt_path" in err, err[-3000:]
     saved = torch.load(last, weights_only=True)
     assert 3 <= saved["global_step"] < 16 and _all_finite(last)
     assert not [p for p in last.parent.iterdir() if p.name.endswith(".tmp")]
+    if signum == signal.SIGINT:  # the resume path is the same for both signals: run it once
+        return
     # resume from that file: the run continues to max_steps and exits 0
     rc, _, err = run_main("fit", *args, "--ckpt_path", str(last))
     assert rc == 0, err[-3000:]
-    assert torch.load(last, weights_only=True)["global_step"] == 16
+    finals = [torch.load(p, weights_only=True)["global_step"] for p in logs.rglob("last.ckpt")]
+    assert max(finals) == 16, finals
