@@ -4,7 +4,6 @@ produce a loss are refused, and SIGTERM / Ctrl-C save a resumable last.ckpt and 
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import signal
