@@ -41,7 +41,7 @@ def run(steps: int, guard: bool, max_length: int) -> tuple[float, float]:
                                  "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]",
                                  "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
                                  "--data.init_args.max_length", str(max_length), "--data.init_args.progress", "false"],
-                           run=False)
+                           run=False, save_config_callback=None)
         clock = _Clock()
         cli.trainer.callbacks.append(clock)
         cli.trainer.fit(cli.model, cli.datamodule)
