@@ -907,8 +907,13 @@ def main(argv: list[str] | None = None) -> int:
             return compare_main(argv[1:])
         if command in LIGHTNING_COMMANDS:
             return run_lightning(None if from_sys else argv)
-    except SystemExit as e:  # argparse / jsonargparse errors and --help
+    except SystemExit as e:  # argparse / jsonargparse errors and --help; Lightning's SIGTERMException
+        if type(e).__name__ == "SIGTERMException":  # preempted: never exit 0 (the guard sets 143 / 130)
+            return e.code if isinstance(e.code, int) and e.code else 143
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
     except (UsageError, ValueError, FileNotFoundError, FileExistsError) as e:
         _report(e)
         return 1

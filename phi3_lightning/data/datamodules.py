@@ -400,6 +400,9 @@ class CausalLMDataModule(_BaseDataModule):
             eval_batch_size, num_workers, padding_side, pad_to_multiple_of, group_by_length, max_documents,
             text_field, text_unit, cache_dir, seed, progress,
         )  # fmt: skip
+        if max_length < 2:  # the head predicts token t+1 from tokens <= t: a 1-token row has no target
+            raise ValueError(f"max_length={max_length}: a causal-LM row needs at least 2 tokens to have a next-token "
+                             "target (with 1 every label is ignored and the loss is NaN); use max_length >= 2")
         if data_format not in ("auto", "text", "chat"):
             raise ValueError(f"data_format={data_format!r}; use 'auto', 'text' or 'chat'")
         if chat_format is not None and chat_format not in CHAT_FORMATS:

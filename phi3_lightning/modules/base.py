@@ -373,10 +373,13 @@ class Phi3LightningModule(pl.LightningModule):
         set_model_state_dict(head, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        """Always on: a CUDA out-of-memory error gets the memory planner's estimate and advice appended."""
+        """Always on: a CUDA out-of-memory error gets the memory planner's estimate and advice appended; a
+        non-finite loss / gradient / weight stops fit before the update and is never checkpointed; SIGTERM / Ctrl-C
+        during fit save a resumable last.ckpt and exit non-zero (see :mod:`.guards`)."""
+        from .guards import NonFiniteGuard, PreemptionCheckpoint
         from .oom import OOMAdvice
 
-        return [OOMAdvice()]
+        return [OOMAdvice(), NonFiniteGuard(), PreemptionCheckpoint()]
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: dict[str, torch.Tensor], **kwargs: Any):

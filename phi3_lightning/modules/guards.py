@@ -1,0 +1,338 @@
+"""Always-on guards of a fit: no update from a non-finite loss, no non-finite checkpoint, and a checkpoint on
+SIGTERM / Ctrl-C.
+
+Both callbacks are installed by every Phi-3 LightningModule (``configure_callbacks``).
+
+* :class:`NonFiniteGuard`: each optimizer step, after backward and before the update (Lightning 2.6 order inside
+  ``optimizer.step(closure)``: closure = forward + backward -> ``on_before_optimizer_step`` -> gradient clipping ->
+  the optimizer's update), checks on the device that the step's training loss, its gradients and the weights (as
+  left by the previous update) are finite, then reads one boolean back: one host sync per optimizer step, and
+  one extra all-reduce of that boolean with several processes. A failure raises :class:`NonFiniteError` naming the
+  global step, the value and the likely causes, before the optimizer touches the weights. Every checkpoint save is
+  checked too (``on_save_checkpoint`` raises), so a non-finite model is never written over a good file.
+* :class:`PreemptionCheckpoint`: SIGTERM (Lightning stops at the end of the current batch and raises its
+  ``SIGTERMException``) and SIGINT (handled the same way during training: the first Ctrl-C asks for a stop at the
+  end of the batch, later ones are ignored while the checkpoint is written) save a resumable checkpoint at the
+  run's ``last.ckpt`` (through the trainer's checkpoint IO: atomic under the CLI), print where it is and how to
+  resume, and make the process exit with 128 + the signal number (143 for SIGTERM, 130 for SIGINT).
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+CAUSES = (
+    "Likely causes: a learning rate too high for this model ({lr} at this step: lower it or use warmup), float16 "
+    "overflow ({precision}: use bf16-mixed / bf16-true on GPUs that support bfloat16, or 32-true), or a batch whose "
+    "rows have no target token (every label -100, e.g. max_length too short or an empty answer)"
+)
+
+
+class NonFiniteError(ValueError):
+    """A NaN / inf in the training loss, the gradients or the weights (the CLI prints it as ``error: ...``)."""
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The process-local part of a DTensor / ShardedTensor (the tensor itself otherwise)."""
+    if hasattr(t, "to_local"):
+        return t.to_local()
+    if hasattr(t, "local_tensor"):
+        return t.local_tensor()
+    return t
+
+
+def _float_tensors(named: Any) -> list[tuple[str, torch.Tensor]]:
+    out = []
+    for name, t in named:
+        if isinstance(t, torch.Tensor):
+            t = _local(t)
+            if t.is_floating_point() and t.numel() and t.device.type != "meta":
+                out.append((name, t))
+    return out
+
+
+def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """(N,) float32 L2 norms, one per tensor (inf / nan iff the tensor holds one, barring float32 overflow)."""
+    if not tensors:
+        return torch.zeros(0)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    if len(by_device) == 1:
+        return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+    out = torch.empty(len(tensors))
+    for idx in by_device.values():
+        norms = torch._foreach_norm([tensors[i] for i in idx], 2, dtype=torch.float32)
+        out[idx] = torch.stack(norms).cpu()
+    return out
+
+
+def first_non_finite(named: list[tuple[str, torch.Tensor]]) -> str | None:
+    """Name of the first tensor holding a NaN / inf (slow path, only after a failed check)."""
+    for name, t in named:
+        if not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
+def _fmt(x: float) -> str:
+    return repr(x) if not math.isfinite(x) else f"{x:.4g}"
+
+
+def _settings(trainer: pl.Trainer) -> dict[str, str]:
+    lr = "lr=?"
+    opts = getattr(trainer, "optimizers", None) or []
+    if opts and opts[0].param_groups:
+        lr = f"lr={opts[0].param_groups[0].get('lr')}"
+    return {"lr": lr, "precision": f"precision={trainer.precision}"}
+
+
+def non_finite_tensor(trainer: pl.Trainer, state: dict[str, Any]) -> str | None:
+    """Name of a floating tensor of ``state`` that holds NaN / inf on any process (None when all are finite)."""
+    named = _float_tensors(state.items())
+    bad = bool(named) and not bool(torch.isfinite(_norms([t for _, t in named])).all())
+    if trainer.world_size > 1:
+        bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+    if not bad:
+        return None
+    return first_non_finite(named) or "(a tensor on another process)"
+
+
+class NonFiniteGuard(Callback):
+    """Stop fit at the first non-finite training loss, gradient or weight, before it reaches the weights; refuse to
+    save a checkpoint whose model tensors are non-finite.
+
+    Cost: per optimizer step one fused norm over the gradients and one over the trainable weights (memory-bound
+    passes, small next to the optimizer's own), computed on the device, and one host sync to read the verdict.
+    Under a loss scaler (``16-mixed``) non-finite gradients are the scaler's business (it skips those steps), so
+    only the loss and the weights are checked.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._losses: list[torch.Tensor] = []
+
+    # ------------------------------------------------------------------ training
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._losses = []
+
+    def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
+        self._losses.append(loss.detach())
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        losses, self._losses = [loss.float().reshape(()) for loss in self._losses], []
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        grads = [] if scaler is not None else [_local(p.grad) for p in params if p.grad is not None]
+        weights = [_local(p.detach()) for p in params]
+        flags = []
+        if losses:
+            flags.append(torch.isfinite(torch.stack(losses)).all())
+        if grads or weights:
+            flags.append(torch.isfinite(_norms(grads + weights)).all())
+        ok = bool(torch.stack([f.to(flags[0].device) for f in flags]).all()) if flags else True  # the one host sync
+        bad = not ok
+        if trainer.world_size > 1:
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            raise NonFiniteError(self._diagnose(trainer, pl_module, optimizer, losses, scaler is None))
+
+    def _diagnose(self, trainer, pl_module, optimizer, losses: list[torch.Tensor], check_grads: bool) -> str:
+        step = trainer.global_step
+        where = f"global step {step} (epoch {trainer.current_epoch})"
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        params = [(names.get(id(p), "?"), p) for group in optimizer.param_groups for p in group["params"]]
+        causes = CAUSES.format(**_settings(trainer))
+        weight = first_non_finite([(n, _local(p.detach())) for n, p in params])
+        if weight is not None:
+            when = f"the optimizer update of global step {step - 1}" if step > 0 else "before the first update"
+            return (
+                f"the model weights became non-finite in {when} (first: {weight}) although that step's loss and "
+                f"gradients were finite; stopped at {where}; no checkpoint of them is written. Likely causes: float16 "
+                f"weights and optimizer state (precision={trainer.precision}: AdamW's eps=1e-8 is 0 in float16 and "
+                "its second moment underflows) -> use bf16-mixed / bf16-true on GPUs that support bfloat16, or "
+                f"32-true; or a learning rate so high that the update overflowed ({_settings(trainer)['lr']})"
+            )
+        values = [float(v) for v in losses]
+        bad_values = [v for v in values if not math.isfinite(v)]
+        if bad_values:
+            acc = max(int(getattr(trainer, "accumulate_grad_batches", 1) or 1), 1)
+            value = bad_values[0] * acc
+            return (
+                f"the training loss is {_fmt(value)} at {where}; the run stopped before the optimizer applied this "
+                f"step, so the weights are still finite; nothing of this step is saved. {causes}"
+            )
+        if check_grads:
+            grad = first_non_finite([(n, _local(p.grad)) for n, p in params if p.grad is not None])
+            if grad is not None:
+                loss = _fmt(sum(values) * max(int(getattr(trainer, "accumulate_grad_batches", 1) or 1), 1))
+                return (
+                    f"the gradient norm is non-finite at {where} (first non-finite gradient: {grad}; the loss was "
+                    f"{loss}); the run stopped before gradient clipping and the optimizer update, so the weights are "
+                    f"still finite; nothing of this step is saved. {causes}"
+                )
+        return (
+            f"a non-finite training loss or gradient was found on another process at {where}; the run stopped before "
+            f"the optimizer update. {causes}"
+        )
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        """The last update is not followed by a step check: check the weights it left, once."""
+        name = non_finite_tensor(trainer, dict(pl_module.named_parameters()))
+        if name is not None:
+            raise NonFiniteError(
+                f"the model weights are non-finite after the last optimizer update (global step "
+                f"{trainer.global_step}, first: {name}); no checkpoint of them is written. "
+                f"{CAUSES.format(**_settings(trainer))}"
+            )
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        name = non_finite_tensor(trainer, checkpoint.get("state_dict") or {})
+        if name is not None:
+            raise NonFiniteError(
+                f"refusing to write a checkpoint at global step {trainer.global_step}: model tensor {name} holds "
+                "NaN/inf, and a non-finite checkpoint must never replace a good one (the checkpoint files already "
+                f"written are left as they were). {CAUSES.format(**_settings(trainer))}"
+            )
+
+
+class PreemptionCheckpoint(Callback):
+    """On SIGTERM or SIGINT during fit: save a resumable checkpoint at the run's ``last.ckpt``, say how to resume,
+    and exit with 128 + the signal number.
+
+    Lightning itself turns SIGTERM into a stop at the end of the current training (or validation) batch by raising
+    ``SIGTERMException`` (a ``SystemExit`` whose code is None: exit status 0). During training this callback routes
+    SIGINT the same way (instead of a ``KeyboardInterrupt`` that may land in the middle of an optimizer update),
+    saves in ``on_exception`` and sets the exception's exit code. The checkpoint goes through the trainer's
+    checkpoint IO (the CLI's is atomic: temp file + rename), so a further signal during the write cannot leave a
+    half file; further Ctrl-C are ignored while stopping. Nothing is saved when no step was trained
+    (``global_step`` 0) or when the weights are non-finite (:class:`NonFiniteGuard` refuses).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.signal: int | None = None
+        self._previous: Any = None
+        self._installed = False
+
+    # ------------------------------------------------------------------ signals
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.signal = None
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self._previous = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, self._on_sigint(trainer))
+        self._installed = True
+
+    def _on_sigint(self, trainer: pl.Trainer):
+        def handler(signum, frame) -> None:
+            if self.signal is not None:
+                _say(trainer, "still stopping (the checkpoint is being written; it is atomic): please wait")
+                return
+            self.signal = signum
+            _say(trainer, "Ctrl-C: stopping at the end of this batch and saving a resumable checkpoint ...")
+            connector = getattr(trainer, "_signal_connector", None)
+            if connector is not None and hasattr(connector, "received_sigterm"):
+                connector.received_sigterm = True  # Lightning's own stop path: SIGTERMException after the batch
+            else:  # pragma: no cover - a Lightning without the signal connector
+                raise KeyboardInterrupt
+
+        return handler
+
+    def _restore(self) -> None:
+        if self._installed and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
+        self._installed = False
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore()
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self._restore()
+
+    # ------------------------------------------------------------------ the stop
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt):  # Ctrl-C before training began (setup, model build, sanity)
+            self._restore()
+            _say(trainer, "interrupted before training started: nothing was saved and nothing is lost")
+            return
+        if not isinstance(exception, SIGTERMException):
+            self._restore()
+            return
+        signum = self.signal if self.signal is not None else signal.SIGTERM
+        name = signal.Signals(signum).name
+        if not exception.code:
+            exception.code = 128 + int(signum)  # 143 (SIGTERM) / 130 (SIGINT): non-zero, so schedulers requeue
+        try:
+            if trainer.state.fn != "fit":
+                return
+            self._save(trainer, name)
+        finally:
+            self._restore()
+
+    def _save(self, trainer: pl.Trainer, name: str) -> None:
+        step = trainer.global_step
+        if step == 0:
+            _say(trainer, f"{name} before the first optimizer step: nothing was trained, so nothing was saved and "
+                          "nothing is lost")  # fmt: skip
+            return
+        path = last_checkpoint_path(trainer)
+        if self._installed:  # a further Ctrl-C must not interrupt the write
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            trainer.save_checkpoint(path, weights_only=False)
+        except NonFiniteError as e:
+            _say(trainer, f"{name} at global step {step}: no checkpoint saved, the weights are not finite ({e})")
+            return
+        _say(trainer, f"{name} at global step {step}: saved a resumable checkpoint to {path}\n"
+                      f"resume with: {resume_command(path)}")  # fmt: skip
+
+
+def _say(trainer: pl.Trainer, text: str) -> None:
+    if trainer.is_global_zero:
+        print(text, file=sys.stderr, flush=True)
+
+
+def last_checkpoint_path(trainer: pl.Trainer) -> str:
+    """The ``last.ckpt`` of the run: the (first) ModelCheckpoint's last path, else ``<log_dir>/checkpoints``."""
+    cb = trainer.checkpoint_callback
+    dirpath = getattr(cb, "dirpath", None)
+    if cb is not None and dirpath:
+        name = getattr(cb, "CHECKPOINT_NAME_LAST", "last")
+        if hasattr(cb, "format_checkpoint_name"):
+            return str(cb.format_checkpoint_name({"epoch": trainer.current_epoch, "step": trainer.global_step}, name))
+        return str(Path(dirpath) / f"{name}.ckpt")
+    base = trainer.log_dir or trainer.default_root_dir
+    return str(Path(base) / "checkpoints" / "last.ckpt")
+
+
+def resume_command(path: str) -> str:
+    """This process's ``fit`` command line with ``--ckpt_path <path>`` (any earlier --ckpt_path replaced)."""
+    argv = sys.argv[1:]
+    if not argv or argv[0] != "fit":
+        return f"python -m phi3_lightning fit <the same options> --ckpt_path {shlex.quote(path)}"
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--ckpt_path":
+            skip = True
+            continue
+        if arg.startswith("--ckpt_path="):
+            continue
+        kept.append(arg)
+    return shlex.join(["python", "-m", "phi3_lightning", *kept, "--ckpt_path", path])
