@@ -292,7 +292,7 @@ class PreemptionCheckpoint(Callback):
         if self._installed:  # a further Ctrl-C must not interrupt the write
             signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
-            trainer.save_checkpoint(path, weights_only=False)
+            trainer.save_checkpoint(path)  # the full state (optimizer, loops, data position), as ModelCheckpoint saves it
         except NonFiniteError as e:
             _say(trainer, f"{name} at global step {step}: no checkpoint saved, the weights are not finite ({e})")
             return
