@@ -297,7 +297,7 @@ class PreemptionCheckpoint(Callback):
             _say(trainer, f"{name} at global step {step}: no checkpoint saved, the weights are not finite ({e})")
             return
         _say(trainer, f"{name} at global step {step}: saved a resumable checkpoint to {path}\n"
-                      f"resume with: {resume_command(path)}")  # fmt: skip
+                      f"resume with: {resume_command(path, _logger_version(trainer))}")  # fmt: skip
 
 
 def _say(trainer: pl.Trainer, text: str) -> None:
@@ -318,21 +318,34 @@ def last_checkpoint_path(trainer: pl.Trainer) -> str:
     return str(Path(base) / "checkpoints" / "last.ckpt")
 
 
-def resume_command(path: str) -> str:
-    """This process's ``fit`` command line with ``--ckpt_path <path>`` (any earlier --ckpt_path replaced)."""
+def _logger_version(trainer: pl.Trainer) -> int | str | None:
+    """The TensorBoard version of the run (what ``--run_version`` takes), if it has one."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            return logger.version
+    return None
+
+
+def resume_command(path: str, version: int | str | None = None) -> str:
+    """This process's ``fit`` command line that resumes the run in place: ``--ckpt_path last --run_version N``
+    when the run has a logger version (the CLI resolves ``last`` within that run), else ``--ckpt_path <path>``;
+    any earlier ``--ckpt_path`` / ``--run_version`` is replaced."""
+    tail = ["--ckpt_path", "last", "--run_version", str(version)] if version is not None else ["--ckpt_path", path]
     argv = sys.argv[1:]
     if not argv or argv[0] != "fit":
-        return f"python -m phi3_lightning fit <the same options> --ckpt_path {shlex.quote(path)}"
+        return "python -m phi3_lightning fit <the same options> " + shlex.join(tail)
     kept: list[str] = []
     skip = False
     for arg in argv:
         if skip:
             skip = False
             continue
-        if arg == "--ckpt_path":
+        if arg in ("--ckpt_path", "--run_version"):
             skip = True
             continue
-        if arg.startswith("--ckpt_path="):
+        if arg.startswith(("--ckpt_path=", "--run_version=")):
             continue
         kept.append(arg)
-    return shlex.join(["python", "-m", "phi3_lightning", *kept, "--ckpt_path", path])
+    return shlex.join(["python", "-m", "phi3_lightning", *kept, *tail])
