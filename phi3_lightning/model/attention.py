@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .backends import BACKENDS, DEFAULT_BACKEND
 from .config import Phi3Config
 from .linear import Linear
 from .masking import AttentionContext
@@ -53,5 +54,8 @@ class Phi3Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, ctx.k_start)  # (B, Hkv, Tk, D) visible keys
         dropout = self.attention_dropout if self.training else 0.0
-        out = ctx.attend(q, k, v, ctx, self.scale, dropout)  # (B, T, H, D), the backbone's backend
+        # the backbone's backend; a context built by hand (a layer run alone) gets the default, which builds its
+        # masks on demand
+        attend = ctx.attend if ctx.attend is not None else BACKENDS[DEFAULT_BACKEND].attend
+        out = attend(q, k, v, ctx, self.scale, dropout)  # (B, T, H, D)
         return self.o_proj(out.reshape(b, t, self.num_heads * d))
