@@ -42,12 +42,21 @@ Activation formula for one of our Phi-3 decoder layers, bytes per token (read of
 
     each RMSNorm (x2)   4h (x.float())  + 4 (rsqrt)  + r*h (normalised, only if the norm weight trains)
                         + a*h (its output, the next matmul's input)
-    attention (sdpa)    q H*d + k + v + out H*d  (all x a)  + 4H (logsumexp)
+    attention           what the backend saves (``Backend.activations`` in ``model/backends.py``):
+      sdpa, full rows   q H*d + k + v + out H*d  (all x a)  + 4H (logsumexp)
                         MHA: k = Hkv*d, v keeps the fused qkv buffer alive: (H + 2 Hkv)*d
                         GQA: k and v are repeated to H heads: H*d each (the qkv buffer is freed)
-                        flash_attention_2 / flex: k = Hkv*d, v = the qkv buffer (no repeat)
-                        eager: 4*H*d + a*H*Tk probabilities (+ 4*H*Tk fp32 softmax output when a = 2)
-                        sdpa with a mask (sliding window < T, padding, packing): + a*Tk (the bool mask as a float bias)
+                        sliding window < T: + a*Tk (the dense bool mask as a float bias)
+      sdpa, padded or   run document by document (``model/varlen.py``), no (T, T) mask: per token of the length
+      packed rows       groups q, k, v, out (H heads each) + 4H logsumexp, the gathered outputs and o_proj's input:
+      (``masked``)      6*a*H*d + 4H. Counted for B*T tokens whose documents fill their power-of-two length group
+                        (padding tokens cost less; documents of unequal length in one group pad to its longest:
+                        up to 2x on q, k, v, out). Sliding window < T: + a*T*T per layer (the (L, L) window mask of
+                        a document as long as the row, the worst case; documents within the window need none).
+                        Once per model: 32 bytes per token of gather/scatter indices (+ 4, the document ids, with
+                        activation checkpointing).
+      flash / flex      k = Hkv*d, v = the qkv buffer (no repeat), no mask saved
+      eager             4*H*d + a*H*Tk probabilities (+ 4*H*Tk fp32 softmax output when a = 2)
     MLP                 a*(2I + I + I): the gate|up buffer, act(gate), up*act(gate)
     mixed precision     + 2 bytes per linear weight of the layer (autocast's bf16 weight copies, saved for backward)
     LoRA                + a*r_lora per adapted projection (x @ A^T); normalised tensors of frozen norms are not saved;
@@ -70,6 +79,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from .model.backends import BACKENDS, DEFAULT_BACKEND, check_backend
 from .model.config import PRESETS, Phi3Config
 from .model.lora import DEFAULT_TARGETS, LoRAConfig, lora_num_parameters
 from .options import StrictArgumentParser
@@ -79,7 +89,6 @@ METHODS = ("full", "lora")
 STRATEGIES = ("single", "ddp", "fsdp2")
 OPTIMIZERS = {"adamw": 2, "adam": 2, "sgd": 1, "sgd-nomomentum": 0}
 HEADS = ("causal_lm", "sequence_classification", "token_classification")
-ATTENTION = ("sdpa", "flash_attention_2", "flex", "eager")
 _RNG_STATE_BYTES = 5056  # torch's CPU generator state, stored by every checkpointed layer (preserve_rng_state)
 
 
@@ -202,9 +211,10 @@ def _count_params(c: Phi3Config, head: str) -> int:
 
 # ----------------------------------------------------------------------------- activations
 def layer_activation_bytes(c: Phi3Config, precision: str, tokens: int, kv_len: int, *, method: str = "full",
-                           lora_rank: int = 16, attn_implementation: str = "sdpa", masked: bool = False,
+                           lora_rank: int = 16, attn_implementation: str = DEFAULT_BACKEND, masked: bool = False,
                            first_layer: bool = False) -> int:
-    """Bytes one decoder layer saves for backward (see the module docstring for the formula)."""
+    """Bytes one decoder layer saves for backward (see the module docstring for the formula). ``masked``: padded or
+    packed rows."""
     p = PRECISIONS[precision]
     a, r = p.compute, p.residual
     h, i_sz, d = c.hidden_size, c.intermediate_size, c.head_size
@@ -215,15 +225,21 @@ def layer_activation_bytes(c: Phi3Config, precision: str, tokens: int, kv_len: i
     norm = 4 * h + 4 + (0 if lora else r * h) + a * h
     norms = norm * 2 - (4 * h + 4 if lora_first else 0)
 
-    if attn_implementation in ("flash_attention_2", "flex"):
+    window = c.sliding_window is not None and kv_len > c.sliding_window
+    per_layer = 0  # bytes independent of the token count
+    kind = check_backend(attn_implementation, runnable=False).activations
+    if kind == "fused":
         kv_bytes = nkv * d + (nh + 2 * nkv) * d
         attn = a * (nh * d + kv_bytes + nh * d) + 4 * nh
-    elif attn_implementation == "eager":
+    elif kind == "scores":
         attn = a * 4 * nh * d + a * nh * kv_len + (4 * nh * kv_len if a != 4 else 0)
-    else:  # sdpa
+    elif masked:  # repeated_kv (sdpa), padded / packed rows: document by document
+        attn = a * 6 * nh * d + 4 * nh
+        per_layer = a * kv_len * kv_len if window else 0
+    else:  # repeated_kv (sdpa), full rows
         kv_bytes = 2 * nh * d if nh != nkv else nkv * d + (nh + 2 * nkv) * d
         attn = a * (nh * d + kv_bytes + nh * d) + 4 * nh
-        if masked:
+        if window:
             attn += a * kv_len
 
     mlp = a * 4 * i_sz
@@ -232,7 +248,7 @@ def layer_activation_bytes(c: Phi3Config, precision: str, tokens: int, kv_len: i
         per_token += 2 * h  # dropout masks (1 byte)
     if lora:
         per_token += a * lora_rank * len(DEFAULT_TARGETS)
-    total = per_token * tokens
+    total = per_token * tokens + per_layer
     if p.autocast:  # bf16 copies of the layer's weights, saved by each matmul for grad_input
         shapes = _linear_shapes(c)
         copies = sum(i * o for name, (i, o) in shapes.items() if not (lora_first and name == "qkv_proj"))
@@ -251,7 +267,7 @@ def _activation_parts(c: Phi3Config, precision: str, method: str, head: str, bat
     tokens = batch_size * seq_len
     lora = method == "lora"
     window_mask = c.sliding_window is not None and seq_len > c.sliding_window
-    masked = masked or (window_mask and attn_implementation == "sdpa")
+    kind = BACKENDS[attn_implementation].activations
     kw = dict(method=method, lora_rank=lora_rank, attn_implementation=attn_implementation, masked=masked)
     layer = layer_activation_bytes(c, precision, tokens, seq_len, **kw)
     first = layer_activation_bytes(c, precision, tokens, seq_len, first_layer=True, **kw)
@@ -259,10 +275,15 @@ def _activation_parts(c: Phi3Config, precision: str, method: str, head: str, bat
     if checkpointing:  # the layer being recomputed in backward is counted under "other"
         parts["checkpointed layer inputs"] = L * r * h * tokens
         parts["checkpoint RNG states"] = L * _RNG_STATE_BYTES
-        if masked and attn_implementation in ("sdpa", "eager"):  # the shared bool mask stays referenced
+        dense = (kind == "scores" and masked) or (kind == "repeated_kv" and window_mask and not masked)
+        if dense:  # the shared bool mask stays referenced
             parts["attention mask (bool, shared)"] = batch_size * seq_len * seq_len
     else:
         parts["decoder layers"] = first + (L - 1) * layer
+    if masked and kind == "repeated_kv":  # document by document: gather/scatter indices, shared by the layers
+        # (+ with checkpointing the int32 document ids the layers' inputs reference; cu_seqlens, 4 bytes per
+        # document, is left out)
+        parts["document indices"] = (32 + (4 if checkpointing else 0)) * tokens
     parts["ids + rope cos/sin"] = (0 if lora else 8 * tokens) + 2 * c.rotary_dim * r * tokens
     parts["final norm"] = (4 * h + 4 + (0 if lora else r * h)) * tokens
     if head == "causal_lm":
@@ -294,19 +315,20 @@ def estimate_memory(
     lora_rank: int = 16,
     optimizer: str = "adamw",
     head: str = "causal_lm",
-    attn_implementation: str = "sdpa",
+    attn_implementation: str = DEFAULT_BACKEND,
     masked: bool = False,
     accumulate_grad_batches: int = 1,
 ) -> MemoryEstimate:
     """Per-GPU memory of one training step (micro-batch ``batch_size`` x ``seq_len`` on each GPU).
 
     ``config_or_preset``: a :class:`Phi3Config`, a preset name or a checkpoint directory. ``masked``: batches carry
-    padding or packed documents (SDPA then gets an explicit mask; the sliding window of the 4k checkpoints adds it
-    automatically above 2047 tokens). ``accumulate_grad_batches > 1`` keeps gradients alive through the forward.
+    padding or packed documents (SDPA then runs document by document: no dense mask; on full rows the sliding
+    window of the 4k checkpoints adds a dense one above 2047 tokens). ``accumulate_grad_batches > 1`` keeps gradients alive through the forward.
     """
     c, name = _resolve_config(config_or_preset)
     checks = [(method, METHODS, "method"), (precision, PRECISIONS, "precision"), (strategy, STRATEGIES, "strategy"),
-              (optimizer, OPTIMIZERS, "optimizer"), (head, HEADS, "head"), (attn_implementation, ATTENTION, "attn_implementation")]
+              (optimizer, OPTIMIZERS, "optimizer"), (head, HEADS, "head")]
+    check_backend(attn_implementation, runnable=False)  # planned for a GPU: it need not run on this machine
     for value, allowed, what in checks:
         if value not in allowed:
             raise ValueError(f"{what}={value!r}; choose one of {', '.join(allowed)}")
@@ -343,8 +365,7 @@ def estimate_memory(
     # backward (~2 layers), or the loss buffers at the end of the forward, whichever is larger.
     tokens = batch_size * seq_len
     layer = layer_activation_bytes(c, precision, tokens, seq_len, method=method, lora_rank=lora_rank,
-                                   attn_implementation=attn_implementation,
-                                   masked=masked or (c.sliding_window is not None and seq_len > c.sliding_window))
+                                   attn_implementation=attn_implementation, masked=masked)
     loss_buffers = 0
     if head == "causal_lm":
         chunk = min(1024, batch_size * (seq_len - 1))
@@ -374,9 +395,11 @@ def estimate_memory(
     notes = []
     if lora and p.autocast:
         notes.append(f"{precision} keeps the frozen base weights in fp32; bf16-true halves them for LoRA")
-    if c.sliding_window is not None and seq_len > c.sliding_window and attn_implementation == "sdpa":
+    if c.sliding_window is not None and seq_len > c.sliding_window and BACKENDS[attn_implementation].activations \
+            == "repeated_kv":
         notes.append(f"seq_len {seq_len} > sliding_window {c.sliding_window}: SDPA gets an explicit mask "
-                     "(a float bias per layer); flash_attention_2 avoids it")
+                     + ("per layer for documents longer than the window (counted as one document per row)" if masked
+                        else "(a float bias per layer)") + "; flash_attention_2 avoids it")
     settings = dict(model=name, method=method, precision=precision, strategy=strategy, world_size=world_size,
                     seq_len=seq_len, batch_size=batch_size, activation_checkpointing=activation_checkpointing,
                     lora_rank=lora_rank, optimizer=optimizer, head=head, attn_implementation=attn_implementation,
@@ -446,13 +469,15 @@ def explain_oom(config_or_preset: Phi3Config | str, device_bytes: int | None = N
 
 # ----------------------------------------------------------------------------- measurement (CPU)
 def measure(config: Phi3Config | str, method: str = "full", precision: str = "32-true", seq_len: int = 128,
-            batch_size: int = 2, lora_rank: int = 16, attn_implementation: str = "sdpa",
-            activation_checkpointing: bool = False) -> dict[str, int]:
+            batch_size: int = 2, lora_rank: int = 16, attn_implementation: str = DEFAULT_BACKEND,
+            activation_checkpointing: bool = False, masked: bool = False) -> dict[str, int]:
     """Run one AdamW training step on CPU and measure what :func:`estimate_memory` predicts.
 
     weights / gradients / optimizer: exact tensor sizes. activations: bytes of the distinct storages autograd
     saves during the forward (``saved_tensors_hooks``, parameters excluded) -- the quantity the formula models.
     ``peak_rss_delta``: growth of the process's peak RSS over the step (allocator-dependent, indicative only).
+    ``masked``: packed rows of two documents of ``seq_len / 2`` tokens each (position_ids restarting), the layout
+    the formula counts exactly for a backend that runs document by document.
     """
     import gc
     import resource
@@ -474,6 +499,10 @@ def measure(config: Phi3Config | str, method: str = "full", precision: str = "32
         model.gradient_checkpointing_enable()
     params = {p_.untyped_storage().data_ptr() for p_ in model.parameters()}
     ids = torch.randint(0, c.vocab_size, (batch_size, seq_len))
+    position_ids = None
+    if masked:
+        half = seq_len - seq_len // 2
+        position_ids = torch.cat([torch.arange(half), torch.arange(seq_len - half)])[None].expand(batch_size, -1)
     saved: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -501,7 +530,7 @@ def measure(config: Phi3Config | str, method: str = "full", precision: str = "32
     with torch.autocast("cpu", dtype=torch.bfloat16 if precision.startswith("bf16") else torch.float16,
                         enabled=p.autocast):
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = model(ids, labels=ids, return_logits=False)
+            out = model(ids, position_ids=position_ids, labels=ids, return_logits=False)
     if activation_checkpointing:
         # Checkpointing keeps non-differentiable layer inputs (rope cos/sin, the mask) as plain references, which
         # the hooks do not see: add every tensor that appeared during the forward and is not a parameter or output.
@@ -569,8 +598,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS),
                     help="optimizer, for its state per trained parameter (AdamW: two fp32 moments)")
     ap.add_argument("--head", default="causal_lm", choices=HEADS, help="which head is trained")
-    ap.add_argument("--attn-implementation", default="sdpa", choices=ATTENTION, help="attention backend")
-    ap.add_argument("--masked", action="store_true", help="padded or packed batches (explicit SDPA mask)")
+    ap.add_argument("--attn-implementation", default=DEFAULT_BACKEND, choices=list(BACKENDS), help="attention backend")
+    ap.add_argument("--masked", action="store_true",
+                    help="padded or packed batches (SDPA then runs document by document, without a dense mask)")
     ap.add_argument("--gpu-memory", type=float, default=None, help="GiB per GPU: say whether it fits, and what would")
     ap.add_argument("--measure", action="store_true",
                     help="also run one step on this CPU and print estimate vs measured (small presets only)")
@@ -603,7 +633,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ap.error("--measure builds the model on this CPU; use a small preset (tiny, small-bench)")
         m = measure(cfg, method=args.method, precision=args.precision, seq_len=args.seq_len,
                     batch_size=args.batch_size, lora_rank=args.lora_rank, attn_implementation=args.attn_implementation,
-                    activation_checkpointing=args.activation_checkpointing)
+                    activation_checkpointing=args.activation_checkpointing, masked=args.masked)
         print()
         print(compare_table(est, m))
     return 0

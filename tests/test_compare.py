@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import math
 import re
@@ -17,11 +18,9 @@ from phi3_lightning.compare import MEASURES, TOLERANCES, CompareConfig, build_pa
 from phi3_lightning.compare.config import config_from_namespace
 from phi3_lightning.compare.report import CHARTS, FWD_BWD_MEASURES, FWD_MEASURES
 from phi3_lightning.model import BACKENDS, backends, get_preset
-from phi3_lightning.model.backends import (
-    reference_flash_attn_func,
-    reference_flash_attn_varlen_func,
-    set_flash_kernels,
-)
+from phi3_lightning.model.backends import set_flash_kernels
+
+from .model.reference_kernels import reference_flash_attn_func, reference_flash_attn_varlen_func
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ_LENS = [16, 40]
@@ -159,14 +158,14 @@ def test_every_backend_agrees_with_fp64_reference(tiny_run):
 
 def test_check_flag_fails_on_a_wrong_mask(tmp_path, monkeypatch):
     """--check exits 1 when a backend is out of tolerance: sdpa made to ignore documents and padding."""
-    sdpa = backends.ATTENTION_FUNCTIONS["sdpa"]
+    sdpa = backends.BACKENDS["sdpa"].attend
 
     def causal_only(q, k, v, ctx, scale, dropout_p):
         plain = backends.AttentionContext(ctx.batch_size, ctx.q_len, ctx.kv_len, ctx.offset, ctx.k_start,
                                           ctx.sliding_window, None, None, ctx.device)
         return sdpa(q, k, v, plain, scale, dropout_p)
 
-    monkeypatch.setitem(backends.ATTENTION_FUNCTIONS, "sdpa", causal_only)
+    monkeypatch.setitem(backends.BACKENDS, "sdpa", dataclasses.replace(backends.BACKENDS["sdpa"], attend=causal_only))
     argv = ["--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--overrides", "{num_hidden_layers: 1}",
             "--backends", "[eager, sdpa]", "--seq_lens", "[32]", "--batch_kinds", "[packed]", "--warmup", "0",
             "--repeats", "1", "--no_memory", "--num_threads", "1", "--log_dir", str(tmp_path), "--check"]
@@ -197,8 +196,9 @@ def test_shipped_config_parses():
 
 
 def test_config_errors_are_clear():
-    with pytest.raises(ValueError, match="unknown backend"):
-        CompareConfig(backends=["xformers"])
+    with pytest.raises(ValueError, match="unknown attn_implementation='xformers'; choose one of eager, sdpa, "
+                       "flash_attention_2, flex"):
+        CompareConfig(backends=["eager", "xformers"])
     with pytest.raises(ValueError, match="batch_kinds"):
         CompareConfig(batch_kinds=["ragged"])
     with pytest.raises(ValueError, match="exceed max_position_embeddings=1024"):

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..model.backends import BACKENDS
+from ..model.backends import BACKENDS, check_backend
 
 BATCH_KINDS = ("padded", "packed")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -84,9 +84,8 @@ class CompareConfig:
         self.validate()
 
     def validate(self) -> None:
-        unknown = [b for b in self.backends if b not in BACKENDS]
-        if unknown:
-            raise ValueError(f"unknown backend(s) {unknown}; choose from {', '.join(BACKENDS)}")
+        for name in self.backends:
+            check_backend(name, runnable=False)  # unknown: an error; unavailable here: listed with its reason
         if not self.backends:
             raise ValueError("backends is empty; name at least one of " + ", ".join(BACKENDS))
         bad_kinds = [k for k in self.batch_kinds if k not in BATCH_KINDS]

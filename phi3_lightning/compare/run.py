@@ -59,21 +59,9 @@ def _build_model(cfg: CompareConfig, mcfg: Phi3Config, dtype: torch.dtype, devic
     return model.eval()  # dropout off: every backend sees the same function
 
 
-def _availability(name: str, dtype: torch.dtype, device: torch.device) -> tuple[bool, str]:
-    ok, why = B.backend_available(name)
-    if not ok:
-        return False, why
-    if name == "flash_attention_2" and B._flash_override is None:
-        if device.type != "cuda":
-            return False, f"flash-attn runs on CUDA only; device is {device}"
-        if dtype not in (torch.float16, torch.bfloat16):
-            return False, f"flash-attn runs in float16/bfloat16; dtype is {str(dtype).replace('torch.', '')}"
-    return True, why
-
-
 def _backend_label(name: str, flex_compiled: bool) -> tuple[str, str | None]:
     """Name shown in the table, and a footnote saying what actually ran."""
-    if name == "flash_attention_2" and B._flash_override is not None:
+    if name == "flash_attention_2" and B.flash_kernels_substituted():
         return "flash_attention_2*", ("* flash_attention_2 ran with substituted pure-torch kernels "
                                       "(set_flash_kernels): its glue is tested, its times are not flash-attn's")
     if name == "flex":
@@ -239,7 +227,7 @@ def compare_attention(config: CompareConfig | None = None, **overrides) -> Compa
 
     available, unavailable, labels, notes = [], {}, {}, []
     for name in cfg.backends:
-        ok, why = _availability(name, dtype, device)
+        ok, why = B.backend_available(name, device, dtype)
         if not ok:
             unavailable[name] = why
             continue
@@ -249,7 +237,7 @@ def compare_attention(config: CompareConfig | None = None, **overrides) -> Compa
         if note:
             notes.append(note)
 
-    old_flex, old_threads = B._flex_compile, torch.get_num_threads()
+    old_flex, old_threads = B.flex_compile_setting(), torch.get_num_threads()
     started = time.perf_counter()
     try:
         if cfg.flex_compile is not None:

@@ -1,6 +1,6 @@
 """Plain-PyTorch Phi-3 (no Lightning imports): ``import phi3_lightning.model`` works on its own."""
 
-from .backends import BACKENDS, backend_available, set_flash_kernels
+from .backends import BACKENDS, DEFAULT_BACKEND, Backend, backend_available, check_backend, set_flash_kernels
 from .backbone import Phi3Model
 from .cache import KVCache
 from .config import PRESETS, Phi3Config, get_preset
@@ -14,7 +14,7 @@ from .heads import (
 )
 
 __all__ = [
-    "BACKENDS", "HEADS", "KVCache", "ModelOutput", "PRESETS", "Phi3Config", "Phi3ForCausalLM",
-    "Phi3ForSequenceClassification", "Phi3ForTokenClassification", "Phi3Model", "backend_available",
+    "BACKENDS", "DEFAULT_BACKEND", "Backend", "HEADS", "KVCache", "ModelOutput", "PRESETS", "Phi3Config", "Phi3ForCausalLM",
+    "Phi3ForSequenceClassification", "Phi3ForTokenClassification", "Phi3Model", "backend_available", "check_backend",
     "generate", "get_preset", "set_flash_kernels",
 ]

@@ -1,11 +1,11 @@
-"""Phi-3 self-attention: fused qkv ([Q | K | V] rows), GQA, RoPE, KV cache, pluggable backend."""
+"""Phi-3 self-attention: fused qkv ([Q | K | V] rows), GQA, RoPE, KV cache; the backend comes with the context."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .backends import ATTENTION_FUNCTIONS
+from .backends import BACKENDS, DEFAULT_BACKEND
 from .config import Phi3Config
 from .linear import Linear
 from .masking import AttentionContext
@@ -21,7 +21,6 @@ class Phi3Attention(nn.Module):
         self.head_dim = config.head_size
         self.scale = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
-        self.attn_implementation = "sdpa"  # set by the backbone
         q_out = self.num_heads * self.head_dim
         kv_out = self.num_kv_heads * self.head_dim
         self.qkv_proj = Linear(config.initializer_range, config.hidden_size, q_out + 2 * kv_out, bias=False, device=device)
@@ -55,5 +54,8 @@ class Phi3Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, ctx.k_start)  # (B, Hkv, Tk, D) visible keys
         dropout = self.attention_dropout if self.training else 0.0
-        out = ATTENTION_FUNCTIONS[self.attn_implementation](q, k, v, ctx, self.scale, dropout)  # (B, T, H, D)
+        # the backbone's backend; a context built by hand (a layer run alone) gets the default, which builds its
+        # masks on demand
+        attend = ctx.attend if ctx.attend is not None else BACKENDS[DEFAULT_BACKEND].attend
+        out = attend(q, k, v, ctx, self.scale, dropout)  # (B, T, H, D)
         return self.o_proj(out.reshape(b, t, self.num_heads * d))

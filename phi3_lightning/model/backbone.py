@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .backends import check_backend
+from .backends import BACKENDS, DEFAULT_BACKEND, check_backend
 from .config import Phi3Config
 from .layer import Phi3DecoderLayer
 from .linear import Embedding
@@ -15,29 +15,11 @@ from .norm import Phi3RMSNorm
 from .rope import Phi3RotaryEmbedding
 
 
-def prepare_context(backend: str, ctx, dtype: torch.dtype) -> None:
-    """Materialise the mask representation ``backend`` needs once, before the layers run.
-
-    Layers then only read it, so a per-layer ``torch.compile`` never traces mask construction.
-    """
-    from . import backends
-
-    if backend == "sdpa" and ctx.by_document:
-        backends._varlen_metadata(ctx)
-    elif backend == "sdpa" or (backend in ("flash_attention_2", "flex") and ctx.offset > 0):
-        ctx.bool_mask()
-    elif backend == "eager":
-        ctx.additive_mask(dtype)
-    elif backend == "flash_attention_2" and (ctx.key_padding is not None or ctx.doc_ids is not None):
-        backends._varlen_metadata(ctx)
-    elif backend == "flex":
-        backends._block_mask(ctx)
-
-
 class Phi3Model(nn.Module):
     """Backbone: ``forward(input_ids, attention_mask, position_ids, cache) -> (B, T, hidden)`` final-normed states."""
 
-    def __init__(self, config: Phi3Config, attn_implementation: str = "sdpa", device: torch.device | None = None):
+    def __init__(self, config: Phi3Config, attn_implementation: str = DEFAULT_BACKEND,
+                 device: torch.device | None = None):
         super().__init__()
         self.config = config
         pad = config.pad_token_id if config.pad_token_id is not None and config.pad_token_id < config.vocab_size else None
@@ -46,15 +28,14 @@ class Phi3Model(nn.Module):
         self.norm = Phi3RMSNorm(config.hidden_size, config.rms_norm_eps, device=device)
         self.rotary_emb = Phi3RotaryEmbedding(config, device=device)
         self.gradient_checkpointing = False
-        self.attn_implementation = "sdpa"
+        self.attn_implementation = DEFAULT_BACKEND
         self.set_attn_implementation(attn_implementation)
 
     def set_attn_implementation(self, name: str) -> None:
-        """Switch every layer to backend ``name`` (eager, sdpa, flash_attention_2, flex)."""
+        """Switch to backend ``name`` (a key of :data:`~phi3_lightning.model.backends.BACKENDS`); every layer uses
+        it from the next forward on."""
         check_backend(name)
         self.attn_implementation = name
-        for layer in self.layers:
-            layer.self_attn.attn_implementation = name
 
     def forward(
         self,
@@ -96,7 +77,9 @@ class Phi3Model(nn.Module):
             derive_documents=cache is None,
             device=inputs_embeds.device,
         )
-        prepare_context(self.attn_implementation, ctx, inputs_embeds.dtype)
+        backend = BACKENDS[self.attn_implementation]
+        backend.prepare(ctx, inputs_embeds.dtype)  # masks / varlen metadata once, shared by every layer
+        ctx.attend = backend.attend
         rope = self.rotary_emb(position_ids, inputs_embeds.dtype)  # (B, T, R) each
         h = inputs_embeds
         for layer in self.layers:

@@ -11,21 +11,31 @@ mask rule (see ``masking.py``); only the representation differs:
 - flex: ``flex_attention`` with one block mask (causal & window & padding & document).
 
 Cached decode steps (a KV cache with earlier tokens) run through SDPA in the flash and flex backends.
+
+One :class:`Backend` record per backend, in :data:`BACKENDS`, is the only place a backend is named: how it attends,
+how it prepares its per-batch context, whether it can run here (and why not), and what it saves for backward (read
+by the memory planner). The backbone, the LightningModules, the memory planner and compare-attention all read it.
+
+Adding a backend: write its ``attend`` (and ``prepare`` / ``available`` when it needs them) in this file and add one
+``Backend(...)`` to :data:`BACKENDS`; then add it to the tests (``tests/model/test_packing_backends.py`` runs every
+available backend against the documents-one-by-one reference, ``tests/test_compare.py`` against fp64 eager).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import math
 import warnings
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
 
+from ..options import did_you_mean
 from .masking import AttentionContext
+from .varlen import document_buckets, sdpa_by_document, varlen_metadata
 
-BACKENDS = ("eager", "sdpa", "flash_attention_2", "flex")
+DEFAULT_BACKEND = "sdpa"
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -57,8 +67,6 @@ def sdpa_attention(q, k, v, ctx: AttentionContext, scale: float, dropout_p: floa
     if n_rep > 1:
         k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
     if ctx.by_document:  # packed rows: each document as its own causal sequence, no (T, T) mask
-        from .varlen import sdpa_by_document
-
         return sdpa_by_document(q, k, v, ctx, scale, dropout_p)
     # The shared boolean mask (not an additive float copy: that would stay alive for backward at 2-4x the bytes;
     # phi3_lightning.memory models this boolean mask, as measured on GPU).
@@ -78,18 +86,29 @@ def flash_attn_installed() -> bool:
 
 
 def set_flash_kernels(kernels: tuple[Callable, Callable] | None) -> None:
-    """Substitute (flash_attn_func, flash_attn_varlen_func); tests pass the reference kernels below."""
+    """Substitute (flash_attn_func, flash_attn_varlen_func), or restore flash-attn's with None; tests pass pure-torch
+    kernels of the same signatures (``tests/model/reference_kernels.py``) to run the backend's glue on CPU."""
     global _flash_override
     _flash_override = kernels
 
 
-def flash_available() -> tuple[bool, str]:
+def flash_kernels_substituted() -> bool:
+    """True while :func:`set_flash_kernels` has replaced flash-attn's kernels."""
+    return _flash_override is not None
+
+
+def flash_available(device: torch.device | None = None, dtype: torch.dtype | None = None) -> tuple[bool, str]:
+    """(available, reason); with ``device`` / ``dtype``: whether flash-attn can run there in that dtype."""
     if _flash_override is not None:
         return True, "substituted kernels"
+    if device is not None and torch.device(device).type != "cuda":
+        return False, f"flash-attn runs on CUDA only; device is {device}"
     if not torch.cuda.is_available():
         return False, "no CUDA device"
     if not flash_attn_installed():
         return False, "the flash-attn package is not installed (pip install 'phi3_lightning[flash]')"
+    if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
+        return False, f"flash-attn runs in float16/bfloat16; dtype is {str(dtype).replace('torch.', '')}"
     return True, "flash-attn"
 
 
@@ -110,26 +129,6 @@ def _window(ctx: AttentionContext) -> tuple[int, int]:
     return (w - 1, w - 1) if w is not None else (-1, -1)
 
 
-def _varlen_metadata(ctx: AttentionContext) -> dict:
-    """Token indices of real tokens and cu_seqlens of the (document, row) segments, once per batch."""
-    if "varlen" in ctx.cache:
-        return ctx.cache["varlen"]
-    b, t = ctx.batch_size, ctx.q_len
-    valid = ctx.key_padding if ctx.key_padding is not None else torch.ones(b, t, dtype=torch.bool, device=ctx.device)
-    docs = ctx.doc_ids if ctx.doc_ids is not None else torch.zeros(b, t, dtype=torch.int32, device=ctx.device)
-    seg_key = (torch.arange(b, device=ctx.device)[:, None] * (t + 1) + docs).flatten()  # (B*T,)
-    indices = valid.flatten().nonzero().squeeze(-1)  # (N,)
-    keys = seg_key[indices]
-    starts = torch.ones_like(keys, dtype=torch.bool)
-    starts[1:] = keys[1:] != keys[:-1]
-    start_pos = starts.nonzero().squeeze(-1)
-    cu = torch.cat([start_pos, start_pos.new_tensor([indices.numel()])]).to(torch.int32)
-    lengths = cu[1:] - cu[:-1]
-    meta = {"indices": indices, "cu_seqlens": cu, "max_seqlen": int(lengths.max()) if lengths.numel() else 0}
-    ctx.cache["varlen"] = meta
-    return meta
-
-
 def flash_attention(q, k, v, ctx: AttentionContext, scale: float, dropout_p: float) -> torch.Tensor:
     if ctx.offset > 0 or ctx.q_len != ctx.kv_len:  # cached decode: SDPA handles the offset mask
         return sdpa_attention(q, k, v, ctx, scale, dropout_p)
@@ -143,7 +142,7 @@ def flash_attention(q, k, v, ctx: AttentionContext, scale: float, dropout_p: flo
     if ctx.key_padding is None and ctx.doc_ids is None:
         return func(q, k, v, dropout_p=dropout_p, softmax_scale=scale, causal=True, window_size=_window(ctx))
     b, t, h, d = q.shape
-    meta = _varlen_metadata(ctx)
+    meta = varlen_metadata(ctx)
     idx, cu, mx = meta["indices"], meta["cu_seqlens"], meta["max_seqlen"]
     q_u = q.reshape(b * t, h, d).index_select(0, idx)  # (N, H, D)
     k_u = k.reshape(b * t, k.shape[2], d).index_select(0, idx)
@@ -155,55 +154,12 @@ def flash_attention(q, k, v, ctx: AttentionContext, scale: float, dropout_p: flo
     return out.view(b, t, h, d)
 
 
-def _reference_core(q, k, v, scale, causal, window_size, q_offset: int = 0):
-    """q (Tq, H, D), k/v (Tk, Hkv, D) -> (Tq, H, D), flash semantics, fp32 math."""
-    tq, tk = q.shape[0], k.shape[0]
-    n_rep = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(n_rep, dim=1)
-    v = v.repeat_interleave(n_rep, dim=1)
-    s = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * scale
-    qi = torch.arange(tq, device=q.device)[:, None] + (tk - tq)  # flash aligns the bottom-right corner
-    ki = torch.arange(tk, device=q.device)[None, :]
-    allowed = torch.ones(tq, tk, dtype=torch.bool, device=q.device)
-    if causal:
-        allowed &= ki <= qi
-    left, right = window_size
-    if left >= 0:
-        allowed &= ki >= qi - left
-    if right >= 0 and not causal:
-        allowed &= ki <= qi + right
-    s = s.masked_fill(~allowed, float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
-    return torch.einsum("hqk,khd->qhd", p, v.float()).to(q.dtype)
-
-
-def reference_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1)):
-    """Pure-torch stand-in with ``flash_attn_func``'s signature: q (B, T, H, D), k/v (B, T, Hkv, D)."""
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    return torch.stack([_reference_core(q[i], k[i], v[i], scale, causal, window_size) for i in range(q.shape[0])])
-
-
-def reference_flash_attn_varlen_func(
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, softmax_scale=None,
-    causal=False, window_size=(-1, -1),
-):
-    """Pure-torch stand-in with ``flash_attn_varlen_func``'s signature: q (N, H, D) packed along N."""
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    out = torch.empty_like(q)
-    for i in range(cu_seqlens_q.numel() - 1):
-        qs, qe = int(cu_seqlens_q[i]), int(cu_seqlens_q[i + 1])
-        ks, ke = int(cu_seqlens_k[i]), int(cu_seqlens_k[i + 1])
-        assert qe - qs <= max_seqlen_q and ke - ks <= max_seqlen_k
-        out[qs:qe] = _reference_core(q[qs:qe], k[ks:ke], v[ks:ke], scale, causal, window_size)
-    return out
-
-
 # ----------------------------------------------------------------------------- flex
 class FlexUnsupportedError(NotImplementedError):
     """flex_attention cannot run this call here (e.g. a backward pass on CPU); the message says what to use."""
 
 
-def flex_available() -> tuple[bool, str]:
+def flex_available(device: torch.device | None = None, dtype: torch.dtype | None = None) -> tuple[bool, str]:
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
     except Exception as e:  # pragma: no cover - depends on the installed torch
@@ -230,6 +186,11 @@ def set_flex_compile(mode: bool | None) -> None:
     if mode not in (None, True, False):
         raise ValueError(f"set_flex_compile takes True, False or None (auto), got {mode!r}")
     _flex_compile = mode
+
+
+def flex_compile_setting() -> bool | None:
+    """The current :func:`set_flex_compile` mode (None = auto)."""
+    return _flex_compile
 
 
 def flex_compiled(device: torch.device | str) -> bool:
@@ -314,29 +275,90 @@ def flex_attention_backend(q, k, v, ctx: AttentionContext, scale: float, dropout
     return out.transpose(1, 2)
 
 
+# ----------------------------------------------------------------------------- per-batch context
+def _prepare_eager(ctx: AttentionContext, dtype: torch.dtype) -> None:
+    ctx.additive_mask(dtype)
+
+
+def _prepare_sdpa(ctx: AttentionContext, dtype: torch.dtype) -> None:
+    if ctx.by_document:
+        document_buckets(ctx, ctx.device)
+    else:
+        ctx.bool_mask()
+
+
+def _prepare_flash(ctx: AttentionContext, dtype: torch.dtype) -> None:
+    if ctx.offset > 0:  # cached decode runs through SDPA
+        _prepare_sdpa(ctx, dtype)
+    elif ctx.key_padding is not None or ctx.doc_ids is not None:
+        varlen_metadata(ctx)
+
+
+def _prepare_flex(ctx: AttentionContext, dtype: torch.dtype) -> None:
+    if ctx.offset > 0:  # cached decode runs through SDPA
+        _prepare_sdpa(ctx, dtype)
+    else:
+        _block_mask(ctx)
+
+
+def _built_in(device: torch.device | None = None, dtype: torch.dtype | None = None) -> tuple[bool, str]:
+    return True, "built in"
+
+
 # ----------------------------------------------------------------------------- registry
-ATTENTION_FUNCTIONS: dict[str, Callable] = {
-    "eager": eager_attention,
-    "sdpa": sdpa_attention,
-    "flash_attention_2": flash_attention,
-    "flex": flex_attention_backend,
+@dataclass(frozen=True)
+class Backend:
+    """Everything the package knows about one attention backend."""
+
+    name: str
+    # (q (B, H, Tq, D), k, v (B, Hkv, Tk, D), ctx, scale, dropout_p) -> (B, Tq, H, D)
+    attend: Callable[..., torch.Tensor]
+    # (ctx, compute dtype) -> None: builds what ``attend`` reads from ``ctx`` once per batch, before the layers
+    # run (so a per-layer torch.compile never traces mask construction)
+    prepare: Callable[[AttentionContext, torch.dtype], None]
+    # (device=None, dtype=None) -> (ok, reason): whether it can run on this machine (on that device, in that dtype)
+    available: Callable[..., tuple[bool, str]]
+    # What ``attend`` saves for backward, per token of one layer (the memory planner's formula, ``memory.py``):
+    # "scores": the (H, Tk) probabilities (eager); "repeated_kv": q, k and v repeated to H heads for GQA, packed or
+    # padded rows run document by document, plain rows with an active window get a dense float bias (sdpa);
+    # "fused": q, k and v as they are, no mask saved (flash_attention_2, flex).
+    activations: Literal["scores", "repeated_kv", "fused"]
+    description: str = ""
+
+
+BACKENDS: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend("eager", eager_attention, _prepare_eager, _built_in, "scores",
+                "additive float mask and fp32 softmax (the reference)"),
+        Backend("sdpa", sdpa_attention, _prepare_sdpa, _built_in, "repeated_kv",
+                "torch scaled_dot_product_attention; packed or padded rows document by document"),
+        Backend("flash_attention_2", flash_attention, _prepare_flash, flash_available, "fused",
+                "flash-attn kernels (CUDA, fp16/bf16); varlen for packed or padded rows"),
+        Backend("flex", flex_attention_backend, _prepare_flex, flex_available, "fused",
+                "torch flex_attention with one block mask"),
+    )
 }
 
 
-def backend_available(name: str) -> tuple[bool, str]:
-    """(available, reason) for a backend name on this machine."""
-    if name in ("eager", "sdpa"):
-        return True, "built in"
-    if name == "flash_attention_2":
-        return flash_available()
-    if name == "flex":
-        return flex_available()
-    return False, f"unknown backend {name!r}"
+def backend_available(name: str, device: torch.device | None = None,
+                      dtype: torch.dtype | None = None) -> tuple[bool, str]:
+    """(available, reason) for a backend name on this machine (on ``device``, in ``dtype`` when given)."""
+    if name not in BACKENDS:
+        return False, f"unknown backend {name!r}"
+    return BACKENDS[name].available(device, dtype)
 
 
-def check_backend(name: str) -> None:
-    if name not in ATTENTION_FUNCTIONS:
-        raise ValueError(f"unknown attn_implementation {name!r}; choose one of {', '.join(BACKENDS)}")
-    ok, why = backend_available(name)
-    if not ok:
-        raise ValueError(f"attn_implementation={name!r} is unavailable here: {why}; use 'sdpa' instead")
+def check_backend(name: str, *, runnable: bool = True) -> Backend:
+    """The record of backend ``name``; a ValueError naming the choices when unknown, or, with ``runnable``, saying
+    why it cannot run on this machine."""
+    backend = BACKENDS.get(name) if isinstance(name, str) else None
+    if backend is None:
+        hint = did_you_mean(name, BACKENDS) if isinstance(name, str) else ""
+        raise ValueError(f"unknown attn_implementation={name!r}; choose one of {', '.join(BACKENDS)}{hint}")
+    if runnable:
+        ok, why = backend.available()
+        if not ok:
+            raise ValueError(f"attn_implementation={name!r} is unavailable here: {why}; use {DEFAULT_BACKEND!r} "
+                             "instead")
+    return backend

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ..atomic import recover_interrupted, staged_directory
+from .backends import DEFAULT_BACKEND
 from .config import Phi3Config
 
 SAFE_SINGLE = "model.safetensors"
@@ -184,7 +185,7 @@ class PretrainedMixin:
     architecture: str
 
     @classmethod
-    def from_config(cls, config: Phi3Config | str, attn_implementation: str = "sdpa",
+    def from_config(cls, config: Phi3Config | str, attn_implementation: str = DEFAULT_BACKEND,
                     dtype: torch.dtype | str | None = None, device: torch.device | str | None = None, **kwargs: Any):
         """A randomly initialised model from a config or preset name."""
         if isinstance(config, str):
@@ -198,7 +199,7 @@ class PretrainedMixin:
     def from_pretrained(
         cls,
         path: str | os.PathLike,
-        attn_implementation: str = "sdpa",
+        attn_implementation: str = DEFAULT_BACKEND,
         dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
         strict_head: bool = True,

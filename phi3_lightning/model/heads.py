@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .backbone import Phi3Model
+from .backends import DEFAULT_BACKEND
 from .checkpoint import PretrainedMixin
 from .config import Phi3Config
 from .linear import Linear
@@ -50,7 +51,7 @@ class Phi3PreTrainedHead(PretrainedMixin, nn.Module):
 
     architecture = "Phi3Model"
 
-    def __init__(self, config: Phi3Config, attn_implementation: str = "sdpa", device: torch.device | None = None):
+    def __init__(self, config: Phi3Config, attn_implementation: str = DEFAULT_BACKEND, device: torch.device | None = None):
         super().__init__()
         self.config = config
         self.model = Phi3Model(config, attn_implementation, device=device)
@@ -100,7 +101,7 @@ class Phi3PreTrainedHead(PretrainedMixin, nn.Module):
 class Phi3ForCausalLM(Phi3PreTrainedHead):
     architecture = "Phi3ForCausalLM"
 
-    def __init__(self, config: Phi3Config, attn_implementation: str = "sdpa", device: torch.device | None = None):
+    def __init__(self, config: Phi3Config, attn_implementation: str = DEFAULT_BACKEND, device: torch.device | None = None):
         super().__init__(config, attn_implementation, device)
         self.lm_head = Linear(config.initializer_range, config.hidden_size, config.vocab_size, bias=False, device=device)
         self.tie_weights()
@@ -157,7 +158,7 @@ class Phi3ForSequenceClassification(Phi3PreTrainedHead):
 
     architecture = "Phi3ForSequenceClassification"
 
-    def __init__(self, config: Phi3Config, attn_implementation: str = "sdpa", device: torch.device | None = None,
+    def __init__(self, config: Phi3Config, attn_implementation: str = DEFAULT_BACKEND, device: torch.device | None = None,
                  pooling: str = "last"):
         super().__init__(config, attn_implementation, device)
         if pooling not in ("last", "attention"):
@@ -203,7 +204,7 @@ class Phi3ForTokenClassification(Phi3PreTrainedHead):
 
     architecture = "Phi3ForTokenClassification"
 
-    def __init__(self, config: Phi3Config, attn_implementation: str = "sdpa", device: torch.device | None = None):
+    def __init__(self, config: Phi3Config, attn_implementation: str = DEFAULT_BACKEND, device: torch.device | None = None):
         super().__init__(config, attn_implementation, device)
         self.num_labels = config.num_labels
         p = config.classifier_dropout if config.classifier_dropout is not None else 0.1

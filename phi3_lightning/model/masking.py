@@ -17,7 +17,7 @@ previous one (``pos[t] != pos[t-1] + 1``), which includes every restart at 0. Le
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -54,6 +54,8 @@ class AttentionContext:
     doc_ids: torch.Tensor | None  # (B, T) int32 document index; None = one document per row
     device: torch.device
     cache: dict[str, Any] = field(default_factory=dict)
+    # the backend's kernel (``Backend.attend``), set by the backbone for this forward; every layer calls it
+    attend: Callable[..., torch.Tensor] | None = None
 
     @property
     def is_plain_causal(self) -> bool:

@@ -23,13 +23,32 @@ import torch.nn.functional as F
 from .masking import AttentionContext
 
 
-def _buckets(ctx: AttentionContext, device: torch.device) -> tuple[list[tuple], torch.Tensor, torch.Tensor]:
+def varlen_metadata(ctx: AttentionContext) -> dict:
+    """Token indices of real tokens and cu_seqlens of the (document, row) segments, once per batch (cached on
+    ``ctx``): the flash backend's varlen kernel and the SDPA by-document path below both read it."""
+    if "varlen" in ctx.cache:
+        return ctx.cache["varlen"]
+    b, t = ctx.batch_size, ctx.q_len
+    valid = ctx.key_padding if ctx.key_padding is not None else torch.ones(b, t, dtype=torch.bool, device=ctx.device)
+    docs = ctx.doc_ids if ctx.doc_ids is not None else torch.zeros(b, t, dtype=torch.int32, device=ctx.device)
+    seg_key = (torch.arange(b, device=ctx.device)[:, None] * (t + 1) + docs).flatten()  # (B*T,)
+    indices = valid.flatten().nonzero().squeeze(-1)  # (N,)
+    keys = seg_key[indices]
+    starts = torch.ones_like(keys, dtype=torch.bool)
+    starts[1:] = keys[1:] != keys[:-1]
+    start_pos = starts.nonzero().squeeze(-1)
+    cu = torch.cat([start_pos, start_pos.new_tensor([indices.numel()])]).to(torch.int32)
+    lengths = cu[1:] - cu[:-1]
+    meta = {"indices": indices, "cu_seqlens": cu, "max_seqlen": int(lengths.max()) if lengths.numel() else 0}
+    ctx.cache["varlen"] = meta
+    return meta
+
+
+def document_buckets(ctx: AttentionContext, device: torch.device) -> tuple[list[tuple], torch.Tensor, torch.Tensor]:
     """Once per batch: per length group (n docs, padded length L, gather index into the real tokens + one zero row,
     rows of the (n * L) layout that are real); the real tokens' positions in the (B * T) layout; and where the
     concatenated real rows of all groups go in that layout."""
-    from .backends import _varlen_metadata
-
-    meta = _varlen_metadata(ctx)
+    meta = varlen_metadata(ctx)
     if "buckets" in meta:
         return meta["buckets"]
     idx = meta["indices"]
@@ -58,7 +77,7 @@ def _buckets(ctx: AttentionContext, device: torch.device) -> tuple[list[tuple], 
 def sdpa_by_document(q, k, v, ctx: AttentionContext, scale: float, dropout_p: float) -> torch.Tensor:
     """q (B, H, T, D), k/v (B, H, T, D) with kv heads already repeated -> (B, T, H, D); padding rows are 0."""
     b, h, t, d = q.shape
-    groups, idx, dest = _buckets(ctx, q.device)
+    groups, idx, dest = document_buckets(ctx, q.device)
     # real tokens in document order, plus one zero row that the padding of every group points at
     flat = [torch.cat([x.transpose(1, 2).reshape(b * t, h, d).index_select(0, idx), x.new_zeros(1, h, d)])
             for x in (q, k, v)]

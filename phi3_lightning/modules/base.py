@@ -31,7 +31,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from ..model import BACKENDS, PRESETS, Phi3Config
+from ..model import DEFAULT_BACKEND, PRESETS, Phi3Config, check_backend
 from ..model.heads import Phi3PreTrainedHead
 from ..model.lora import LoRAConfig, apply_lora
 from .schedulers import WarmupDecayLR
@@ -187,7 +187,7 @@ class Phi3LightningModule(pl.LightningModule):
         self,
         model: str | Phi3Config = "tiny",
         config_overrides: dict[str, Any] | None = None,
-        attn_implementation: str = "sdpa",
+        attn_implementation: str = DEFAULT_BACKEND,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         activation_checkpointing: bool = False,
@@ -199,8 +199,7 @@ class Phi3LightningModule(pl.LightningModule):
         _head_overrides: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if attn_implementation not in BACKENDS:
-            raise ValueError(f"attn_implementation={attn_implementation!r}; choose one of {', '.join(BACKENDS)}")
+        check_backend(attn_implementation, runnable=False)  # whether it runs is checked where the model is built
         if torch_compile not in (None, *COMPILE_SCOPES):
             raise ValueError(f"torch_compile={torch_compile!r}; use 'layers', 'model' or null")
         self._overrides = {**(config_overrides or {}), **(_head_overrides or {})}

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ..atomic import recover_interrupted, staged_directory
-from ..model import HEADS, Phi3Config
+from ..model import DEFAULT_BACKEND, HEADS, Phi3Config
 from ..model.checkpoint import resolve_dtype
 from ..model.heads import Phi3PreTrainedHead
 from ..model.lora import LoRAConfig, apply_lora, lora_state_dict, merge_lora
@@ -82,7 +82,7 @@ def _info_from_hparams(ckpt: dict[str, Any]) -> dict[str, Any]:
     config, _ = resolve_model(hp.get("model", "tiny"), overrides)
     kwargs = {"pooling": hp["pooling"]} if task == "sequence_classification" and "pooling" in hp else {}
     return {"task": task, "config": config.to_dict(), "head_kwargs": kwargs,
-            "attn_implementation": hp.get("attn_implementation", "sdpa"), "lora": hp.get("lora")}
+            "attn_implementation": hp.get("attn_implementation", DEFAULT_BACKEND), "lora": hp.get("lora")}
 
 
 def _strip(key: str) -> str:
@@ -99,7 +99,7 @@ def _load_lightning(path: Path, attn: str | None, device, dtype, merge: bool = T
     task = info["task"]
     config = Phi3Config.from_dict(info["config"])
     head_cls = HEADS[task]
-    head = head_cls(config, attn or info.get("attn_implementation", "sdpa"), **(info.get("head_kwargs") or {}))
+    head = head_cls(config, attn or info.get("attn_implementation", DEFAULT_BACKEND), **(info.get("head_kwargs") or {}))
     lora = as_lora_config(info.get("lora"))
     if lora is not None:
         apply_lora(head, lora)  # the checkpoint holds base weights + adapters under the adapted key names
@@ -137,7 +137,7 @@ def _load_hf(path: Path, attn: str | None, device, dtype) -> LoadedHead:
     arch = (config.get("architectures") or ["Phi3ForCausalLM"])[0]
     task = _ARCH_TO_TASK.get(arch, "causal_lm")
     info = json.loads((path / EXPORT_INFO).read_text()) if (path / EXPORT_INFO).is_file() else {}
-    head = HEADS[task].from_pretrained(path, attn_implementation=attn or "sdpa", dtype=dtype, device=device,
+    head = HEADS[task].from_pretrained(path, attn_implementation=attn or DEFAULT_BACKEND, dtype=dtype, device=device,
                                        **(info.get("head_kwargs") or {}))  # fmt: skip
     tok = str(path) if (path / "tokenizer.json").is_file() else info.get("tokenizer")
     return LoadedHead(head.eval(), task, tok, str(path))

@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from ..memory import PRECISIONS, explain_oom
-from ..model import PRESETS
+from ..model import DEFAULT_BACKEND, PRESETS
 
 MARKER = "phi3_lightning memory planner:"
 _OOM_TYPES = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
@@ -93,7 +93,7 @@ def planner_command(source: list[str], settings: dict[str, Any]) -> str:
         parts += ["--head", s["head"]]
     if s["optimizer"] != "adamw":
         parts += ["--optimizer", s["optimizer"]]
-    if s["attn_implementation"] != "sdpa":
+    if s["attn_implementation"] != DEFAULT_BACKEND:
         parts += ["--attn-implementation", s["attn_implementation"]]
     if s["masked"]:
         parts.append("--masked")

@@ -1,17 +1,16 @@
 """A packed row (position_ids restarting per document) equals the documents run one by one, on every backend."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from phi3_lightning import Phi3ForCausalLM
 from phi3_lightning.model import backends
-from phi3_lightning.model.backends import (
-    reference_flash_attn_func,
-    reference_flash_attn_varlen_func,
-    set_flash_kernels,
-)
+from phi3_lightning.model.backends import set_flash_kernels
 from phi3_lightning.model.masking import document_ids
 
+from .reference_kernels import reference_flash_attn_func, reference_flash_attn_varlen_func
 from .shapes import config
 
 
@@ -120,7 +119,7 @@ def test_flash_backend_padded_batch_matches_sdpa(flash_reference):
 
 
 def test_unavailable_backend_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown attn_implementation 'xformers'"):
+    with pytest.raises(ValueError, match="unknown attn_implementation='xformers'; choose one of eager, sdpa, flash_attention_2, flex"):
         Phi3ForCausalLM(config("mini-4k"), attn_implementation="xformers")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="flash_attention_2.*unavailable"):
@@ -187,3 +186,37 @@ def test_sdpa_by_document_groups_equal_one_call_per_document_with_grads(window):
     assert out[mask == 0].abs().max() == 0  # padding rows are zero
     for a, b in zip(grads, ref_grads):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_prepare_builds_everything_the_layers_read(backend, flash_reference):
+    """Each backend's prepare fills the context once; the layers then only read it (nothing added per layer)."""
+    torch.manual_seed(5)
+    model = Phi3ForCausalLM(config("mini-4k"), attn_implementation=backend).eval()
+    ids, pos, mask, _ = packed_batch([[11, 5, 14], [20, 3]], row_len=40)
+    seen = []
+    record = backends.BACKENDS[backend]
+
+    def attend(q, k, v, ctx, scale, dropout_p):
+        seen.append(set(ctx.cache))
+        return record.attend(q, k, v, ctx, scale, dropout_p)
+
+    backends.BACKENDS[backend] = dataclasses.replace(record, attend=attend)
+    try:
+        with torch.no_grad():
+            model(ids, attention_mask=mask, position_ids=pos)
+    finally:
+        backends.BACKENDS[backend] = record
+    assert len(seen) == model.config.num_hidden_layers and seen[0] and all(s == seen[0] for s in seen)
+
+
+def test_one_message_for_a_wrong_backend_name():
+    assert list(backends.BACKENDS) == ["eager", "sdpa", "flash_attention_2", "flex"]
+    assert backends.DEFAULT_BACKEND in backends.BACKENDS
+    with pytest.raises(ValueError, match=r"unknown attn_implementation='flash_attention'; choose one of eager, "
+                                         r"sdpa, flash_attention_2, flex; did you mean flash_attention_2\?"):
+        backends.check_backend("flash_attention")
+    from phi3_lightning.memory import estimate_memory
+
+    with pytest.raises(ValueError, match="unknown attn_implementation='spda'.*did you mean sdpa"):
+        estimate_memory("tiny", attn_implementation="spda", seq_len=16)

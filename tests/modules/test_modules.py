@@ -99,8 +99,11 @@ def test_bad_model_arguments(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="without config.json"):
         resolve_model(str(tmp_path / "empty"))
-    with pytest.raises(ValueError, match="attn_implementation='fast'"):
+    with pytest.raises(ValueError, match="unknown attn_implementation='fast'; choose one of eager, sdpa, "
+                       "flash_attention_2, flex"):
         CausalLMModule(attn_implementation="fast")
+    with pytest.raises(ValueError, match="did you mean sdpa"):
+        CausalLMModule(attn_implementation="spda")
     with pytest.raises(ValueError, match="torch_compile"):
         CausalLMModule(torch_compile="all")
     with pytest.raises(ValueError, match="2 label_names"):
