@@ -55,6 +55,7 @@ class _BaseDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
+        *,
         tokenizer: str,
         source: str,
         train_file: str | None,
@@ -70,11 +71,11 @@ class _BaseDataModule(pl.LightningDataModule):
         pad_to_multiple_of: int | None,
         group_by_length: bool,
         max_documents: int | None,
-        text_field: str,
-        text_unit: str,
         cache_dir: str | None,
         seed: int,
         progress: bool,
+        text_field: str = "text",
+        text_unit: str = "paragraph",
     ) -> None:
         super().__init__()
         for name, value in (("max_length", max_length), ("batch_size", batch_size)):

@@ -93,10 +93,12 @@ class CausalLMDataModule(_BaseDataModule):
         progress: bool = True,
     ) -> None:
         super().__init__(
-            tokenizer, source, train_file, val_file, test_file, val_fraction, test_fraction, max_length, batch_size,
-            eval_batch_size, num_workers, padding_side, pad_to_multiple_of, group_by_length, max_documents,
-            text_field, text_unit, cache_dir, seed, progress,
-        )  # fmt: skip
+            tokenizer=tokenizer, source=source, train_file=train_file, val_file=val_file, test_file=test_file,
+            val_fraction=val_fraction, test_fraction=test_fraction, max_length=max_length, batch_size=batch_size,
+            eval_batch_size=eval_batch_size, num_workers=num_workers, padding_side=padding_side,
+            pad_to_multiple_of=pad_to_multiple_of, group_by_length=group_by_length, max_documents=max_documents,
+            cache_dir=cache_dir, seed=seed, progress=progress, text_field=text_field, text_unit=text_unit,
+        )
         if max_length < 2:  # the head predicts token t+1 from tokens <= t: a 1-token row has no target
             raise ValueError(f"max_length={max_length}: a causal-LM row needs at least 2 tokens to have a next-token "
                              "target (with 1 every label is ignored and the loss is NaN); use max_length >= 2")

@@ -90,10 +90,12 @@ class SequenceClassificationDataModule(_LabelMixin, _BaseDataModule):
         progress: bool = True,
     ) -> None:
         super().__init__(
-            tokenizer, source, train_file, val_file, test_file, val_fraction, test_fraction, max_length, batch_size,
-            eval_batch_size, num_workers, padding_side, pad_to_multiple_of, group_by_length, max_documents,
-            text_field, "paragraph", cache_dir, seed, progress,
-        )  # fmt: skip
+            tokenizer=tokenizer, source=source, train_file=train_file, val_file=val_file, test_file=test_file,
+            val_fraction=val_fraction, test_fraction=test_fraction, max_length=max_length, batch_size=batch_size,
+            eval_batch_size=eval_batch_size, num_workers=num_workers, padding_side=padding_side,
+            pad_to_multiple_of=pad_to_multiple_of, group_by_length=group_by_length, max_documents=max_documents,
+            cache_dir=cache_dir, seed=seed, progress=progress, text_field=text_field,
+        )
         if problem_type is not None and problem_type not in PROBLEM_TYPES:
             raise ValueError(f"problem_type={problem_type!r}; use one of {PROBLEM_TYPES} or None (inferred)")
         self.label_field = label_field

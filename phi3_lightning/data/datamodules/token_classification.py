@@ -88,10 +88,19 @@ class TokenClassificationDataModule(_LabelMixin, _BaseDataModule):
         progress: bool = True,
     ) -> None:
         super().__init__(
-            tokenizer, source, train_file, val_file, test_file, val_fraction, test_fraction, max_length, batch_size,
-            eval_batch_size, num_workers, padding_side, pad_to_multiple_of, group_by_length, max_documents,
-            words_field, "paragraph", cache_dir, seed, progress,
-        )  # fmt: skip
+            tokenizer=tokenizer, source=source, train_file=train_file, val_file=val_file, test_file=test_file,
+            val_fraction=val_fraction, test_fraction=test_fraction, max_length=max_length, batch_size=batch_size,
+            eval_batch_size=eval_batch_size, num_workers=num_workers, padding_side=padding_side,
+            pad_to_multiple_of=pad_to_multiple_of, group_by_length=group_by_length, max_documents=max_documents,
+            cache_dir=cache_dir, seed=seed, progress=progress,
+        )
+        for name, path in (("source", source), ("train_file", train_file), ("val_file", val_file), ("test_file", test_file)):
+            if path and str(path).lower().endswith(".txt"):
+                raise ValueError(
+                    f"{name}={path!r} is a .txt file: plain text has no words with one label each; token "
+                    f"classification reads records holding a {words_field!r} list and a {label_field!r} list "
+                    "(jsonl / json / parquet / a datasets directory)"
+                )
         self.words_field = words_field
         self.label_field = label_field
         self.label_all_subtokens = label_all_subtokens
