@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch.utils.data import BatchSampler, Sampler
 
-__all__ = ["PaddingCollator", "LengthGroupedSampler", "length_grouped_batches", "padding_efficiency", "IGNORE_INDEX"]
+from ..conventions import IGNORE_INDEX
 
-IGNORE_INDEX = -100
+__all__ = ["PaddingCollator", "LengthGroupedSampler", "length_grouped_batches", "padding_efficiency", "IGNORE_INDEX"]
 
 
 def _as_list(x: Any) -> list:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from ...conventions import PROBLEM_TYPES
 from ..sources import Record
 
-PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
+__all__ = ["PROBLEM_TYPES"]
 
 
 def _natural_sorted(names: set[str]) -> list[str]:
