@@ -28,9 +28,6 @@ class _LabelMixin:
     _label_names: list[str] | None
     _problem_type: str | None
 
-    def _label_values(self) -> list[tuple[Record, Any]]:
-        raise NotImplementedError
-
     def _infer_labels(self) -> None:
         raise NotImplementedError
 
