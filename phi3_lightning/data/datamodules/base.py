@@ -44,10 +44,6 @@ class _Indexed(Dataset):
         return {**self.base[i], "index": i}
 
 
-def _chunks(seq: list[int], size: int) -> list[list[int]]:
-    return [seq[i : i + size] for i in range(0, len(seq), size)]
-
-
 class _BaseDataModule(pl.LightningDataModule):
     """Shared plumbing: tokenizer, sources and splits, dataloaders."""
 
@@ -198,6 +194,19 @@ class _BaseDataModule(pl.LightningDataModule):
 
     def _build_split(self, split: str, records: list[Record]) -> Dataset:
         raise NotImplementedError
+
+    def _cut_to_max_length(self, rec: Record, *seqs: list) -> tuple[list, ...]:
+        """One example's token-aligned lists (input ids first) cut to ``max_length`` when ``self.truncate`` (the
+        classification modules), else an error naming the record. (The causal LM splits instead: ``split_long``.)"""
+        n = len(seqs[0])
+        if n <= self.max_length:
+            return seqs
+        if not self.truncate:  # type: ignore[attr-defined]
+            raise ValueError(
+                f"{rec.where or 'a record'}: {n} tokens, more than max_length={self.max_length}; "
+                "raise max_length or set truncate=True"
+            )
+        return tuple(x[: self.max_length] for x in seqs)
 
     # ---------------------------------------------------------------- dataloaders
     def _collator(self) -> PaddingCollator:

@@ -9,10 +9,10 @@ from torch.utils.data import Dataset
 
 from ..chat import tokenize_chat
 from ..collate import IGNORE_INDEX
-from ..packing import PACKING_STRATEGIES, PackedRows, pack_documents
+from ..packing import PACKING_STRATEGIES, PackedRows, pack_documents, piece_bounds
 from ..sources import Record, iter_field
 from ..tokenizer import CHAT_FORMATS
-from .base import ExampleDataset, _BaseDataModule, _chunks
+from .base import ExampleDataset, _BaseDataModule
 
 
 class CausalLMDataModule(_BaseDataModule):
@@ -199,8 +199,8 @@ class CausalLMDataModule(_BaseDataModule):
         examples = []
         for d, doc in enumerate(docs):
             lab = doc if labels is None else labels[d]
-            for ids, lbl in zip(_chunks(doc, self.max_length), _chunks(lab, self.max_length)):
-                examples.append({"input_ids": ids, "labels": lbl})
+            for s, e in piece_bounds(len(doc), self.max_length):
+                examples.append({"input_ids": doc[s:e], "labels": lab[s:e]})
         ds = ExampleDataset(examples)
         self.efficiency[split] = self._padded_efficiency(ds.lengths, self.batch_size)
         return ds

@@ -230,13 +230,7 @@ class SequenceClassificationDataModule(_LabelMixin, _BaseDataModule):
                 ids = [*ids, tok.eos_token_id]
             if not ids:
                 raise ValueError(f"{rec.where or 'a record'}: the text is empty; fill it or remove the record")
-            if len(ids) > self.max_length:
-                if not self.truncate:
-                    raise ValueError(
-                        f"{rec.where or 'a record'}: {len(ids)} tokens, more than max_length={self.max_length}; "
-                        "raise max_length or set truncate=True"
-                    )
-                ids = ids[: self.max_length]
+            (ids,) = self._cut_to_max_length(rec, ids)
             examples.append({"input_ids": ids, "labels": self._target(rec)})
         self._example_records[split] = records
         ds = ExampleDataset(examples)

@@ -175,13 +175,7 @@ class TokenClassificationDataModule(_LabelMixin, _BaseDataModule):
                     labels_out.extend([cls] + [rest] * (len(toks) - 1))
             if not input_ids:
                 raise ValueError(f"{rec.where or 'a record'}: no words to tokenize; fill it or remove the record")
-            if len(input_ids) > self.max_length:
-                if not self.truncate:
-                    raise ValueError(
-                        f"{rec.where or 'a record'}: {len(input_ids)} tokens, more than max_length={self.max_length}; "
-                        "raise max_length or set truncate=True"
-                    )
-                input_ids, labels_out, word_ids = (x[: self.max_length] for x in (input_ids, labels_out, word_ids))
+            input_ids, labels_out, word_ids = self._cut_to_max_length(rec, input_ids, labels_out, word_ids)
             examples.append({"input_ids": input_ids, "labels": labels_out, "word_ids": word_ids})
         self._example_records[split] = records
         ds = _TokenDataset(examples)
