@@ -221,3 +221,16 @@ def test_seq_cls_multi_hot_labels_without_problem_type_get_multilabel_metrics(tm
     assert 0.0 <= float(acc) <= 1.0
     out = model.predict_step({k: v for k, v in next(iter(loader)).items()}, 0)
     assert out["predictions"].shape == (4, 3)  # per-label 0/1 decisions, not a class id
+
+
+def test_row_length_is_checked_against_the_model_once_in_setup(tmp_path):
+    """max_length above the model's max_position_embeddings is refused in setup, before the model is built (before:
+    at the first forward, deep in the backbone), naming both numbers and the fix."""
+    dm = CausalLMDataModule(max_length=96, max_files=6, val_fraction=0.3, batch_size=2, cache_dir=str(tmp_path / "c"), progress=False)
+    model = CausalLMModule(model="tiny", config_overrides={"max_position_embeddings": 64,
+                                                           "original_max_position_embeddings": 64})
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu")  # fmt: skip
+    with pytest.raises(ValueError, match=r"max_length=96 .*max_position_embeddings=64.*lower --data.max_length"):
+        trainer.fit(model, dm)
+    assert model.head is None  # refused before the model is built
