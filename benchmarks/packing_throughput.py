@@ -56,8 +56,7 @@ def split_docs(docs, max_len):
 
 
 def padded_batches(docs, max_len, rows_per_batch, pad_id, to_max_length=False):
-    coll = PaddingCollator(pad_token_id=pad_id, max_length=max_len,
-                           pad_to_multiple_of=max_len if to_max_length else None)
+    coll = PaddingCollator(pad_token_id=pad_id, pad_to_multiple_of=max_len if to_max_length else None)
     out = []
     for i in range(0, len(docs), rows_per_batch):
         out.append(coll([{"input_ids": d, "labels": d} for d in docs[i : i + rows_per_batch]]))

@@ -4,6 +4,7 @@ Imports nothing from ``phi3_lightning.model``; the LightningModules and the CLI 
 (which import Lightning, slow to import) are loaded on first access, so the pure functions import quickly.
 """
 
+from ..conventions import PROBLEM_TYPES
 from .chat import Segment, chat_text, render_chat, tokenize_chat
 from .collate import IGNORE_INDEX, LengthGroupedSampler, PaddingCollator, padding_efficiency
 from .embedded import (
@@ -71,7 +72,6 @@ __all__ = [
 ]
 
 _LAZY = {
-    "PROBLEM_TYPES",
     "CausalLMDataModule",
     "SequenceClassificationDataModule",
     "TokenClassificationDataModule",

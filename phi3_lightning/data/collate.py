@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch.utils.data import BatchSampler, Sampler
 
-__all__ = ["PaddingCollator", "LengthGroupedSampler", "length_grouped_batches", "padding_efficiency", "IGNORE_INDEX"]
+from ..conventions import IGNORE_INDEX
 
-IGNORE_INDEX = -100
+__all__ = ["PaddingCollator", "LengthGroupedSampler", "length_grouped_batches", "padding_efficiency", "IGNORE_INDEX"]
 
 
 def _as_list(x: Any) -> list:
@@ -51,7 +51,8 @@ class PaddingCollator:
         padding_side: ``"right"`` (default) or ``"left"`` (for batched generation).
         pad_to_multiple_of: round the padded length T up to a multiple of this (e.g. 8 or 64 for tensor cores).
         label_pad_id: label written on padding (ignored by the loss).
-        max_length: truncate longer examples to this many tokens (keeping the first ones).
+
+    Examples are not truncated here: the DataModules cut them to ``max_length`` when they build a split.
     """
 
     def __init__(
@@ -60,28 +61,24 @@ class PaddingCollator:
         padding_side: str = "right",
         pad_to_multiple_of: int | None = None,
         label_pad_id: int = IGNORE_INDEX,
-        max_length: int | None = None,
     ) -> None:
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side={padding_side!r}; use 'right' or 'left'")
         if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
             raise ValueError(f"pad_to_multiple_of={pad_to_multiple_of}; use a positive integer or None")
-        if max_length is not None and max_length < 1:
-            raise ValueError(f"max_length={max_length}; use a positive integer or None")
         self.pad_token_id = int(pad_token_id)
         self.padding_side = padding_side
         self.pad_to_multiple_of = pad_to_multiple_of
         self.label_pad_id = label_pad_id
-        self.max_length = max_length
 
     def __repr__(self) -> str:
         return (
             f"PaddingCollator(pad_token_id={self.pad_token_id}, padding_side={self.padding_side!r}, "
-            f"pad_to_multiple_of={self.pad_to_multiple_of}, max_length={self.max_length})"
+            f"pad_to_multiple_of={self.pad_to_multiple_of})"
         )
 
     def padded_length(self, lengths: Sequence[int]) -> int:
-        """The T a batch with these (already truncated) example lengths is padded to."""
+        """The T a batch with these example lengths is padded to."""
         t = max(lengths) if lengths else 0
         if self.pad_to_multiple_of:
             t = math.ceil(t / self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -90,7 +87,7 @@ class PaddingCollator:
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not examples:
             raise ValueError("PaddingCollator got an empty list of examples; check the dataset and batch sampler")
-        ids = [_as_list(ex["input_ids"])[: self.max_length] for ex in examples]
+        ids = [_as_list(ex["input_ids"]) for ex in examples]
         lengths = [len(x) for x in ids]
         if min(lengths) == 0:
             raise ValueError("an example has no input_ids (0 tokens); drop empty texts before collating")

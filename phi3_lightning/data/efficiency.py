@@ -11,20 +11,9 @@ import torch
 from torch.utils.data import RandomSampler
 
 from .collate import LengthGroupedSampler, padding_efficiency
-from .packing import packing_efficiency
+from .packing import packing_efficiency, piece_bounds
 
 __all__ = ["efficiency_report"]
-
-
-def _pieces(lengths: Sequence[int], max_length: int) -> list[int]:
-    out = []
-    for n in lengths:
-        while n > max_length:
-            out.append(max_length)
-            n -= max_length
-        if n > 0:
-            out.append(n)
-    return out
 
 
 def efficiency_report(
@@ -40,7 +29,7 @@ def efficiency_report(
     Returns ``{"padding", "grouped", "packed", "packed_seq"}`` (fractions in (0, 1]) plus ``"tokens"`` and
     ``"examples"`` (pieces of at most ``max_length`` tokens).
     """
-    pieces = _pieces(lengths, max_length)
+    pieces = [e - s for n in lengths for s, e in piece_bounds(n, max_length)]  # token count of every piece
     if not pieces:
         raise ValueError("efficiency_report got no tokens (all lengths are 0); pass the token lengths of a corpus")
     g = torch.Generator()

@@ -48,7 +48,7 @@ import torch
 
 from .collate import IGNORE_INDEX
 
-__all__ = ["PackedRows", "pack_documents", "plan_packing", "packing_efficiency", "PACKING_STRATEGIES"]
+__all__ = ["PackedRows", "pack_documents", "plan_packing", "packing_efficiency", "piece_bounds", "PACKING_STRATEGIES"]
 
 PACKING_STRATEGIES = ("best_fit", "sequential")
 
@@ -93,19 +93,22 @@ class PackedRows:
         return self.num_real_tokens / total if total else 0.0
 
 
+def piece_bounds(length: int, size: int) -> list[tuple[int, int]]:
+    """The one rule for cutting a document of ``length`` tokens into pieces of at most ``size``: consecutive
+    ``(start, end)`` spans, all full but the last; ``[]`` for an empty document. Packing, the unpacked causal-LM
+    examples and the efficiency report all cut documents with it."""
+    return [(s, min(s + size, length)) for s in range(0, length, size)]
+
+
 def _pieces_of(lengths: Sequence[int], row_length: int, split_long: bool) -> list[Piece]:
     pieces: list[Piece] = []
     for d, n in enumerate(lengths):
-        if n <= row_length:
-            if n > 0:
-                pieces.append((d, 0, n))
-            continue
-        if not split_long:
+        if n > row_length and not split_long:
             raise ValueError(
                 f"document {d} has {n} tokens, more than the row length {row_length}; raise the row length "
                 "(max_length) or set split_long=True to split long documents into pieces"
             )
-        pieces.extend((d, s, min(s + row_length, n)) for s in range(0, n, row_length))
+        pieces.extend((d, s, e) for s, e in piece_bounds(n, row_length))
     return pieces
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..conventions import PROBLEM_TYPES
+
 _ROPE_TYPE_ALIASES = {"su": "longrope", "yarn": "longrope", "longrope": "longrope", "default": "default"}
 HIDDEN_ACTS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu")
 # config.json keys that are not fields but that from_dict reads (transformers spellings of fields).
@@ -211,8 +213,8 @@ class Phi3Config:
                 )
         if self.problem_type is not None:
             need(
-                self.problem_type in ("regression", "single_label_classification", "multi_label_classification"),
-                f"problem_type={self.problem_type!r}; use regression, single_label_classification or multi_label_classification",
+                self.problem_type in PROBLEM_TYPES,
+                f"problem_type={self.problem_type!r}; use {', '.join(PROBLEM_TYPES)}",
             )
         self._validate_values(need)
 

@@ -12,7 +12,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from ..conventions import IGNORE_INDEX
 
 # CPU only: the fused loss's (chunk, vocab) fp32 workspace is kept between calls, one per thread. A fresh buffer of
 # that size (131 MB for 1024 x 32064) is page-faulted in again on every step, because glibc hands such blocks back
@@ -146,16 +146,21 @@ def _check_label_range(labels: torch.Tensor, num_labels: int, what: str) -> None
             )
 
 
+def infer_problem_type(num_labels: int, labels: torch.Tensor) -> str:
+    """The problem type of labels when none is configured (transformers' rule): one output -> regression; integer
+    labels -> single-label; float labels over several outputs -> multi-label. The loss and the metrics both use it."""
+    if num_labels == 1:
+        return "regression"
+    if labels.dtype in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
+        return "single_label_classification"
+    return "multi_label_classification"
+
+
 def sequence_classification_loss(logits: torch.Tensor, labels: torch.Tensor, num_labels: int,
                                  problem_type: str | None) -> tuple[torch.Tensor, str]:
-    """(B, num_labels) pooled logits -> loss, and the problem type used (inferred as transformers does)."""
+    """(B, num_labels) pooled logits -> loss, and the problem type used (:func:`infer_problem_type` when None)."""
     if problem_type is None:
-        if num_labels == 1:
-            problem_type = "regression"
-        elif labels.dtype in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
-            problem_type = "single_label_classification"
-        else:
-            problem_type = "multi_label_classification"
+        problem_type = infer_problem_type(num_labels, labels)
     if problem_type == "regression":
         labels = labels.to(logits.dtype)
         if num_labels == 1:

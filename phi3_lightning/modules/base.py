@@ -264,13 +264,20 @@ class Phi3LightningModule(pl.LightningModule):
         return flops
 
     def setup(self, stage: str) -> None:
-        """Check that the tokenizer's ids fit the embedding before anything is built or trained."""
+        """Check that the data fits the model before anything is built or trained: the tokenizer's ids fit the
+        embedding, and the row length (``max_length``) fits the positions (the one place this is checked)."""
         dm = self._trainer.datamodule if self._trainer is not None else None
         tokenizer = getattr(dm, "tokenizer", None)
         if tokenizer is not None:
             from ..data.tokenizer import check_vocab_fits
 
             check_vocab_fits(tokenizer, self.config.vocab_size)
+        max_length, positions = getattr(dm, "max_length", None), self.config.max_position_embeddings
+        if isinstance(max_length, int) and max_length > positions:
+            raise ValueError(
+                f"max_length={max_length} (the data's row length) exceeds max_position_embeddings={positions} of the "
+                "model; lower --data.max_length or use a long-context (128k) checkpoint"
+            )
 
     def configure_model(self) -> None:
         if self.head is not None:

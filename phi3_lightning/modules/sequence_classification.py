@@ -9,10 +9,10 @@ from torch import nn
 from torchmetrics import MeanMetric, MeanSquaredError
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MultilabelAccuracy, MultilabelF1Score
 
+from ..conventions import PROBLEM_TYPES
 from ..model import Phi3ForSequenceClassification
+from ..model.loss import infer_problem_type
 from .base import Phi3LightningModule
-
-PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 
 
 def label_overrides(num_labels: int | None, label_names: list[str] | None) -> dict[str, Any]:
@@ -111,9 +111,25 @@ class SequenceClassificationModule(Phi3LightningModule):
             return logits, labels.long()
         return logits.argmax(-1), labels
 
+    def _resolve_problem_type(self, labels: torch.Tensor) -> None:
+        """No problem_type configured: the loss infers it from the labels (float multi-hot -> multi-label BCE), so
+        take the same one, by the same rule, for the metrics and predictions, and keep it in the config."""
+        if self.config.problem_type is not None:
+            return
+        found = infer_problem_type(self.config.num_labels, labels)
+        self.config.problem_type = found
+        if self.head is not None:
+            self.head.config.problem_type = found
+        if found != self.problem_type:
+            self.problem_type = found
+            self._register_metrics(self._make_metrics)  # nothing accumulated yet: the first labelled batch
+            for stage in ("train", "val", "test"):
+                self.stage_metrics(stage).to(self.device)
+
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-        out = self(batch)
         labels = batch["labels"]
+        self._resolve_problem_type(labels)
+        out = self(batch)
         preds, targets = self._targets_and_preds(out.logits, labels)
         metrics = self.stage_metrics(stage)
         b = labels.shape[0]

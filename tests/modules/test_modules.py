@@ -196,3 +196,44 @@ def test_python_api_fit_save_load(tmp_path):
     torch.testing.assert_close(loaded.head.lm_head.weight, model.head.lm_head.weight)
     assert loaded.tokenizer == "byte" and loaded.task == "causal_lm"
     assert isinstance(Phi3Config.from_dict(ckpt["phi3_lightning"]["config"]), Phi3Config)
+
+
+def test_seq_cls_multi_hot_labels_without_problem_type_get_multilabel_metrics(tmp_path):
+    """Float multi-hot labels and no problem_type: the loss is BCE (transformers' inference from the label dtype), so
+    the metrics must be the multi-label ones too (they were built multiclass: argmax vs a (B, 3) target). The type
+    found is written into the config, so a checkpoint's predictions use sigmoid as well."""
+    from torchmetrics.classification import MultilabelAccuracy
+
+    torch.manual_seed(0)
+    ids = torch.randint(3, 200, (8, 6))
+    hot = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]).repeat(4, 1)  # (8, 3) float multi-hot
+    rows = [{"input_ids": ids[i], "attention_mask": torch.ones(6, dtype=torch.long),
+             "position_ids": torch.arange(6), "labels": hot[i]} for i in range(8)]  # fmt: skip
+    loader = torch.utils.data.DataLoader(rows, batch_size=4)
+    model = SequenceClassificationModule(model="tiny", num_labels=3)
+    assert model.problem_type == "single_label_classification"  # all that is known before seeing labels
+    trainer = pl.Trainer(max_steps=2, limit_val_batches=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                         num_sanity_val_steps=0)  # fmt: skip
+    trainer.fit(model, loader, loader)
+    assert model.problem_type == "multi_label_classification"
+    assert model.config.problem_type == model.head.config.problem_type == "multi_label_classification"
+    for stage in ("train", "val"):
+        assert isinstance(model.stage_metrics(stage)["accuracy"], MultilabelAccuracy)
+    acc = trainer.callback_metrics["val/accuracy"]
+    assert 0.0 <= float(acc) <= 1.0
+    out = model.predict_step({k: v for k, v in next(iter(loader)).items()}, 0)
+    assert out["predictions"].shape == (4, 3)  # per-label 0/1 decisions, not a class id
+
+
+def test_row_length_is_checked_against_the_model_once_in_setup(tmp_path):
+    """max_length above the model's max_position_embeddings is refused in setup, before the model is built (before:
+    at the first forward, deep in the backbone), naming both numbers and the fix."""
+    dm = CausalLMDataModule(max_length=96, max_files=6, val_fraction=0.3, batch_size=2, cache_dir=str(tmp_path / "c"), progress=False)
+    model = CausalLMModule(model="tiny", config_overrides={"max_position_embeddings": 64,
+                                                           "original_max_position_embeddings": 64})
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu")  # fmt: skip
+    with pytest.raises(ValueError, match=r"max_length=96 .*max_position_embeddings=64.*lower --data.max_length"):
+        trainer.fit(model, dm)
+    assert model.head is None  # refused before the model is built

@@ -154,3 +154,17 @@ def test_plan_uses_no_more_rows_than_needed_by_volume_bound(lengths, row_length)
     fills = sorted(sum(e - s for _, s, e in row) for row in plan)
     if len(fills) >= 2:
         assert fills[0] + fills[1] > row_length
+
+
+def test_piece_bounds_is_the_one_cut_of_packing_and_the_efficiency_report():
+    from phi3_lightning.data.efficiency import efficiency_report
+    from phi3_lightning.data.packing import piece_bounds
+
+    assert piece_bounds(7, 3) == [(0, 3), (3, 6), (6, 7)]
+    assert piece_bounds(3, 3) == [(0, 3)] and piece_bounds(0, 3) == []
+    lengths = [7, 0, 2, 9]
+    plan = plan_packing(lengths, 3)
+    packed_pieces = sorted((d, s, e) for row in plan for d, s, e in row)
+    assert packed_pieces == sorted((d, s, e) for d, n in enumerate(lengths) for s, e in piece_bounds(n, 3))
+    report = efficiency_report(lengths, max_length=3, batch_size=2)
+    assert report["examples"] == 3 + 1 + 3 and report["tokens"] == 18

@@ -307,3 +307,15 @@ def test_trainer_runs_on_each_datamodule(cache_dir):
         trainer.fit(Tiny(dm.vocab_size, getattr(dm, "num_labels", 1)), datamodule=dm)
         assert trainer.global_step == 2
         assert json.dumps(dict(dm.hparams), default=str)  # hyperparameters are plain values
+
+
+def test_token_cls_truncation_cuts_ids_labels_and_word_ids_together(tmp_path, write_jsonl):
+    write_jsonl(tmp_path / "t.jsonl", [{"words": ["abc", "de", "f"], "labels": ["A", "B", "C"]}])
+    kw = dict(train_file=str(tmp_path / "t.jsonl"), val_fraction=0.0, test_fraction=0.0, max_length=5)
+    dm = TokenClassificationDataModule(**kw)
+    dm.setup()
+    ex = dm.datasets["train"].examples[0]  # byte ids: "abc" | " de" | " f" = 3 + 3 + 2 tokens, cut to 5
+    assert dm.tokenizer.decode(ex["input_ids"]) == "abc d"
+    assert ex["labels"] == [0, -100, -100, 1, -100] and ex["word_ids"] == [0, 0, 0, 1, 1]
+    with pytest.raises(ValueError, match=r"line 1: 8 tokens, more than max_length=5; raise max_length or set truncate"):
+        TokenClassificationDataModule(**kw, truncate=False).setup()

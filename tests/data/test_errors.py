@@ -187,3 +187,15 @@ def test_tokenizer_side_file_that_is_not_utf8_is_named(tmp_path, make_hf_dir):
     (d / "tokenizer_config.json").write_bytes(b'{"eos_token": "caf\xe9"}')
     with pytest.raises(ValueError, match=r"tokenizer_config.json: not valid JSON \(not UTF-8 text"):
         load_tokenizer(str(d))
+
+
+def test_token_cls_text_file_says_it_has_no_word_labels(tmp_path):
+    """A .txt file holds paragraphs, not words with one label each: the error says so and names the fix. (It used to
+    be "no label field 'labels' (fields: ['words'])": the token module passed its words_field into the base module's
+    text_field slot, so each paragraph was filed under 'words'.)"""
+    (tmp_path / "t.txt").write_text("def f ( ) :\n\nreturn 1\n")
+    with pytest.raises(ValueError, match=r"train_file='.*t\.txt' is a \.txt file: plain text has no words .*'words' "
+                                         r"list and a 'labels' list \(jsonl"):
+        TokenClassificationDataModule(train_file=str(tmp_path / "t.txt"), **NO_SPLITS).setup()
+    dm = TokenClassificationDataModule(**NO_SPLITS, progress=False, max_files=1, max_examples=4)
+    assert dm.text_field == "text"  # the base's .txt field name, no longer the words field

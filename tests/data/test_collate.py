@@ -38,13 +38,13 @@ def test_left_padding_positions():
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3], [0, 0, 0, 1]]
 
 
-def test_pad_to_multiple_of_and_max_length():
+def test_pad_to_multiple_of():
     batch = PaddingCollator(PAD, pad_to_multiple_of=8)(_examples([3, 5]))
     assert batch["input_ids"].shape == (2, 8)
     assert batch["attention_mask"].sum().item() == 8
     batch = PaddingCollator(PAD, pad_to_multiple_of=8)(_examples([8]))
     assert batch["input_ids"].shape == (1, 8)
-    batch = PaddingCollator(PAD, max_length=4, pad_to_multiple_of=3)(_examples([10, 2]))
+    batch = PaddingCollator(PAD, pad_to_multiple_of=3)(_examples([4, 2]))
     assert batch["input_ids"].shape == (2, 6)
     assert batch["input_ids"][0, :4].tolist() == [100, 101, 102, 103]
     assert batch["labels"][0, 4:].tolist() == [-100, -100]

@@ -1,0 +1,206 @@
+"""Causal-LM DataModule: plain text (packed or padded) or chat data trained on the assistant tokens."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from ..chat import tokenize_chat
+from ..collate import IGNORE_INDEX
+from ..packing import PACKING_STRATEGIES, PackedRows, pack_documents, piece_bounds
+from ..sources import Record, iter_field
+from ..tokenizer import CHAT_FORMATS
+from .base import ExampleDataset, _BaseDataModule
+
+
+class CausalLMDataModule(_BaseDataModule):
+    """Causal language modelling: plain text (pretraining style, packed) or chat / instruction data.
+
+    Text records become documents (``add_eos`` appends the eos id), packed into rows of ``max_length`` tokens with
+    ``position_ids`` restarting per document (``pack=True``), or padded per batch (``pack=False``). Chat records
+    (``messages`` lists of ``{"role", "content"}``) are rendered with the checkpoint's chat template and trained on
+    the assistant tokens only. Labels are the input ids (not shifted; the model shifts), -100 where not trained.
+
+    Args:
+        tokenizer: ``"byte"`` (built in, 262 ids) or a checkpoint directory holding ``tokenizer.json``.
+        source: ``"embedded"`` (stdlib source code, no download), a data file, a directory with ``train.*`` /
+            ``val.*`` / ``test.*`` files, a ``datasets`` ``save_to_disk`` directory, or ``hf:NAME[:CONFIG]``.
+        train_file: a training file (jsonl / json / csv / tsv / txt / parquet); overrides the source's train split.
+        val_file: a validation file; default: ``val_fraction`` of train.
+        test_file: a test file (also the predict split); default: ``test_fraction`` of train, else the val split.
+        data_format: ``"text"``, ``"chat"`` or ``"auto"`` (chat when records have ``messages_field``).
+        text_field: field holding the text of text records.
+        messages_field: field holding the message list of chat records.
+        chat_format: override the chat layout (``phi3``, ``phi4-mini``, ``phi4``, ``byte``); default: the
+            tokenizer's, detected from its chat template.
+        max_length: tokens per packed row, or the maximum length of a padded example.
+        pack: pack documents into full rows (true) or pad each batch to its longest example (false).
+        split_long: split documents longer than ``max_length`` into pieces (true) or raise an error (false).
+        packing_strategy: ``"best_fit"`` (fullest rows) or ``"sequential"`` (keeps document order).
+        add_bos: prepend the tokenizer's bos id to every document.
+        add_eos: append the tokenizer's eos id to every text document (and after a chat's last assistant turn).
+        batch_size: training batch size (rows or examples).
+        eval_batch_size: validation / test / predict batch size; default ``batch_size``.
+        num_workers: dataloader worker processes (0: load in the main process).
+        padding_side: ``"right"`` or ``"left"`` (unpacked batches).
+        pad_to_multiple_of: round padded lengths up to a multiple of this.
+        group_by_length: batch examples of similar length together (unpacked batches).
+        val_fraction: fraction of train carved out as the val split when no val split is given.
+        test_fraction: fraction of train carved out as the test split when no test split is given (0: test = val).
+        max_files: embedded corpus: number of stdlib files (documents).
+        max_documents: read at most this many records per split file (all sources).
+        text_unit: how ``.txt`` files are cut into documents: ``"paragraph"``, ``"line"`` or ``"file"``.
+        cache_dir: where the embedded corpus is cached; default ``$PHI3_LIGHTNING_CACHE`` or
+            ``~/.cache/phi3_lightning``.
+        seed: seed of the split hash, the shuffle and the batch order.
+        progress: show a progress bar while building the embedded corpus.
+    """
+
+    _embedded_kind = "lm"
+
+    def __init__(
+        self,
+        tokenizer: str = "byte",
+        source: str = "embedded",
+        train_file: str | None = None,
+        val_file: str | None = None,
+        test_file: str | None = None,
+        data_format: str = "auto",
+        text_field: str = "text",
+        messages_field: str = "messages",
+        chat_format: str | None = None,
+        max_length: int = 256,
+        pack: bool = True,
+        split_long: bool = True,
+        packing_strategy: str = "best_fit",
+        add_bos: bool = False,
+        add_eos: bool = True,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        padding_side: str = "right",
+        pad_to_multiple_of: int | None = None,
+        group_by_length: bool = True,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        max_files: int | None = 100,
+        max_documents: int | None = None,
+        text_unit: str = "paragraph",
+        cache_dir: str | None = None,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> None:
+        super().__init__(
+            tokenizer=tokenizer, source=source, train_file=train_file, val_file=val_file, test_file=test_file,
+            val_fraction=val_fraction, test_fraction=test_fraction, max_length=max_length, batch_size=batch_size,
+            eval_batch_size=eval_batch_size, num_workers=num_workers, padding_side=padding_side,
+            pad_to_multiple_of=pad_to_multiple_of, group_by_length=group_by_length, max_documents=max_documents,
+            cache_dir=cache_dir, seed=seed, progress=progress, text_field=text_field, text_unit=text_unit,
+        )
+        if max_length < 2:  # the head predicts token t+1 from tokens <= t: a 1-token row has no target
+            raise ValueError(f"max_length={max_length}: a causal-LM row needs at least 2 tokens to have a next-token "
+                             "target (with 1 every label is ignored and the loss is NaN); use max_length >= 2")
+        if data_format not in ("auto", "text", "chat"):
+            raise ValueError(f"data_format={data_format!r}; use 'auto', 'text' or 'chat'")
+        if chat_format is not None and chat_format not in CHAT_FORMATS:
+            raise ValueError(f"chat_format={chat_format!r}; use one of {CHAT_FORMATS} or None (the tokenizer's)")
+        if packing_strategy not in PACKING_STRATEGIES:
+            raise ValueError(f"packing_strategy={packing_strategy!r}; use one of {PACKING_STRATEGIES}")
+        self.data_format = data_format
+        self.messages_field = messages_field
+        self.chat_format = chat_format or self.tokenizer.chat_format
+        self.pack = pack
+        self.split_long = split_long
+        self.packing_strategy = packing_strategy
+        self.add_bos = add_bos
+        self.add_eos = add_eos
+        self.max_files = max_files
+        self.save_hyperparameters()
+
+    def _embedded_params(self) -> dict[str, Any]:
+        return {"max_files": self.max_files, "max_documents": self.max_documents}
+
+    def resolved_format(self) -> str:
+        """``"text"`` or ``"chat"`` (``data_format="auto"`` looks at the first training record)."""
+        if self.data_format != "auto":
+            return self.data_format
+        first = self.records()["train"][0]
+        if self.messages_field in first:
+            return "chat"
+        if self.text_field in first:
+            return "text"
+        raise ValueError(
+            f"{first.where or 'the first record'}: has neither a text field {self.text_field!r} nor a messages "
+            f"field {self.messages_field!r} (fields: {sorted(first)}); pass --data.text_field or "
+            "--data.messages_field with the right name"
+        )
+
+    def _tokenize(
+        self, split: str, records: list[Record]
+    ) -> tuple[list[list[int]], list[list[int]] | None, list[Record]]:
+        """(token ids, labels or None = the ids, the record of each document); empty documents are dropped."""
+        tok = self.tokenizer
+        if self.resolved_format() == "text":
+            texts = []
+            for rec, text in iter_field(records, self.text_field, "text"):
+                if not isinstance(text, str):
+                    raise ValueError(
+                        f"{rec.where or 'a record'}: text field {self.text_field!r} holds a {type(text).__name__}, "
+                        "not a string; fix the record or pass the right --data.text_field"
+                    )
+                texts.append(text)
+            encoded = tok.encode_batch(texts)
+            bos = [tok.bos_token_id] if self.add_bos and tok.bos_token_id is not None else []
+            eos = [tok.eos_token_id] if self.add_eos else []
+            kept = [(bos + d + eos, r) for d, r in zip(encoded, records) if d]
+            return [d for d, _ in kept], None, [r for _, r in kept]
+        docs, labels, origins = [], [], []
+        dropped = 0
+        for rec, messages in iter_field(records, self.messages_field, "messages"):
+            try:
+                ex = tokenize_chat(messages, tok, self.chat_format, add_bos=self.add_bos, add_eos=self.add_eos)
+            except ValueError as e:
+                raise ValueError(f"{rec.where or 'a record'}: {e}") from None
+            if all(x == IGNORE_INDEX for x in ex["labels"]):
+                dropped += 1  # nothing to learn from (no assistant turn)
+                continue
+            docs.append(ex["input_ids"])
+            labels.append(ex["labels"])
+            origins.append(rec)
+        if dropped:
+            warnings.warn(f"{split}: dropped {dropped} conversations without an assistant turn", stacklevel=2)
+        return docs, labels, origins
+
+    def _build_split(self, split: str, records: list[Record]) -> Dataset:
+        docs, labels, origins = self._tokenize(split, records)
+        if not docs:
+            raise ValueError(
+                f"the {split} split has no tokens after tokenization ({len(records)} records, all empty); check "
+                f"--data.text_field / --data.messages_field and the data"
+            )
+        if not self.split_long:
+            for doc, rec in zip(docs, origins):
+                if len(doc) > self.max_length:
+                    raise ValueError(
+                        f"{rec.where or 'a ' + split + ' record'}: {len(doc)} tokens, more than max_length="
+                        f"{self.max_length} (the {'row' if self.pack else 'sequence'} length) and split_long=False; "
+                        "raise max_length, set split_long=True to split long documents, or shorten the record"
+                    )
+        self._example_records[split] = records
+        if self.pack:
+            rows: PackedRows = pack_documents(
+                docs, self.max_length, self.pad_token_id, split_long=self.split_long, labels=labels,
+                strategy=self.packing_strategy,
+            )  # fmt: skip
+            self.efficiency[split] = rows.efficiency
+            return rows
+        examples = []
+        for d, doc in enumerate(docs):
+            lab = doc if labels is None else labels[d]
+            for s, e in piece_bounds(len(doc), self.max_length):
+                examples.append({"input_ids": doc[s:e], "labels": lab[s:e]})
+        ds = ExampleDataset(examples)
+        self.efficiency[split] = self._padded_efficiency(ds.lengths, self.batch_size)
+        return ds
