@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from phi3_lightning import Phi3ForCausalLM, get_preset  # noqa: E402
 from phi3_lightning.data.collate import PaddingCollator  # noqa: E402
 from phi3_lightning.data.embedded import load_embedded  # noqa: E402
-from phi3_lightning.data.packing import pack_documents  # noqa: E402
+from phi3_lightning.data.packing import pack_documents, piece_bounds  # noqa: E402
 from phi3_lightning.data.tokenizer import ByteTokenizer  # noqa: E402
 
 
@@ -52,7 +52,8 @@ def corpus_documents(kind: str, tok: ByteTokenizer, limit: int) -> list[list[int
 
 
 def split_docs(docs, max_len):
-    return [d[i : i + max_len] for d in docs for i in range(0, len(d), max_len) if len(d[i : i + max_len]) > 1]
+    """Documents cut as the packer cuts them (``piece_bounds``); pieces of one token have no target and are dropped."""
+    return [d[s:e] for d in docs for s, e in piece_bounds(len(d), max_len) if e - s > 1]
 
 
 def padded_batches(docs, max_len, rows_per_batch, pad_id, to_max_length=False):

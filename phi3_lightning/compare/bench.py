@@ -10,7 +10,8 @@ from typing import Callable
 
 import torch
 
-IGNORE_INDEX = -100
+from ..conventions import IGNORE_INDEX
+
 
 
 # ----------------------------------------------------------------------------- batches
