@@ -13,7 +13,6 @@ import torch
 from ..conventions import IGNORE_INDEX
 
 
-
 # ----------------------------------------------------------------------------- batches
 def padded_batch(batch_size: int, seq_len: int, vocab: int, pad_id: int, gen: torch.Generator) -> dict:
     """Right-padded rows: row i holds ``seq_len - i * seq_len / (2 * batch_size)`` real tokens (row 0 is full).
