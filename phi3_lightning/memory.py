@@ -81,6 +81,7 @@ from typing import Any, Sequence
 
 from .model.backends import BACKENDS, DEFAULT_BACKEND, check_backend
 from .model.config import PRESETS, Phi3Config
+from .model.heads import TASKS
 from .model.lora import DEFAULT_TARGETS, LoRAConfig, lora_num_parameters
 from .options import StrictArgumentParser
 
@@ -88,7 +89,6 @@ GiB = 1024**3
 METHODS = ("full", "lora")
 STRATEGIES = ("single", "ddp", "fsdp2")
 OPTIMIZERS = {"adamw": 2, "adam": 2, "sgd": 1, "sgd-nomomentum": 0}
-HEADS = ("causal_lm", "sequence_classification", "token_classification")
 _RNG_STATE_BYTES = 5056  # torch's CPU generator state, stored by every checkpointed layer (preserve_rng_state)
 
 
@@ -327,7 +327,7 @@ def estimate_memory(
     """
     c, name = _resolve_config(config_or_preset)
     checks = [(method, METHODS, "method"), (precision, PRECISIONS, "precision"), (strategy, STRATEGIES, "strategy"),
-              (optimizer, OPTIMIZERS, "optimizer"), (head, HEADS, "head")]
+              (optimizer, OPTIMIZERS, "optimizer"), (head, TASKS, "head")]
     check_backend(attn_implementation, runnable=False)  # planned for a GPU: it need not run on this machine
     for value, allowed, what in checks:
         if value not in allowed:
@@ -597,7 +597,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--lora-rank", type=int, default=16, help="adapter rank r with --method lora")
     ap.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS),
                     help="optimizer, for its state per trained parameter (AdamW: two fp32 moments)")
-    ap.add_argument("--head", default="causal_lm", choices=HEADS, help="which head is trained")
+    ap.add_argument("--head", default="causal_lm", choices=TASKS, help="which head is trained")
     ap.add_argument("--attn-implementation", default=DEFAULT_BACKEND, choices=list(BACKENDS), help="attention backend")
     ap.add_argument("--masked", action="store_true",
                     help="padded or packed batches (SDPA then runs document by document, without a dense mask)")

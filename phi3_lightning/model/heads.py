@@ -219,8 +219,13 @@ class Phi3ForTokenClassification(Phi3PreTrainedHead):
         return ModelOutput(logits=logits, loss=loss, hidden_states=h)
 
 
-HEADS = {
+HEADS: dict[str, type[Phi3PreTrainedHead]] = {
     "causal_lm": Phi3ForCausalLM,
     "sequence_classification": Phi3ForSequenceClassification,
     "token_classification": Phi3ForTokenClassification,
 }
+"""The task registry: task name -> head class (whose ``architecture`` is its config.json name). The one list of
+tasks: the LightningModules (``modules/tasks.py``), the loaders and the memory planner read it."""
+TASKS = tuple(HEADS)
+ARCHITECTURE_TASKS = {cls.architecture: task for task, cls in HEADS.items()}
+"""config.json ``architectures`` name -> task."""

@@ -13,13 +13,8 @@ from .loading import LoadedHead, export_adapter, export_checkpoint, load_head
 from .schedulers import WarmupDecayLR
 from .sequence_classification import SequenceClassificationModule
 from .strategies import AtomicCheckpointIO, FSDP2Strategy, FSDPStrategy
+from .tasks import MODULES
 from .token_classification import TokenClassificationModule
-
-MODULES = {
-    "causal_lm": CausalLMModule,
-    "sequence_classification": SequenceClassificationModule,
-    "token_classification": TokenClassificationModule,
-}
 
 __all__ = [
     "AtomicCheckpointIO", "COMPILE_SCOPES", "CausalLMModule", "FSDP2Strategy", "FSDPStrategy", "LoadedHead", "MODULES",

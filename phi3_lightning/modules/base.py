@@ -32,7 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from ..model import DEFAULT_BACKEND, PRESETS, Phi3Config, check_backend
-from ..model.heads import Phi3PreTrainedHead
+from ..model.heads import HEADS, Phi3PreTrainedHead
 from ..model.lora import LoRAConfig, apply_lora
 from .schedulers import WarmupDecayLR
 
@@ -149,7 +149,8 @@ def _zero_sharded_padding_rows(module: nn.Module) -> None:
 class Phi3LightningModule(pl.LightningModule):
     """Base class: a Phi-3 backbone + one head (``self.head``), built in ``configure_model``.
 
-    Subclasses set ``head_class`` / ``task`` and implement ``_shared_step`` (loss + metric updates) and
+    Subclasses set ``task`` (a key of :data:`phi3_lightning.model.heads.HEADS`, which gives ``head_class``) and
+    implement ``_shared_step`` (loss + metric updates) and
     ``prediction_rows`` (what ``predict`` writes).
 
     Args:
@@ -181,6 +182,13 @@ class Phi3LightningModule(pl.LightningModule):
 
     head_class: ClassVar[type[Phi3PreTrainedHead]]
     task: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.task:
+            if cls.task not in HEADS:
+                raise TypeError(f"{cls.__name__}.task={cls.task!r} names no head; tasks: {', '.join(HEADS)}")
+            cls.head_class = HEADS[cls.task]
     _hparams_ignore: ClassVar[tuple[str, ...]] = ()
 
     def __init__(

@@ -8,7 +8,6 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from ..model import Phi3ForCausalLM
 from ..model.loss import IGNORE_INDEX, fused_linear_cross_entropy, shift_labels
 from .base import Phi3LightningModule
 
@@ -31,7 +30,6 @@ class CausalLMModule(Phi3LightningModule):
     ``predict`` writes each row's loss, perplexity and number of predicted tokens.
     """
 
-    head_class = Phi3ForCausalLM
     task = "causal_lm"
 
     def __init__(self, **kwargs: Any) -> None:

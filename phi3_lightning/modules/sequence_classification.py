@@ -9,7 +9,6 @@ from torch import nn
 from torchmetrics import MeanMetric, MeanSquaredError
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MultilabelAccuracy, MultilabelF1Score
 
-from ..model import Phi3ForSequenceClassification
 from .base import Phi3LightningModule
 
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
@@ -49,7 +48,6 @@ class SequenceClassificationModule(Phi3LightningModule):
     """
 
     _hparams_ignore = ("label_names", "problem_type")
-    head_class = Phi3ForSequenceClassification
     task = "sequence_classification"
 
     def __init__(
