@@ -185,17 +185,6 @@ class MemoryEstimate:
 
 
 # ----------------------------------------------------------------------------- parameter counts
-def _linear_shapes(c: Phi3Config) -> dict[str, tuple[int, int]]:
-    """(in, out) of the four projections of one decoder layer."""
-    h, d = c.hidden_size, c.head_size
-    return {
-        "qkv_proj": (h, (c.num_attention_heads + 2 * c.num_key_value_heads) * d),
-        "o_proj": (c.num_attention_heads * d, h),
-        "gate_up_proj": (h, 2 * c.intermediate_size),
-        "down_proj": (c.intermediate_size, h),
-    }
-
-
 def _head_params(c: Phi3Config, head: str) -> int:
     if head == "causal_lm":
         return 0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size
@@ -250,11 +239,11 @@ def layer_activation_bytes(c: Phi3Config, precision: str, tokens: int, kv_len: i
         per_token += a * lora_rank * len(DEFAULT_TARGETS)
     total = per_token * tokens + per_layer
     if p.autocast:  # bf16 copies of the layer's weights, saved by each matmul for grad_input
-        shapes = _linear_shapes(c)
-        copies = sum(i * o for name, (i, o) in shapes.items() if not (lora_first and name == "qkv_proj"))
+        shapes = c.linear_shapes()  # {name: (out, in)}
+        copies = sum(o * i for name, (o, i) in shapes.items() if not (lora_first and name == "qkv_proj"))
         if lora:  # A and B copies; layer 0's qkv A needs none (its input has no gradient)
-            copies += sum(lora_rank * (i + o) for i, o in shapes.values())
-            copies -= lora_rank * shapes["qkv_proj"][0] if lora_first else 0
+            copies += sum(lora_rank * (o + i) for o, i in shapes.values())
+            copies -= lora_rank * shapes["qkv_proj"][1] if lora_first else 0
         total += 2 * copies
     return total
 
@@ -384,7 +373,7 @@ def estimate_memory(
         if loss_buffers:
             other["fused loss chunk + fp32 grad accumulator"] = loss_buffers
     if strategy == "fsdp2" and world_size > 1:
-        per_layer = sum(i * o for i, o in _linear_shapes(c).values()) + 2 * c.hidden_size
+        per_layer = sum(o * i for o, i in c.linear_shapes().values()) + 2 * c.hidden_size
         root = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
         # two layers in flight (prefetch) + the root unit (embedding / lm_head), gathered in the compute dtype
         other["fsdp2 all-gathered params"] = (2 * per_layer + root) * p.compute

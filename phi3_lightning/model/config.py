@@ -135,13 +135,21 @@ class Phi3Config:
             return 1.0
         return math.sqrt(1 + math.log(factor) / math.log(self.original_max_position_embeddings))
 
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """``{name: (out_features, in_features)}`` of the four projections of one decoder layer (the weight shapes):
+        fused ``qkv_proj`` = [Q | K | V] rows, fused ``gate_up_proj`` = [gate | up]."""
+        h, d = self.hidden_size, self.head_size
+        return {
+            "qkv_proj": ((self.num_attention_heads + 2 * self.num_key_value_heads) * d, h),
+            "o_proj": (h, self.num_attention_heads * d),
+            "gate_up_proj": (2 * self.intermediate_size, h),
+            "down_proj": (h, self.intermediate_size),
+        }
+
     def num_parameters(self, include_embeddings: bool = True) -> int:
         """Analytic parameter count (matches the built model)."""
-        h, d = self.hidden_size, self.head_size
-        qkv = h * (self.num_attention_heads + 2 * self.num_key_value_heads) * d
-        o = self.num_attention_heads * d * h
-        mlp = h * 2 * self.intermediate_size + self.intermediate_size * h
-        per_layer = qkv + o + mlp + 2 * h
+        h = self.hidden_size
+        per_layer = sum(o * i for o, i in self.linear_shapes().values()) + 2 * h  # + the two RMSNorm weights
         n = self.num_hidden_layers * per_layer + h
         if include_embeddings:
             n += self.vocab_size * h * (1 if self.tie_word_embeddings else 2)

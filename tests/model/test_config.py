@@ -28,6 +28,20 @@ def test_preset_parameter_count_matches_transformers(name):
         assert abs(n_hf - EXPECTED_PARAMS[name]) / EXPECTED_PARAMS[name] < 0.01
 
 
+@pytest.mark.parametrize("name", ["phi-3-medium-4k", "phi-4-mini", "tiny-gqa"])
+def test_linear_shapes_are_transformers_weight_shapes(name):
+    """Phi3Config.linear_shapes() (read by the layers, LoRA counts and the memory planner) against the oracle."""
+    cfg = get_preset(name, num_hidden_layers=1)
+    d = cfg.to_dict()
+    d.pop("architectures")
+    with torch.device("meta"):
+        hf = transformers.Phi3ForCausalLM(transformers.Phi3Config(**d))
+    layer = hf.model.layers[0]
+    want = {"qkv_proj": layer.self_attn.qkv_proj, "o_proj": layer.self_attn.o_proj,
+            "gate_up_proj": layer.mlp.gate_up_proj, "down_proj": layer.mlp.down_proj}
+    assert cfg.linear_shapes() == {k: tuple(m.weight.shape) for k, m in want.items()}
+
+
 def test_all_real_presets_exist():
     assert set(REAL) <= set(PRESETS)
 
