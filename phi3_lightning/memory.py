@@ -80,7 +80,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from .model.backends import BACKENDS, DEFAULT_BACKEND, check_backend
-from .model.config import PRESETS, Phi3Config
+from .model.config import PRESETS, Phi3Config, resolve_model
 from .model.heads import TASKS
 from .model.lora import DEFAULT_TARGETS, LoRAConfig, lora_num_parameters
 from .options import StrictArgumentParser
@@ -287,9 +287,9 @@ def _activation_parts(c: Phi3Config, precision: str, method: str, head: str, bat
 
 # ----------------------------------------------------------------------------- the estimator
 def _resolve_config(config_or_preset: Phi3Config | str) -> tuple[Phi3Config, str]:
-    if isinstance(config_or_preset, Phi3Config):
-        return config_or_preset, "custom config"
-    return Phi3Config.from_pretrained(config_or_preset), str(config_or_preset)
+    """(config, name shown in the table)."""
+    name = "custom config" if isinstance(config_or_preset, Phi3Config) else str(config_or_preset)
+    return resolve_model(config_or_preset)[0], name
 
 
 def estimate_memory(

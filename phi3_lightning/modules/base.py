@@ -22,7 +22,6 @@ import dataclasses
 import inspect
 import math
 import warnings
-from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -31,7 +30,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from ..model import DEFAULT_BACKEND, PRESETS, Phi3Config, check_backend
+from ..model import DEFAULT_BACKEND, Phi3Config, check_backend, resolve_model
 from ..model.heads import HEADS, Phi3PreTrainedHead
 from ..model.lora import LoRAConfig, apply_lora
 from .schedulers import WarmupDecayLR
@@ -46,43 +45,6 @@ def clean_param_name(name: str) -> str:
     for part in _WRAPPER_PARTS:
         name = name.replace(part, "")
     return name
-
-
-def resolve_model(model: str | Phi3Config | dict, overrides: dict[str, Any] | None = None) -> tuple[Phi3Config, Path | None]:
-    """``model`` (preset name, HF checkpoint directory, config.json path, Phi3Config or dict) -> (config, weights dir).
-
-    The weights directory is None unless ``model`` is a checkpoint directory (then its safetensors are loaded).
-    """
-    overrides = dict(overrides or {})
-    weights: Path | None = None
-    if isinstance(model, Phi3Config):
-        config = model
-    elif isinstance(model, dict):
-        config = Phi3Config.from_dict(model)
-    elif isinstance(model, str) and model in PRESETS:
-        config = Phi3Config.from_pretrained(model)
-    elif isinstance(model, (str, Path)):
-        path = Path(model).expanduser()
-        if path.is_dir():
-            if not (path / "config.json").is_file():
-                raise FileNotFoundError(
-                    f"model={str(model)!r} is a directory without config.json; pass a Hugging Face checkpoint "
-                    "directory (config.json + safetensors) or a preset name"
-                )
-            config = Phi3Config.from_pretrained(path)
-            weights = path
-        elif path.is_file() and path.suffix == ".json":
-            config = Phi3Config.from_json_file(path)  # architecture only: random init
-        else:
-            raise FileNotFoundError(
-                f"model={str(model)!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor an existing Hugging Face "
-                "checkpoint directory (config.json + safetensors) nor a config.json file; check the path"
-            )
-    else:
-        raise TypeError(f"model={model!r}: pass a preset name, a checkpoint directory or a Phi3Config")
-    if overrides:
-        config = config.replace(**overrides)
-    return config, weights
 
 
 def as_lora_config(lora: LoRAConfig | dict | None) -> LoRAConfig | None:
