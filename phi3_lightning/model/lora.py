@@ -105,6 +105,19 @@ class LoRAConfig:
             raise ValueError(f"LoRA layers={self.layers!r} must be a list of decoder layer indices")
 
 
+def as_lora_config(lora: LoRAConfig | dict | None) -> LoRAConfig | None:
+    """``lora`` as a :class:`LoRAConfig` (a dict is what checkpoint hyper-parameters and Python callers hold)."""
+    if lora is None or isinstance(lora, LoRAConfig):
+        return lora
+    if isinstance(lora, dict):
+        known = {f.name for f in dataclasses.fields(LoRAConfig)}
+        unknown = sorted(set(lora) - known)
+        if unknown:
+            raise ValueError(f"lora has unknown fields {unknown}; LoRAConfig fields are {sorted(known)}")
+        return LoRAConfig(**lora)
+    raise TypeError(f"lora={lora!r}: pass a LoRAConfig, a dict of its fields, or null")
+
+
 class LoRALinear(nn.Module):
     """``base(x) + (dropout(x) @ A^T @ B^T) * scaling`` with ``base`` frozen; initially exactly ``base(x)``.
 

@@ -32,7 +32,8 @@ from torch import nn
 
 from ..model import DEFAULT_BACKEND, Phi3Config, check_backend, resolve_model
 from ..model.heads import HEADS, Phi3PreTrainedHead
-from ..model.lora import LoRAConfig, apply_lora
+from ..model.lora import LoRAConfig, apply_lora, as_lora_config  # noqa: F401 - as_lora_config: cli.py imports it here
+from .fsdp import broadcast_pretrained, materialize_meta, shard
 from .schedulers import WarmupDecayLR
 
 COMPILE_SCOPES = ("layers", "model")
@@ -47,19 +48,6 @@ def clean_param_name(name: str) -> str:
     return name
 
 
-def as_lora_config(lora: LoRAConfig | dict | None) -> LoRAConfig | None:
-    """``lora`` as a :class:`LoRAConfig` (a dict is what checkpoint hyper-parameters and Python callers hold)."""
-    if lora is None or isinstance(lora, LoRAConfig):
-        return lora
-    if isinstance(lora, dict):
-        known = {f.name for f in dataclasses.fields(LoRAConfig)}
-        unknown = sorted(set(lora) - known)
-        if unknown:
-            raise ValueError(f"lora has unknown fields {unknown}; LoRAConfig fields are {sorted(known)}")
-        return LoRAConfig(**lora)
-    raise TypeError(f"lora={lora!r}: pass a LoRAConfig, a dict of its fields, or null")
-
-
 def _is_plain(value: Any) -> bool:
     if value is None or isinstance(value, (str, int, float, bool)):
         return True
@@ -68,44 +56,6 @@ def _is_plain(value: Any) -> bool:
     if isinstance(value, dict):
         return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
     return False
-
-
-def materialize_meta(module: nn.Module, device: torch.device) -> None:
-    """Give a meta-device (possibly FSDP2-sharded) module real storage on ``device`` and its init.
-
-    The same recipe as Lightning's and torchtitan's: ``to_empty`` on the root, then every submodule that owns
-    parameters or buffers runs its ``reset_parameters()``. Only ``module`` is touched (metric states are not).
-    """
-    module.to_empty(device=device)
-    missing = set()
-    for sub in module.modules():
-        owns = any(True for _ in sub.parameters(recurse=False)) or any(True for _ in sub.buffers(recurse=False))
-        if not owns:
-            continue
-        if callable(getattr(sub, "reset_parameters", None)):
-            sub.reset_parameters()
-        else:
-            missing.add(type(sub).__name__)
-    if missing:
-        raise RuntimeError(f"modules without reset_parameters() cannot be materialised from meta: {sorted(missing)}")
-    _zero_sharded_padding_rows(module)
-
-
-@torch.no_grad()
-def _zero_sharded_padding_rows(module: nn.Module) -> None:
-    """``Embedding.reset_parameters`` zeroes the pad row with ``weight[pad].zero_()``; on an FSDP2-sharded DTensor
-    that writes to a gathered temporary, not to the shard. Zero the row in the shard that holds it."""
-    for m in module.modules():
-        w = getattr(m, "weight", None)
-        pad = getattr(m, "padding_idx", None)
-        if not isinstance(m, nn.Embedding) or pad is None or not hasattr(w, "to_local"):
-            continue
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-        shape, offset = compute_local_shape_and_global_offset(w.shape, w.device_mesh, w.placements)
-        row = pad - offset[0]
-        if 0 <= row < shape[0]:
-            w.to_local()[row].zero_()
 
 
 class Phi3LightningModule(pl.LightningModule):
@@ -284,11 +234,11 @@ class Phi3LightningModule(pl.LightningModule):
             for layer in head.model.layers:
                 layer.compile(mode=self.compile_mode)
         if mesh is not None:
-            self._shard(head, mesh)
+            shard(head, mesh)
             if meta:
                 materialize_meta(head, device)
-                if load_weights:
-                    self._broadcast_pretrained(head)
+                if load_weights:  # rank 0 reads the checkpoint, every rank receives its shards
+                    broadcast_pretrained(head, self._load_full_pretrained if self.global_rank == 0 else None)
         elif self.torch_compile == "model":
             head.compile(mode=self.compile_mode)
         self.head = head
@@ -302,6 +252,14 @@ class Phi3LightningModule(pl.LightningModule):
         self.config = head.config  # from_pretrained unties a tie_word_embeddings checkpoint whose lm_head differs
         return head
 
+    def _load_full_pretrained(self) -> Phi3PreTrainedHead:
+        """The whole pretrained head on the CPU, adapted like the sharded one (same keys; rank 0's adapters go to
+        every rank)."""
+        src = self._load_pretrained(device="cpu", dtype=torch.get_default_dtype())
+        if self.lora is not None:
+            apply_lora(src, self.lora)
+        return src
+
     @staticmethod
     def _log_lora(head: nn.Module) -> None:
         total = sum(p.numel() for p in head.parameters())
@@ -309,37 +267,6 @@ class Phi3LightningModule(pl.LightningModule):
         full = getattr(head, "lora_modules_to_save", [])
         rank_zero_info(f"LoRA: training {trained:,} of {total:,} parameters ({100 * trained / max(total, 1):.2f} %)"
                        + (f"; trained in full: {', '.join(full)}" if full else ""))
-
-    @staticmethod
-    def _data_parallel_mesh(mesh):
-        names = mesh.mesh_dim_names or ()
-        if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
-            raise ValueError(
-                f"ModelParallelStrategy built a tensor-parallel mesh of size {mesh['tensor_parallel'].size()}, but the "
-                "Phi-3 modules implement FSDP2 only; set tensor_parallel_size: 1 (the fsdp2 overlay uses "
-                "phi3_lightning.modules.FSDP2Strategy, which does)"
-            )
-        return mesh["data_parallel"] if "data_parallel" in names else mesh
-
-    def _shard(self, head: Phi3PreTrainedHead, mesh) -> None:
-        from torch.distributed.fsdp import fully_shard
-
-        dp = self._data_parallel_mesh(mesh)
-        for layer in head.model.layers:
-            fully_shard(layer, mesh=dp)
-        fully_shard(head, mesh=dp)
-
-    def _broadcast_pretrained(self, head: Phi3PreTrainedHead) -> None:
-        """Rank 0 reads the checkpoint; every rank receives its shards."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        full: dict[str, torch.Tensor] = {}
-        if self.global_rank == 0:
-            src = self._load_pretrained(device="cpu", dtype=torch.get_default_dtype())
-            if self.lora is not None:  # same keys as the sharded head; rank 0's adapters go to every rank
-                apply_lora(src, self.lora)
-            full = src.state_dict()
-        set_model_state_dict(head, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """Always on: a CUDA out-of-memory error gets the memory planner's estimate and advice appended; a

@@ -30,8 +30,8 @@ from ..atomic import recover_interrupted, staged_directory
 from ..model import ARCHITECTURE_TASKS, DEFAULT_BACKEND, HEADS, Phi3Config
 from ..model.checkpoint import resolve_dtype
 from ..model.heads import Phi3PreTrainedHead
-from ..model.lora import LoRAConfig, apply_lora, lora_state_dict, merge_lora
-from .base import CHECKPOINT_KEY, as_lora_config, resolve_model
+from ..model.lora import LoRAConfig, apply_lora, as_lora_config, lora_state_dict, merge_lora
+from .base import CHECKPOINT_KEY, resolve_model
 from .safe_load import load_checkpoint_file, load_distributed
 from .tasks import task_name
 

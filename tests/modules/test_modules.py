@@ -21,7 +21,7 @@ from phi3_lightning.modules import (
     load_head,
     resolve_model,
 )
-from phi3_lightning.modules.base import materialize_meta
+from phi3_lightning.modules.fsdp import materialize_meta
 
 
 def built(module):
