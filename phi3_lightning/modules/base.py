@@ -135,14 +135,16 @@ class Phi3LightningModule(pl.LightningModule):
         self.lora = as_lora_config(lora)
         self.head: Phi3PreTrainedHead | None = None
         self._no_decay: set[str] = set()
-        self._save_hparams()
+        # Called here, in __init__, as Lightning expects: it records the init args of this __init__ and of the
+        # subclass __init__s that called it (or, under LightningCLI, the arguments the CLI instantiated us with).
+        self.save_hyperparameters(ignore=["_head_overrides", *self._hparams_ignore])
+        self._plain_hparams()
 
     # ------------------------------------------------------------------ hyper-parameters
-    def _save_hparams(self) -> None:
-        """save_hyperparameters (every subclass's init args), keeping plain data only, so checkpoints load with
-        ``weights_only=True`` (a Phi3Config is stored as its dict; optimizer classes given in Python are dropped)."""
-        frame = inspect.currentframe().f_back  # base __init__; Lightning walks up to the subclass __init__
-        self.save_hyperparameters(ignore=["_head_overrides", *self._hparams_ignore], frame=frame)
+    def _plain_hparams(self) -> None:
+        """Keep plain data only in the saved hyper-parameters, so checkpoints load with ``weights_only=True`` (a
+        Phi3Config is stored as its dict; optimizer classes given in Python are dropped), and only real init
+        arguments."""
         if self._overrides:
             # label facts linked from the data module live in the config (num_labels, id2label, problem_type):
             # stored once, under config_overrides, so they never clash with the data module's own hparams.
