@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..atomic import atomic_write_text
+
 _ROPE_TYPE_ALIASES = {"su": "longrope", "yarn": "longrope", "longrope": "longrope", "default": "default"}
 HIDDEN_ACTS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu")
 # config.json keys that are not fields but that from_dict reads (transformers spellings of fields).
@@ -338,8 +340,6 @@ class Phi3Config:
         return out
 
     def save(self, path: str | os.PathLike) -> None:
-        from ..atomic import atomic_write_text
-
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
 
