@@ -80,7 +80,8 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from .model.backends import BACKENDS, DEFAULT_BACKEND, check_backend
-from .model.config import PRESETS, Phi3Config
+from .model.config import PRESETS, Phi3Config, resolve_model
+from .model.heads import TASKS
 from .model.lora import DEFAULT_TARGETS, LoRAConfig, lora_num_parameters
 from .options import StrictArgumentParser
 
@@ -88,7 +89,6 @@ GiB = 1024**3
 METHODS = ("full", "lora")
 STRATEGIES = ("single", "ddp", "fsdp2")
 OPTIMIZERS = {"adamw": 2, "adam": 2, "sgd": 1, "sgd-nomomentum": 0}
-HEADS = ("causal_lm", "sequence_classification", "token_classification")
 _RNG_STATE_BYTES = 5056  # torch's CPU generator state, stored by every checkpointed layer (preserve_rng_state)
 
 
@@ -185,17 +185,6 @@ class MemoryEstimate:
 
 
 # ----------------------------------------------------------------------------- parameter counts
-def _linear_shapes(c: Phi3Config) -> dict[str, tuple[int, int]]:
-    """(in, out) of the four projections of one decoder layer."""
-    h, d = c.hidden_size, c.head_size
-    return {
-        "qkv_proj": (h, (c.num_attention_heads + 2 * c.num_key_value_heads) * d),
-        "o_proj": (c.num_attention_heads * d, h),
-        "gate_up_proj": (h, 2 * c.intermediate_size),
-        "down_proj": (c.intermediate_size, h),
-    }
-
-
 def _head_params(c: Phi3Config, head: str) -> int:
     if head == "causal_lm":
         return 0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size
@@ -250,11 +239,11 @@ def layer_activation_bytes(c: Phi3Config, precision: str, tokens: int, kv_len: i
         per_token += a * lora_rank * len(DEFAULT_TARGETS)
     total = per_token * tokens + per_layer
     if p.autocast:  # bf16 copies of the layer's weights, saved by each matmul for grad_input
-        shapes = _linear_shapes(c)
-        copies = sum(i * o for name, (i, o) in shapes.items() if not (lora_first and name == "qkv_proj"))
+        shapes = c.linear_shapes()  # {name: (out, in)}
+        copies = sum(o * i for name, (o, i) in shapes.items() if not (lora_first and name == "qkv_proj"))
         if lora:  # A and B copies; layer 0's qkv A needs none (its input has no gradient)
-            copies += sum(lora_rank * (i + o) for i, o in shapes.values())
-            copies -= lora_rank * shapes["qkv_proj"][0] if lora_first else 0
+            copies += sum(lora_rank * (o + i) for o, i in shapes.values())
+            copies -= lora_rank * shapes["qkv_proj"][1] if lora_first else 0
         total += 2 * copies
     return total
 
@@ -298,9 +287,9 @@ def _activation_parts(c: Phi3Config, precision: str, method: str, head: str, bat
 
 # ----------------------------------------------------------------------------- the estimator
 def _resolve_config(config_or_preset: Phi3Config | str) -> tuple[Phi3Config, str]:
-    if isinstance(config_or_preset, Phi3Config):
-        return config_or_preset, "custom config"
-    return Phi3Config.from_pretrained(config_or_preset), str(config_or_preset)
+    """(config, name shown in the table)."""
+    name = "custom config" if isinstance(config_or_preset, Phi3Config) else str(config_or_preset)
+    return resolve_model(config_or_preset)[0], name
 
 
 def estimate_memory(
@@ -327,7 +316,7 @@ def estimate_memory(
     """
     c, name = _resolve_config(config_or_preset)
     checks = [(method, METHODS, "method"), (precision, PRECISIONS, "precision"), (strategy, STRATEGIES, "strategy"),
-              (optimizer, OPTIMIZERS, "optimizer"), (head, HEADS, "head")]
+              (optimizer, OPTIMIZERS, "optimizer"), (head, TASKS, "head")]
     check_backend(attn_implementation, runnable=False)  # planned for a GPU: it need not run on this machine
     for value, allowed, what in checks:
         if value not in allowed:
@@ -384,7 +373,7 @@ def estimate_memory(
         if loss_buffers:
             other["fused loss chunk + fp32 grad accumulator"] = loss_buffers
     if strategy == "fsdp2" and world_size > 1:
-        per_layer = sum(i * o for i, o in _linear_shapes(c).values()) + 2 * c.hidden_size
+        per_layer = sum(o * i for o, i in c.linear_shapes().values()) + 2 * c.hidden_size
         root = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
         # two layers in flight (prefetch) + the root unit (embedding / lm_head), gathered in the compute dtype
         other["fsdp2 all-gathered params"] = (2 * per_layer + root) * p.compute
@@ -597,7 +586,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--lora-rank", type=int, default=16, help="adapter rank r with --method lora")
     ap.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS),
                     help="optimizer, for its state per trained parameter (AdamW: two fp32 moments)")
-    ap.add_argument("--head", default="causal_lm", choices=HEADS, help="which head is trained")
+    ap.add_argument("--head", default="causal_lm", choices=TASKS, help="which head is trained")
     ap.add_argument("--attn-implementation", default=DEFAULT_BACKEND, choices=list(BACKENDS), help="attention backend")
     ap.add_argument("--masked", action="store_true",
                     help="padded or packed batches (SDPA then runs document by document, without a dense mask)")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..model import Phi3Config, Phi3ForCausalLM, get_preset
+from ..model import Phi3Config, Phi3ForCausalLM, resolve_model
 from ..model import backends as B
 from . import bench
 from .config import TOLERANCES, CompareConfig
@@ -44,9 +44,7 @@ class CompareResult:
 
 # ----------------------------------------------------------------------------- model
 def _model_config(cfg: CompareConfig) -> Phi3Config:
-    if cfg.checkpoint:
-        return Phi3Config.from_pretrained(cfg.checkpoint, **cfg.overrides)
-    return get_preset(cfg.preset, **cfg.overrides)
+    return resolve_model(cfg.checkpoint or cfg.preset, cfg.overrides)[0]
 
 
 def _build_model(cfg: CompareConfig, mcfg: Phi3Config, dtype: torch.dtype, device: torch.device) -> Phi3ForCausalLM:

@@ -3,10 +3,12 @@
 from .backends import BACKENDS, DEFAULT_BACKEND, Backend, backend_available, check_backend, set_flash_kernels
 from .backbone import Phi3Model
 from .cache import KVCache
-from .config import PRESETS, Phi3Config, get_preset
+from .config import PRESETS, Phi3Config, get_preset, resolve_model
 from .generation import generate
 from .heads import (
+    ARCHITECTURE_TASKS,
     HEADS,
+    TASKS,
     ModelOutput,
     Phi3ForCausalLM,
     Phi3ForSequenceClassification,
@@ -14,7 +16,7 @@ from .heads import (
 )
 
 __all__ = [
-    "BACKENDS", "DEFAULT_BACKEND", "Backend", "HEADS", "KVCache", "ModelOutput", "PRESETS", "Phi3Config", "Phi3ForCausalLM",
-    "Phi3ForSequenceClassification", "Phi3ForTokenClassification", "Phi3Model", "backend_available", "check_backend",
-    "generate", "get_preset", "set_flash_kernels",
+    "ARCHITECTURE_TASKS", "BACKENDS", "DEFAULT_BACKEND", "Backend", "HEADS", "KVCache", "ModelOutput", "PRESETS",
+    "Phi3Config", "Phi3ForCausalLM", "Phi3ForSequenceClassification", "Phi3ForTokenClassification", "Phi3Model",
+    "TASKS", "backend_available", "check_backend", "generate", "get_preset", "resolve_model", "set_flash_kernels",
 ]

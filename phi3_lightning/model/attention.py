@@ -21,10 +21,10 @@ class Phi3Attention(nn.Module):
         self.head_dim = config.head_size
         self.scale = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
-        q_out = self.num_heads * self.head_dim
-        kv_out = self.num_kv_heads * self.head_dim
-        self.qkv_proj = Linear(config.initializer_range, config.hidden_size, q_out + 2 * kv_out, bias=False, device=device)
-        self.o_proj = Linear(config.initializer_range, q_out, config.hidden_size, bias=False, device=device)
+        shapes = config.linear_shapes()  # {name: (out, in)}
+        (qkv_out, qkv_in), (o_out, o_in) = shapes["qkv_proj"], shapes["o_proj"]
+        self.qkv_proj = Linear(config.initializer_range, qkv_in, qkv_out, bias=False, device=device)
+        self.o_proj = Linear(config.initializer_range, o_in, o_out, bias=False, device=device)
 
     def forward(
         self,

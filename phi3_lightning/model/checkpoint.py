@@ -19,7 +19,7 @@ import re
 import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -127,12 +127,29 @@ def checkpoint_files(path: Path) -> dict[str, list[str]]:
     raise FileNotFoundError(f"no safetensors weights in {path}{hint}")
 
 
+def _owns_tensors(m: torch.nn.Module, meta_only: bool = False) -> bool:
+    tensors = [*m.parameters(recurse=False), *(b for b in m.buffers(recurse=False) if b is not None)]
+    return any(t.is_meta for t in tensors) if meta_only else bool(tensors)
+
+
+def reset_owned_parameters(module: torch.nn.Module, select: Callable[[torch.nn.Module], bool] | None = None) -> None:
+    """The init step of meta-device materialisation (shared with the FSDP2 path in ``modules/fsdp.py``): every
+    submodule that directly owns a parameter or buffer (and that ``select`` accepts) runs its
+    ``reset_parameters()``; one that has none is an error (its storage would keep whatever memory held)."""
+    chosen = [m for m in module.modules() if _owns_tensors(m) and (select is None or select(m))]
+    missing = sorted({type(m).__name__ for m in chosen if not callable(getattr(m, "reset_parameters", None))})
+    if missing:
+        raise RuntimeError(f"modules without reset_parameters() cannot be materialised from meta: {missing}")
+    for m in chosen:
+        m.reset_parameters()
+
+
 def _materialize(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Give every parameter/buffer still on the meta device real storage and its init."""
+    """Give every parameter/buffer still on the meta device real storage (floating parameters in ``dtype``) and its
+    init; modules whose tensors were all loaded are left alone."""
+    pending = {id(m) for m in module.modules() if _owns_tensors(m, meta_only=True)}
     for m in module.modules():
-        metas = [n for n, p in m.named_parameters(recurse=False) if p.is_meta]
-        metas += [n for n, b in m.named_buffers(recurse=False) if b is not None and b.is_meta]
-        if not metas:
+        if id(m) not in pending:
             continue
         for n, p in list(m.named_parameters(recurse=False)):
             if p.is_meta:
@@ -140,8 +157,7 @@ def _materialize(module: torch.nn.Module, device: torch.device, dtype: torch.dty
         for n, b in list(m.named_buffers(recurse=False)):
             if b is not None and b.is_meta:
                 m._buffers[n] = torch.empty_like(b, device=device, dtype=b.dtype)
-        if hasattr(m, "reset_parameters"):
-            m.reset_parameters()
+    reset_owned_parameters(module, select=lambda m: id(m) in pending)
 
 
 def _check_finite(converted: torch.Tensor, stored: torch.Tensor, name: str, file: Path) -> torch.Tensor:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..atomic import atomic_write_text
 from ..conventions import PROBLEM_TYPES
 
 _ROPE_TYPE_ALIASES = {"su": "longrope", "yarn": "longrope", "longrope": "longrope", "default": "default"}
@@ -137,13 +138,21 @@ class Phi3Config:
             return 1.0
         return math.sqrt(1 + math.log(factor) / math.log(self.original_max_position_embeddings))
 
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """``{name: (out_features, in_features)}`` of the four projections of one decoder layer (the weight shapes):
+        fused ``qkv_proj`` = [Q | K | V] rows, fused ``gate_up_proj`` = [gate | up]."""
+        h, d = self.hidden_size, self.head_size
+        return {
+            "qkv_proj": ((self.num_attention_heads + 2 * self.num_key_value_heads) * d, h),
+            "o_proj": (h, self.num_attention_heads * d),
+            "gate_up_proj": (2 * self.intermediate_size, h),
+            "down_proj": (h, self.intermediate_size),
+        }
+
     def num_parameters(self, include_embeddings: bool = True) -> int:
         """Analytic parameter count (matches the built model)."""
-        h, d = self.hidden_size, self.head_size
-        qkv = h * (self.num_attention_heads + 2 * self.num_key_value_heads) * d
-        o = self.num_attention_heads * d * h
-        mlp = h * 2 * self.intermediate_size + self.intermediate_size * h
-        per_layer = qkv + o + mlp + 2 * h
+        h = self.hidden_size
+        per_layer = sum(o * i for o, i in self.linear_shapes().values()) + 2 * h  # + the two RMSNorm weights
         n = self.num_hidden_layers * per_layer + h
         if include_embeddings:
             n += self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
@@ -305,13 +314,9 @@ class Phi3Config:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> "Phi3Config":
-        """Read ``<dir>/config.json`` (or a config.json path, or a preset name) and apply overrides."""
-        p = Path(path)
-        if str(path) in PRESETS:
-            cfg = get_preset(str(path))
-        else:
-            cfg = cls.from_json_file(p / "config.json" if p.is_dir() or not p.suffix else p)
-        return cfg.replace(**overrides) if overrides else cfg
+        """Read ``<dir>/config.json`` (or a config.json path, or a preset name) and apply overrides
+        (see :func:`resolve_model`)."""
+        return resolve_model(path, overrides)[0]
 
     def replace(self, **overrides: Any) -> "Phi3Config":
         """A copy with ``overrides`` applied; a name that is not a field (a typo) is an error naming the closest."""
@@ -336,9 +341,47 @@ class Phi3Config:
         return out
 
     def save(self, path: str | os.PathLike) -> None:
-        from ..atomic import atomic_write_text
-
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def resolve_model(model: str | os.PathLike | Phi3Config | dict,
+                  overrides: dict[str, Any] | None = None) -> tuple[Phi3Config, Path | None]:
+    """Where a model comes from, the one resolver: ``model`` (a preset name, a Hugging Face checkpoint directory, a
+    ``config.json`` path, a :class:`Phi3Config` or a dict of its fields) -> (config with ``overrides``, weights dir).
+
+    The weights directory is None unless ``model`` is a checkpoint directory (whose safetensors a caller loads);
+    a ``config.json`` path gives the architecture only (random init).
+    """
+    weights: Path | None = None
+    if isinstance(model, Phi3Config):
+        config = model
+    elif isinstance(model, dict):
+        config = Phi3Config.from_dict(model)
+    elif isinstance(model, str) and model in PRESETS:
+        config = get_preset(model)
+    elif isinstance(model, (str, os.PathLike)):
+        path = Path(model).expanduser()
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise FileNotFoundError(
+                    f"model={str(model)!r} is a directory without config.json (no config.json at {path}); pass a "
+                    "Hugging Face checkpoint directory (config.json + safetensors) or a preset name"
+                )
+            config = Phi3Config.from_json_file(path / "config.json")
+            weights = path
+        elif path.is_file() and path.suffix == ".json":
+            config = Phi3Config.from_json_file(path)
+        else:
+            raise FileNotFoundError(
+                f"model={str(model)!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor an existing Hugging Face "
+                "checkpoint directory (config.json + safetensors) nor a config.json file; check the path"
+            )
+    else:
+        raise TypeError(f"model={model!r}: pass a preset name, a checkpoint directory, a config.json path or a "
+                        "Phi3Config")
+    if overrides:
+        config = config.replace(**overrides)
+    return config, weights
 
 
 def check_override_names(overrides: dict[str, Any], also: dict[str, Any] | None = None) -> None:

@@ -18,7 +18,14 @@ from .backends import DEFAULT_BACKEND
 from .checkpoint import PretrainedMixin
 from .config import Phi3Config
 from .linear import Linear
-from .loss import IGNORE_INDEX, causal_lm_loss, fused_linear_cross_entropy, sequence_classification_loss, token_classification_loss
+from .loss import (
+    IGNORE_INDEX,
+    causal_lm_loss,
+    fused_linear_cross_entropy,
+    sequence_classification_loss,
+    shift_labels,
+    token_classification_loss,
+)
 
 
 @dataclass
@@ -136,6 +143,24 @@ class Phi3ForCausalLM(Phi3PreTrainedHead):
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return ModelOutput(logits=logits, loss=loss, hidden_states=h, cache=cache)
 
+    def row_losses(self, hidden_states: torch.Tensor, labels: torch.Tensor,
+                   attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's mean next-token loss (B,) in fp32 (NaN for a row without targets) and its number of targets
+        (B,), from the final hidden states (``ModelOutput.hidden_states``) and unshifted ``labels``, with the same
+        target rules as :meth:`forward`'s loss. Row by row through the fused loss: no (B, T, vocab) logits.
+        The token-weighted mean of the rows is the batch loss."""
+        if attention_mask is not None:
+            labels = ignore_targets_after_padding(labels, attention_mask)
+        weight = self.lm_head.weight
+        if hasattr(weight, "full_tensor"):  # FSDP2 DTensor outside forward
+            weight = weight.full_tensor()
+        counts = (shift_labels(labels) != IGNORE_INDEX).sum(-1)  # (B,)
+        losses = torch.full((labels.shape[0],), float("nan"), dtype=torch.float32, device=hidden_states.device)
+        for i in range(labels.shape[0]):
+            if counts[i]:
+                losses[i] = fused_linear_cross_entropy(hidden_states[i : i + 1], weight, labels[i : i + 1]).float()
+        return losses, counts
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 64,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
@@ -219,8 +244,13 @@ class Phi3ForTokenClassification(Phi3PreTrainedHead):
         return ModelOutput(logits=logits, loss=loss, hidden_states=h)
 
 
-HEADS = {
+HEADS: dict[str, type[Phi3PreTrainedHead]] = {
     "causal_lm": Phi3ForCausalLM,
     "sequence_classification": Phi3ForSequenceClassification,
     "token_classification": Phi3ForTokenClassification,
 }
+"""The task registry: task name -> head class (whose ``architecture`` is its config.json name). The one list of
+tasks: the LightningModules (``modules/tasks.py``), the loaders and the memory planner read it."""
+TASKS = tuple(HEADS)
+ARCHITECTURE_TASKS = {cls.architecture: task for task, cls in HEADS.items()}
+"""config.json ``architectures`` name -> task."""

@@ -105,6 +105,19 @@ class LoRAConfig:
             raise ValueError(f"LoRA layers={self.layers!r} must be a list of decoder layer indices")
 
 
+def as_lora_config(lora: LoRAConfig | dict | None) -> LoRAConfig | None:
+    """``lora`` as a :class:`LoRAConfig` (a dict is what checkpoint hyper-parameters and Python callers hold)."""
+    if lora is None or isinstance(lora, LoRAConfig):
+        return lora
+    if isinstance(lora, dict):
+        known = {f.name for f in dataclasses.fields(LoRAConfig)}
+        unknown = sorted(set(lora) - known)
+        if unknown:
+            raise ValueError(f"lora has unknown fields {unknown}; LoRAConfig fields are {sorted(known)}")
+        return LoRAConfig(**lora)
+    raise TypeError(f"lora={lora!r}: pass a LoRAConfig, a dict of its fields, or null")
+
+
 class LoRALinear(nn.Module):
     """``base(x) + (dropout(x) @ A^T @ B^T) * scaling`` with ``base`` frozen; initially exactly ``base(x)``.
 
@@ -343,16 +356,11 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
 def lora_num_parameters(config, cfg: LoRAConfig | None = None) -> int:
     """Analytic adapter parameter count for a :class:`Phi3Config` (A and B of every adapted projection)."""
     cfg = cfg or LoRAConfig()
-    h, d = config.hidden_size, config.head_size
-    shapes = {
-        "qkv_proj": (h, (config.num_attention_heads + 2 * config.num_key_value_heads) * d),
-        "o_proj": (config.num_attention_heads * d, h),
-        "gate_up_proj": (h, 2 * config.intermediate_size),
-        "down_proj": (config.intermediate_size, h),
-    }
+    h = config.hidden_size
+    shapes = config.linear_shapes()
     n_layers = config.num_hidden_layers if cfg.layers is None else len(set(cfg.layers))
     leaves = {t.rsplit(".", 1)[-1] for t in cfg.target_modules}
-    per_layer = sum(cfg.r * (i + o) for t, (i, o) in shapes.items() if t in leaves)
+    per_layer = sum(cfg.r * (o + i) for t, (o, i) in shapes.items() if t in leaves)
     n = per_layer * n_layers
     if "lm_head" in leaves:
         n += cfg.r * (h + config.vocab_size)

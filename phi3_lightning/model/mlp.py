@@ -24,8 +24,10 @@ class Phi3MLP(nn.Module):
     def __init__(self, config: Phi3Config, device: torch.device | None = None) -> None:
         super().__init__()
         self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = Linear(config.initializer_range, config.hidden_size, 2 * config.intermediate_size, bias=False, device=device)
-        self.down_proj = Linear(config.initializer_range, config.intermediate_size, config.hidden_size, bias=False, device=device)
+        shapes = config.linear_shapes()  # {name: (out, in)}
+        (gu_out, gu_in), (down_out, down_in) = shapes["gate_up_proj"], shapes["down_proj"]
+        self.gate_up_proj = Linear(config.initializer_range, gu_in, gu_out, bias=False, device=device)
+        self.down_proj = Linear(config.initializer_range, down_in, down_out, bias=False, device=device)
         self.act = ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,6 @@ import dataclasses
 import inspect
 import math
 import warnings
-from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -31,9 +30,10 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from ..model import DEFAULT_BACKEND, PRESETS, Phi3Config, check_backend
-from ..model.heads import Phi3PreTrainedHead
-from ..model.lora import LoRAConfig, apply_lora
+from ..model import DEFAULT_BACKEND, Phi3Config, check_backend, resolve_model
+from ..model.heads import HEADS, Phi3PreTrainedHead
+from ..model.lora import LoRAConfig, apply_lora, as_lora_config  # noqa: F401 - as_lora_config: cli.py imports it here
+from .fsdp import broadcast_pretrained, materialize_meta, shard
 from .schedulers import WarmupDecayLR
 
 COMPILE_SCOPES = ("layers", "model")
@@ -48,56 +48,6 @@ def clean_param_name(name: str) -> str:
     return name
 
 
-def resolve_model(model: str | Phi3Config | dict, overrides: dict[str, Any] | None = None) -> tuple[Phi3Config, Path | None]:
-    """``model`` (preset name, HF checkpoint directory, config.json path, Phi3Config or dict) -> (config, weights dir).
-
-    The weights directory is None unless ``model`` is a checkpoint directory (then its safetensors are loaded).
-    """
-    overrides = dict(overrides or {})
-    weights: Path | None = None
-    if isinstance(model, Phi3Config):
-        config = model
-    elif isinstance(model, dict):
-        config = Phi3Config.from_dict(model)
-    elif isinstance(model, str) and model in PRESETS:
-        config = Phi3Config.from_pretrained(model)
-    elif isinstance(model, (str, Path)):
-        path = Path(model).expanduser()
-        if path.is_dir():
-            if not (path / "config.json").is_file():
-                raise FileNotFoundError(
-                    f"model={str(model)!r} is a directory without config.json; pass a Hugging Face checkpoint "
-                    "directory (config.json + safetensors) or a preset name"
-                )
-            config = Phi3Config.from_pretrained(path)
-            weights = path
-        elif path.is_file() and path.suffix == ".json":
-            config = Phi3Config.from_json_file(path)  # architecture only: random init
-        else:
-            raise FileNotFoundError(
-                f"model={str(model)!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor an existing Hugging Face "
-                "checkpoint directory (config.json + safetensors) nor a config.json file; check the path"
-            )
-    else:
-        raise TypeError(f"model={model!r}: pass a preset name, a checkpoint directory or a Phi3Config")
-    if overrides:
-        config = config.replace(**overrides)
-    return config, weights
-
-
-def as_lora_config(lora: LoRAConfig | dict | None) -> LoRAConfig | None:
-    """``lora`` as a :class:`LoRAConfig` (a dict is what checkpoint hyper-parameters and Python callers hold)."""
-    if lora is None or isinstance(lora, LoRAConfig):
-        return lora
-    if isinstance(lora, dict):
-        known = {f.name for f in dataclasses.fields(LoRAConfig)}
-        unknown = sorted(set(lora) - known)
-        if unknown:
-            raise ValueError(f"lora has unknown fields {unknown}; LoRAConfig fields are {sorted(known)}")
-        return LoRAConfig(**lora)
-    raise TypeError(f"lora={lora!r}: pass a LoRAConfig, a dict of its fields, or null")
-
-
 def _is_plain(value: Any) -> bool:
     if value is None or isinstance(value, (str, int, float, bool)):
         return True
@@ -108,48 +58,11 @@ def _is_plain(value: Any) -> bool:
     return False
 
 
-def materialize_meta(module: nn.Module, device: torch.device) -> None:
-    """Give a meta-device (possibly FSDP2-sharded) module real storage on ``device`` and its init.
-
-    The same recipe as Lightning's and torchtitan's: ``to_empty`` on the root, then every submodule that owns
-    parameters or buffers runs its ``reset_parameters()``. Only ``module`` is touched (metric states are not).
-    """
-    module.to_empty(device=device)
-    missing = set()
-    for sub in module.modules():
-        owns = any(True for _ in sub.parameters(recurse=False)) or any(True for _ in sub.buffers(recurse=False))
-        if not owns:
-            continue
-        if callable(getattr(sub, "reset_parameters", None)):
-            sub.reset_parameters()
-        else:
-            missing.add(type(sub).__name__)
-    if missing:
-        raise RuntimeError(f"modules without reset_parameters() cannot be materialised from meta: {sorted(missing)}")
-    _zero_sharded_padding_rows(module)
-
-
-@torch.no_grad()
-def _zero_sharded_padding_rows(module: nn.Module) -> None:
-    """``Embedding.reset_parameters`` zeroes the pad row with ``weight[pad].zero_()``; on an FSDP2-sharded DTensor
-    that writes to a gathered temporary, not to the shard. Zero the row in the shard that holds it."""
-    for m in module.modules():
-        w = getattr(m, "weight", None)
-        pad = getattr(m, "padding_idx", None)
-        if not isinstance(m, nn.Embedding) or pad is None or not hasattr(w, "to_local"):
-            continue
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-        shape, offset = compute_local_shape_and_global_offset(w.shape, w.device_mesh, w.placements)
-        row = pad - offset[0]
-        if 0 <= row < shape[0]:
-            w.to_local()[row].zero_()
-
-
 class Phi3LightningModule(pl.LightningModule):
     """Base class: a Phi-3 backbone + one head (``self.head``), built in ``configure_model``.
 
-    Subclasses set ``head_class`` / ``task`` and implement ``_shared_step`` (loss + metric updates) and
+    Subclasses set ``task`` (a key of :data:`phi3_lightning.model.heads.HEADS`, which gives ``head_class``) and
+    implement ``_shared_step`` (loss + metric updates) and
     ``prediction_rows`` (what ``predict`` writes).
 
     Args:
@@ -181,6 +94,13 @@ class Phi3LightningModule(pl.LightningModule):
 
     head_class: ClassVar[type[Phi3PreTrainedHead]]
     task: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.task:
+            if cls.task not in HEADS:
+                raise TypeError(f"{cls.__name__}.task={cls.task!r} names no head; tasks: {', '.join(HEADS)}")
+            cls.head_class = HEADS[cls.task]
     _hparams_ignore: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
@@ -215,14 +135,16 @@ class Phi3LightningModule(pl.LightningModule):
         self.lora = as_lora_config(lora)
         self.head: Phi3PreTrainedHead | None = None
         self._no_decay: set[str] = set()
-        self._save_hparams()
+        # Called here, in __init__, as Lightning expects: it records the init args of this __init__ and of the
+        # subclass __init__s that called it (or, under LightningCLI, the arguments the CLI instantiated us with).
+        self.save_hyperparameters(ignore=["_head_overrides", *self._hparams_ignore])
+        self._plain_hparams()
 
     # ------------------------------------------------------------------ hyper-parameters
-    def _save_hparams(self) -> None:
-        """save_hyperparameters (every subclass's init args), keeping plain data only, so checkpoints load with
-        ``weights_only=True`` (a Phi3Config is stored as its dict; optimizer classes given in Python are dropped)."""
-        frame = inspect.currentframe().f_back  # base __init__; Lightning walks up to the subclass __init__
-        self.save_hyperparameters(ignore=["_head_overrides", *self._hparams_ignore], frame=frame)
+    def _plain_hparams(self) -> None:
+        """Keep plain data only in the saved hyper-parameters, so checkpoints load with ``weights_only=True`` (a
+        Phi3Config is stored as its dict; optimizer classes given in Python are dropped), and only real init
+        arguments."""
         if self._overrides:
             # label facts linked from the data module live in the config (num_labels, id2label, problem_type):
             # stored once, under config_overrides, so they never clash with the data module's own hparams.
@@ -321,11 +243,11 @@ class Phi3LightningModule(pl.LightningModule):
             for layer in head.model.layers:
                 layer.compile(mode=self.compile_mode)
         if mesh is not None:
-            self._shard(head, mesh)
+            shard(head, mesh)
             if meta:
                 materialize_meta(head, device)
-                if load_weights:
-                    self._broadcast_pretrained(head)
+                if load_weights:  # rank 0 reads the checkpoint, every rank receives its shards
+                    broadcast_pretrained(head, self._load_full_pretrained if self.global_rank == 0 else None)
         elif self.torch_compile == "model":
             head.compile(mode=self.compile_mode)
         self.head = head
@@ -339,6 +261,14 @@ class Phi3LightningModule(pl.LightningModule):
         self.config = head.config  # from_pretrained unties a tie_word_embeddings checkpoint whose lm_head differs
         return head
 
+    def _load_full_pretrained(self) -> Phi3PreTrainedHead:
+        """The whole pretrained head on the CPU, adapted like the sharded one (same keys; rank 0's adapters go to
+        every rank)."""
+        src = self._load_pretrained(device="cpu", dtype=torch.get_default_dtype())
+        if self.lora is not None:
+            apply_lora(src, self.lora)
+        return src
+
     @staticmethod
     def _log_lora(head: nn.Module) -> None:
         total = sum(p.numel() for p in head.parameters())
@@ -346,37 +276,6 @@ class Phi3LightningModule(pl.LightningModule):
         full = getattr(head, "lora_modules_to_save", [])
         rank_zero_info(f"LoRA: training {trained:,} of {total:,} parameters ({100 * trained / max(total, 1):.2f} %)"
                        + (f"; trained in full: {', '.join(full)}" if full else ""))
-
-    @staticmethod
-    def _data_parallel_mesh(mesh):
-        names = mesh.mesh_dim_names or ()
-        if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
-            raise ValueError(
-                f"ModelParallelStrategy built a tensor-parallel mesh of size {mesh['tensor_parallel'].size()}, but the "
-                "Phi-3 modules implement FSDP2 only; set tensor_parallel_size: 1 (the fsdp2 overlay uses "
-                "phi3_lightning.modules.FSDP2Strategy, which does)"
-            )
-        return mesh["data_parallel"] if "data_parallel" in names else mesh
-
-    def _shard(self, head: Phi3PreTrainedHead, mesh) -> None:
-        from torch.distributed.fsdp import fully_shard
-
-        dp = self._data_parallel_mesh(mesh)
-        for layer in head.model.layers:
-            fully_shard(layer, mesh=dp)
-        fully_shard(head, mesh=dp)
-
-    def _broadcast_pretrained(self, head: Phi3PreTrainedHead) -> None:
-        """Rank 0 reads the checkpoint; every rank receives its shards."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        full: dict[str, torch.Tensor] = {}
-        if self.global_rank == 0:
-            src = self._load_pretrained(device="cpu", dtype=torch.get_default_dtype())
-            if self.lora is not None:  # same keys as the sharded head; rank 0's adapters go to every rank
-                apply_lora(src, self.lora)
-            full = src.state_dict()
-        set_model_state_dict(head, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """Always on: a CUDA out-of-memory error gets the memory planner's estimate and advice appended; a

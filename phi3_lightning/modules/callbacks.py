@@ -38,7 +38,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class ThroughputMonitor(Callback):
+class Phi3ThroughputMonitor(Callback):
     """Logs ``perf/*`` to every logger during fit: tokens/s of real (non-padding) tokens, MFU, achieved TFLOP/s per
     device, seconds per batch and peak memory; and, at fit start, a text card (TensorBoard) with the attention
     backend, precision, strategy and model size so runs overlay and stay identifiable.

@@ -8,8 +8,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from ..model import Phi3ForCausalLM
-from ..model.loss import IGNORE_INDEX, fused_linear_cross_entropy, shift_labels
+from ..model.loss import IGNORE_INDEX, shift_labels
 from .base import Phi3LightningModule
 
 
@@ -31,7 +30,6 @@ class CausalLMModule(Phi3LightningModule):
     ``predict`` writes each row's loss, perplexity and number of predicted tokens.
     """
 
-    head_class = Phi3ForCausalLM
     task = "causal_lm"
 
     def __init__(self, **kwargs: Any) -> None:
@@ -51,18 +49,9 @@ class CausalLMModule(Phi3LightningModule):
     @torch.no_grad()
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict:
         out = self(batch, return_logits=False)
-        weight = self.head.lm_head.weight
-        if hasattr(weight, "full_tensor"):  # FSDP2 DTensor outside forward
-            weight = weight.full_tensor()
-        h = out.hidden_states
-        losses, counts = [], []
-        for i in range(h.shape[0]):  # per-row loss without materialising (B, T, vocab) logits
-            labels = batch["labels"][i : i + 1]
-            n = int((shift_labels(labels) != IGNORE_INDEX).sum())
-            counts.append(n)
-            losses.append(float(fused_linear_cross_entropy(h[i : i + 1], weight, labels)) if n else float("nan"))
-        index = batch.get("index", torch.arange(h.shape[0]))
-        return {"index": index.tolist(), "loss": losses, "tokens": counts}
+        losses, counts = self.head.row_losses(out.hidden_states, batch["labels"], batch.get("attention_mask"))
+        index = batch.get("index", torch.arange(losses.shape[0]))
+        return {"index": index.tolist(), "loss": losses.tolist(), "tokens": counts.tolist()}
 
     def prediction_rows(self, outputs: dict, datamodule: Any) -> list[dict[str, Any]]:
         rows = []

@@ -27,23 +27,18 @@ from typing import Any
 import torch
 
 from ..atomic import recover_interrupted, staged_directory
-from ..model import DEFAULT_BACKEND, HEADS, Phi3Config
+from ..model import ARCHITECTURE_TASKS, DEFAULT_BACKEND, HEADS, Phi3Config
 from ..model.checkpoint import resolve_dtype
 from ..model.heads import Phi3PreTrainedHead
-from ..model.lora import LoRAConfig, apply_lora, lora_state_dict, merge_lora
-from .base import CHECKPOINT_KEY, as_lora_config, resolve_model
+from ..model.lora import LoRAConfig, apply_lora, as_lora_config, lora_state_dict, merge_lora
+from .base import CHECKPOINT_KEY, resolve_model
 from .safe_load import load_checkpoint_file, load_distributed
+from .tasks import task_name
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 EXPORT_INFO = "phi3_lightning.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-_ARCH_TO_TASK = {cls.__name__: task for task, cls in HEADS.items()}
-_CLASS_TO_TASK = {
-    "CausalLMModule": "causal_lm",
-    "SequenceClassificationModule": "sequence_classification",
-    "TokenClassificationModule": "token_classification",
-}
 
 
 @dataclass
@@ -68,9 +63,8 @@ def _torch_load(path: Path) -> dict[str, Any]:
 def _info_from_hparams(ckpt: dict[str, Any]) -> dict[str, Any]:
     """Older/foreign checkpoints without the phi3_lightning entry: rebuild from the module's hyper-parameters."""
     hp = dict(ckpt.get("hyper_parameters") or {})
-    cls = str(hp.get("_class_path", "")).rsplit(".", 1)[-1]
-    task = _CLASS_TO_TASK.get(cls)
-    if task is None:
+    task = task_name(hp.get("_class_path", ""))
+    if task not in HEADS:
         raise ValueError("the checkpoint has neither a 'phi3_lightning' entry nor a known module class path; was it "
                          "written by phi3_lightning fit?")
     overrides = dict(hp.get("config_overrides") or {})
@@ -135,7 +129,7 @@ def _load_lightning(path: Path, attn: str | None, device, dtype, merge: bool = T
 def _load_hf(path: Path, attn: str | None, device, dtype) -> LoadedHead:
     config = json.loads((path / "config.json").read_text())
     arch = (config.get("architectures") or ["Phi3ForCausalLM"])[0]
-    task = _ARCH_TO_TASK.get(arch, "causal_lm")
+    task = ARCHITECTURE_TASKS.get(arch, "causal_lm")
     info = json.loads((path / EXPORT_INFO).read_text()) if (path / EXPORT_INFO).is_file() else {}
     head = HEADS[task].from_pretrained(path, attn_implementation=attn or DEFAULT_BACKEND, dtype=dtype, device=device,
                                        **(info.get("head_kwargs") or {}))  # fmt: skip

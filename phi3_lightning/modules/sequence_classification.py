@@ -10,7 +10,6 @@ from torchmetrics import MeanMetric, MeanSquaredError
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MultilabelAccuracy, MultilabelF1Score
 
 from ..conventions import PROBLEM_TYPES
-from ..model import Phi3ForSequenceClassification
 from ..model.loss import infer_problem_type
 from .base import Phi3LightningModule
 
@@ -49,7 +48,6 @@ class SequenceClassificationModule(Phi3LightningModule):
     """
 
     _hparams_ignore = ("label_names", "problem_type")
-    head_class = Phi3ForSequenceClassification
     task = "sequence_classification"
 
     def __init__(

@@ -6,7 +6,7 @@
 * :class:`FSDP2Strategy`: Lightning's ``ModelParallelStrategy`` set up for pure FSDP2 data parallelism
   (tensor_parallel_size=1, data_parallel_size = every process), with distributed checkpoints written to a
   temporary directory and renamed into place. The LightningModule shards itself in ``configure_model``.
-* :class:`FSDPStrategy`: Lightning's FSDP1 ``FSDPStrategy`` (CUDA only) wrapping each decoder layer.
+* :class:`Phi3FSDPStrategy`: Lightning's FSDP1 ``FSDPStrategy`` (CUDA only) wrapping each decoder layer.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import FSDPStrategy as _LightningFSDPStrategy
@@ -112,7 +111,7 @@ class FSDP2Strategy(ModelParallelStrategy):
             return super().load_checkpoint(checkpoint_path, weights_only=True)
 
 
-class FSDPStrategy(_LightningFSDPStrategy):
+class Phi3FSDPStrategy(_LightningFSDPStrategy):
     """Lightning's FSDP1 (CUDA only) with every ``Phi3DecoderLayer`` its own FSDP unit and original parameters
     kept (so weight decay still tells matrices from vectors). On CPU use :class:`FSDP2Strategy` instead.
 

@@ -9,7 +9,6 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from ..model import Phi3ForTokenClassification
 from ..model.loss import IGNORE_INDEX
 from .base import Phi3LightningModule
 from .sequence_classification import label_overrides
@@ -27,7 +26,6 @@ class TokenClassificationModule(Phi3LightningModule):
     """
 
     _hparams_ignore = ("label_names", "problem_type")
-    head_class = Phi3ForTokenClassification
     task = "token_classification"
 
     def __init__(self, num_labels: int | None = None, label_names: list[str] | None = None, **kwargs: Any) -> None:

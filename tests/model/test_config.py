@@ -28,6 +28,20 @@ def test_preset_parameter_count_matches_transformers(name):
         assert abs(n_hf - EXPECTED_PARAMS[name]) / EXPECTED_PARAMS[name] < 0.01
 
 
+@pytest.mark.parametrize("name", ["phi-3-medium-4k", "phi-4-mini", "tiny-gqa"])
+def test_linear_shapes_are_transformers_weight_shapes(name):
+    """Phi3Config.linear_shapes() (read by the layers, LoRA counts and the memory planner) against the oracle."""
+    cfg = get_preset(name, num_hidden_layers=1)
+    d = cfg.to_dict()
+    d.pop("architectures")
+    with torch.device("meta"):
+        hf = transformers.Phi3ForCausalLM(transformers.Phi3Config(**d))
+    layer = hf.model.layers[0]
+    want = {"qkv_proj": layer.self_attn.qkv_proj, "o_proj": layer.self_attn.o_proj,
+            "gate_up_proj": layer.mlp.gate_up_proj, "down_proj": layer.mlp.down_proj}
+    assert cfg.linear_shapes() == {k: tuple(m.weight.shape) for k, m in want.items()}
+
+
 def test_all_real_presets_exist():
     assert set(REAL) <= set(PRESETS)
 
@@ -154,3 +168,28 @@ def test_invalid_value_in_a_checkpoint_config_is_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(d))
     with pytest.raises(ValueError, match="rms_norm_eps=0 must be"):
         Phi3Config.from_pretrained(tmp_path)
+
+
+def test_resolve_model_every_source(tmp_path):
+    """The one resolver (modules, memory planner, compare-attention and Phi3Config.from_pretrained read it)."""
+    from phi3_lightning.model import resolve_model
+
+    tiny = get_preset("tiny")
+    assert resolve_model("tiny") == (tiny, None)
+    assert resolve_model(tiny, {"num_hidden_layers": 1})[0].num_hidden_layers == 1
+    assert resolve_model(tiny.to_dict())[0].to_dict() == tiny.to_dict()
+    tiny.replace(hidden_size=64).save(tmp_path / "config.json")
+    config, weights = resolve_model(tmp_path)
+    assert config.hidden_size == 64 and weights == tmp_path
+    config, weights = resolve_model(str(tmp_path / "config.json"), {"num_labels": 4})
+    assert (config.hidden_size, config.num_labels, weights) == (64, 4, None)  # a config.json: architecture only
+    assert Phi3Config.from_pretrained(tmp_path, num_labels=5).num_labels == 5
+    with pytest.raises(FileNotFoundError, match=r"model='phi-9' is neither a preset \(phi-3-medium-128k, "):
+        resolve_model("phi-9")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="is a directory without config.json"):
+        resolve_model(tmp_path / "empty")
+    with pytest.raises(ValueError, match="config override 'num_hiden_layers' is not a Phi3Config field; did you mean"):
+        resolve_model("tiny", {"num_hiden_layers": 1})
+    with pytest.raises(TypeError, match="model=3: pass a preset name"):
+        resolve_model(3)

@@ -22,7 +22,7 @@ from phi3_lightning.data import CausalLMDataModule, SequenceClassificationDataMo
 from phi3_lightning.model import Phi3ForCausalLM, get_preset
 from phi3_lightning.model.lora import LoRAConfig, LoRALinear, apply_lora, load_lora_state_dict, lora_modules
 from phi3_lightning.modules import CausalLMModule, SequenceClassificationModule, export_checkpoint, load_head
-from phi3_lightning.modules.base import materialize_meta
+from phi3_lightning.modules.fsdp import materialize_meta
 from phi3_lightning.modules.oom import MARKER, OOMAdvice
 
 from .helpers import CONFIGS, ROOT, run_main, run_module, scalars, small_args

@@ -14,14 +14,14 @@ from phi3_lightning.data import CausalLMDataModule
 from phi3_lightning.model import Phi3Config, Phi3ForCausalLM, Phi3ForSequenceClassification, get_preset
 from phi3_lightning.modules import (
     CausalLMModule,
+    Phi3ThroughputMonitor,
     SequenceClassificationModule,
-    ThroughputMonitor,
     TokenClassificationModule,
     WarmupDecayLR,
     load_head,
     resolve_model,
 )
-from phi3_lightning.modules.base import materialize_meta
+from phi3_lightning.modules.fsdp import materialize_meta
 
 
 def built(module):
@@ -162,8 +162,8 @@ def test_flops_per_token_and_peak():
         class strategy:
             root_device = torch.device("cpu")
 
-    assert ThroughputMonitor().peak_flops_per_device(T) == pytest.approx(0.1e12 * torch.get_num_threads())
-    assert ThroughputMonitor(peak_tflops=2.0).peak_flops_per_device(T) == 2e12
+    assert Phi3ThroughputMonitor().peak_flops_per_device(T) == pytest.approx(0.1e12 * torch.get_num_threads())
+    assert Phi3ThroughputMonitor(peak_tflops=2.0).peak_flops_per_device(T) == 2e12
 
 
 def test_checkpoint_head_mismatch_is_explained():
@@ -182,7 +182,7 @@ def test_python_api_fit_save_load(tmp_path):
     model = CausalLMModule(model="tiny", optimizer=opt, lr_scheduler=functools.partial(WarmupDecayLR, warmup_steps=1))
     trainer = pl.Trainer(max_steps=2, limit_val_batches=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
-                         callbacks=[ThroughputMonitor(log_every_n_steps=1)])  # fmt: skip
+                         callbacks=[Phi3ThroughputMonitor(log_every_n_steps=1)])  # fmt: skip
     trainer.fit(model, dm)
     assert model.lr_schedulers().total_steps == 2  # filled in from the trainer
     path = tmp_path / "m.ckpt"
