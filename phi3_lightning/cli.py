@@ -51,6 +51,8 @@ commands:
   generate           complete a prompt or chat with a checkpoint (Lightning .ckpt or Hugging Face directory)
   export             write a Lightning checkpoint as a Hugging Face directory that transformers loads
   compare-attention  compare the attention backends (eager, sdpa, flash_attention_2, flex)
+  memory             plan GPU memory of a fine-tune: weights, gradients, optimizer, activations; does it fit
+  data-report        share of batch slots holding real tokens: padding vs length grouping vs packing
 
 `python -m phi3_lightning <command> --help` lists every option of a command with its help text.
 fit / validate / test / predict also take --print_config (show the merged configuration and exit).
@@ -60,7 +62,7 @@ one run; validate/test/predict of a run's checkpoint log into version_N/<command
 """
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
-EXTRA_COMMANDS = ("generate", "export", "compare-attention")
+EXTRA_COMMANDS = ("generate", "export", "compare-attention", "memory", "data-report")
 RESERVED_CKPT = ("last", "best", "hpc", "registry")
 LOCK_FILE = "fit.lock"
 # Model settings that do not change the weights: with --ckpt_path the command line's value is used.
@@ -92,6 +94,28 @@ def _cli_class():
     from lightning.pytorch.cli import LightningCLI
 
     from .modules import AtomicCheckpointIO, Phi3LightningModule, PredictionWriter, ThroughputMonitor
+    from .options import SuggestingParserMixin
+
+    # The data modules are loaded lazily by phi3_lightning.data; importing them here makes them known subclasses of
+    # LightningDataModule, so `--data.help CausalLMDataModule` and `class_path: CausalLMDataModule` resolve.
+    from .data import CausalLMDataModule, SequenceClassificationDataModule, TokenClassificationDataModule  # noqa: F401
+    from lightning.pytorch.cli import LightningArgumentParser
+
+    class Phi3ArgumentParser(SuggestingParserMixin, LightningArgumentParser):
+        """No option prefixes, "did you mean" for unknown options, and, for ``--help`` with ``--config``, the
+        options of the model and data classes that the config names."""
+
+        help_argv: list[str] | None = None  # the command line, set before parsing (for --help with --config)
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("prog", "python -m phi3_lightning")  # also --model.help's parser (else __main__.py)
+            super().__init__(*args, **kwargs)
+
+        def format_help(self) -> str:
+            text = super().format_help()
+            if self.help_argv is not None:
+                text += config_class_help(self.help_argv)
+            return text
 
     try:  # field docstrings of dataclass settings (model.lora's LoRAConfig) become their --help text
         from jsonargparse import set_parsing_settings
@@ -117,6 +141,7 @@ def _cli_class():
                     }
                 },
                 auto_configure_optimizers=False,
+                parser_class=Phi3ArgumentParser,
                 parser_kwargs={"prog": "python -m phi3_lightning",
                                "description": "Phi-3 with Lightning: one YAML to train, evaluate or predict."},
                 args=args,
@@ -146,6 +171,21 @@ def _cli_class():
             for attr in ("num_labels", "label_names", "problem_type"):
                 parser.link_arguments("data", f"model.init_args.{attr}", compute_fn=_DataFact(attr),
                                       apply_on="instantiate")  # fmt: skip
+
+        def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
+            parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+            group = parser.groups.get("data") if hasattr(parser, "groups") else None
+            if group is not None:  # else LightningDataModule's docstring, cut off at "The main advantage is:"
+                group.title = ("Data: a LightningDataModule given by --data CLASS (CausalLMDataModule, "
+                               "SequenceClassificationDataModule, TokenClassificationDataModule) or the config")
+            return parser
+
+        def parse_arguments(self, parser, args) -> None:
+            argv = list(sys.argv[1:] if args is None else args)
+            if "-h" in argv or "--help" in argv:
+                for sub in getattr(self, "_subcommand_parsers", {}).values():
+                    sub.help_argv = argv
+            super().parse_arguments(parser, args)
 
         def _parse_ckpt_path(self) -> None:
             """Replaces LightningCLI's, which ``torch.load``s the file (a traceback when it is truncated) and replaces
@@ -239,9 +279,69 @@ class _DataFact:
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self.__name__ = f"{name} of"  # the help lists the link as "num_labels of(data) --> model.init_args...."
 
     def __call__(self, datamodule: Any) -> Any:
         return getattr(datamodule, self.name, None)
+
+
+def _help_class_paths(argv: list[str]) -> dict[str, str]:
+    """``{"model": class path, "data": class path}`` as the ``--config`` files and the command line in ``argv`` set
+    them (later ones win), for ``--help``; read without validating anything."""
+    import yaml
+
+    found: dict[str, str] = {}
+
+    def take(key: str, value: Any) -> None:
+        cp = value if isinstance(value, str) else _class_path(value)
+        if isinstance(cp, str) and cp:
+            found[key] = cp
+
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if not eq:
+            value = argv[i + 1] if i + 1 < len(argv) else ""
+        if name in ("--config", "-c"):
+            try:
+                cfg = yaml.safe_load(Path(value).expanduser().read_text())
+            except (OSError, yaml.YAMLError):
+                continue
+            for key in ("model", "data"):
+                if isinstance(cfg, dict) and key in cfg:
+                    take(key, cfg[key])
+        elif name in ("--model", "--data", "--model.class_path", "--data.class_path") and not value.endswith(".yaml"):
+            take(name[2:].split(".")[0], value)
+    return found
+
+
+def config_class_help(argv: list[str]) -> str:
+    """The options of the model and data classes that ``--config`` (or ``--model`` / ``--data``) names, as
+    ``--model.init_args.NAME`` with their help text: appended to ``fit --help --config X.yaml``."""
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch import LightningDataModule
+
+    from .modules import Phi3LightningModule
+
+    out = []
+    bases = {"model": Phi3LightningModule, "data": LightningDataModule}
+    for key, class_path in _help_class_paths(argv).items():
+        try:
+            from jsonargparse._typehints import resolve_class_path_by_name  # short names, as --model.help takes
+
+            class_path = resolve_class_path_by_name(bases[key], class_path)
+        except Exception:
+            pass
+        cls = _import(class_path)
+        if not isinstance(cls, type):
+            out.append(f"\n(--{key} {class_path}: cannot import it, so its options are not listed)\n")
+            continue
+        p = ArgumentParser(prog="python -m phi3_lightning", exit_on_error=False, add_help=False)
+        p.add_class_arguments(cls, f"{key}.init_args", fail_untyped=False, sub_configs=True)
+        text = p.format_help()
+        text = text.split("\n\n", 1)[1] if text.startswith("usage:") and "\n\n" in text else text
+        out.append(f"\n{key.capitalize()} options of {class_path} (set as `--{key}.init_args.NAME "
+                   f"VALUE` or in the config; defaults are the class's, --print_config shows the config's values):\n{text}")
+    return "".join(out)
 
 
 def _class_path(value: Any) -> str | None:
@@ -733,9 +833,10 @@ def run_lightning(argv: list[str] | None) -> int:
 
 
 def _parser(prog: str, description: str):
-    from jsonargparse import ArgumentParser
+    from .options import strict_jsonargparse_parser
 
-    return ArgumentParser(prog=f"python -m phi3_lightning {prog}", description=description, default_env=False)
+    return strict_jsonargparse_parser(prog=f"python -m phi3_lightning {prog}", description=description,
+                                      default_env=False)  # fmt: skip
 
 
 def generate_main(argv: list[str]) -> int:
@@ -879,6 +980,18 @@ def compare_main(argv: list[str]) -> int:
     return int(compare(argv) or 0)
 
 
+def memory_main(argv: list[str]) -> int:
+    from .memory import main as memory
+
+    return int(memory(argv) or 0)
+
+
+def data_report_main(argv: list[str]) -> int:
+    from .data.report import main as report
+
+    return int(report(argv) or 0)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -905,6 +1018,8 @@ def main(argv: list[str] | None = None) -> int:
             return export_main(argv[1:])
         if command == "compare-attention":
             return compare_main(argv[1:])
+        if command in ("memory", "data-report"):
+            return (memory_main if command == "memory" else data_report_main)(argv[1:])
         if command in LIGHTNING_COMMANDS:
             return run_lightning(None if from_sys else argv)
     except SystemExit as e:  # argparse / jsonargparse errors and --help
