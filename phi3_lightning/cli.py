@@ -117,6 +117,7 @@ def _cli_class():
                 text += config_class_help(self.help_argv)
             return text
 
+    _quiet_known_lightning_noise()
     try:  # field docstrings of dataclass settings (model.lora's LoRAConfig) become their --help text
         from jsonargparse import set_parsing_settings
 
@@ -128,6 +129,7 @@ def _cli_class():
         """LightningCLI with the Phi-3 modules, data modules, callbacks, run naming and input checks."""
 
         def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
+            self._argv = None if args is None else [str(a) for a in args]
             kwargs.setdefault("save_config_kwargs", {"overwrite": True})
             super().__init__(
                 model_class=Phi3LightningModule,
@@ -220,13 +222,22 @@ def _cli_class():
             if subcommand == "fit" and self.trainer.loggers and _is_rank_zero():
                 lock = RunLock(Path(self.trainer.log_dir or "."))
                 lock.acquire()
+            report = _is_rank_zero() and bool(self.trainer.loggers)
+            if report:
+                print(run_report(self.trainer, subcommand, "writes to"), file=sys.stderr, flush=True)
             try:
                 super()._run_subcommand(subcommand)
             finally:
                 if lock is not None:
                     lock.release()
+            if report:
+                argv = list(sys.argv[1:] if self._argv is None else self._argv)
+                print(run_report(self.trainer, subcommand, "wrote to", argv), file=sys.stderr, flush=True)
 
         def instantiate_trainer(self, **kwargs: Any):
+            # the callbacks the config names (Lightning's Trainer adds its default progress bar and summary to this
+            # very list, so take the ids before)
+            configured = list(self._get(self.config_init, "trainer", default={}).get("callbacks") or [])
             try:
                 trainer = super().instantiate_trainer(**kwargs)
             except ValueError as e:
@@ -239,9 +250,90 @@ def _cli_class():
             if type(getattr(strategy, "_checkpoint_io", None)) in (type(None), TorchCheckpointIO):
                 strategy.checkpoint_io = AtomicCheckpointIO()
             trainer.callbacks.append(_checkpoint_dir_follower())
+            _replace_default_console_callbacks(trainer, configured)
             return trainer
 
     return Phi3CLI
+
+
+def _quiet_known_lightning_noise() -> None:
+    """Two messages of Lightning 2.6 that every run printed and that the user can do nothing about; each is
+    filtered by its exact text at its source, nothing else is."""
+    import logging
+    import warnings
+
+    # lightning.pytorch.utilities._pytree builds torch's LeafSpec, deprecated in torch 2.10+: Lightning's code, not
+    # ours nor the user's (it goes away with a Lightning release that uses TreeSpec.is_leaf()).
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning,
+                            module=r"lightning\.pytorch\.utilities\._pytree")  # fmt: skip
+
+    class _NoLitLoggerTip(logging.Filter):
+        # Lightning's logger connector advertises its cloud logger on every run without a LitLogger; our runs log to
+        # TensorBoard by design (the run report names the directory and the tensorboard command).
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not str(record.msg).startswith("💡 Tip: For seamless cloud logging")
+
+    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(type(f).__name__ == "_NoLitLoggerTip" for f in log.filters):
+        log.addFilter(_NoLitLoggerTip())
+
+
+def _replace_default_console_callbacks(trainer: Any, configured: list[Any]) -> None:
+    """Lightning's default progress bar and model summary (not ones the config names) -> ours: steps out of max_steps
+    and no v_num in the bar; the analytic FLOPs per token instead of a FLOPs column of zeros in the summary."""
+    from lightning.pytorch.callbacks import ModelSummary, RichModelSummary, RichProgressBar, TQDMProgressBar
+
+    from .modules.console import Phi3ModelSummary, Phi3RichProgressBar, Phi3TQDMProgressBar
+
+    chosen = {id(c) for c in (configured if isinstance(configured, list) else [configured])}
+    for i, cb in enumerate(trainer.callbacks):
+        if id(cb) in chosen:
+            continue
+        if type(cb) is RichProgressBar:
+            trainer.callbacks[i] = Phi3RichProgressBar()
+        elif type(cb) is TQDMProgressBar:
+            trainer.callbacks[i] = Phi3TQDMProgressBar()
+        elif type(cb) in (ModelSummary, RichModelSummary):
+            trainer.callbacks[i] = Phi3ModelSummary(max_depth=cb._max_depth)
+
+
+def run_report(trainer: Any, subcommand: str, verb: str, argv: list[str] | None = None) -> str:
+    """Where a run writes: the run (name, version), its log directory and checkpoint directory; at the end of fit
+    (``argv`` given) also the command that continues it and the one that opens TensorBoard."""
+    import shlex
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    log_dir = Path(trainer.log_dir or ".")
+    logger = trainer.loggers[0]
+    name, version = getattr(logger, "name", None), getattr(logger, "version", None)
+    version = _version_dir_name(version) or "?"
+    lines = [f"{subcommand}: run {name}/{version} {verb} {log_dir}"]
+    if subcommand == "fit":
+        for cb in trainer.checkpoint_callbacks:
+            if isinstance(cb, ModelCheckpoint):
+                where = Path(cb.dirpath) if cb.dirpath else log_dir / "checkpoints"
+                saved = ", ".join(Path(p).name for p in (cb.last_model_path, cb.best_model_path) if p)
+                lines.append(f"  checkpoints: {where}" + (f" ({saved})" if saved else ""))
+    if argv is not None and subcommand == "fit":
+        rest, skip = [], False
+        for a in argv[1:]:
+            if skip:
+                skip = False
+                continue
+            if a in ("--ckpt_path", "--run_version"):
+                skip = True
+                continue
+            if a.startswith(("--ckpt_path=", "--run_version=")):
+                continue
+            rest.append(a)
+        resume = ["python", "-m", "phi3_lightning", "fit", *rest, "--run_version", version.removeprefix("version_"),
+                  "--ckpt_path", "last"]  # fmt: skip
+        lines.append(f"  continue it (raise --trainer.max_steps to train further): {shlex.join(resume)}")
+        lines.append(f"  TensorBoard: tensorboard --logdir {shlex.quote(str(log_dir.parent))}")
+    elif argv is not None:
+        lines.append(f"  TensorBoard: tensorboard --logdir {shlex.quote(str(log_dir))}")
+    return "\n".join(lines)
 
 
 def _checkpoint_dir_follower():
