@@ -946,6 +946,9 @@ def generate_main(argv: list[str]) -> int:
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--top_k", type=Optional[int], default=None, help="sample among the k most likely tokens")
     p.add_argument("--top_p", type=Optional[float], default=None, help="nucleus sampling mass")
+    p.add_argument("--echo_prompt", type=bool, default=True,
+                   help="print the prompt before its completion (with --chat: as 'user> ...' / 'assistant> ...' "
+                        "lines); --echo_prompt false prints only the generated text")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     p.add_argument("--tokenizer", type=Optional[str], default=None,
                    help="'byte' or a directory with tokenizer.json; default: the one recorded with the checkpoint")
@@ -1010,12 +1013,14 @@ def generate_main(argv: list[str]) -> int:
 
     chat_format = getattr(tokenizer, "chat_format", "phi3")
     if not args.chat:
-        print(complete(args.prompt))
+        text = complete(args.prompt)
+        print(args.prompt + text if args.echo_prompt else text)
         return 0
     messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt is not None:
         messages.append({"role": "user", "content": args.prompt})
-        print(complete(chat_text(messages, chat_format, add_generation_prompt=True)))
+        reply = complete(chat_text(messages, chat_format, add_generation_prompt=True))
+        print(f"user> {args.prompt}\nassistant> {reply}" if args.echo_prompt else reply)
         return 0
     print("chat: type a message, an empty line or Ctrl-D ends", file=sys.stderr)
     while True:
