@@ -316,6 +316,12 @@ def run_report(trainer: Any, subcommand: str, verb: str, argv: list[str] | None 
                 saved = ", ".join(Path(p).name for p in (cb.last_model_path, cb.best_model_path) if p)
                 lines.append(f"  checkpoints: {where}" + (f" ({saved})" if saved else ""))
     if argv is not None and subcommand == "fit":
+        from .modules.callbacks import ThroughputMonitor
+
+        for cb in trainer.callbacks:
+            tps = cb.last.get("perf/tokens_per_sec") if isinstance(cb, ThroughputMonitor) else None
+            if tps:
+                lines.append(f"  throughput: {tps:,.0f} real tokens/s at the last measurement (perf/tokens_per_sec)")
         rest, skip = [], False
         for a in argv[1:]:
             if skip:

@@ -4,6 +4,7 @@ and generate echoing its prompt."""
 
 from __future__ import annotations
 
+import re
 import shlex
 
 import pytest
@@ -31,6 +32,7 @@ def test_fit_says_where_it_writes_and_how_to_continue(fit_run):
     assert f"fit: run causal_lm/sdpa/version_0 wrote to {run}" in err
     assert f"checkpoints: {run / 'checkpoints'} (last.ckpt, best-step=2.ckpt)" in err
     assert f"TensorBoard: tensorboard --logdir {run.parent}" in err
+    assert re.search(r"throughput: [\d,]+ real tokens/s", err)
     resume = next(line for line in err.splitlines() if "continue it" in line)
     assert resume.rstrip().endswith("--run_version 0 --ckpt_path last")
 
