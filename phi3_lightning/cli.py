@@ -304,8 +304,9 @@ def run_report(trainer: Any, subcommand: str, verb: str, argv: list[str] | None 
 
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    log_dir = Path(trainer.log_dir or ".")
     logger = trainer.loggers[0]
+    # the logger's own directory: Trainer.log_dir broadcasts, a collective that only rank 0 would enter here
+    log_dir = Path(getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None) or ".")
     name, version = getattr(logger, "name", None), getattr(logger, "version", None)
     version = _version_dir_name(version) or "?"
     lines = [f"{subcommand}: run {name}/{version} {verb} {log_dir}"]
