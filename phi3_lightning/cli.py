@@ -6,7 +6,12 @@
   ``problem_type`` are linked into the model when both are instantiated.
 * ``generate``: complete a prompt, or chat, with a Lightning checkpoint or a Hugging Face directory.
 * ``export``: a Lightning checkpoint -> a Hugging Face directory (transformers loads it).
-* ``compare-attention``: dispatches to :func:`phi3_lightning.compare.main`.
+* ``compare-attention``: dispatches to :func:`phi3_lightning.compare.main`; ``memory`` and ``data-report`` to
+  :func:`phi3_lightning.memory.main` and :func:`phi3_lightning.data.report.main`.
+
+Every parser refuses abbreviated options and suggests the closest one for a typo (:mod:`phi3_lightning.options`).
+A run says where it writes (run name/version, log and checkpoint directories) when it starts and when it ends; fit
+then also prints the command that continues it and the one that opens TensorBoard.
 
 Runs. A run is ``<save_dir>/<run name>/version_N`` (TensorBoard events, ``config.yaml``, ``checkpoints/``). The run
 name is ``--run_name NAME``, by default ``<config stems joined by +>/<attn backend>`` (``causal_lm/sdpa``), so
@@ -54,7 +59,8 @@ commands:
   memory             plan GPU memory of a fine-tune: weights, gradients, optimizer, activations; does it fit
   data-report        share of batch slots holding real tokens: padding vs length grouping vs packing
 
-`python -m phi3_lightning <command> --help` lists every option of a command with its help text.
+`python -m phi3_lightning <command> --help` lists every option of a command with its help text; with --config the
+fit/validate/test/predict help adds the options of the model and data classes that the config names.
 fit / validate / test / predict also take --print_config (show the merged configuration and exit).
 Runs log to TensorBoard under logs/<run name>/version_N (tensorboard --logdir logs); --run_name NAME names a run
 (default <config stems>/<attn backend>), --run_version N picks a version. --ckpt_path last|best resolve within that
