@@ -97,15 +97,13 @@ class UsageError(ValueError):
 
 def _cli_class():
     from lightning.pytorch import LightningDataModule
-    from lightning.pytorch.cli import LightningCLI
-
-    from .modules import AtomicCheckpointIO, Phi3LightningModule, PredictionWriter, ThroughputMonitor
-    from .options import SuggestingParserMixin
+    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
     # The data modules are loaded lazily by phi3_lightning.data; importing them here makes them known subclasses of
     # LightningDataModule, so `--data.help CausalLMDataModule` and `class_path: CausalLMDataModule` resolve.
     from .data import CausalLMDataModule, SequenceClassificationDataModule, TokenClassificationDataModule  # noqa: F401
-    from lightning.pytorch.cli import LightningArgumentParser
+    from .modules import AtomicCheckpointIO, Phi3LightningModule, PredictionWriter, ThroughputMonitor
+    from .options import SuggestingParserMixin
 
     class Phi3ArgumentParser(SuggestingParserMixin, LightningArgumentParser):
         """No option prefixes, "did you mean" for unknown options, and, for ``--help`` with ``--config``, the

@@ -32,7 +32,7 @@ def readme_commands() -> list[str]:
     """The commands of the fenced bash blocks: continuation lines joined, comments dropped, ``for`` loops expanded,
     ``a && b`` split."""
     commands: list[str] = []
-    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S):
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.DOTALL):
         text = re.sub(r"\\\n\s*", " ", block)
         lines = [re.sub(r"\s+#.*$", "", line).strip() for line in text.splitlines()]
         lines = [line for line in lines if line and not line.startswith("#")]

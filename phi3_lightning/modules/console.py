@@ -90,7 +90,7 @@ class Phi3ModelSummary(ModelSummary):
         lines = [" | ".join(f"{name:<{w}}" for (name, _), w in zip(cols, widths))]
         lines.append("-" * len(lines[0]))
         for row in zip(*(values for _, values in cols)):
-            lines.append(" | ".join(f"{str(v):<{w}}" for v, w in zip(row, widths)))
+            lines.append(" | ".join(f"{v!s:<{w}}" for v, w in zip(row, widths)))
         lines.append("-" * len(lines[0]))
         trainable, total = s.trainable_parameters, s.total_parameters
         lines.append(f"{_human(trainable):<10} trainable params")
