@@ -6,7 +6,12 @@
   ``problem_type`` are linked into the model when both are instantiated.
 * ``generate``: complete a prompt, or chat, with a Lightning checkpoint or a Hugging Face directory.
 * ``export``: a Lightning checkpoint -> a Hugging Face directory (transformers loads it).
-* ``compare-attention``: dispatches to :func:`phi3_lightning.compare.main`.
+* ``compare-attention``: dispatches to :func:`phi3_lightning.compare.main`; ``memory`` and ``data-report`` to
+  :func:`phi3_lightning.memory.main` and :func:`phi3_lightning.data.report.main`.
+
+Every parser refuses abbreviated options and suggests the closest one for a typo (:mod:`phi3_lightning.options`).
+A run says where it writes (run name/version, log and checkpoint directories) when it starts and when it ends; fit
+then also prints the command that continues it and the one that opens TensorBoard.
 
 Runs. A run is ``<save_dir>/<run name>/version_N`` (TensorBoard events, ``config.yaml``, ``checkpoints/``). The run
 name is ``--run_name NAME``, by default ``<config stems joined by +>/<attn backend>`` (``causal_lm/sdpa``), so
@@ -51,8 +56,11 @@ commands:
   generate           complete a prompt or chat with a checkpoint (Lightning .ckpt or Hugging Face directory)
   export             write a Lightning checkpoint as a Hugging Face directory that transformers loads
   compare-attention  compare the attention backends (eager, sdpa, flash_attention_2, flex)
+  memory             plan GPU memory of a fine-tune: weights, gradients, optimizer, activations; does it fit
+  data-report        share of batch slots holding real tokens: padding vs length grouping vs packing
 
-`python -m phi3_lightning <command> --help` lists every option of a command with its help text.
+`python -m phi3_lightning <command> --help` lists every option of a command with its help text; with --config the
+fit/validate/test/predict help adds the options of the model and data classes that the config names.
 fit / validate / test / predict also take --print_config (show the merged configuration and exit).
 Runs log to TensorBoard under logs/<run name>/version_N (tensorboard --logdir logs); --run_name NAME names a run
 (default <config stems>/<attn backend>), --run_version N picks a version. --ckpt_path last|best resolve within that
@@ -60,7 +68,7 @@ one run; validate/test/predict of a run's checkpoint log into version_N/<command
 """
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
-EXTRA_COMMANDS = ("generate", "export", "compare-attention")
+EXTRA_COMMANDS = ("generate", "export", "compare-attention", "memory", "data-report")
 RESERVED_CKPT = ("last", "best", "hpc", "registry")
 LOCK_FILE = "fit.lock"
 # Model settings that do not change the weights: with --ckpt_path the command line's value is used.
@@ -89,10 +97,31 @@ class UsageError(ValueError):
 
 def _cli_class():
     from lightning.pytorch import LightningDataModule
-    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+    # The data modules are loaded lazily by phi3_lightning.data; importing them here makes them known subclasses of
+    # LightningDataModule, so `--data.help CausalLMDataModule` and `class_path: CausalLMDataModule` resolve.
+    from .data import CausalLMDataModule, SequenceClassificationDataModule, TokenClassificationDataModule  # noqa: F401
     from .modules import AtomicCheckpointIO, Phi3LightningModule, PredictionWriter, ThroughputMonitor
+    from .options import SuggestingParserMixin
 
+    class Phi3ArgumentParser(SuggestingParserMixin, LightningArgumentParser):
+        """No option prefixes, "did you mean" for unknown options, and, for ``--help`` with ``--config``, the
+        options of the model and data classes that the config names."""
+
+        help_argv: list[str] | None = None  # the command line, set before parsing (for --help with --config)
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("prog", "python -m phi3_lightning")  # also --model.help's parser (else __main__.py)
+            super().__init__(*args, **kwargs)
+
+        def format_help(self) -> str:
+            text = super().format_help()
+            if self.help_argv is not None:
+                text += config_class_help(self.help_argv)
+            return text
+
+    _quiet_known_lightning_noise()
     try:  # field docstrings of dataclass settings (model.lora's LoRAConfig) become their --help text
         from jsonargparse import set_parsing_settings
 
@@ -104,6 +133,7 @@ def _cli_class():
         """LightningCLI with the Phi-3 modules, data modules, callbacks, run naming and input checks."""
 
         def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
+            self._argv = None if args is None else [str(a) for a in args]
             kwargs.setdefault("save_config_kwargs", {"overwrite": True})
             super().__init__(
                 model_class=Phi3LightningModule,
@@ -117,6 +147,7 @@ def _cli_class():
                     }
                 },
                 auto_configure_optimizers=False,
+                parser_class=Phi3ArgumentParser,
                 parser_kwargs={"prog": "python -m phi3_lightning",
                                "description": "Phi-3 with Lightning: one YAML to train, evaluate or predict."},
                 args=args,
@@ -146,6 +177,21 @@ def _cli_class():
             for attr in ("num_labels", "label_names", "problem_type"):
                 parser.link_arguments("data", f"model.init_args.{attr}", compute_fn=_DataFact(attr),
                                       apply_on="instantiate")  # fmt: skip
+
+        def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
+            parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+            group = parser.groups.get("data") if hasattr(parser, "groups") else None
+            if group is not None:  # else LightningDataModule's docstring, cut off at "The main advantage is:"
+                group.title = ("Data: a LightningDataModule given by --data CLASS (CausalLMDataModule, "
+                               "SequenceClassificationDataModule, TokenClassificationDataModule) or the config")
+            return parser
+
+        def parse_arguments(self, parser, args) -> None:
+            argv = list(sys.argv[1:] if args is None else args)
+            if "-h" in argv or "--help" in argv:
+                for sub in getattr(self, "_subcommand_parsers", {}).values():
+                    sub.help_argv = argv
+            super().parse_arguments(parser, args)
 
         def _parse_ckpt_path(self) -> None:
             """Replaces LightningCLI's, which ``torch.load``s the file (a traceback when it is truncated) and replaces
@@ -180,13 +226,22 @@ def _cli_class():
             if subcommand == "fit" and self.trainer.loggers and _is_rank_zero():
                 lock = RunLock(Path(self.trainer.log_dir or "."))
                 lock.acquire()
+            report = _is_rank_zero() and bool(self.trainer.loggers)
+            if report:
+                print(run_report(self.trainer, subcommand, "writes to"), file=sys.stderr, flush=True)
             try:
                 super()._run_subcommand(subcommand)
             finally:
                 if lock is not None:
                     lock.release()
+            if report:
+                argv = list(sys.argv[1:] if self._argv is None else self._argv)
+                print(run_report(self.trainer, subcommand, "wrote to", argv), file=sys.stderr, flush=True)
 
         def instantiate_trainer(self, **kwargs: Any):
+            # the callbacks the config names (Lightning's Trainer adds its default progress bar and summary to this
+            # very list, so take the ids before)
+            configured = list(self._get(self.config_init, "trainer", default={}).get("callbacks") or [])
             try:
                 trainer = super().instantiate_trainer(**kwargs)
             except ValueError as e:
@@ -199,9 +254,97 @@ def _cli_class():
             if type(getattr(strategy, "_checkpoint_io", None)) in (type(None), TorchCheckpointIO):
                 strategy.checkpoint_io = AtomicCheckpointIO()
             trainer.callbacks.append(_checkpoint_dir_follower())
+            _replace_default_console_callbacks(trainer, configured)
             return trainer
 
     return Phi3CLI
+
+
+def _quiet_known_lightning_noise() -> None:
+    """Two messages of Lightning 2.6 that every run printed and that the user can do nothing about; each is
+    filtered by its exact text at its source, nothing else is."""
+    import logging
+    import warnings
+
+    # lightning.pytorch.utilities._pytree builds torch's LeafSpec, deprecated in torch 2.10+: Lightning's code, not
+    # ours nor the user's (it goes away with a Lightning release that uses TreeSpec.is_leaf()).
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning,
+                            module=r"lightning\.pytorch\.utilities\._pytree")  # fmt: skip
+
+    class _NoLitLoggerTip(logging.Filter):
+        # Lightning's logger connector advertises its cloud logger on every run without a LitLogger; our runs log to
+        # TensorBoard by design (the run report names the directory and the tensorboard command).
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not str(record.msg).startswith("💡 Tip: For seamless cloud logging")
+
+    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(type(f).__name__ == "_NoLitLoggerTip" for f in log.filters):
+        log.addFilter(_NoLitLoggerTip())
+
+
+def _replace_default_console_callbacks(trainer: Any, configured: list[Any]) -> None:
+    """Lightning's default progress bar and model summary (not ones the config names) -> ours: steps out of max_steps
+    and no v_num in the bar; the analytic FLOPs per token instead of a FLOPs column of zeros in the summary."""
+    from lightning.pytorch.callbacks import ModelSummary, RichModelSummary, RichProgressBar, TQDMProgressBar
+
+    from .modules.console import Phi3ModelSummary, Phi3RichProgressBar, Phi3TQDMProgressBar
+
+    chosen = {id(c) for c in (configured if isinstance(configured, list) else [configured])}
+    for i, cb in enumerate(trainer.callbacks):
+        if id(cb) in chosen:
+            continue
+        if type(cb) is RichProgressBar:
+            trainer.callbacks[i] = Phi3RichProgressBar()
+        elif type(cb) is TQDMProgressBar:
+            trainer.callbacks[i] = Phi3TQDMProgressBar()
+        elif type(cb) in (ModelSummary, RichModelSummary):
+            trainer.callbacks[i] = Phi3ModelSummary(max_depth=cb._max_depth)
+
+
+def run_report(trainer: Any, subcommand: str, verb: str, argv: list[str] | None = None) -> str:
+    """Where a run writes: the run (name, version), its log directory and checkpoint directory; at the end of fit
+    (``argv`` given) also the command that continues it and the one that opens TensorBoard."""
+    import shlex
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    logger = trainer.loggers[0]
+    # the logger's own directory: Trainer.log_dir broadcasts, a collective that only rank 0 would enter here
+    log_dir = Path(getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None) or ".")
+    name, version = getattr(logger, "name", None), getattr(logger, "version", None)
+    version = _version_dir_name(version) or "?"
+    lines = [f"{subcommand}: run {name}/{version} {verb} {log_dir}"]
+    if subcommand == "fit":
+        for cb in trainer.checkpoint_callbacks:
+            if isinstance(cb, ModelCheckpoint):
+                where = Path(cb.dirpath) if cb.dirpath else log_dir / "checkpoints"
+                saved = ", ".join(Path(p).name for p in (cb.last_model_path, cb.best_model_path) if p)
+                lines.append(f"  checkpoints: {where}" + (f" ({saved})" if saved else ""))
+    if argv is not None and subcommand == "fit":
+        from .modules.callbacks import ThroughputMonitor
+
+        for cb in trainer.callbacks:
+            tps = cb.last.get("perf/tokens_per_sec") if isinstance(cb, ThroughputMonitor) else None
+            if tps:
+                lines.append(f"  throughput: {tps:,.0f} real tokens/s at the last measurement (perf/tokens_per_sec)")
+        rest, skip = [], False
+        for a in argv[1:]:
+            if skip:
+                skip = False
+                continue
+            if a in ("--ckpt_path", "--run_version"):
+                skip = True
+                continue
+            if a.startswith(("--ckpt_path=", "--run_version=")):
+                continue
+            rest.append(a)
+        resume = ["python", "-m", "phi3_lightning", "fit", *rest, "--run_version", version.removeprefix("version_"),
+                  "--ckpt_path", "last"]  # fmt: skip
+        lines.append(f"  continue it (raise --trainer.max_steps to train further): {shlex.join(resume)}")
+        lines.append(f"  TensorBoard: tensorboard --logdir {shlex.quote(str(log_dir.parent))}")
+    elif argv is not None:
+        lines.append(f"  TensorBoard: tensorboard --logdir {shlex.quote(str(log_dir))}")
+    return "\n".join(lines)
 
 
 def _checkpoint_dir_follower():
@@ -239,9 +382,69 @@ class _DataFact:
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self.__name__ = f"{name} of"  # the help lists the link as "num_labels of(data) --> model.init_args...."
 
     def __call__(self, datamodule: Any) -> Any:
         return getattr(datamodule, self.name, None)
+
+
+def _help_class_paths(argv: list[str]) -> dict[str, str]:
+    """``{"model": class path, "data": class path}`` as the ``--config`` files and the command line in ``argv`` set
+    them (later ones win), for ``--help``; read without validating anything."""
+    import yaml
+
+    found: dict[str, str] = {}
+
+    def take(key: str, value: Any) -> None:
+        cp = value if isinstance(value, str) else _class_path(value)
+        if isinstance(cp, str) and cp:
+            found[key] = cp
+
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if not eq:
+            value = argv[i + 1] if i + 1 < len(argv) else ""
+        if name in ("--config", "-c"):
+            try:
+                cfg = yaml.safe_load(Path(value).expanduser().read_text())
+            except (OSError, yaml.YAMLError):
+                continue
+            for key in ("model", "data"):
+                if isinstance(cfg, dict) and key in cfg:
+                    take(key, cfg[key])
+        elif name in ("--model", "--data", "--model.class_path", "--data.class_path") and not value.endswith(".yaml"):
+            take(name[2:].split(".")[0], value)
+    return found
+
+
+def config_class_help(argv: list[str]) -> str:
+    """The options of the model and data classes that ``--config`` (or ``--model`` / ``--data``) names, as
+    ``--model.init_args.NAME`` with their help text: appended to ``fit --help --config X.yaml``."""
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch import LightningDataModule
+
+    from .modules import Phi3LightningModule
+
+    out = []
+    bases = {"model": Phi3LightningModule, "data": LightningDataModule}
+    for key, class_path in _help_class_paths(argv).items():
+        try:
+            from jsonargparse._typehints import resolve_class_path_by_name  # short names, as --model.help takes
+
+            class_path = resolve_class_path_by_name(bases[key], class_path)
+        except Exception:
+            pass
+        cls = _import(class_path)
+        if not isinstance(cls, type):
+            out.append(f"\n(--{key} {class_path}: cannot import it, so its options are not listed)\n")
+            continue
+        p = ArgumentParser(prog="python -m phi3_lightning", exit_on_error=False, add_help=False)
+        p.add_class_arguments(cls, f"{key}.init_args", fail_untyped=False, sub_configs=True)
+        text = p.format_help()
+        text = text.split("\n\n", 1)[1] if text.startswith("usage:") and "\n\n" in text else text
+        out.append(f"\n{key.capitalize()} options of {class_path} (set as `--{key}.init_args.NAME "
+                   f"VALUE` or in the config; defaults are the class's, --print_config shows the config's values):\n{text}")
+    return "".join(out)
 
 
 def _class_path(value: Any) -> str | None:
@@ -733,9 +936,10 @@ def run_lightning(argv: list[str] | None) -> int:
 
 
 def _parser(prog: str, description: str):
-    from jsonargparse import ArgumentParser
+    from .options import strict_jsonargparse_parser
 
-    return ArgumentParser(prog=f"python -m phi3_lightning {prog}", description=description, default_env=False)
+    return strict_jsonargparse_parser(prog=f"python -m phi3_lightning {prog}", description=description,
+                                      default_env=False)  # fmt: skip
 
 
 def generate_main(argv: list[str]) -> int:
@@ -753,6 +957,9 @@ def generate_main(argv: list[str]) -> int:
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--top_k", type=Optional[int], default=None, help="sample among the k most likely tokens")
     p.add_argument("--top_p", type=Optional[float], default=None, help="nucleus sampling mass")
+    p.add_argument("--echo_prompt", type=bool, default=True,
+                   help="print the prompt before its completion (with --chat: as 'user> ...' / 'assistant> ...' "
+                        "lines); --echo_prompt false prints only the generated text")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     p.add_argument("--tokenizer", type=Optional[str], default=None,
                    help="'byte' or a directory with tokenizer.json; default: the one recorded with the checkpoint")
@@ -817,12 +1024,14 @@ def generate_main(argv: list[str]) -> int:
 
     chat_format = getattr(tokenizer, "chat_format", "phi3")
     if not args.chat:
-        print(complete(args.prompt))
+        text = complete(args.prompt)
+        print(args.prompt + text if args.echo_prompt else text)
         return 0
     messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt is not None:
         messages.append({"role": "user", "content": args.prompt})
-        print(complete(chat_text(messages, chat_format, add_generation_prompt=True)))
+        reply = complete(chat_text(messages, chat_format, add_generation_prompt=True))
+        print(f"user> {args.prompt}\nassistant> {reply}" if args.echo_prompt else reply)
         return 0
     print("chat: type a message, an empty line or Ctrl-D ends", file=sys.stderr)
     while True:
@@ -879,6 +1088,18 @@ def compare_main(argv: list[str]) -> int:
     return int(compare(argv) or 0)
 
 
+def memory_main(argv: list[str]) -> int:
+    from .memory import main as memory
+
+    return int(memory(argv) or 0)
+
+
+def data_report_main(argv: list[str]) -> int:
+    from .data.report import main as report
+
+    return int(report(argv) or 0)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -905,6 +1126,8 @@ def main(argv: list[str] | None = None) -> int:
             return export_main(argv[1:])
         if command == "compare-attention":
             return compare_main(argv[1:])
+        if command in ("memory", "data-report"):
+            return (memory_main if command == "memory" else data_report_main)(argv[1:])
         if command in LIGHTNING_COMMANDS:
             return run_lightning(None if from_sys else argv)
     except SystemExit as e:  # argparse / jsonargparse errors and --help; Lightning's SIGTERMException

@@ -42,3 +42,93 @@ class StrictArgumentParser(argparse.ArgumentParser):
             if hints:
                 message = f"{message} ({'; '.join(h.replace('; did you mean', ': did you mean') for h in hints)})"
         super().error(message)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# jsonargparse parsers (LightningCLI's, compare-attention's, generate / export)
+# ----------------------------------------------------------------------------------------------------------------------
+
+_UNRECOGNIZED = re.compile(r"unrecognized arguments: (.*)", re.IGNORECASE)
+# jsonargparse's error for an unknown init arg of a class given by class_path (an 8-line "Union subtypes" error).
+_NOT_ACCEPTED = re.compile(r"Option '([^']+)' is not accepted")
+_CLASS_PATH = re.compile(r"given class_path '([^']+)'")
+_PARSER_KEY = re.compile(r'Parser key "([^"]+)"')
+_NOT_ACCEPTED_KEY = re.compile(r"does not accept option '([^']+)'")  # an unknown key in a config file
+
+
+def _class_options(class_path: str, key: str) -> list[str]:
+    """``--<key>.init_args.<name>`` for every init argument of the class at ``class_path`` (as jsonargparse sees
+    them, parents' through ``**kwargs`` included); empty when it cannot be imported."""
+    import importlib
+
+    from jsonargparse import ArgumentParser
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        p = ArgumentParser(exit_on_error=False)
+        p.add_class_arguments(cls, f"{key}.init_args", fail_untyped=False)
+    except Exception:  # any failure only costs the suggestion
+        return []
+    return [o for o in p._option_string_actions if o.startswith(f"--{key}.init_args.") and not o.endswith(".help")]
+
+
+def explain_parse_error(message: str, options: Iterable[str]) -> str:
+    """A jsonargparse error message with "did you mean" for unknown options: ``unrecognized arguments: --x 5`` gets
+    the closest of ``options``; an unknown init argument of a class given by class_path (jsonargparse's many-line
+    Union error) becomes one line naming the option, the class and the closest init argument."""
+    options = [o for o in options if o.startswith("--")]
+    m = _UNRECOGNIZED.search(message)
+    if m:
+        hints = []
+        for token in m.group(1).split():
+            name = token.split("=", 1)[0]
+            if name.startswith("--") and (hint := did_you_mean(name, options)):
+                hints.append((name, hint))
+        if len(hints) == 1:
+            return message.rstrip() + hints[0][1]
+        if hints:
+            return f"{message.rstrip()} ({'; '.join(n + h.replace('; did you mean', ': did you mean') for n, h in hints)})"
+        return message
+    m = _NOT_ACCEPTED_KEY.search(message)
+    if m:
+        return message.rstrip() + did_you_mean(f"--{m.group(1)}", options)
+    bad = _NOT_ACCEPTED.search(message)
+    cls = _CLASS_PATH.search(message)
+    key = _PARSER_KEY.search(message)
+    if bad and cls and key:
+        name, class_path, key_name = bad.group(1), cls.group(1), key.group(1)
+        option = f"--{key_name}.init_args.{name}"
+        candidates = _class_options(class_path, key_name)
+        return (f"{option}: Option '{name}' is not accepted by {class_path} (the {key_name} class)"
+                f"{did_you_mean(option, candidates)} (`--{key_name}.help {class_path.rsplit('.', 1)[-1]}` lists its "
+                "options)")
+    return message
+
+
+class SuggestingParserMixin:
+    """For a jsonargparse ``ArgumentParser`` subclass: no prefix matching (``--trainer.max_step`` is an error, not
+    ``--trainer.max_steps``), "did you mean" on unknown options, and a one-line usage in errors (the full usage of
+    a LightningCLI subcommand is some 60 lines; ``--help`` still shows everything)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str, ex: Exception | None = None):
+        parser = getattr(ex, "subcommand_parser", None) or self
+        message = explain_parse_error(message, getattr(parser, "_option_string_actions", {}))
+        return super().error(message, ex)  # type: ignore[misc]
+
+    def format_usage(self) -> str:
+        return f"usage: {self.prog} [options]\n"  # type: ignore[attr-defined]
+
+
+def strict_jsonargparse_parser(**kwargs):
+    """A ``jsonargparse.ArgumentParser`` with :class:`SuggestingParserMixin` (compare-attention, generate, export)."""
+    from jsonargparse import ArgumentParser
+
+    class StrictJsonArgumentParser(SuggestingParserMixin, ArgumentParser):
+        pass
+
+    return StrictJsonArgumentParser(**kwargs)

@@ -123,9 +123,11 @@ class CompareConfig:
 
 def build_parser(prog: str = "python -m phi3_lightning compare-attention"):
     """A jsonargparse parser with ``--config`` and one flag per :class:`CompareConfig` field."""
-    from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
+    from jsonargparse import ActionConfigFile, ActionYesNo
 
-    parser = ArgumentParser(
+    from ..options import strict_jsonargparse_parser  # no option prefixes, "did you mean" for unknown options
+
+    parser = strict_jsonargparse_parser(
         prog=prog,
         description="Run every attention backend on the same model, weights and batches (padded and packed, several "
         "sequence lengths); log time, tokens/s, peak memory and the error against an fp64 eager reference to "

@@ -1,0 +1,84 @@
+"""What a run tells its user on the console: where it writes (start and end), how to continue it and open TensorBoard,
+a progress bar counting steps out of max_steps, a model summary with a real FLOPs figure, none of Lightning's noise;
+and generate echoing its prompt."""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+import pytest
+
+from .modules.helpers import run_main, run_module, small_args
+
+
+@pytest.fixture(scope="module")
+def fit_run(tmp_path_factory):
+    """One 2-step fit as a user runs it (a subprocess, progress bar and model summary on)."""
+    root = tmp_path_factory.mktemp("console")
+    logs, cache = root / "logs", root / "cache"
+    args = [*small_args("causal_lm", logs, cache, steps=2, val_every=2), "--trainer.enable_progress_bar", "true",
+            "--trainer.enable_model_summary", "true"]  # fmt: skip
+    proc = run_module("fit", *args, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, root, logs
+
+
+def test_fit_says_where_it_writes_and_how_to_continue(fit_run):
+    proc, _, logs = fit_run
+    err = proc.stderr
+    run = logs / "causal_lm" / "sdpa" / "version_0"
+    assert f"fit: run causal_lm/sdpa/version_0 writes to {run}" in err
+    assert f"fit: run causal_lm/sdpa/version_0 wrote to {run}" in err
+    assert f"checkpoints: {run / 'checkpoints'} (last.ckpt, best-step=2.ckpt)" in err
+    assert f"TensorBoard: tensorboard --logdir {run.parent}" in err
+    assert re.search(r"throughput: [\d,]+ real tokens/s", err)
+    resume = next(line for line in err.splitlines() if "continue it" in line)
+    assert resume.rstrip().endswith("--run_version 0 --ckpt_path last")
+
+
+def test_printed_resume_command_continues_the_run(fit_run):
+    proc, _, logs = fit_run
+    line = next(line for line in proc.stderr.splitlines() if "continue it" in line)
+    argv = shlex.split(line.split(": ", 1)[1])
+    assert argv[:4] == ["python", "-m", "phi3_lightning", "fit"]
+    argv = argv[4:]
+    argv[argv.index("--trainer.max_steps") + 1] = "3"  # train one step further
+    rc, _, err = run_main("fit", *argv)
+    assert rc == 0, err[-3000:]
+    assert not (logs / "causal_lm" / "sdpa" / "version_1").exists()  # the same run, continued in place
+
+
+def test_console_has_steps_flops_and_no_noise(fit_run):
+    proc, _, _ = fit_run
+    out, err = proc.stdout, proc.stderr
+    assert "Step 2/2" in out
+    assert "Epoch 0/-2" not in out and "v_num" not in out
+    both = out + err  # Lightning's logging goes to stdout or stderr depending on its handlers
+    assert "Total FLOPs" not in both and "training FLOPs per token (6N + attention at 64 tokens per row" in both
+    assert "| FLOPs" not in both and "459 K      trainable params" in both
+    assert "Tip: For seamless cloud logging" not in out + err
+    assert "LeafSpec" not in err and "FutureWarning" not in err
+
+
+def test_validate_says_where_it_writes(fit_run):
+    _, root, logs = fit_run
+    run = logs / "causal_lm" / "sdpa" / "version_0"
+    rc, _, err = run_main("validate", *small_args("causal_lm", logs, root / "cache"), "--ckpt_path",
+                          run / "checkpoints" / "last.ckpt")  # fmt: skip
+    assert rc == 0, err[-3000:]
+    assert f"validate: run causal_lm/sdpa/version_0 wrote to {run / 'validate'}" in err
+
+
+def test_generate_echoes_the_prompt_unless_told_not_to(fit_run):
+    _, _, logs = fit_run
+    ckpt = logs / "causal_lm" / "sdpa" / "version_0" / "checkpoints" / "last.ckpt"
+    args = ["generate", "--checkpoint", ckpt, "--max_new_tokens", "8", "--prompt", "import os\n"]
+    rc, echoed, err = run_main(*args)
+    assert rc == 0, err
+    rc, bare, err = run_main(*args, "--echo_prompt", "false")
+    assert rc == 0, err
+    assert echoed == "import os\n" + bare
+    rc, chat, err = run_main(*args, "--chat")
+    assert rc == 0, err
+    assert chat.startswith("user> import os\n") and "\nassistant> " in chat
