@@ -43,6 +43,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write_text, default_mode
+
 TOP_HELP = """\
 usage: python -m phi3_lightning <command> [options]
 
@@ -102,7 +104,7 @@ def _cli_class():
     # The data modules are loaded lazily by phi3_lightning.data; importing them here makes them known subclasses of
     # LightningDataModule, so `--data.help CausalLMDataModule` and `class_path: CausalLMDataModule` resolve.
     from .data import CausalLMDataModule, SequenceClassificationDataModule, TokenClassificationDataModule  # noqa: F401
-    from .modules import AtomicCheckpointIO, Phi3LightningModule, PredictionWriter, ThroughputMonitor
+    from .modules import AtomicCheckpointIO, Phi3LightningModule, Phi3ThroughputMonitor, PredictionWriter
     from .options import SuggestingParserMixin
 
     class Phi3ArgumentParser(SuggestingParserMixin, LightningArgumentParser):
@@ -169,7 +171,7 @@ def _cli_class():
                 help="version of the run, N or version_N (the same as --trainer.logger.init_args.version): needed "
                      "with --ckpt_path last|best when several versions of the run hold checkpoints",
             )  # fmt: skip
-            parser.add_lightning_class_args(ThroughputMonitor, "throughput")
+            parser.add_lightning_class_args(Phi3ThroughputMonitor, "throughput")
             parser.add_lightning_class_args(PredictionWriter, "predictions")
             # data.num_labels / data.label_names / data.problem_type -> the model, once the data module exists.
             # (The whole data module is the source, read with getattr: data modules without label facts, e.g.
@@ -321,10 +323,10 @@ def run_report(trainer: Any, subcommand: str, verb: str, argv: list[str] | None 
                 saved = ", ".join(Path(p).name for p in (cb.last_model_path, cb.best_model_path) if p)
                 lines.append(f"  checkpoints: {where}" + (f" ({saved})" if saved else ""))
     if argv is not None and subcommand == "fit":
-        from .modules.callbacks import ThroughputMonitor
+        from .modules.callbacks import Phi3ThroughputMonitor
 
         for cb in trainer.callbacks:
-            tps = cb.last.get("perf/tokens_per_sec") if isinstance(cb, ThroughputMonitor) else None
+            tps = cb.last.get("perf/tokens_per_sec") if isinstance(cb, Phi3ThroughputMonitor) else None
             if tps:
                 lines.append(f"  throughput: {tps:,.0f} real tokens/s at the last measurement (perf/tokens_per_sec)")
         rest, skip = [], False
@@ -506,24 +508,9 @@ def _config_stems(cfg: Any) -> list[str]:
 
 
 def _task_name(cfg: Any) -> str:
-    cp = _class_path(cfg.get("model")) or "model"
-    name = cp.rsplit(".", 1)[-1]
-    return {"CausalLMModule": "causal_lm", "SequenceClassificationModule": "sequence_classification",
-            "TokenClassificationModule": "token_classification"}.get(name, name.lower())  # fmt: skip
+    from .modules.tasks import task_name
 
-
-def latest_version(root: Path) -> str | None:
-    """The most recently written version_* directory under ``root`` that holds a last checkpoint."""
-    best, best_time = None, -1.0
-    if not root.is_dir():
-        return None
-    for d in root.iterdir():
-        ckpts = list((d / "checkpoints").glob("last*.ckpt")) if d.is_dir() else []
-        for c in ckpts:
-            t = c.stat().st_mtime
-            if t > best_time:
-                best, best_time = d.name, t
-    return best
+    return task_name(_class_path(cfg.get("model")) or "model")
 
 
 def _tensorboard_loggers(cfg: Any) -> list[Any]:
@@ -749,7 +736,7 @@ def _comparable(key: str, value: Any) -> Any:
     elif key == "lora" and value is not None:
         import dataclasses
 
-        from .modules.base import as_lora_config
+        from .model.lora import as_lora_config
 
         value = _plain(dataclasses.asdict(as_lora_config(value)))
     elif key in TRAINING_SETTINGS and isinstance(value, dict):
@@ -891,7 +878,7 @@ class RunLock:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         me = f"{os.getpid()} {socket.gethostname()}\n"
         try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, default_mode())
         except FileExistsError:
             pid, host = self._owner()
             if pid is not None and host not in ("", socket.gethostname()):
@@ -903,9 +890,7 @@ class RunLock:
                                  "or train under another --run_name (or a new version without --ckpt_path last)"
                                  ) from None  # fmt: skip
             print(f"note: taking over the stale lock {self.path} (pid {pid} is not running)", file=sys.stderr)
-            tmp = self.path.with_name(f".{LOCK_FILE}.{os.getpid()}.tmp")
-            tmp.write_text(me)
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, me)
         else:
             with os.fdopen(fd, "w") as f:
                 f.write(me)

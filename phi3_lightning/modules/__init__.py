@@ -16,8 +16,6 @@ from .strategies import AtomicCheckpointIO, FSDP2Strategy, Phi3FSDPStrategy
 from .tasks import MODULES
 from .token_classification import TokenClassificationModule
 
-# Transitional alias: cli.py still imports the old name. Remove once cli.py imports Phi3ThroughputMonitor.
-ThroughputMonitor = Phi3ThroughputMonitor
 
 __all__ = [
     "AtomicCheckpointIO", "COMPILE_SCOPES", "CausalLMModule", "FSDP2Strategy", "LoadedHead", "MODULES",
