@@ -1,0 +1,493 @@
+"""Run identity for fit / validate / test / predict.
+
+A run is ``<save_dir>/<run name>/version_N`` (the name defaults to ``<config stems joined by +>/<attn backend>``).
+``--ckpt_path last|best`` resolve within one run; settings given with ``--ckpt_path`` are checked against the
+checkpoint; evaluation logs under the run it evaluates; ``fit`` holds a lock file with its pid while it writes.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..atomic import atomic_write_text, default_mode
+from . import UsageError
+
+RESERVED_CKPT = ("last", "best", "hpc", "registry")
+LOCK_FILE = "fit.lock"
+# Model settings that do not change the weights: with --ckpt_path the command line's value is used.
+EXECUTION_SETTINGS = ("attn_implementation", "activation_checkpointing", "torch_compile", "compile_mode", "meta_init",
+                      "strict_head")  # fmt: skip
+# Settings whose state resumes from the checkpoint in fit (and that evaluation does not use).
+TRAINING_SETTINGS = ("optimizer", "lr_scheduler")
+# Linked from the data module at instantiation; checked against the checkpoint once the model exists.
+LABEL_FACTS = ("num_labels", "label_names", "problem_type", "id2label", "label2id")
+
+FSDP_ON_CPU = (
+    "FSDPStrategy (FSDP1) needs CUDA GPUs, but this run is on the CPU (accelerator={accelerator!r}). To shard on CPU "
+    "(gloo) use FSDP2 through ModelParallelStrategy: --config configs/strategies/fsdp2.yaml; on GPUs "
+    "configs/strategies/fsdp.yaml works"
+)
+
+
+def _class_path(value: Any) -> str | None:
+    cp = getattr(value, "class_path", None) if value is not None else None
+    if cp is None and isinstance(value, dict):
+        cp = value.get("class_path")
+    return cp
+
+
+def _import(path: str):
+    import importlib
+
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+def check_fsdp_accelerator(trainer_cfg: Any) -> None:
+    """FSDPStrategy (FSDP1) on CPU: say so, and point to the FSDP2 overlay."""
+    import torch
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    strategy = trainer_cfg.get("strategy")
+    fsdp1 = False
+    if isinstance(strategy, str):
+        fsdp1 = strategy.lower().startswith("fsdp")
+    elif isinstance(strategy, FSDPStrategy):
+        fsdp1 = True
+    elif (cp := _class_path(strategy)) is not None:
+        cls = _import(cp)
+        fsdp1 = isinstance(cls, type) and issubclass(cls, FSDPStrategy)
+    if not fsdp1:
+        return
+    accelerator = trainer_cfg.get("accelerator")
+    name = accelerator if isinstance(accelerator, str) else (_class_path(accelerator) or "auto")
+    on_cpu = "cpu" in str(name).lower() or (str(name) in ("auto", "gpu", "cuda") and not torch.cuda.is_available())
+    if on_cpu:
+        raise UsageError(FSDP_ON_CPU.format(accelerator=name))
+
+
+def check_ckpt_path(ckpt_path: Any) -> None:
+    if ckpt_path is None or str(ckpt_path) in RESERVED_CKPT or "://" in str(ckpt_path):
+        return
+    if not Path(str(ckpt_path)).expanduser().exists():
+        raise UsageError(
+            f"ckpt_path={str(ckpt_path)!r} does not exist; pass a checkpoint written by fit "
+            "(logs/<run>/version_N/checkpoints/last.ckpt), or 'last' / 'best' (of the run named by --run_name)"
+        )
+
+
+def _config_stems(cfg: Any) -> list[str]:
+    stems = []
+    for c in cfg.get("config") or []:
+        text = str(getattr(c, "relative", None) or c)
+        stems.append(Path(text).stem)
+    return stems
+
+
+def _task_name(cfg: Any) -> str:
+    from ..modules.tasks import task_name
+
+    return task_name(_class_path(cfg.get("model")) or "model")
+
+
+def _tensorboard_loggers(cfg: Any) -> list[Any]:
+    loggers = cfg.trainer.get("logger")
+    loggers = loggers if isinstance(loggers, list) else [loggers]
+    return [lg for lg in loggers if (_class_path(lg) or "").endswith("TensorBoardLogger")]
+
+
+def _version_dir_name(version: Any) -> str | None:
+    """TensorBoardLogger's directory name of a version: N -> version_N, a string as is."""
+    if version is None:
+        return None
+    if isinstance(version, int) or (isinstance(version, str) and version.isdigit()):
+        return f"version_{int(version)}"
+    return str(version)
+
+
+def name_run(cfg: Any, subcommand: str | None) -> None:
+    """The run's name and version: TensorBoardLogger ``name`` = ``--run_name`` or, for name "auto", ``<config stems
+    joined by +>/<attn backend>``; ``--run_version`` -> the logger's ``version``."""
+    run_name, run_version = cfg.get("run_name"), _version_dir_name(cfg.get("run_version"))
+    if run_name is not None:
+        parts = Path(run_name).parts
+        if not run_name.strip() or Path(run_name).is_absolute() or ".." in parts:
+            raise UsageError(f"--run_name {run_name!r}: give a relative name without '..' (e.g. lm_wiki or lm/wiki)")
+    loggers = _tensorboard_loggers(cfg)
+    if (run_name is not None or run_version is not None) and not loggers:
+        raise UsageError("--run_name / --run_version name a TensorBoard run, but this configuration has no "
+                         "TensorBoardLogger (trainer.logger); remove them or use the default logger")
+    model_args = getattr(cfg.get("model"), "init_args", None)
+    attn = getattr(model_args, "attn_implementation", None) or "sdpa"
+    stems = _config_stems(cfg) or [_task_name(cfg)]
+    for logger in loggers:
+        args = logger.init_args
+        if run_name is not None:
+            args.name = run_name
+        elif args.get("name") in (None, "auto"):
+            args.name = f"{'+'.join(stems)}/{attn}"
+        if run_version is not None:
+            given = _version_dir_name(args.get("version"))
+            if given is not None and given != run_version:
+                raise UsageError(f"--run_version {run_version} and --trainer.logger.init_args.version {given} "
+                                 "disagree; give one of them")
+            args.version = run_version
+
+
+def _checkpoint_files(d: Path) -> list[Path]:
+    return sorted(p for p in d.glob("*.ckpt") if p.is_file()) if d.is_dir() else []
+
+
+def _explicit_ckpt_dirpath(cfg: Any) -> Path | None:
+    """The ``dirpath`` of a ModelCheckpoint callback in the config, when one is set."""
+    callbacks = cfg.trainer.get("callbacks") or []
+    for cb in callbacks if isinstance(callbacks, list) else [callbacks]:
+        if (_class_path(cb) or "").endswith("ModelCheckpoint"):
+            dirpath = getattr(getattr(cb, "init_args", None), "dirpath", None)
+            if dirpath:
+                return Path(str(dirpath)).expanduser()
+    return None
+
+
+def _run_checkpoint_dir(cfg: Any) -> tuple[Path, Path | None, str]:
+    """(checkpoints directory, version directory or None, description) of the run that ``last``/``best`` name."""
+    dirpath = _explicit_ckpt_dirpath(cfg)
+    if dirpath is not None:
+        return dirpath, None, f"ModelCheckpoint dirpath {dirpath}"
+    loggers = _tensorboard_loggers(cfg)
+    if not loggers:
+        raise UsageError(f"--ckpt_path {cfg.ckpt_path} looks in the run's TensorBoard directory, but this configuration "
+                         "has no TensorBoardLogger and no ModelCheckpoint dirpath; pass the checkpoint file instead")
+    args = loggers[0].init_args
+    root = Path(str(args.get("save_dir") or "logs")).expanduser() / str(args.name)
+    version = _version_dir_name(args.get("version"))
+    if version is None:
+        candidates = sorted((d for d in root.iterdir() if _checkpoint_files(d / "checkpoints")),
+                            key=lambda d: (len(d.name), d.name)) if root.is_dir() else []  # fmt: skip
+        if not candidates:
+            raise UsageError(
+                f"--ckpt_path {cfg.ckpt_path}: run {args.name!r} has no checkpoints (looked in {root}/version_*/"
+                "checkpoints); train it first, name the run that has them with --run_name NAME, or pass a .ckpt file"
+            )
+        if len(candidates) > 1:
+            listing = ", ".join(f"{d.name} ({', '.join(p.name for p in _checkpoint_files(d / 'checkpoints'))})"
+                                for d in candidates)  # fmt: skip
+            raise UsageError(
+                f"--ckpt_path {cfg.ckpt_path} is ambiguous: run {args.name!r} ({root}) has {len(candidates)} versions "
+                f"with checkpoints: {listing}; pick one with --run_version N (e.g. --run_version "
+                f"{candidates[-1].name.removeprefix('version_')}), or give each run its own --run_name"
+            )
+        version = candidates[0].name
+    vdir = root / version
+    return vdir / "checkpoints", vdir, f"run {args.name!r} {version} ({vdir})"
+
+
+def _last_in(ckdir: Path) -> Path | None:
+    if (ckdir / "last.ckpt").is_file():
+        return ckdir / "last.ckpt"
+    lasts = [p for p in _checkpoint_files(ckdir) if p.name.startswith("last")]
+    return max(lasts, key=lambda p: p.stat().st_mtime) if lasts else None
+
+
+def best_checkpoint(ckdir: Path, where: str = "") -> Path:
+    """The run's best checkpoint: the ``best_model_path`` that the ModelCheckpoint recorded in ``last.ckpt`` (found
+    in ``ckdir`` by its file name), else the single ``best*.ckpt`` file of ``ckdir``."""
+    where = where or str(ckdir)
+    last = _last_in(ckdir)
+    recorded: set[Path] = set()
+    if last is not None:
+        state = read_checkpoint(last).get("callbacks") or {}
+        for key, value in state.items():
+            best = value.get("best_model_path") if key.startswith("ModelCheckpoint") and isinstance(value, dict) else ""
+            if best:
+                local = ckdir / Path(best).name
+                recorded.add(local if local.is_file() else Path(best))
+    found = sorted(p for p in recorded if p.is_file())
+    if len(recorded) == 1 and found:
+        return found[0]
+    if len(found) > 1:
+        raise UsageError(f"--ckpt_path best is ambiguous in {where}: several ModelCheckpoint callbacks recorded a best "
+                         f"checkpoint ({', '.join(map(str, found))}); pass the file")
+    files = [p for p in _checkpoint_files(ckdir) if p.name.startswith("best")]
+    if len(files) == 1 and not recorded:
+        return files[0]
+    if recorded:
+        raise UsageError(f"--ckpt_path best: {where} recorded its best checkpoint as {', '.join(map(str, recorded))}, "
+                         "which no longer exists; pass a checkpoint file")
+    if files:
+        raise UsageError(f"--ckpt_path best is ambiguous in {where}: no last.ckpt records which is best and there are "
+                         f"{len(files)} best*.ckpt files ({', '.join(p.name for p in files)}); pass one of them")
+    raise UsageError(f"--ckpt_path best: {where} has no best checkpoint (no ModelCheckpoint with a monitor saved one, "
+                     "and no best*.ckpt); use --ckpt_path last or pass a file")
+
+
+def run_dir_of(ckpt: Path) -> Path | None:
+    """The version directory of a run that ``ckpt`` belongs to (``<version dir>/checkpoints/<file>.ckpt``)."""
+    parent = ckpt.resolve().parent
+    vdir = parent.parent
+    if parent.name != "checkpoints" or not vdir.is_dir():
+        return None
+    if any((vdir / n).is_file() for n in ("config.yaml", "hparams.yaml")) or any(vdir.glob("events.out.tfevents.*")):
+        return vdir
+    return None
+
+
+def resolve_ckpt_path(cfg: Any) -> tuple[Path, Path | None]:
+    """``cfg.ckpt_path`` (a file, ``last`` or ``best``) -> (checkpoint file, the run's version directory or None)."""
+    value = str(cfg.ckpt_path)
+    if value in ("last", "best"):
+        ckdir, vdir, where = _run_checkpoint_dir(cfg)
+        if value == "last":
+            path = _last_in(ckdir)
+            if path is None:
+                raise UsageError(f"--ckpt_path last: {where} has no last.ckpt (its checkpoints: "
+                                 f"{', '.join(p.name for p in _checkpoint_files(ckdir)) or 'none'}); "
+                                 "pass a checkpoint file or use --ckpt_path best")  # fmt: skip
+        else:
+            path = best_checkpoint(ckdir, where)
+        if _is_rank_zero():
+            print(f"note: --ckpt_path {value} -> {path}", file=sys.stderr)
+        return path, vdir if vdir is not None else run_dir_of(path)
+    check_ckpt_path(value)
+    path = Path(value).expanduser()
+    if path.is_dir():
+        return path, None  # a distributed (FSDP2) checkpoint directory: Lightning's strategy reads it
+    return path, run_dir_of(path)
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint, read only by :mod:`~phi3_lightning.modules.safe_load` (``weights_only=True``, memory-mapped),
+    with one-line errors for unsafe, unreadable or foreign files. A distributed (FSDP2) directory is checked the same
+    way and gives ``{}`` (its hyper-parameters sit in ``meta.pt``)."""
+    from ..modules.safe_load import UnsafeCheckpointError, load_checkpoint_file, verify_checkpoint
+
+    path = Path(path)
+    try:
+        if path.is_dir():
+            verify_checkpoint(path)
+            return {}
+        ckpt = load_checkpoint_file(path, mmap=True)
+    except UnsafeCheckpointError:
+        raise
+    except ValueError as e:
+        raise UsageError(f"cannot read checkpoint {path}: {e}. The file is truncated or corrupt (an interrupted copy "
+                         "or write?) or not a checkpoint written by fit; use another checkpoint of the run "
+                         "(--ckpt_path best, or last)") from None  # fmt: skip
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise UsageError(f"{path} is not a Lightning checkpoint (no state_dict); pass a .ckpt written by fit")
+    return ckpt
+
+
+def _plain(value: Any) -> Any:
+    """Namespaces, tuples, paths -> dicts, lists, strings (for comparing settings)."""
+    from jsonargparse import Namespace
+
+    if isinstance(value, Namespace):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path) or type(value).__name__ == "Path_fr":
+        return str(value)
+    if isinstance(value, float) and value.is_integer():
+        return value  # 1.0 == 1 compares equal anyway
+    return value
+
+
+def _differences(old: Any, new: Any, key: str) -> list[tuple[str, Any, Any]]:
+    """Dotted keys where ``old`` and ``new`` differ; a key that only one side has is compared with None."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new)):
+            if k in old and k in new or old.get(k) is not None or new.get(k) is not None:
+                out += _differences(old.get(k), new.get(k), f"{key}.{k}")
+        return out
+    return [] if old == new else [(key, old, new)]
+
+
+def _comparable(key: str, value: Any) -> Any:
+    value = _plain(value)
+    if key == "config_overrides":
+        value = {k: v for k, v in (value or {}).items() if k not in LABEL_FACTS}
+    elif key == "lora" and value is not None:
+        import dataclasses
+
+        from ..model.lora import as_lora_config
+
+        value = _plain(dataclasses.asdict(as_lora_config(value)))
+    elif key in TRAINING_SETTINGS and isinstance(value, dict):
+        # keys only one side spells out (defaults) are not differences: compare what both name
+        args_key = "init_args"
+        value = {"class_path": value.get("class_path"), args_key: value.get(args_key) or {}}
+    return value
+
+
+def check_ckpt_settings(cfg: Any, ckpt: dict[str, Any], subcommand: str, path: Path) -> None:
+    """The command line against the checkpoint's hyper-parameters: refuse what cannot change (naming the setting,
+    both values and the fix); execution settings are taken from the command line."""
+    if not ckpt:
+        return
+    hparams = dict(ckpt.get("hyper_parameters") or {})
+    info = ckpt.get("phi3_lightning") or {}
+    model_cfg = cfg.get("model")
+    cli_class = _class_path(model_cfg)
+    ckpt_class = hparams.get("_class_path")
+    ckpt_task = info.get("task")
+    cli_task = getattr(_import(cli_class), "task", None) if cli_class else None
+    if (ckpt_task and cli_task and ckpt_task != cli_task) or (ckpt_class and cli_class and ckpt_class != cli_class):
+        raise UsageError(
+            f"{path} holds a {ckpt_task or '?'} model ({ckpt_class or 'model class not recorded'}), but this "
+            f"configuration builds {cli_task or '?'} ({cli_class}); use the configuration it was trained with"
+            f"{f' (configs/{ckpt_task}.yaml)' if ckpt_task else ''}, or start a {cli_task or 'new'} run from its "
+            f"backbone: python -m phi3_lightning export --checkpoint {path} --output DIR, then fit with "
+            "--model.init_args.model DIR (without --ckpt_path)"
+        )
+    cli_args = _plain(getattr(model_cfg, "init_args", None) or {})
+    problems = []
+    for key, ckpt_value in hparams.items():
+        if key.startswith("_") or key not in cli_args or key in EXECUTION_SETTINGS or key in LABEL_FACTS:
+            continue
+        if key in TRAINING_SETTINGS and subcommand != "fit":
+            continue
+        old, new = _comparable(key, ckpt_value), _comparable(key, cli_args[key])
+        if key in TRAINING_SETTINGS and isinstance(old, dict) and isinstance(new, dict):
+            shared = set(old["init_args"]) & set(new["init_args"])
+            old = {**old, "init_args": {k: old["init_args"][k] for k in shared}}
+            new = {**new, "init_args": {k: new["init_args"][k] for k in shared}}
+        problems += [(f"model.init_args.{k}", a, b, key) for k, a, b in _differences(old, new, key)]
+    tokenizer = getattr(getattr(cfg.get("data"), "init_args", None), "tokenizer", None)
+    if info.get("tokenizer") is not None and tokenizer is not None and str(tokenizer) != str(info["tokenizer"]):
+        problems.append(("data.init_args.tokenizer", info["tokenizer"], str(tokenizer), "tokenizer"))
+    if not problems:
+        return
+    name, old, new, key = problems[0]
+    more = f" (also: {', '.join(p[0] for p in problems[1:])})" if len(problems) > 1 else ""
+    if key in TRAINING_SETTINGS:
+        why = ("the optimizer and LR-scheduler state resume from the checkpoint, so the new value would not be used; "
+               "set it back to the checkpoint's value, or train on with other settings as a new run from the "
+               f"weights: python -m phi3_lightning export --checkpoint {path} --output DIR, then fit "
+               "--model.init_args.model DIR without --ckpt_path")  # fmt: skip
+    else:
+        why = ("the checkpoint was built with it and its weights only fit that; remove the setting or set it to the "
+               "checkpoint's value (or start a new run without --ckpt_path)")  # fmt: skip
+    def show(v: Any) -> str:
+        return "unset (null)" if v is None else repr(v)
+
+    raise UsageError(f"--ckpt_path {path}: {name} is {show(new)} here but {show(old)} in the checkpoint{more}; {why}")
+
+
+def check_ckpt_labels(path: Path, info: dict[str, Any], config: Any) -> None:
+    """The labels linked from the data module against those the checkpoint's classification head was trained on."""
+    ckpt_config = info.get("config") or {}
+    if config is None or info.get("task") in (None, "causal_lm") or "num_labels" not in ckpt_config:
+        return
+
+    def names(c: dict[str, Any]) -> list[str]:
+        id2label = c.get("id2label") or {}
+        return [str(id2label.get(str(i), id2label.get(i, i))) for i in range(int(c.get("num_labels") or 0))]
+
+    here = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    if int(here.get("num_labels") or 0) != int(ckpt_config["num_labels"]) or names(here) != names(ckpt_config):
+        raise UsageError(f"--ckpt_path {path} was trained on {ckpt_config['num_labels']} labels {names(ckpt_config)}, "
+                         f"but the data here has {here.get('num_labels')} labels {names(here)}; evaluate it on data "
+                         "with the same labels (in the same order)")
+
+
+def place_run_logs(cfg: Any, subcommand: str, requested: str, run_dir: Path | None) -> None:
+    """Where a command with a checkpoint logs. fit with ``last``: in that version (resumed in place); fit otherwise:
+    a new version of the named run. validate/test/predict of a run's checkpoint: ``<version dir>/<command>/``."""
+    loggers = _tensorboard_loggers(cfg)
+    if run_dir is None or not loggers:
+        return
+    for logger in loggers:
+        args = logger.init_args
+        if subcommand == "fit":
+            if requested == "last":
+                args.version = run_dir.name
+            elif _version_dir_name(args.get("version")) == run_dir.name:
+                args.version = None  # --run_version picked the source run: training from it starts a new version
+            continue
+        root = Path(str(args.get("save_dir") or "logs")).expanduser() / str(args.name)
+        if root.resolve() != run_dir.parent.resolve():
+            args.save_dir, args.name = str(run_dir.parent.parent), run_dir.parent.name
+        args.version = run_dir.name
+        if args.get("sub_dir") is None:
+            args.sub_dir = subcommand
+
+
+def _is_rank_zero() -> bool:
+    """Before the strategy sets ranks: launched worker processes carry their rank in the environment."""
+    for var in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        if os.environ.get(var, "0").strip() not in ("", "0"):
+            return False
+    return True
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+class RunLock:
+    """``<version dir>/fit.lock`` holding "pid host" while fit writes into that directory."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_FILE
+        self.created_dir = False
+        self.held = False
+
+    def _owner(self) -> tuple[int | None, str]:
+        try:
+            pid, _, host = self.path.read_text().strip().partition(" ")
+            return int(pid), host
+        except (OSError, ValueError):
+            return None, ""
+
+    def acquire(self) -> None:
+        self.created_dir = not self.run_dir.exists()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        me = f"{os.getpid()} {socket.gethostname()}\n"
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, default_mode())
+        except FileExistsError:
+            pid, host = self._owner()
+            if pid is not None and host not in ("", socket.gethostname()):
+                raise UsageError(f"{self.run_dir} is locked by pid {pid} on host {host} ({self.path}): another fit "
+                                 "writes into this run; use another --run_name, or delete the lock file if that "
+                                 "process is gone") from None  # fmt: skip
+            if pid is not None and pid != os.getpid() and _pid_alive(pid):
+                raise UsageError(f"{self.run_dir} is in use: fit process {pid} holds {self.path}; wait for it to end, "
+                                 "or train under another --run_name (or a new version without --ckpt_path last)"
+                                 ) from None  # fmt: skip
+            print(f"note: taking over the stale lock {self.path} (pid {pid} is not running)", file=sys.stderr)
+            atomic_write_text(self.path, me)
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+        self.held = True
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        if self._owner()[0] == os.getpid():
+            self.path.unlink(missing_ok=True)
+        if self.created_dir:
+            try:
+                self.run_dir.rmdir()  # only when fit failed before writing anything there
+            except OSError:
+                pass
