@@ -26,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 
 def _rss_mb() -> float:
@@ -68,8 +67,11 @@ def worker(args) -> dict:
             for layer in model.model.layers:
                 layer.compile()
         # Ours: fused AdamW (one kernel over all tensors); transformers users get the stock default.
-        opt = (torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True) if args.impl == "ours"
-               else torch.optim.AdamW(model.parameters(), lr=1e-4))
+        opt = (
+            torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+            if args.impl == "ours"
+            else torch.optim.AdamW(model.parameters(), lr=1e-4)
+        )
         x = torch.randint(0, vocab, (args.batch, args.seq), device=device)
 
         def step():
@@ -107,8 +109,14 @@ def worker(args) -> dict:
             with torch.no_grad():
                 if args.impl == "ours":
                     return model.generate(prompt, max_new_tokens=args.new_tokens, eos_token_id=[])
-                return model.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                      do_sample=False, eos_token_id=None, pad_token_id=0)
+                return model.generate(
+                    prompt,
+                    max_new_tokens=args.new_tokens,
+                    min_new_tokens=args.new_tokens,
+                    do_sample=False,
+                    eos_token_id=None,
+                    pad_token_id=0,
+                )
 
         for _ in range(args.warmup):
             out = gen()
@@ -120,16 +128,44 @@ def worker(args) -> dict:
             sync()
             times.append(time.perf_counter() - t0)
         med = statistics.median(times)
-        result.update(gen_s=med, tokens_per_s=args.new_tokens / med, tokens=out[0, -args.new_tokens:].tolist(),
-                      times=times)
+        result.update(
+            gen_s=med, tokens_per_s=args.new_tokens / med, tokens=out[0, -args.new_tokens :].tolist(), times=times
+        )
     return result
 
 
 def run_side(impl: str, task: str, ckpt: str, args, compile_: bool = False, checkpointing: bool = False) -> dict:
-    cmd = [sys.executable, __file__, "--worker", "--impl", impl, "--task", task, "--ckpt", ckpt,
-           "--batch", str(args.batch), "--seq", str(args.seq), "--prompt", str(args.prompt),
-           "--new-tokens", str(args.new_tokens), "--warmup", str(args.warmup), "--repeats", str(args.repeats),
-           "--threads", str(args.threads), "--device", args.device, "--dtype", args.dtype, "--attn", args.attn]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--impl",
+        impl,
+        "--task",
+        task,
+        "--ckpt",
+        ckpt,
+        "--batch",
+        str(args.batch),
+        "--seq",
+        str(args.seq),
+        "--prompt",
+        str(args.prompt),
+        "--new-tokens",
+        str(args.new_tokens),
+        "--warmup",
+        str(args.warmup),
+        "--repeats",
+        str(args.repeats),
+        "--threads",
+        str(args.threads),
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--attn",
+        args.attn,
+    ]
     if compile_:
         cmd.append("--compile")
     if checkpointing:
@@ -140,7 +176,9 @@ def run_side(impl: str, task: str, ckpt: str, args, compile_: bool = False, chec
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="small-bench", help="architecture (default: the issue's 384-wide, 4-layer Phi-3)")
+    p.add_argument(
+        "--preset", default="small-bench", help="architecture (default: the issue's 384-wide, 4-layer Phi-3)"
+    )
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--prompt", type=int, default=32)
@@ -153,8 +191,11 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--attn", default="sdpa")
     p.add_argument("--compile", action="store_true", help="also time our model with per-layer torch.compile")
-    p.add_argument("--checkpointing", action="store_true",
-                   help="also time our model with activation checkpointing (its cost in speed, its saving in memory)")
+    p.add_argument(
+        "--checkpointing",
+        action="store_true",
+        help="also time our model with activation checkpointing (its cost in speed, its saving in memory)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny smoke run")
     p.add_argument("--tasks", default="train,generate")
     # worker-only
@@ -180,10 +221,14 @@ def main(argv=None) -> int:
         Phi3ForCausalLM(cfg).save_pretrained(d)
         import platform
 
-        print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-              f"device {args.device}, {args.dtype}, attn={args.attn}, threads={args.threads}")
-        print(f"model: {args.preset} ({cfg.num_parameters() / 1e6:.1f}M params), medians of {args.rounds} alternating "
-              f"rounds x {args.repeats} repeats per side, {args.warmup} warm-up per round")
+        print(
+            f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"device {args.device}, {args.dtype}, attn={args.attn}, threads={args.threads}"
+        )
+        print(
+            f"model: {args.preset} ({cfg.num_parameters() / 1e6:.1f}M params), medians of {args.rounds} alternating "
+            f"rounds x {args.repeats} repeats per side, {args.warmup} warm-up per round"
+        )
         rows, ratios = [], {}
 
         def both(task: str) -> tuple[dict, dict]:
@@ -191,15 +236,18 @@ def main(argv=None) -> int:
             both; pool every timed repeat of a side and take the median."""
             runs: dict[str, list[dict]] = {"hf": [], "ours": []}
             for r in range(args.rounds):
-                for impl in (("hf", "ours") if r % 2 == 0 else ("ours", "hf")):
+                for impl in ("hf", "ours") if r % 2 == 0 else ("ours", "hf"):
                     runs[impl].append(run_side(impl, task, d, args))
             pooled = {}
             for impl, rs in runs.items():
                 times = [x for res in rs for x in res["times"]]
                 med = statistics.median(times)
-                pooled[impl] = dict(rs[0], times=times,
-                                    peak_mb=statistics.median(res.get("peak_mb", 0.0) for res in rs),
-                                    tokens_per_s=(args.batch * args.seq if task == "train" else args.new_tokens) / med)
+                pooled[impl] = dict(
+                    rs[0],
+                    times=times,
+                    peak_mb=statistics.median(res.get("peak_mb", 0.0) for res in rs),
+                    tokens_per_s=(args.batch * args.seq if task == "train" else args.new_tokens) / med,
+                )
             return pooled["hf"], pooled["ours"]
 
         if "train" in args.tasks:
@@ -223,8 +271,10 @@ def main(argv=None) -> int:
             rows.append(("greedy generate new tokens/s", hf["tokens_per_s"], ours["tokens_per_s"]))
             ratios["generate_speed"] = ours["tokens_per_s"] / hf["tokens_per_s"]
             ratios["generate_same_tokens"] = float(hf["tokens"] == ours["tokens"])
-        print(f"\n| measure (batch {args.batch}x{args.seq}; gen 1x{args.prompt}+{args.new_tokens}) "
-              f"| transformers | phi3_lightning | ratio |")
+        print(
+            f"\n| measure (batch {args.batch}x{args.seq}; gen 1x{args.prompt}+{args.new_tokens}) "
+            f"| transformers | phi3_lightning | ratio |"
+        )
         print("|---|---:|---:|---:|")
         for name, a, b in rows:
             print(f"| {name} | {a:,.1f} | {b:,.1f} | {b / a:.2f}x |")

@@ -107,22 +107,24 @@ def time_steps(step, warmup, steps):
 
 def timed_training(args, model, loss_fn, flops_per_token, label: str, log_row) -> None:
     """Time ``loss_fn().backward() + fused AdamW`` steps of ``model``; log tokens/s, MFU, peak memory; free it."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    state = {"opt": torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)}
     model.train()
 
     def step():
         loss_fn().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        state["opt"].step()
+        state["opt"].zero_grad(set_to_none=True)
 
     torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     sec = time_steps(step, args.warmup, args.steps)
     tok_s = args.batch * args.seq / sec
     mfu = tok_s * flops_per_token / (args.peak_tflops * 1e12)
-    log_row(f"| {label} | {tok_s:,.0f} | {mfu * 100:.1f}% | {torch.cuda.max_memory_allocated() / 2**30:.1f} | "
-            f"{sec * 1000:.0f} ms | {time.time() - t0:.0f}s |")
-    del opt
+    log_row(
+        f"| {label} | {tok_s:,.0f} | {mfu * 100:.1f}% | {torch.cuda.max_memory_allocated() / 2**30:.1f} | "
+        f"{sec * 1000:.0f} ms | {time.time() - t0:.0f}s |"
+    )
+    state.clear()  # drop the optimizer (and its state) before the next setting is measured
     gc.collect()
     torch.cuda.empty_cache()
 
@@ -140,9 +142,14 @@ def bench_ours(args, backend, compiled, device, dtype, log_row):
     ids, pos, labels = (torch.stack([r[i] for r in rows]) for i in range(3))
     lengths = [n for r in rows for n in r[3]]
     mean_doc = sum(n * n for n in lengths) / sum(lengths)  # token-weighted mean context length
-    timed_training(args, model, lambda: model(ids, position_ids=pos, labels=labels, return_logits=False).loss,
-                   cfg.flops_per_token(int(mean_doc)), f"ours | {backend} | {'yes' if compiled else 'no'} | packed",
-                   log_row)
+    timed_training(
+        args,
+        model,
+        lambda: model(ids, position_ids=pos, labels=labels, return_logits=False).loss,
+        cfg.flops_per_token(int(mean_doc)),
+        f"ours | {backend} | {'yes' if compiled else 'no'} | packed",
+        log_row,
+    )
 
 
 def bench_hf(args, device, dtype, log_row):
@@ -156,16 +163,19 @@ def bench_hf(args, device, dtype, log_row):
     d = cfg.to_dict()
     d.pop("architectures")
     with torch.device(device):
-        hf = transformers.Phi3ForCausalLM._from_config(transformers.Phi3Config(**d), attn_implementation="sdpa",
-                                                       dtype=dtype)
+        hf = transformers.Phi3ForCausalLM._from_config(
+            transformers.Phi3Config(**d), attn_implementation="sdpa", dtype=dtype
+        )
     x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=device)
     flops = cfg.flops_per_token(args.seq)
-    timed_training(args, hf, lambda: hf(input_ids=x, labels=x).loss, flops, "transformers | sdpa | no | unpacked",
-                   log_row)
-    del hf
+    timed_training(
+        args, hf, lambda: hf(input_ids=x, labels=x).loss, flops, "transformers | sdpa | no | unpacked", log_row
+    )
+    hf = None  # free transformers' model before ours is built
     ours = build_full(args.preset, "sdpa", device, dtype)
-    timed_training(args, ours, lambda: ours(x, labels=x, return_logits=False).loss, flops,
-                   "ours | sdpa | no | unpacked", log_row)
+    timed_training(
+        args, ours, lambda: ours(x, labels=x, return_logits=False).loss, flops, "ours | sdpa | no | unpacked", log_row
+    )
 
 
 def main(argv=None) -> int:
@@ -202,8 +212,10 @@ def main(argv=None) -> int:
     if not cuda:
         log("\nno CUDA device: correctness checked on CPU; timing skipped")
         return 0
-    log(f"\n## Training step: {args.preset}, bf16 weights + AdamW state, batch {args.batch} x {args.seq}, "
-        f"peak {args.peak_tflops:.0f} TFLOP/s\n")
+    log(
+        f"\n## Training step: {args.preset}, bf16 weights + AdamW state, batch {args.batch} x {args.seq}, "
+        f"peak {args.peak_tflops:.0f} TFLOP/s\n"
+    )
     log("| impl | attention | compile | rows | tokens/s | MFU | peak GiB | step | wall |")
     log("|---|---|---|---|---:|---:|---:|---:|---:|")
     for compiled in [c == "on" for c in args.compile.split(",")]:
@@ -218,8 +230,10 @@ def main(argv=None) -> int:
             try:
                 bench_ours(args, backend, compiled, device, dtype, log)
             except Exception as e:  # report and go on: one backend failing must not hide the others
-                log(f"| ours | {backend} | {'yes' if compiled else 'no'} | packed | FAILED: {type(e).__name__}: "
-                    f"{str(e).splitlines()[0][:120]} | | | | |")
+                log(
+                    f"| ours | {backend} | {'yes' if compiled else 'no'} | packed | FAILED: {type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:120]} | | | | |"
+                )
             gc.collect()  # the model died with bench_ours' frame: give its memory back before the next one
             torch.cuda.empty_cache()
     if not args.no_hf and time.time() - t_start < args.budget_s:

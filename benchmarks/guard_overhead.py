@@ -36,12 +36,32 @@ def run(steps: int, guard: bool, max_length: int) -> tuple[float, float]:
     if not guard:
         base.Phi3LightningModule.configure_callbacks = lambda self: [OOMAdvice()]
     try:
-        cli = _cli_class()(args=["--config", "configs/causal_lm.yaml", "--trainer.max_steps", str(steps),
-                                 "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
-                                 "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]",
-                                 "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-                                 "--data.init_args.max_length", str(max_length), "--data.init_args.progress", "false"],
-                           run=False, save_config_callback=None)
+        cli = _cli_class()(
+            args=[
+                "--config",
+                "configs/causal_lm.yaml",
+                "--trainer.max_steps",
+                str(steps),
+                "--trainer.limit_val_batches",
+                "0",
+                "--trainer.logger",
+                "false",
+                "--trainer.enable_checkpointing",
+                "false",
+                "--trainer.callbacks",
+                "[]",
+                "--trainer.enable_progress_bar",
+                "false",
+                "--trainer.enable_model_summary",
+                "false",
+                "--data.init_args.max_length",
+                str(max_length),
+                "--data.init_args.progress",
+                "false",
+            ],
+            run=False,
+            save_config_callback=None,
+        )
         clock = _Clock()
         cli.trainer.callbacks.append(clock)
         cli.trainer.fit(cli.model, cli.datamodule)
@@ -64,8 +84,10 @@ def main() -> None:
     for _ in range(a.repeats):
         for guard in (False, True):
             res[guard].append(run(a.steps, guard, a.max_length))
-    print(f"causal_lm config, max_length {a.max_length}, {a.steps} steps (first 5 not timed), 1 thread, "
-          f"median of {a.repeats}")
+    print(
+        f"causal_lm config, max_length {a.max_length}, {a.steps} steps (first 5 not timed), 1 thread, "
+        f"median of {a.repeats}"
+    )
     print("| guard | CPU ms/step | wall ms/step |\n|---|---|---|")
     for guard in (False, True):
         cpu = statistics.median(r[0] for r in res[guard])

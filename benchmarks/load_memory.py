@@ -42,8 +42,9 @@ GB = 10**9
 GiB = 2**30
 
 
-def write_random_checkpoint(path: Path, preset: str, shard_size: int, dtype: torch.dtype = torch.bfloat16,
-                            std: float = 0.02, seed: int = 0) -> int:
+def write_random_checkpoint(
+    path: Path, preset: str, shard_size: int, dtype: torch.dtype = torch.bfloat16, std: float = 0.02, seed: int = 0
+) -> int:
     """Random checkpoint with the preset's tensor names/shapes, written shard by shard. Returns total bytes."""
     from safetensors.torch import save_file
 
@@ -53,8 +54,11 @@ def write_random_checkpoint(path: Path, preset: str, shard_size: int, dtype: tor
     cfg = get_preset(preset)
     with torch.device("meta"):
         meta = Phi3ForCausalLM(cfg, device=torch.device("meta"))
-    specs = [(k, tuple(v.shape)) for k, v in meta.state_dict().items()
-             if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
+    specs = [
+        (k, tuple(v.shape))
+        for k, v in meta.state_dict().items()
+        if not (cfg.tie_word_embeddings and k == "lm_head.weight")
+    ]
     elt = torch.empty((), dtype=dtype).element_size()
     shards: list[list[tuple[str, tuple]]] = [[]]
     size = 0
@@ -138,8 +142,10 @@ def measure_load(path: Path, dtype: str = "bfloat16") -> dict:
 def report(r: dict, preset: str, dtype: str) -> None:
     w = r["weights"]
     print()
-    print(f"Phi3ForCausalLM.from_pretrained({preset}, dtype=torch.{dtype}) in a fresh process: {r['seconds']:.1f} s, "
-          f"then every weight read once: {r['touch_seconds']:.1f} s")
+    print(
+        f"Phi3ForCausalLM.from_pretrained({preset}, dtype=torch.{dtype}) in a fresh process: {r['seconds']:.1f} s, "
+        f"then every weight read once: {r['touch_seconds']:.1f} s"
+    )
     rows = [
         ("loaded weights (params + buffers)", w),
         ("RSS after imports (baseline)", r["rss_before"]),
@@ -155,7 +161,9 @@ def report(r: dict, preset: str, dtype: str) -> None:
     for name, b in rows:
         print(f"  {name:<40}{b / GB:>8.2f} GB {b / GiB:>8.2f} GiB")
     for label, key in (("peak during load", "peak_load"), ("peak once every weight is read", "peak_touched")):
-        print(f"  {label + ' / weights':<40}{r[key] / w:>8.2f} x   (minus baseline: {(r[key] - r['rss_before']) / w:.2f} x)")
+        print(
+            f"  {label + ' / weights':<40}{r[key] / w:>8.2f} x   (minus baseline: {(r[key] - r['rss_before']) / w:.2f} x)"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,8 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="phi-3-mini-4k")
     ap.add_argument("--shard-size", default="5GB", help="max bytes per safetensors shard (the Hub uses ~5GB)")
     ap.add_argument("--keep", default=None, help="write here and keep the checkpoint instead of a temp dir")
-    ap.add_argument("--load-dtypes", default="bfloat16",
-                    help="comma-separated dtypes to load as, e.g. bfloat16,float32 (float32 needs ~16 GB RAM)")
+    ap.add_argument(
+        "--load-dtypes",
+        default="bfloat16",
+        help="comma-separated dtypes to load as, e.g. bfloat16,float32 (float32 needs ~16 GB RAM)",
+    )
     ap.add_argument("--dir", default=None, help="parent of the temporary directory (default: the system temp)")
     args = ap.parse_args(argv)
     from phi3_lightning.model.checkpoint import parse_size

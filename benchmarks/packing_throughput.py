@@ -66,16 +66,26 @@ def padded_batches(docs, max_len, rows_per_batch, pad_id, to_max_length=False):
 
 def packed_batches(docs, max_len, rows_per_batch, pad_id):
     packed = pack_documents(docs, row_length=max_len, pad_token_id=pad_id, split_long=True)
-    return [{k: getattr(packed, k)[i : i + rows_per_batch] for k in ("input_ids", "attention_mask", "position_ids", "labels")}
-            for i in range(0, len(packed), rows_per_batch)]
+    return [
+        {
+            k: getattr(packed, k)[i : i + rows_per_batch]
+            for k in ("input_ids", "attention_mask", "position_ids", "labels")
+        }
+        for i in range(0, len(packed), rows_per_batch)
+    ]
 
 
 def measure(model, opt, batches, warmup):
     """Real tokens/s over all batches after `warmup` extra steps (on the first batch), and the real fraction."""
 
     def step(b):
-        model(b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"],
-              labels=b["labels"], return_logits=False).loss.backward()
+        model(
+            b["input_ids"],
+            attention_mask=b["attention_mask"],
+            position_ids=b["position_ids"],
+            labels=b["labels"],
+            return_logits=False,
+        ).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -94,8 +104,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--max-len", type=int, default=1024)
     p.add_argument("--rows", type=int, default=4, help="rows per batch (padded examples or packed rows)")
-    p.add_argument("--steps", type=int, default=6,
-                   help="token budget: documents are taken until they fill this many packed steps")
+    p.add_argument(
+        "--steps", type=int, default=6, help="token budget: documents are taken until they fill this many packed steps"
+    )
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--corpora", default="lm,code_cls,token_types")
     args = p.parse_args(argv)
@@ -103,11 +114,15 @@ def main(argv=None) -> int:
     torch.set_num_threads(os.cpu_count() or 1)
     tok = ByteTokenizer()
     cfg = get_preset("tiny", max_position_embeddings=max(1024, args.max_len))
-    print(f"tiny causal LM ({cfg.num_parameters() / 1e6:.1f}M params), fp32 SDPA, {args.rows} rows per step, "
-          f"rows of up to {args.max_len} tokens, the same documents (~{args.steps} packed steps of tokens) in every "
-          f"column, torch {torch.__version__}, {os.cpu_count()} cores\n")
-    print("| corpus | docs | real fraction: max_length / longest / packed | real tok/s: max_length | longest | "
-          "packed | packed / max_length | packed / longest |")
+    print(
+        f"tiny causal LM ({cfg.num_parameters() / 1e6:.1f}M params), fp32 SDPA, {args.rows} rows per step, "
+        f"rows of up to {args.max_len} tokens, the same documents (~{args.steps} packed steps of tokens) in every "
+        f"column, torch {torch.__version__}, {os.cpu_count()} cores\n"
+    )
+    print(
+        "| corpus | docs | real fraction: max_length / longest / packed | real tok/s: max_length | longest | "
+        "packed | packed / max_length | packed / longest |"
+    )
     print("|---|---:|---|---:|---:|---:|---:|---:|")
     budget = args.steps * args.rows * args.max_len
     for kind in args.corpora.split(","):
@@ -129,8 +144,10 @@ def main(argv=None) -> int:
             batches = make(chosen, args.max_len, args.rows, tok.pad_token_id)
             results.append(measure(model, opt, batches, args.warmup))
         (fix_tps, fix_eff), (pad_tps, pad_eff), (pack_tps, pack_eff) = results
-        print(f"| {kind} | {len(chosen)} | {fix_eff:.1%} / {pad_eff:.1%} / {pack_eff:.1%} | {fix_tps:,.0f} | "
-              f"{pad_tps:,.0f} | {pack_tps:,.0f} | {pack_tps / fix_tps:.2f}x | {pack_tps / pad_tps:.2f}x |")
+        print(
+            f"| {kind} | {len(chosen)} | {fix_eff:.1%} / {pad_eff:.1%} / {pack_eff:.1%} | {fix_tps:,.0f} | "
+            f"{pad_tps:,.0f} | {pack_tps:,.0f} | {pack_tps / fix_tps:.2f}x | {pack_tps / pad_tps:.2f}x |"
+        )
     return 0
 
 

@@ -11,6 +11,11 @@ from .model import (
 
 __version__ = "0.1.0"
 __all__ = [
-    "Phi3Config", "Phi3ForCausalLM", "Phi3ForSequenceClassification", "Phi3ForTokenClassification", "Phi3Model",
-    "get_preset", "__version__",
+    "Phi3Config",
+    "Phi3ForCausalLM",
+    "Phi3ForSequenceClassification",
+    "Phi3ForTokenClassification",
+    "Phi3Model",
+    "get_preset",
+    "__version__",
 ]

@@ -31,10 +31,21 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "StagedFile", "atomic_save_safetensors", "atomic_torch_save", "atomic_write", "atomic_write_bytes",
-    "atomic_write_text", "clean_stale_staging", "default_mode", "default_permissions", "fsync_tree",
-    "recover_interrupted", "replace_dir", "staged_directory", "staging_path",
-]  # fmt: skip
+    "StagedFile",
+    "atomic_save_safetensors",
+    "atomic_torch_save",
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "clean_stale_staging",
+    "default_mode",
+    "default_permissions",
+    "fsync_tree",
+    "recover_interrupted",
+    "replace_dir",
+    "staged_directory",
+    "staging_path",
+]
 
 _HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
 _STAGING = re.compile(r"(?P<pid>\d+)\.(?P<host>[0-9a-f]{8})\.(?P<rand>[0-9a-f]{8})\.(?P<kind>tmp|old)")
@@ -77,7 +88,7 @@ def _parse(target: Path, entry: Path) -> re.Match | None:
     prefix = f".{target.name}."
     if not entry.name.startswith(prefix):
         return None
-    return _STAGING.fullmatch(entry.name[len(prefix):])
+    return _STAGING.fullmatch(entry.name[len(prefix) :])
 
 
 def _alive(pid: int, host: str) -> bool:
@@ -211,8 +222,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode())
 
 
-def atomic_save_safetensors(path: str | os.PathLike, tensors: dict[str, Any], metadata: dict[str, str] | None = None
-                            ) -> Path:  # fmt: skip
+def atomic_save_safetensors(
+    path: str | os.PathLike, tensors: dict[str, Any], metadata: dict[str, str] | None = None
+) -> Path:
     from safetensors.torch import save_file
 
     return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata or {"format": "pt"}))
@@ -367,7 +379,9 @@ def recover_interrupted(target: str | os.PathLike) -> str | None:
     _fsync_dir(target.parent)
     if source == new:
         _remove(old)
-    msg = (f"a save into {target} was interrupted between its two renames (process {m['pid']} died); restored "
-           f"{what} from {source.name}")
+    msg = (
+        f"a save into {target} was interrupted between its two renames (process {m['pid']} died); restored "
+        f"{what} from {source.name}"
+    )
     warnings.warn(msg, stacklevel=3)
     return msg

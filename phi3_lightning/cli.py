@@ -44,9 +44,21 @@ from pathlib import Path
 from typing import Any
 
 from .commands import UsageError
-from .commands.runs import (FSDP_ON_CPU, RunLock, _class_path, _import, _is_rank_zero, _version_dir_name,
-                            check_ckpt_labels, check_ckpt_settings, check_fsdp_accelerator, name_run, place_run_logs,
-                            read_checkpoint, resolve_ckpt_path)
+from .commands.runs import (
+    FSDP_ON_CPU,
+    RunLock,
+    _class_path,
+    _import,
+    _is_rank_zero,
+    _version_dir_name,
+    check_ckpt_labels,
+    check_ckpt_settings,
+    check_fsdp_accelerator,
+    name_run,
+    place_run_logs,
+    read_checkpoint,
+    resolve_ckpt_path,
+)
 
 TOP_HELP = """\
 usage: python -m phi3_lightning <command> [options]
@@ -132,42 +144,49 @@ def _cli_class():
                 },
                 auto_configure_optimizers=False,
                 parser_class=Phi3ArgumentParser,
-                parser_kwargs={"prog": "python -m phi3_lightning",
-                               "description": "Phi-3 with Lightning: one YAML to train, evaluate or predict."},
+                parser_kwargs={
+                    "prog": "python -m phi3_lightning",
+                    "description": "Phi-3 with Lightning: one YAML to train, evaluate or predict.",
+                },
                 args=args,
                 run=run,
                 **kwargs,
             )
 
         def add_arguments_to_parser(self, parser) -> None:
-            from typing import Optional
-
             parser.add_argument(
-                "--run_name", type=Optional[str], default=None,
+                "--run_name",
+                type=str | None,
+                default=None,
                 help="name of the run: it logs to <save_dir>/<run_name>/version_N (default: the config file stems "
-                     "joined by '+', then the attention backend: causal_lm/sdpa). --ckpt_path last|best resolve "
-                     "within this run only",
-            )  # fmt: skip
+                "joined by '+', then the attention backend: causal_lm/sdpa). --ckpt_path last|best resolve "
+                "within this run only",
+            )
             parser.add_argument(
-                "--run_version", type=Optional[str], default=None,
+                "--run_version",
+                type=str | None,
+                default=None,
                 help="version of the run, N or version_N (the same as --trainer.logger.init_args.version): needed "
-                     "with --ckpt_path last|best when several versions of the run hold checkpoints",
-            )  # fmt: skip
+                "with --ckpt_path last|best when several versions of the run hold checkpoints",
+            )
             parser.add_lightning_class_args(Phi3ThroughputMonitor, "throughput")
             parser.add_lightning_class_args(PredictionWriter, "predictions")
             # data.num_labels / data.label_names / data.problem_type -> the model, once the data module exists.
             # (The whole data module is the source, read with getattr: data modules without label facts, e.g.
             # causal LM, simply link nothing, and targets a module lacks are skipped.)
             for attr in ("num_labels", "label_names", "problem_type"):
-                parser.link_arguments("data", f"model.init_args.{attr}", compute_fn=_DataFact(attr),
-                                      apply_on="instantiate")  # fmt: skip
+                parser.link_arguments(
+                    "data", f"model.init_args.{attr}", compute_fn=_DataFact(attr), apply_on="instantiate"
+                )
 
         def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
             parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
             group = parser.groups.get("data") if hasattr(parser, "groups") else None
             if group is not None:  # else LightningDataModule's docstring, cut off at "The main advantage is:"
-                group.title = ("Data: a LightningDataModule given by --data CLASS (CausalLMDataModule, "
-                               "SequenceClassificationDataModule, TokenClassificationDataModule) or the config")
+                group.title = (
+                    "Data: a LightningDataModule given by --data CLASS (CausalLMDataModule, "
+                    "SequenceClassificationDataModule, TokenClassificationDataModule) or the config"
+                )
             return parser
 
         def parse_arguments(self, parser, args) -> None:
@@ -252,8 +271,12 @@ def _quiet_known_lightning_noise() -> None:
 
     # lightning.pytorch.utilities._pytree builds torch's LeafSpec, deprecated in torch 2.10+: Lightning's code, not
     # ours nor the user's (it goes away with a Lightning release that uses TreeSpec.is_leaf()).
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning,
-                            module=r"lightning\.pytorch\.utilities\._pytree")  # fmt: skip
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )
 
     class _NoLitLoggerTip(logging.Filter):
         # Lightning's logger connector advertises its cloud logger on every run without a LitLogger; our runs log to
@@ -322,8 +345,17 @@ def run_report(trainer: Any, subcommand: str, verb: str, argv: list[str] | None 
             if a.startswith(("--ckpt_path=", "--run_version=")):
                 continue
             rest.append(a)
-        resume = ["python", "-m", "phi3_lightning", "fit", *rest, "--run_version", version.removeprefix("version_"),
-                  "--ckpt_path", "last"]  # fmt: skip
+        resume = [
+            "python",
+            "-m",
+            "phi3_lightning",
+            "fit",
+            *rest,
+            "--run_version",
+            version.removeprefix("version_"),
+            "--ckpt_path",
+            "last",
+        ]
         lines.append(f"  continue it (raise --trainer.max_steps to train further): {shlex.join(resume)}")
         lines.append(f"  TensorBoard: tensorboard --logdir {shlex.quote(str(log_dir.parent))}")
     elif argv is not None:
@@ -426,8 +458,10 @@ def config_class_help(argv: list[str]) -> str:
         p.add_class_arguments(cls, f"{key}.init_args", fail_untyped=False, sub_configs=True)
         text = p.format_help()
         text = text.split("\n\n", 1)[1] if text.startswith("usage:") and "\n\n" in text else text
-        out.append(f"\n{key.capitalize()} options of {class_path} (set as `--{key}.init_args.NAME "
-                   f"VALUE` or in the config; defaults are the class's, --print_config shows the config's values):\n{text}")
+        out.append(
+            f"\n{key.capitalize()} options of {class_path} (set as `--{key}.init_args.NAME "
+            f"VALUE` or in the config; defaults are the class's, --print_config shows the config's values):\n{text}"
+        )
     return "".join(out)
 
 
@@ -447,8 +481,11 @@ def compare_main(argv: list[str]) -> int:
         from .compare import main as compare
     except ModuleNotFoundError as e:
         if e.name in ("phi3_lightning.compare",):
-            print("error: compare-attention is unavailable: the module phi3_lightning.compare is not part of this "
-                  "installation yet", file=sys.stderr)
+            print(
+                "error: compare-attention is unavailable: the module phi3_lightning.compare is not part of this "
+                "installation yet",
+                file=sys.stderr,
+            )
             return 2
         raise
     return int(compare(argv) or 0)

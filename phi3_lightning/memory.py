@@ -76,8 +76,9 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from .model.backends import BACKENDS, DEFAULT_BACKEND, check_backend
 from .model.config import PRESETS, Phi3Config, resolve_model
@@ -146,8 +147,12 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return (self.weights + self.optimizer + self.comm_buffers
-                + max(self.forward_backward_peak, self.optimizer_step_peak))
+        return (
+            self.weights
+            + self.optimizer
+            + self.comm_buffers
+            + max(self.forward_backward_peak, self.optimizer_step_peak)
+        )
 
     @property
     def peak_phase(self) -> str:
@@ -161,21 +166,30 @@ class MemoryEstimate:
         what = "LoRA (r={}) fine-tuning".format(s["lora_rank"]) if s["method"] == "lora" else "full fine-tuning"
         where = "1 GPU" if s["strategy"] == "single" else f"{s['strategy']} x {s['world_size']} GPUs"
         ckpt = ", activation checkpointing" if s["activation_checkpointing"] else ""
-        return (f"{what} of {s['model']} ({self.params / 1e9:.2f}B params, {self.trainable_params / 1e6:.1f}M trained) "
-                f"in {s['precision']} on {where}, batch {s['batch_size']} x {s['seq_len']} tokens{ckpt}")
+        return (
+            f"{what} of {s['model']} ({self.params / 1e9:.2f}B params, {self.trainable_params / 1e6:.1f}M trained) "
+            f"in {s['precision']} on {where}, batch {s['batch_size']} x {s['seq_len']} tokens{ckpt}"
+        )
 
     def format_table(self) -> str:
         rows = [("weights", self.weights), ("optimizer state", self.optimizer)]
         if self.comm_buffers:
             rows.append(("DDP gradient buckets", self.comm_buffers))
-        rows += [("activations", self.activations), ("other (fwd/bwd working)", self.other),
-                 ("gradients", self.gradients), ("optimizer-step temporaries", self.step_temporaries)]
+        rows += [
+            ("activations", self.activations),
+            ("other (fwd/bwd working)", self.other),
+            ("gradients", self.gradients),
+            ("optimizer-step temporaries", self.step_temporaries),
+        ]
         lines = [self.summary(), "", f"{'per GPU':<30}{'GiB':>10}", "-" * 40]
         lines += [f"{name:<30}{b / GiB:>10.2f}" for name, b in rows]
         grads = " + gradients" if self.grads_during_forward else ""
-        lines += ["-" * 40, f"{'total (peak: ' + self.peak_phase + ')':<30}{self.total / GiB:>10.2f}",
-                  f"total = weights + optimizer state{' + buckets' if self.comm_buffers else ''} + the larger of "
-                  f"(activations + other{grads}) and (gradients + step temporaries)"]
+        lines += [
+            "-" * 40,
+            f"{'total (peak: ' + self.peak_phase + ')':<30}{self.total / GiB:>10.2f}",
+            f"total = weights + optimizer state{' + buckets' if self.comm_buffers else ''} + the larger of "
+            f"(activations + other{grads}) and (gradients + step temporaries)",
+        ]
         if self.details:
             lines += ["", "breakdown:"]
             lines += [f"  {k:<58}{v / GiB:>9.3f} GiB" for k, v in self.details.items()]
@@ -199,9 +213,18 @@ def _count_params(c: Phi3Config, head: str) -> int:
 
 
 # ----------------------------------------------------------------------------- activations
-def layer_activation_bytes(c: Phi3Config, precision: str, tokens: int, kv_len: int, *, method: str = "full",
-                           lora_rank: int = 16, attn_implementation: str = DEFAULT_BACKEND, masked: bool = False,
-                           first_layer: bool = False) -> int:
+def layer_activation_bytes(
+    c: Phi3Config,
+    precision: str,
+    tokens: int,
+    kv_len: int,
+    *,
+    method: str = "full",
+    lora_rank: int = 16,
+    attn_implementation: str = DEFAULT_BACKEND,
+    masked: bool = False,
+    first_layer: bool = False,
+) -> int:
     """Bytes one decoder layer saves for backward (see the module docstring for the formula). ``masked``: padded or
     packed rows."""
     p = PRECISIONS[precision]
@@ -248,10 +271,20 @@ def layer_activation_bytes(c: Phi3Config, precision: str, tokens: int, kv_len: i
     return total
 
 
-def _activation_parts(c: Phi3Config, precision: str, method: str, head: str, batch_size: int, seq_len: int,
-                      checkpointing: bool, lora_rank: int, attn_implementation: str, masked: bool) -> dict[str, int]:
+def _activation_parts(
+    c: Phi3Config,
+    precision: str,
+    method: str,
+    head: str,
+    batch_size: int,
+    seq_len: int,
+    checkpointing: bool,
+    lora_rank: int,
+    attn_implementation: str,
+    masked: bool,
+) -> dict[str, int]:
     p = PRECISIONS[precision]
-    a, r, w = p.compute, p.residual, p.weight
+    a, r = p.compute, p.residual
     h, L = c.hidden_size, c.num_hidden_layers
     tokens = batch_size * seq_len
     lora = method == "lora"
@@ -315,14 +348,24 @@ def estimate_memory(
     window of the 4k checkpoints adds a dense one above 2047 tokens). ``accumulate_grad_batches > 1`` keeps gradients alive through the forward.
     """
     c, name = _resolve_config(config_or_preset)
-    checks = [(method, METHODS, "method"), (precision, PRECISIONS, "precision"), (strategy, STRATEGIES, "strategy"),
-              (optimizer, OPTIMIZERS, "optimizer"), (head, TASKS, "head")]
+    checks = [
+        (method, METHODS, "method"),
+        (precision, PRECISIONS, "precision"),
+        (strategy, STRATEGIES, "strategy"),
+        (optimizer, OPTIMIZERS, "optimizer"),
+        (head, TASKS, "head"),
+    ]
     check_backend(attn_implementation, runnable=False)  # planned for a GPU: it need not run on this machine
     for value, allowed, what in checks:
         if value not in allowed:
             raise ValueError(f"{what}={value!r}; choose one of {', '.join(allowed)}")
-    for value, what in ((world_size, "world_size"), (seq_len, "seq_len"), (batch_size, "batch_size"),
-                        (lora_rank, "lora_rank"), (accumulate_grad_batches, "accumulate_grad_batches")):
+    for value, what in (
+        (world_size, "world_size"),
+        (seq_len, "seq_len"),
+        (batch_size, "batch_size"),
+        (lora_rank, "lora_rank"),
+        (accumulate_grad_batches, "accumulate_grad_batches"),
+    ):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{what}={value!r} must be a positive integer")
     if strategy == "single" and world_size != 1:
@@ -344,8 +387,18 @@ def estimate_memory(
     gradients = math.ceil(trainable * w / shard)
     optim = math.ceil(trainable * OPTIMIZERS[optimizer] * w / shard)
 
-    parts = _activation_parts(c, precision, method, head, batch_size, seq_len, activation_checkpointing, lora_rank,
-                              attn_implementation, masked)
+    parts = _activation_parts(
+        c,
+        precision,
+        method,
+        head,
+        batch_size,
+        seq_len,
+        activation_checkpointing,
+        lora_rank,
+        attn_implementation,
+        masked,
+    )
     activations = sum(parts.values())
 
     # Working memory next to the activations (calibrated on an H200 with phi-3-mini, see the module docstring):
@@ -353,15 +406,24 @@ def estimate_memory(
     # buffers plus the loss's vocabulary-sized buffers; with checkpointing it is the recomputed layer plus its
     # backward (~2 layers), or the loss buffers at the end of the forward, whichever is larger.
     tokens = batch_size * seq_len
-    layer = layer_activation_bytes(c, precision, tokens, seq_len, method=method, lora_rank=lora_rank,
-                                   attn_implementation=attn_implementation, masked=masked)
+    layer = layer_activation_bytes(
+        c,
+        precision,
+        tokens,
+        seq_len,
+        method=method,
+        lora_rank=lora_rank,
+        attn_implementation=attn_implementation,
+        masked=masked,
+    )
     loss_buffers = 0
     if head == "causal_lm":
         chunk = min(1024, batch_size * (seq_len - 1))
         # fp32 workspace (chunk x vocab) + in low precision the chunk's logits / gradient in the compute dtype and
         # the fp32 lm_head gradient accumulator; in fp32 the logits are written straight into the workspace
         loss_buffers = chunk * c.vocab_size * (4 + (p.compute if p.compute != 4 else 0)) + (
-            c.vocab_size * c.hidden_size * 4 if p.compute != 4 else 0)
+            c.vocab_size * c.hidden_size * 4 if p.compute != 4 else 0
+        )
     other: dict[str, int] = {}
     if activation_checkpointing:
         if 2 * layer >= loss_buffers:
@@ -384,25 +446,57 @@ def estimate_memory(
     notes = []
     if lora and p.autocast:
         notes.append(f"{precision} keeps the frozen base weights in fp32; bf16-true halves them for LoRA")
-    if c.sliding_window is not None and seq_len > c.sliding_window and BACKENDS[attn_implementation].activations \
-            == "repeated_kv":
-        notes.append(f"seq_len {seq_len} > sliding_window {c.sliding_window}: SDPA gets an explicit mask "
-                     + ("per layer for documents longer than the window (counted as one document per row)" if masked
-                        else "(a float bias per layer)") + "; flash_attention_2 avoids it")
-    settings = dict(model=name, method=method, precision=precision, strategy=strategy, world_size=world_size,
-                    seq_len=seq_len, batch_size=batch_size, activation_checkpointing=activation_checkpointing,
-                    lora_rank=lora_rank, optimizer=optimizer, head=head, attn_implementation=attn_implementation,
-                    masked=masked, accumulate_grad_batches=accumulate_grad_batches)
+    if (
+        c.sliding_window is not None
+        and seq_len > c.sliding_window
+        and BACKENDS[attn_implementation].activations == "repeated_kv"
+    ):
+        notes.append(
+            f"seq_len {seq_len} > sliding_window {c.sliding_window}: SDPA gets an explicit mask "
+            + (
+                "per layer for documents longer than the window (counted as one document per row)"
+                if masked
+                else "(a float bias per layer)"
+            )
+            + "; flash_attention_2 avoids it"
+        )
+    settings = dict(
+        model=name,
+        method=method,
+        precision=precision,
+        strategy=strategy,
+        world_size=world_size,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        activation_checkpointing=activation_checkpointing,
+        lora_rank=lora_rank,
+        optimizer=optimizer,
+        head=head,
+        attn_implementation=attn_implementation,
+        masked=masked,
+        accumulate_grad_batches=accumulate_grad_batches,
+    )
     # AdamW (foreach) builds parameter-sized temporaries: one extra copy at its peak (measured on the H200).
     step = math.ceil(trainable * w / shard) if OPTIMIZERS[optimizer] else 0
     details = {f"activations: {k}": v for k, v in parts.items()}
     details.update({f"other: {k}": v for k, v in other.items()})
     if comm:
         details["ddp gradient buckets (persistent)"] = comm
-    return MemoryEstimate(weights=weights, gradients=gradients, optimizer=optim, activations=activations,
-                          other=sum(other.values()), step_temporaries=step, comm_buffers=comm,
-                          grads_during_forward=accumulate_grad_batches > 1, params=total_params,
-                          trainable_params=trainable, settings=settings, details=details, notes=notes)
+    return MemoryEstimate(
+        weights=weights,
+        gradients=gradients,
+        optimizer=optim,
+        activations=activations,
+        other=sum(other.values()),
+        step_temporaries=step,
+        comm_buffers=comm,
+        grads_during_forward=accumulate_grad_batches > 1,
+        params=total_params,
+        trainable_params=trainable,
+        settings=settings,
+        details=details,
+        notes=notes,
+    )
 
 
 # ----------------------------------------------------------------------------- OOM advice
@@ -415,9 +509,11 @@ def explain_oom(config_or_preset: Phi3Config | str, device_bytes: int | None = N
     """
     est = estimate_memory(config_or_preset, **kwargs)
     s = est.settings
-    msg = (f"estimated {est.gib():.1f} GiB per GPU for {est.summary()} (weights {est.gib('weights'):.1f}, "
-           f"gradients {est.gib('gradients'):.1f}, optimizer {est.gib('optimizer'):.1f}, "
-           f"activations {est.gib('activations'):.1f}, other {est.gib('other'):.1f} GiB)")
+    msg = (
+        f"estimated {est.gib():.1f} GiB per GPU for {est.summary()} (weights {est.gib('weights'):.1f}, "
+        f"gradients {est.gib('gradients'):.1f}, optimizer {est.gib('optimizer'):.1f}, "
+        f"activations {est.gib('activations'):.1f}, other {est.gib('other'):.1f} GiB)"
+    )
     if device_bytes:
         msg += f" but the GPU has {device_bytes / GiB:.1f} GiB"
     budget = 0.9 * device_bytes if device_bytes else None
@@ -442,8 +538,9 @@ def explain_oom(config_or_preset: Phi3Config | str, device_bytes: int | None = N
                 continue
             alt = estimate_memory(config_or_preset, **{**base, **extra, "strategy": "fsdp2", "world_size": world})
             if budget is None or alt.total <= budget:
-                candidates.append((f"fsdp2 with {world} GPUs{extra_label}", {**extra, "strategy": "fsdp2",
-                                                                             "world_size": world}))
+                candidates.append(
+                    (f"fsdp2 with {world} GPUs{extra_label}", {**extra, "strategy": "fsdp2", "world_size": world})
+                )
                 break
     tips = []
     for label, change in candidates:
@@ -451,15 +548,25 @@ def explain_oom(config_or_preset: Phi3Config | str, device_bytes: int | None = N
         if budget is None or alt.total <= budget:
             tips.append(f"{label} ({alt.gib():.1f} GiB)")
     if not tips:
-        return msg + ("; no single change here fits: combine them (LoRA, activation checkpointing, bf16-true, "
-                      "a shorter seq_len, fsdp2 over more GPUs) or use a GPU with more memory")
+        return msg + (
+            "; no single change here fits: combine them (LoRA, activation checkpointing, bf16-true, "
+            "a shorter seq_len, fsdp2 over more GPUs) or use a GPU with more memory"
+        )
     return msg + "; try " + " / ".join(tips)
 
 
 # ----------------------------------------------------------------------------- measurement (CPU)
-def measure(config: Phi3Config | str, method: str = "full", precision: str = "32-true", seq_len: int = 128,
-            batch_size: int = 2, lora_rank: int = 16, attn_implementation: str = DEFAULT_BACKEND,
-            activation_checkpointing: bool = False, masked: bool = False) -> dict[str, int]:
+def measure(
+    config: Phi3Config | str,
+    method: str = "full",
+    precision: str = "32-true",
+    seq_len: int = 128,
+    batch_size: int = 2,
+    lora_rank: int = 16,
+    attn_implementation: str = DEFAULT_BACKEND,
+    activation_checkpointing: bool = False,
+    masked: bool = False,
+) -> dict[str, int]:
     """Run one AdamW training step on CPU and measure what :func:`estimate_memory` predicts.
 
     weights / gradients / optimizer: exact tensor sizes. activations: bytes of the distinct storages autograd
@@ -516,8 +623,9 @@ def measure(config: Phi3Config | str, method: str = "full", precision: str = "32
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
     before = {t.untyped_storage().data_ptr() for t in live_tensors()} if activation_checkpointing else set()
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    with torch.autocast("cpu", dtype=torch.bfloat16 if precision.startswith("bf16") else torch.float16,
-                        enabled=p.autocast):
+    with torch.autocast(
+        "cpu", dtype=torch.bfloat16 if precision.startswith("bf16") else torch.float16, enabled=p.autocast
+    ):
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = model(ids, position_ids=position_ids, labels=ids, return_logits=False)
     if activation_checkpointing:
@@ -557,42 +665,82 @@ def compare_table(est: MemoryEstimate, measured: dict[str, int]) -> str:
     for k in ("weights", "gradients", "optimizer", "activations"):
         e, m = getattr(est, k), measured[k]
         lines.append(f"{k:<14}{e / 2**20:>14.3f}{m / 2**20:>14.3f}{(e / m if m else float('nan')):>8.3f}")
-    lines.append(f"peak RSS growth over the first step (weights were already resident; CPU allocator, indicative): "
-                 f"{measured['peak_rss_delta'] / 2**20:.1f} MiB vs estimated total - weights "
-                 f"{(est.total - est.weights) / 2**20:.1f} MiB")
+    lines.append(
+        f"peak RSS growth over the first step (weights were already resident; CPU allocator, indicative): "
+        f"{measured['peak_rss_delta'] / 2**20:.1f} MiB vs estimated total - weights "
+        f"{(est.total - est.weights) / 2**20:.1f} MiB"
+    )
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- CLI
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = StrictArgumentParser(prog="python -m phi3_lightning memory", description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = StrictArgumentParser(
+        prog="python -m phi3_lightning memory",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--preset", default="phi-3-mini-4k", help=f"named model shape: one of {', '.join(PRESETS)}")
     src.add_argument("--config", help="a checkpoint directory or config.json instead of a preset")
-    ap.add_argument("--method", default="full", choices=METHODS,
-                    help="full fine-tuning (every weight trained) or LoRA adapters (base weights frozen)")
-    ap.add_argument("--precision", default="bf16-mixed", choices=list(PRECISIONS),
-                    help="Lightning precision: *-true keeps weights in that dtype, *-mixed keeps fp32 master weights")
-    ap.add_argument("--strategy", default="single", choices=STRATEGIES,
-                    help="one GPU, DDP (a full replica per GPU) or FSDP2 (weights, gradients, optimizer sharded)")
-    ap.add_argument("--world-size", "--devices", type=int, default=None, dest="world_size",
-                    help="GPUs (default 1 for single, 8 for ddp/fsdp2)")
-    ap.add_argument("--seq-len", type=int, default=None,
-                    help="tokens per row (default: 4096, or the model's max_position_embeddings if smaller)")
+    ap.add_argument(
+        "--method",
+        default="full",
+        choices=METHODS,
+        help="full fine-tuning (every weight trained) or LoRA adapters (base weights frozen)",
+    )
+    ap.add_argument(
+        "--precision",
+        default="bf16-mixed",
+        choices=list(PRECISIONS),
+        help="Lightning precision: *-true keeps weights in that dtype, *-mixed keeps fp32 master weights",
+    )
+    ap.add_argument(
+        "--strategy",
+        default="single",
+        choices=STRATEGIES,
+        help="one GPU, DDP (a full replica per GPU) or FSDP2 (weights, gradients, optimizer sharded)",
+    )
+    ap.add_argument(
+        "--world-size",
+        "--devices",
+        type=int,
+        default=None,
+        dest="world_size",
+        help="GPUs (default 1 for single, 8 for ddp/fsdp2)",
+    )
+    ap.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="tokens per row (default: 4096, or the model's max_position_embeddings if smaller)",
+    )
     ap.add_argument("--batch-size", type=int, default=1, help="micro-batch per GPU")
-    ap.add_argument("--activation-checkpointing", action="store_true",
-                    help="recompute each decoder layer in backward (keeps only layer inputs)")
+    ap.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="recompute each decoder layer in backward (keeps only layer inputs)",
+    )
     ap.add_argument("--lora-rank", type=int, default=16, help="adapter rank r with --method lora")
-    ap.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS),
-                    help="optimizer, for its state per trained parameter (AdamW: two fp32 moments)")
+    ap.add_argument(
+        "--optimizer",
+        default="adamw",
+        choices=list(OPTIMIZERS),
+        help="optimizer, for its state per trained parameter (AdamW: two fp32 moments)",
+    )
     ap.add_argument("--head", default="causal_lm", choices=TASKS, help="which head is trained")
     ap.add_argument("--attn-implementation", default=DEFAULT_BACKEND, choices=list(BACKENDS), help="attention backend")
-    ap.add_argument("--masked", action="store_true",
-                    help="padded or packed batches (SDPA then runs document by document, without a dense mask)")
+    ap.add_argument(
+        "--masked",
+        action="store_true",
+        help="padded or packed batches (SDPA then runs document by document, without a dense mask)",
+    )
     ap.add_argument("--gpu-memory", type=float, default=None, help="GiB per GPU: say whether it fits, and what would")
-    ap.add_argument("--measure", action="store_true",
-                    help="also run one step on this CPU and print estimate vs measured (small presets only)")
+    ap.add_argument(
+        "--measure",
+        action="store_true",
+        help="also run one step on this CPU and print estimate vs measured (small presets only)",
+    )
     args = ap.parse_args(argv)
     if args.seq_len is None:
         try:
@@ -604,10 +752,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = args.config or args.preset
     if args.config is None and args.preset not in PRESETS:
         ap.error(f"unknown preset {args.preset!r}; choose one of: {', '.join(PRESETS)}")
-    kwargs = dict(method=args.method, precision=args.precision, strategy=args.strategy, world_size=world,
-                  seq_len=args.seq_len, batch_size=args.batch_size, activation_checkpointing=args.activation_checkpointing,
-                  lora_rank=args.lora_rank, optimizer=args.optimizer, head=args.head,
-                  attn_implementation=args.attn_implementation, masked=args.masked)
+    kwargs = dict(
+        method=args.method,
+        precision=args.precision,
+        strategy=args.strategy,
+        world_size=world,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        activation_checkpointing=args.activation_checkpointing,
+        lora_rank=args.lora_rank,
+        optimizer=args.optimizer,
+        head=args.head,
+        attn_implementation=args.attn_implementation,
+        masked=args.masked,
+    )
     try:
         est = estimate_memory(cfg, **kwargs)
     except ValueError as e:
@@ -620,9 +778,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.measure:
         if est.params > 2e8:
             ap.error("--measure builds the model on this CPU; use a small preset (tiny, small-bench)")
-        m = measure(cfg, method=args.method, precision=args.precision, seq_len=args.seq_len,
-                    batch_size=args.batch_size, lora_rank=args.lora_rank, attn_implementation=args.attn_implementation,
-                    activation_checkpointing=args.activation_checkpointing, masked=args.masked)
+        m = measure(
+            cfg,
+            method=args.method,
+            precision=args.precision,
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            lora_rank=args.lora_rank,
+            attn_implementation=args.attn_implementation,
+            activation_checkpointing=args.activation_checkpointing,
+            masked=args.masked,
+        )
         print()
         print(compare_table(est, m))
     return 0

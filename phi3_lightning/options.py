@@ -88,7 +88,9 @@ def explain_parse_error(message: str, options: Iterable[str]) -> str:
         if len(hints) == 1:
             return message.rstrip() + hints[0][1]
         if hints:
-            return f"{message.rstrip()} ({'; '.join(n + h.replace('; did you mean', ': did you mean') for n, h in hints)})"
+            return (
+                f"{message.rstrip()} ({'; '.join(n + h.replace('; did you mean', ': did you mean') for n, h in hints)})"
+            )
         return message
     m = _NOT_ACCEPTED_KEY.search(message)
     if m:
@@ -100,9 +102,11 @@ def explain_parse_error(message: str, options: Iterable[str]) -> str:
         name, class_path, key_name = bad.group(1), cls.group(1), key.group(1)
         option = f"--{key_name}.init_args.{name}"
         candidates = _class_options(class_path, key_name)
-        return (f"{option}: Option '{name}' is not accepted by {class_path} (the {key_name} class)"
-                f"{did_you_mean(option, candidates)} (`--{key_name}.help {class_path.rsplit('.', 1)[-1]}` lists its "
-                "options)")
+        return (
+            f"{option}: Option '{name}' is not accepted by {class_path} (the {key_name} class)"
+            f"{did_you_mean(option, candidates)} (`--{key_name}.help {class_path.rsplit('.', 1)[-1]}` lists its "
+            "options)"
+        )
     return message
 
 

@@ -198,8 +198,14 @@ _CHILD = textwrap.dedent(
 
 def _kill_during(what: str, fn: str, nth: int, *args) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-c", _CHILD.replace("SHARD", repr(SHARD)), what, fn, str(nth), *map(str, args)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-c", _CHILD.replace("SHARD", repr(SHARD)), what, fn, str(nth), *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == -9, f"the child was not killed at {fn} #{nth}: rc={r.returncode}\n{r.stdout}{r.stderr}"
     return r
 
@@ -243,8 +249,13 @@ class _no_warning:
 
 
 def _lightning_ckpt(path: Path, model: Phi3ForCausalLM) -> Path:
-    torch.save({"state_dict": {f"head.{k}": v for k, v in model.state_dict().items()},
-                CHECKPOINT_KEY: {"task": "causal_lm", "config": model.config.to_dict(), "tokenizer": "byte"}}, path)
+    torch.save(
+        {
+            "state_dict": {f"head.{k}": v for k, v in model.state_dict().items()},
+            CHECKPOINT_KEY: {"task": "causal_lm", "config": model.config.to_dict(), "tokenizer": "byte"},
+        },
+        path,
+    )
     return path
 
 

@@ -27,8 +27,17 @@ def test_compare_transformers_quick_runs_and_generates_the_same_tokens():
 
 
 def test_packing_throughput_runs_and_orders_the_real_token_fractions():
-    out = _run("benchmarks/packing_throughput.py", "--steps", "1", "--max-len", "128", "--rows", "2",
-               "--corpora", "token_types")
+    out = _run(
+        "benchmarks/packing_throughput.py",
+        "--steps",
+        "1",
+        "--max-len",
+        "128",
+        "--rows",
+        "2",
+        "--corpora",
+        "token_types",
+    )
     row = next(line for line in out.splitlines() if line.startswith("| token_types |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     fix, longest, packed = (float(x.rstrip("%")) for x in cells[2].split(" / "))
@@ -42,8 +51,11 @@ def test_gpu_bench_falls_back_to_its_correctness_check_on_cpu():
     if torch.cuda.is_available():
         pytest.skip("has CUDA: the script would run its full GPU timing here")
     out = _run("benchmarks/gpu_bench.py")
-    rows = [line for line in out.splitlines() if line.startswith("| ") and "unavailable" not in line
-            and not line.startswith("| backend")]
+    rows = [
+        line
+        for line in out.splitlines()
+        if line.startswith("| ") and "unavailable" not in line and not line.startswith("| backend")
+    ]
     checked = {line.split("|")[1].strip(): line.rstrip(" |").rsplit("|", 1)[-1].strip() for line in rows}
     assert {"eager", "sdpa"} <= set(checked) and set(checked.values()) == {"yes"}, out
     assert "timing skipped" in out

@@ -11,8 +11,11 @@ import torch
 
 from .modules.helpers import BASES, finite, run_main, run_module, scalars, small_args, texts
 
-VAL_METRIC = {"causal_lm": "val/perplexity", "sequence_classification": "val/accuracy",
-              "token_classification": "val/f1"}  # fmt: skip
+VAL_METRIC = {
+    "causal_lm": "val/perplexity",
+    "sequence_classification": "val/accuracy",
+    "token_classification": "val/f1",
+}
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +69,9 @@ def test_predict_writes_jsonl_with_label_names(runs, workdir):
     logs, cache, root = workdir
     ckpt = runs["sequence_classification"] / "checkpoints" / "last.ckpt"
     out = root / "preds.jsonl"
-    rc, _, err = run_main("predict", *small_args("sequence_classification", logs, cache), "--ckpt_path", ckpt,
-                          "--predictions.path", out)  # fmt: skip
+    rc, _, err = run_main(
+        "predict", *small_args("sequence_classification", logs, cache), "--ckpt_path", ckpt, "--predictions.path", out
+    )
     assert rc == 0, err[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert 0 < len(rows) <= 16  # at most 2 batches of 8 from the (small) test split
@@ -78,14 +82,27 @@ def test_predict_writes_jsonl_with_label_names(runs, workdir):
 
     ckpt = runs["token_classification"] / "checkpoints" / "last.ckpt"
     out = root / "tokens.jsonl"
-    rc, _, err = run_main("predict", *small_args("token_classification", logs, cache), "--ckpt_path", ckpt,
-                          "--predictions.path", out)  # fmt: skip
+    rc, _, err = run_main(
+        "predict", *small_args("token_classification", logs, cache), "--ckpt_path", ckpt, "--predictions.path", out
+    )
     assert rc == 0, err[-3000:]
     row = json.loads(out.read_text().splitlines()[0])
     assert len(row["predictions"]) == len(row["words"])
-    assert {p for p in row["predictions"] if p is not None} <= {"NAME", "OP", "STRING", "NUMBER", "COMMENT", "NEWLINE",
-                                                               "NL", "INDENT", "DEDENT", "FSTRING_START",
-                                                               "FSTRING_MIDDLE", "FSTRING_END", "ENDMARKER"}
+    assert {p for p in row["predictions"] if p is not None} <= {
+        "NAME",
+        "OP",
+        "STRING",
+        "NUMBER",
+        "COMMENT",
+        "NEWLINE",
+        "NL",
+        "INDENT",
+        "DEDENT",
+        "FSTRING_START",
+        "FSTRING_MIDDLE",
+        "FSTRING_END",
+        "ENDMARKER",
+    }
 
 
 def test_export_loads_in_transformers_with_same_logits(runs, workdir):
@@ -121,11 +138,23 @@ def test_generate_on_exported_and_lightning_checkpoints(runs, workdir):
     assert run_main("export", "--checkpoint", ckpt, "--output", out)[0] == 0
     proc = run_module("generate", "--checkpoint", out, "--prompt", "def ", "--max_new_tokens", "6", cwd=root)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rc, stdout, err = run_main("generate", "--checkpoint", ckpt, "--prompt", "import", "--chat",
-                               "--max_new_tokens", "4", "--do_sample", "--top_k", "5")  # fmt: skip
+    rc, stdout, err = run_main(
+        "generate",
+        "--checkpoint",
+        ckpt,
+        "--prompt",
+        "import",
+        "--chat",
+        "--max_new_tokens",
+        "4",
+        "--do_sample",
+        "--top_k",
+        "5",
+    )
     assert rc == 0, err
-    rc, _, err = run_main("generate", "--checkpoint", runs["token_classification"] / "checkpoints" / "last.ckpt",
-                          "--prompt", "x")  # fmt: skip
+    rc, _, err = run_main(
+        "generate", "--checkpoint", runs["token_classification"] / "checkpoints" / "last.ckpt", "--prompt", "x"
+    )
     assert rc == 1 and "causal-LM" in err
 
 

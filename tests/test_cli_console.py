@@ -17,8 +17,13 @@ def fit_run(tmp_path_factory):
     """One 2-step fit as a user runs it (a subprocess, progress bar and model summary on)."""
     root = tmp_path_factory.mktemp("console")
     logs, cache = root / "logs", root / "cache"
-    args = [*small_args("causal_lm", logs, cache, steps=2, val_every=2), "--trainer.enable_progress_bar", "true",
-            "--trainer.enable_model_summary", "true"]  # fmt: skip
+    args = [
+        *small_args("causal_lm", logs, cache, steps=2, val_every=2),
+        "--trainer.enable_progress_bar",
+        "true",
+        "--trainer.enable_model_summary",
+        "true",
+    ]
     proc = run_module("fit", *args, cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, root, logs
@@ -64,8 +69,9 @@ def test_console_has_steps_flops_and_no_noise(fit_run):
 def test_validate_says_where_it_writes(fit_run):
     _, root, logs = fit_run
     run = logs / "causal_lm" / "sdpa" / "version_0"
-    rc, _, err = run_main("validate", *small_args("causal_lm", logs, root / "cache"), "--ckpt_path",
-                          run / "checkpoints" / "last.ckpt")  # fmt: skip
+    rc, _, err = run_main(
+        "validate", *small_args("causal_lm", logs, root / "cache"), "--ckpt_path", run / "checkpoints" / "last.ckpt"
+    )
     assert rc == 0, err[-3000:]
     assert f"validate: run causal_lm/sdpa/version_0 wrote to {run / 'validate'}" in err
 

@@ -45,12 +45,30 @@ def setup(tmp_path_factory):
 
 def _fit(root, strategy: str, *extra: str):
     proc = run_module(
-        "fit", "--config", CONFIGS / "causal_lm.yaml", "--config", CONFIGS / "strategies" / f"{strategy}.yaml",
-        "--config", root / "two_epochs.yaml", "--trainer.logger.init_args.save_dir", root / "logs",
-        "--model.init_args.model", root / "init",
-        "--data.init_args.max_length", "64", "--data.init_args.max_files", "8", "--data.init_args.batch_size", "4",
-        "--data.init_args.cache_dir", root / "cache", "--data.init_args.progress", "false", *extra, cwd=root,
-    )  # fmt: skip
+        "fit",
+        "--config",
+        CONFIGS / "causal_lm.yaml",
+        "--config",
+        CONFIGS / "strategies" / f"{strategy}.yaml",
+        "--config",
+        root / "two_epochs.yaml",
+        "--trainer.logger.init_args.save_dir",
+        root / "logs",
+        "--model.init_args.model",
+        root / "init",
+        "--data.init_args.max_length",
+        "64",
+        "--data.init_args.max_files",
+        "8",
+        "--data.init_args.batch_size",
+        "4",
+        "--data.init_args.cache_dir",
+        root / "cache",
+        "--data.init_args.progress",
+        "false",
+        *extra,
+        cwd=root,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 

@@ -41,8 +41,9 @@ def test_missing_checkpoint_path(tmp_path):
 
 
 def test_fsdp_on_cpu_points_to_the_fsdp2_overlay():
-    rc, _, err = run_main("fit", "--config", LM, "--config", CONFIGS / "strategies" / "fsdp.yaml",
-                          "--trainer.accelerator", "cpu")  # fmt: skip
+    rc, _, err = run_main(
+        "fit", "--config", LM, "--config", CONFIGS / "strategies" / "fsdp.yaml", "--trainer.accelerator", "cpu"
+    )
     assert rc == 1 and "CUDA" in err and "configs/strategies/fsdp2.yaml" in err
     rc, _, err = run_main("fit", "--config", LM, "--trainer.strategy", "fsdp", "--trainer.accelerator", "cpu")
     assert rc == 1 and "fsdp2.yaml" in err
@@ -60,15 +61,20 @@ def test_head_checkpoint_mismatch(tmp_path):
 def test_tokenizer_larger_than_vocab(tmp_path):
     args = small_args("causal_lm", tmp_path / "logs", tmp_path / "cache", steps=1)
     # (ids inside the smaller vocab, else the config itself is refused: pad_token_id=257 >= vocab_size=200)
-    rc, _, err = run_main("fit", *args, "--model.init_args.config_overrides",
-                          "{vocab_size: 200, bos_token_id: 1, eos_token_id: 1, pad_token_id: 0}")
+    rc, _, err = run_main(
+        "fit",
+        *args,
+        "--model.init_args.config_overrides",
+        "{vocab_size: 200, bos_token_id: 1, eos_token_id: 1, pad_token_id: 0}",
+    )
     assert rc == 1 and "vocab_size is 200" in err
 
 
 def test_help_and_unknown_command():
     rc, out, _ = run_main("--help")
-    assert rc == 0 and all(c in out for c in ("fit", "validate", "test", "predict", "generate", "export",
-                                              "compare-attention"))  # fmt: skip
+    assert rc == 0 and all(
+        c in out for c in ("fit", "validate", "test", "predict", "generate", "export", "compare-attention")
+    )
     rc, _, err = run_main("train")
     assert rc == 2 and "unknown command 'train'" in err
     rc, out, _ = run_main("generate", "--help")
@@ -104,7 +110,10 @@ def test_generate_with_a_file_that_is_not_a_checkpoint(tmp_path):
     hf = tmp_path / "hf"
     Phi3ForCausalLM.from_config(get_preset("tiny")).save_pretrained(hf)
     line = _error_line(*run_main("generate", "--checkpoint", hf / "model.safetensors", "--prompt", "x")[::2])
-    assert "model.safetensors is not a Lightning checkpoint" in line and f"pass the directory that holds config.json ({hf})" in line
+    assert (
+        "model.safetensors is not a Lightning checkpoint" in line
+        and f"pass the directory that holds config.json ({hf})" in line
+    )
 
 
 def test_generate_rejects_sampling_settings_that_cannot_work(tmp_path):
@@ -112,11 +121,13 @@ def test_generate_rejects_sampling_settings_that_cannot_work(tmp_path):
     Phi3ForCausalLM.from_config(get_preset("tiny")).save_pretrained(hf)
     base = ["generate", "--checkpoint", hf, "--tokenizer", "byte", "--prompt", "hi", "--max_new_tokens"]
     assert run_main(*base, "2", "--do_sample")[0] == 0  # the checkpoint itself is fine
-    cases = [(["-1"], "max_new_tokens=-1 must be an integer >= 0"),
-             # (the parser refuses the literal 'nan'/'inf'; 1e999 parses to inf)
-             (["2", "--do_sample", "--temperature", "1e999"], "temperature=inf must be a finite number > 0 when sampling"),
-             (["2", "--do_sample", "--top_p", "-0.5"], "top_p=-0.5 must be in (0, 1]"),
-             (["2", "--do_sample", "--top_k", "0"], "top_k=0 must be an integer >= 1")]
+    cases = [
+        (["-1"], "max_new_tokens=-1 must be an integer >= 0"),
+        # (the parser refuses the literal 'nan'/'inf'; 1e999 parses to inf)
+        (["2", "--do_sample", "--temperature", "1e999"], "temperature=inf must be a finite number > 0 when sampling"),
+        (["2", "--do_sample", "--top_p", "-0.5"], "top_p=-0.5 must be in (0, 1]"),
+        (["2", "--do_sample", "--top_k", "0"], "top_k=0 must be an integer >= 1"),
+    ]
     for extra, message in cases:
         rc, _, err = run_main(*base, *extra)
         assert message in _error_line(rc, err)

@@ -41,9 +41,14 @@ def test_help_without_config_has_no_class_sections():
     assert "Model options of" not in out and " object at 0x" not in out
 
 
-@pytest.mark.parametrize("option, name, field", [("--model.help", "CausalLMModule", "--model.attn_implementation"),
-                                                 ("--data.help", "CausalLMDataModule", "--data.max_length"),
-                                                 ("--data.help", "TokenClassificationDataModule", "--data.max_examples")])
+@pytest.mark.parametrize(
+    "option, name, field",
+    [
+        ("--model.help", "CausalLMModule", "--model.attn_implementation"),
+        ("--data.help", "CausalLMDataModule", "--data.max_length"),
+        ("--data.help", "TokenClassificationDataModule", "--data.max_examples"),
+    ],
+)
 def test_short_class_names_for_class_help(option, name, field):
     rc, out, err = run_main("fit", option, name)
     assert rc == 0, err[-2000:]
@@ -75,12 +80,15 @@ def test_unknown_key_in_a_config_file_gets_a_suggestion(tmp_path):
     assert rc == 2 and "max_stepz" in err and "did you mean --trainer.max_steps?" in err
 
 
-@pytest.mark.parametrize("command, args, hint", [
-    ("compare-attention", ["--seq_len", "128"], "did you mean --seq_lens?"),
-    ("compare-attention", ["--repeat", "3"], "did you mean --repeats?"),  # a prefix, no longer expanded
-    ("generate", ["--checkpoint", "x", "--prompt_text", "a"], "did you mean --prompt?"),
-    ("export", ["--checkpoint", "x", "--output", "y", "--overwite"], "did you mean --overwrite?"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "command, args, hint",
+    [
+        ("compare-attention", ["--seq_len", "128"], "did you mean --seq_lens?"),
+        ("compare-attention", ["--repeat", "3"], "did you mean --repeats?"),  # a prefix, no longer expanded
+        ("generate", ["--checkpoint", "x", "--prompt_text", "a"], "did you mean --prompt?"),
+        ("export", ["--checkpoint", "x", "--output", "y", "--overwite"], "did you mean --overwrite?"),
+    ],
+)
 def test_other_commands_refuse_prefixes_and_suggest(command, args, hint):
     rc, _, err = run_main(command, *args)
     assert rc == 2 and hint in err, err

@@ -133,8 +133,13 @@ def test_custom_scalars_layout_has_one_chart_per_measure_with_every_backend(tiny
         for chart, (_, measure) in zip(category.chart, CHARTS):
             (regex,) = chart.multiline.tag
             lines = [b for b in BACKENDS if any(re.search(regex, t) for t in runs[b].Tags()["scalars"])]
-            expected = [b for b in BACKENDS if b != "flex" or measure in FWD_MEASURES
-                        or f"compare/{setting}/{measure}" in runs["flex"].Tags()["scalars"]]
+            expected = [
+                b
+                for b in BACKENDS
+                if b != "flex"
+                or measure in FWD_MEASURES
+                or f"compare/{setting}/{measure}" in runs["flex"].Tags()["scalars"]
+            ]
             assert lines == expected, (setting, measure, lines)
 
 
@@ -161,14 +166,38 @@ def test_check_flag_fails_on_a_wrong_mask(tmp_path, monkeypatch):
     sdpa = backends.BACKENDS["sdpa"].attend
 
     def causal_only(q, k, v, ctx, scale, dropout_p):
-        plain = backends.AttentionContext(ctx.batch_size, ctx.q_len, ctx.kv_len, ctx.offset, ctx.k_start,
-                                          ctx.sliding_window, None, None, ctx.device)
+        plain = backends.AttentionContext(
+            ctx.batch_size, ctx.q_len, ctx.kv_len, ctx.offset, ctx.k_start, ctx.sliding_window, None, None, ctx.device
+        )
         return sdpa(q, k, v, plain, scale, dropout_p)
 
     monkeypatch.setitem(backends.BACKENDS, "sdpa", dataclasses.replace(backends.BACKENDS["sdpa"], attend=causal_only))
-    argv = ["--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--overrides", "{num_hidden_layers: 1}",
-            "--backends", "[eager, sdpa]", "--seq_lens", "[32]", "--batch_kinds", "[packed]", "--warmup", "0",
-            "--repeats", "1", "--no_memory", "--num_threads", "1", "--log_dir", str(tmp_path), "--check"]
+    argv = [
+        "--preset",
+        "tiny",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--overrides",
+        "{num_hidden_layers: 1}",
+        "--backends",
+        "[eager, sdpa]",
+        "--seq_lens",
+        "[32]",
+        "--batch_kinds",
+        "[packed]",
+        "--warmup",
+        "0",
+        "--repeats",
+        "1",
+        "--no_memory",
+        "--num_threads",
+        "1",
+        "--log_dir",
+        str(tmp_path),
+        "--check",
+    ]
     rc, out = _run_main(argv)
     assert rc == 1
     assert "FAILED" in out and "sdpa packed T=32: logits_rel_err=" in out
@@ -177,9 +206,19 @@ def test_check_flag_fails_on_a_wrong_mask(tmp_path, monkeypatch):
 
 
 def test_unavailable_backend_is_listed_with_its_reason(tmp_path):
-    res = compare_attention(preset="tiny", device="cpu", overrides={"num_hidden_layers": 1},
-                            backends=["eager", "flash_attention_2"], seq_lens=[16], batch_kinds=["padded"], warmup=0,
-                            repeats=1, memory=False, num_threads=1, log_dir=str(tmp_path))
+    res = compare_attention(
+        preset="tiny",
+        device="cpu",
+        overrides={"num_hidden_layers": 1},
+        backends=["eager", "flash_attention_2"],
+        seq_lens=[16],
+        batch_kinds=["padded"],
+        warmup=0,
+        repeats=1,
+        memory=False,
+        num_threads=1,
+        log_dir=str(tmp_path),
+    )
     assert set(res.unavailable) == {"flash_attention_2"} and "CUDA" in res.unavailable["flash_attention_2"]  # CPU run
     assert "unavailable: flash_attention_2: " in res.summary
     assert {r.backend for r in res.rows} == {"eager"}
@@ -196,8 +235,9 @@ def test_shipped_config_parses():
 
 
 def test_config_errors_are_clear():
-    with pytest.raises(ValueError, match="unknown attn_implementation='xformers'; choose one of eager, sdpa, "
-                       "flash_attention_2, flex"):
+    with pytest.raises(
+        ValueError, match="unknown attn_implementation='xformers'; choose one of eager, sdpa, flash_attention_2, flex"
+    ):
         CompareConfig(backends=["eager", "xformers"])
     with pytest.raises(ValueError, match="batch_kinds"):
         CompareConfig(batch_kinds=["ragged"])
@@ -220,8 +260,9 @@ def _packed_inputs(vocab: int, t: int = 24):
 @needs_flex
 def test_flex_pads_head_dims_this_torch_rejects(monkeypatch):
     """Older torch rejects non-power-of-two head dims (Phi-3's 96): the backend zero-pads them, exactly."""
-    cfg = get_preset("tiny-gqa", hidden_size=96, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1,
-                     sliding_window=6)  # head_dim 24
+    cfg = get_preset(
+        "tiny-gqa", hidden_size=96, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1, sliding_window=6
+    )  # head_dim 24
     model = Phi3ForCausalLM(cfg, attn_implementation="eager").eval()
     ids, pos, mask = _packed_inputs(cfg.vocab_size)
     real = mask.bool()
@@ -253,8 +294,15 @@ def test_flex_pads_head_dims_this_torch_rejects(monkeypatch):
 @needs_flex
 def test_flex_head_dim_96_matches_eager():
     """Phi-3's head_dim 96 runs through flex as it is on this torch (padded if it were rejected)."""
-    cfg = get_preset("small-bench", vocab_size=64, num_hidden_layers=1, sliding_window=5, pad_token_id=0,
-                     bos_token_id=1, eos_token_id=2)  # 4 heads x 96
+    cfg = get_preset(
+        "small-bench",
+        vocab_size=64,
+        num_hidden_layers=1,
+        sliding_window=5,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )  # 4 heads x 96
     model = Phi3ForCausalLM(cfg, attn_implementation="eager").eval()
     ids, pos, mask = _packed_inputs(cfg.vocab_size)
     with torch.no_grad():
@@ -331,8 +379,14 @@ def test_timing_repeats_until_the_spread_is_small(monkeypatch):
     monkeypatch.setattr(bench.time, "perf_counter", clock)
     a = [1.0, 3.0, 1.0, 3.0] + [2.0] * 100  # spread 100% over the first 4, then constant
     b = [5.0, 9.0, 5.0, 9.0] + [6.0] * 100
-    out = bench.time_interleaved({"a": clock.fn("a", a, calls), "b": clock.fn("b", b, calls)}, torch.device("cpu"),
-                                 warmup=0, min_repeats=4, max_spread=0.1, time_budget_s=1e9)
+    out = bench.time_interleaved(
+        {"a": clock.fn("a", a, calls), "b": clock.fn("b", b, calls)},
+        torch.device("cpu"),
+        warmup=0,
+        min_repeats=4,
+        max_spread=0.1,
+        time_budget_s=1e9,
+    )
     assert calls[:6] == ["a", "b", "a", "b", "a", "b"]  # interleaved: one call of each per round
     assert out["a"].n == out["b"].n > 4 and not out["a"].budget_spent
     assert out["a"].rel_spread <= 0.1 and out["b"].rel_spread <= 0.1
@@ -346,12 +400,14 @@ def test_timing_stops_at_the_time_budget(monkeypatch):
     clock, calls = _FakeClock(), []
     monkeypatch.setattr(bench.time, "perf_counter", clock)
     a = [1.0, 3.0] * 1000  # never steady
-    out = bench.time_interleaved({"a": clock.fn("a", a, calls)}, torch.device("cpu"), warmup=2, min_repeats=5,
-                                 max_spread=0.1, time_budget_s=50.0)
+    out = bench.time_interleaved(
+        {"a": clock.fn("a", a, calls)}, torch.device("cpu"), warmup=2, min_repeats=5, max_spread=0.1, time_budget_s=50.0
+    )
     assert out["a"].budget_spent and 50.0 <= sum(out["a"].samples) <= 53.0
     assert len(calls) == 2 + out["a"].n  # warm-up calls are not timed
-    out = bench.time_interleaved({"a": clock.fn("a", a, calls)}, torch.device("cpu"), warmup=0, min_repeats=5,
-                                 max_spread=0.1, time_budget_s=0.0)
+    out = bench.time_interleaved(
+        {"a": clock.fn("a", a, calls)}, torch.device("cpu"), warmup=0, min_repeats=5, max_spread=0.1, time_budget_s=0.0
+    )
     assert out["a"].n == 5  # budget 0: exactly `repeats`
 
 
@@ -367,9 +423,32 @@ def test_noisy_rows_are_flagged_and_do_not_fail_check(tmp_path, monkeypatch):
         return {"fwd_ms": steady, "fwd_bwd_ms": next(fwd_bwd)}
 
     monkeypatch.setattr(bench, "time_interleaved", fake_timings)
-    argv = ["--preset", "tiny", "--device", "cpu", "--overrides", "{num_hidden_layers: 1}", "--backends", "[eager]",
-            "--seq_lens", "[16, 32]", "--batch_kinds", "[padded]", "--warmup", "0", "--repeats", "3", "--no_memory",
-            "--num_threads", "1", "--log_dir", str(tmp_path), "--run_name", "noisy", "--check"]
+    argv = [
+        "--preset",
+        "tiny",
+        "--device",
+        "cpu",
+        "--overrides",
+        "{num_hidden_layers: 1}",
+        "--backends",
+        "[eager]",
+        "--seq_lens",
+        "[16, 32]",
+        "--batch_kinds",
+        "[padded]",
+        "--warmup",
+        "0",
+        "--repeats",
+        "3",
+        "--no_memory",
+        "--num_threads",
+        "1",
+        "--log_dir",
+        str(tmp_path),
+        "--run_name",
+        "noisy",
+        "--check",
+    ]
     rc, out = _run_main(argv)
     assert rc == 0, out
     rows = [line for line in out.splitlines() if line.startswith("| padded")]

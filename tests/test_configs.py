@@ -10,7 +10,6 @@ import yaml
 from .modules.helpers import CONFIGS, run_main
 
 
-
 def _lightning_yaml(path) -> bool:
     """LightningCLI configs (model: phi3_lightning.modules.*); others (compare_attention.yaml) belong elsewhere."""
     return "phi3_lightning.modules." in path.read_text() or path.parent.name == "strategies"
@@ -82,8 +81,9 @@ def test_config_parses(parser, combo):
 
 @pytest.mark.parametrize("base", ["causal_lm.yaml", "token_classification.yaml"])
 def test_print_config_through_the_entry_point(base):
-    rc, out, err = run_main("fit", "--config", CONFIGS / base, "--config", CONFIGS / "strategies" / "ddp.yaml",
-                            "--print_config")  # fmt: skip
+    rc, out, err = run_main(
+        "fit", "--config", CONFIGS / base, "--config", CONFIGS / "strategies" / "ddp.yaml", "--print_config"
+    )
     assert rc == 0, err
     cfg = yaml.safe_load(out)
     assert cfg["trainer"]["strategy"] == "ddp" and cfg["trainer"]["devices"] == 2

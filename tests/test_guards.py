@@ -72,7 +72,9 @@ class _Toy(pl.LightningModule):
 
     def train_dataloader(self):
         g = torch.Generator().manual_seed(0)
-        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(64, 4, generator=g)), batch_size=4)
+        return torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(torch.randn(64, 4, generator=g)), batch_size=4
+        )
 
     val_dataloader = train_dataloader
 
@@ -88,8 +90,16 @@ class _Snapshot(Callback):
 
 
 def _trainer(tmp_path: Path, *callbacks: Callback, **kwargs) -> pl.Trainer:
-    kwargs = {"max_steps": 6, "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
-              "enable_model_summary": False, "limit_val_batches": 0, "default_root_dir": tmp_path, **kwargs}
+    kwargs = {
+        "max_steps": 6,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "limit_val_batches": 0,
+        "default_root_dir": tmp_path,
+        **kwargs,
+    }
     return pl.Trainer(accelerator="cpu", callbacks=list(callbacks), **kwargs)
 
 
@@ -125,7 +135,9 @@ def test_non_finite_checkpoint_is_refused_and_the_old_file_kept(tmp_path):
     before = path.read_bytes()
     with torch.no_grad():
         model.lin.weight[0, 1] = float("inf")
-    with pytest.raises(NonFiniteError, match=r"refusing to write a checkpoint at global step 1: model tensor lin\.weight"):
+    with pytest.raises(
+        NonFiniteError, match=r"refusing to write a checkpoint at global step 1: model tensor lin\.weight"
+    ):
         trainer.save_checkpoint(path)
     assert path.read_bytes() == before
 
@@ -149,8 +161,16 @@ class _SignalAt(Callback):
 def test_signal_in_process_saves_last_at_a_batch_boundary(tmp_path, capsys, signum):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpts", save_last=True)
     snap = _Snapshot()
-    trainer = _trainer(tmp_path, NonFiniteGuard(), PreemptionCheckpoint(), _SignalAt(signum, 2), snap, ckpt,
-                       enable_checkpointing=True, max_steps=50)  # fmt: skip
+    trainer = _trainer(
+        tmp_path,
+        NonFiniteGuard(),
+        PreemptionCheckpoint(),
+        _SignalAt(signum, 2),
+        snap,
+        ckpt,
+        enable_checkpointing=True,
+        max_steps=50,
+    )
     with pytest.raises(SIGTERMException) as exc:
         trainer.fit(_Toy())
     assert exc.value.code == 128 + signum
@@ -163,9 +183,15 @@ def test_signal_in_process_saves_last_at_a_batch_boundary(tmp_path, capsys, sign
 
 
 def test_signal_before_the_first_step_saves_nothing(tmp_path, capsys):
-    trainer = _trainer(tmp_path, PreemptionCheckpoint(), _SignalAt(signal.SIGTERM, None),
-                       ModelCheckpoint(dirpath=tmp_path / "ckpts", save_last=True), enable_checkpointing=True,
-                       limit_val_batches=2, num_sanity_val_steps=2)  # fmt: skip
+    trainer = _trainer(
+        tmp_path,
+        PreemptionCheckpoint(),
+        _SignalAt(signal.SIGTERM, None),
+        ModelCheckpoint(dirpath=tmp_path / "ckpts", save_last=True),
+        enable_checkpointing=True,
+        limit_val_batches=2,
+        num_sanity_val_steps=2,
+    )
     with pytest.raises(SIGTERMException) as exc:
         trainer.fit(_Toy())
     assert exc.value.code == 143
@@ -184,8 +210,12 @@ def cache(tmp_path_factory):
 
 
 def _args(logs: Path, cache: Path, *extra: str, steps: int = 4, val_every: int = 2) -> list[str]:
-    return [*small_args("causal_lm", logs, cache, steps=steps, val_every=val_every),
-            "--data.init_args.max_length", "32", *extra]  # fmt: skip
+    return [
+        *small_args("causal_lm", logs, cache, steps=steps, val_every=val_every),
+        "--data.init_args.max_length",
+        "32",
+        *extra,
+    ]
 
 
 def test_max_length_1_is_refused(tmp_path, cache):
@@ -202,8 +232,19 @@ def test_huge_lr_stops_with_the_step_and_keeps_the_good_last_ckpt(tmp_path, cach
     last = logs / "causal_lm" / "sdpa" / "version_0" / "checkpoints" / "last.ckpt"
     good = last.read_bytes()
     # the same run directory, a learning rate that diverges; no validation (no checkpoint) before the divergence
-    rc, _, err = run_main("fit", *_args(logs, cache, "--model.init_args.optimizer.init_args.lr", "1000",
-                                        "--trainer.logger.init_args.version", "0", steps=30, val_every=25))  # fmt: skip
+    rc, _, err = run_main(
+        "fit",
+        *_args(
+            logs,
+            cache,
+            "--model.init_args.optimizer.init_args.lr",
+            "1000",
+            "--trainer.logger.init_args.version",
+            "0",
+            steps=30,
+            val_every=25,
+        ),
+    )
     assert rc == 1, err[-2000:]
     assert re.search(r"error: the (training loss|gradient norm) is \S* ?\S*.* at global step \d+", err), err[-2000:]
     assert "learning rate" in err
@@ -243,10 +284,20 @@ def test_signal_during_fit_saves_last_ckpt_exits_nonzero_and_resumes(tmp_path, c
         f"    - class_path: tests.test_guards.StepMarker\n      init_args: {{path: '{marker}'}}\n"
     )
     args = [*_args(logs, cache, steps=16, val_every=100), "--config", str(overlay)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "phi3_lightning", "fit", *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "phi3_lightning", "fit", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 240
         while not (marker.exists() and marker.read_text().strip() and int(marker.read_text()) >= 3):

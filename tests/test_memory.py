@@ -28,8 +28,10 @@ def test_weights_are_parameter_count_times_dtype_size():
     assert mini.params == 3_821_079_552 and mini.weights == 2 * 3_821_079_552
 
 
-@pytest.mark.parametrize("head, cls", [("sequence_classification", Phi3ForSequenceClassification),
-                                       ("token_classification", Phi3ForTokenClassification)])
+@pytest.mark.parametrize(
+    "head, cls",
+    [("sequence_classification", Phi3ForSequenceClassification), ("token_classification", Phi3ForTokenClassification)],
+)
 def test_classification_heads_count_their_own_parameters(head, cls):
     cfg = TINY.replace(num_labels=5)
     model = cls(cfg)
@@ -73,7 +75,9 @@ def test_total_is_the_larger_phase():
     est = estimate_memory("phi-3-mini-4k", method="full", precision="bf16-true", seq_len=512)
     assert est.peak_phase == "optimizer step"
     assert est.total == est.weights + est.optimizer + est.gradients + est.step_temporaries
-    acc = estimate_memory("phi-3-mini-4k", method="lora", precision="bf16-true", seq_len=4096, accumulate_grad_batches=4)
+    acc = estimate_memory(
+        "phi-3-mini-4k", method="lora", precision="bf16-true", seq_len=4096, accumulate_grad_batches=4
+    )
     assert acc.peak_phase == "forward/backward"
     assert acc.total == acc.weights + acc.optimizer + acc.activations + acc.other + acc.gradients
 
@@ -94,17 +98,27 @@ def test_activation_checkpointing_keeps_layer_inputs_only():
 
 
 # The formula vs what autograd really saves (unique storages seen by saved_tensors_hooks, parameters excluded).
-@pytest.mark.parametrize("preset, method, precision, attn, ckpt", [
-    ("tiny", "full", "32-true", "sdpa", False),
-    ("tiny", "lora", "bf16-mixed", "eager", False),
-    ("tiny-gqa", "full", "bf16-mixed", "sdpa", False),  # GQA repeat + sliding-window mask (window 64 < 80)
-    ("tiny-gqa", "lora", "bf16-true", "sdpa", False),
-    ("tiny", "full", "32-true", "sdpa", True),
-    ("tiny-gqa", "lora", "bf16-mixed", "sdpa", True),
-])
+@pytest.mark.parametrize(
+    "preset, method, precision, attn, ckpt",
+    [
+        ("tiny", "full", "32-true", "sdpa", False),
+        ("tiny", "lora", "bf16-mixed", "eager", False),
+        ("tiny-gqa", "full", "bf16-mixed", "sdpa", False),  # GQA repeat + sliding-window mask (window 64 < 80)
+        ("tiny-gqa", "lora", "bf16-true", "sdpa", False),
+        ("tiny", "full", "32-true", "sdpa", True),
+        ("tiny-gqa", "lora", "bf16-mixed", "sdpa", True),
+    ],
+)
 def test_estimate_matches_measured_bytes(preset, method, precision, attn, ckpt):
-    kw = dict(method=method, precision=precision, seq_len=80, batch_size=2, lora_rank=4,
-              attn_implementation=attn, activation_checkpointing=ckpt)
+    kw = dict(
+        method=method,
+        precision=precision,
+        seq_len=80,
+        batch_size=2,
+        lora_rank=4,
+        attn_implementation=attn,
+        activation_checkpointing=ckpt,
+    )
     est = estimate_memory(preset, **kw)
     got = measure(preset, **kw)
     assert est.weights == got["weights"]
@@ -115,18 +129,28 @@ def test_estimate_matches_measured_bytes(preset, method, precision, attn, ckpt):
 
 # Padded / packed rows: SDPA runs document by document (no dense B x T x T mask); measured on packed rows of two
 # documents of 40 tokens.
-@pytest.mark.parametrize("preset, method, precision, window, ckpt", [
-    ("tiny", "full", "32-true", None, False),
-    ("tiny-gqa", "full", "32-true", None, False),
-    ("tiny-gqa", "lora", "bf16-mixed", None, False),
-    ("tiny-gqa", "full", "bf16-true", 64, False),  # window 64 < 80 tokens, but each document (40) fits in it
-    ("tiny-gqa", "full", "32-true", 32, False),  # documents (40) longer than the window: a (40, 40) mask per layer
-    ("tiny", "full", "32-true", None, True),
-])
+@pytest.mark.parametrize(
+    "preset, method, precision, window, ckpt",
+    [
+        ("tiny", "full", "32-true", None, False),
+        ("tiny-gqa", "full", "32-true", None, False),
+        ("tiny-gqa", "lora", "bf16-mixed", None, False),
+        ("tiny-gqa", "full", "bf16-true", 64, False),  # window 64 < 80 tokens, but each document (40) fits in it
+        ("tiny-gqa", "full", "32-true", 32, False),  # documents (40) longer than the window: a (40, 40) mask per layer
+        ("tiny", "full", "32-true", None, True),
+    ],
+)
 def test_masked_estimate_matches_measured_bytes(preset, method, precision, window, ckpt):
     cfg = get_preset(preset, sliding_window=window)
-    kw = dict(method=method, precision=precision, seq_len=80, batch_size=2, lora_rank=4, attn_implementation="sdpa",
-              activation_checkpointing=ckpt)
+    kw = dict(
+        method=method,
+        precision=precision,
+        seq_len=80,
+        batch_size=2,
+        lora_rank=4,
+        attn_implementation="sdpa",
+        activation_checkpointing=ckpt,
+    )
     est, got = estimate_memory(cfg, masked=True, **kw), measure(cfg, masked=True, **kw)
     a = 2 if precision != "32-true" else 4
     if window is None:
@@ -139,8 +163,23 @@ def test_masked_estimate_matches_measured_bytes(preset, method, precision, windo
 
 
 def test_cli_prints_a_table(capsys):
-    assert main(["--preset", "phi-3-mini-4k", "--method", "lora", "--precision", "bf16-true", "--seq-len", "4096",
-                 "--batch-size", "1"]) == 0
+    assert (
+        main(
+            [
+                "--preset",
+                "phi-3-mini-4k",
+                "--method",
+                "lora",
+                "--precision",
+                "bf16-true",
+                "--seq-len",
+                "4096",
+                "--batch-size",
+                "1",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     est = estimate_memory("phi-3-mini-4k", method="lora", precision="bf16-true", seq_len=4096, batch_size=1)
     assert "LoRA (r=16) fine-tuning of phi-3-mini-4k" in out
@@ -180,10 +219,17 @@ def test_explain_oom_suggests_changes_that_fit():
     assert estimate_memory("phi-3-mini-4k", strategy="fsdp2", world_size=n, **fsdp_kw).total <= 0.9 * gpu
     if n > 2:
         assert estimate_memory("phi-3-mini-4k", strategy="fsdp2", world_size=n // 2, **fsdp_kw).total > 0.9 * gpu
-    hopeless = explain_oom("phi-3-mini-4k", device_bytes=1 * GiB, method="lora", precision="bf16-true",
-                           activation_checkpointing=True, seq_len=4096)
-    lora_total = estimate_memory("phi-3-mini-4k", method="lora", precision="bf16-true", activation_checkpointing=True,
-                                 seq_len=4096).total
+    hopeless = explain_oom(
+        "phi-3-mini-4k",
+        device_bytes=1 * GiB,
+        method="lora",
+        precision="bf16-true",
+        activation_checkpointing=True,
+        seq_len=4096,
+    )
+    lora_total = estimate_memory(
+        "phi-3-mini-4k", method="lora", precision="bf16-true", activation_checkpointing=True, seq_len=4096
+    ).total
     assert 9 * GiB < lora_total < 10 * GiB
     assert "no single change here fits" in hopeless and f"{lora_total / GiB:.1f} GiB per GPU" in hopeless
 

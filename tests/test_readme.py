@@ -19,13 +19,41 @@ from .modules.helpers import ROOT, run_main
 
 README = ROOT / "README.md"
 
-FIT_SMOKE = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "2",
-             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-             "--data.init_args.max_files", "4", "--data.init_args.max_length", "64",
-             "--data.init_args.progress", "false"]  # fmt: skip
-COMPARE_SMOKE = ["--seq_lens", "[32]", "--batch_size", "1", "--warmup", "0", "--repeats", "1", "--time_budget_s", "0",
-                 "--batch_kinds", "[packed]", "--sliding_windows", "[null]",
-                 "--no_memory"]  # fmt: skip
+FIT_SMOKE = [
+    "--trainer.max_steps",
+    "2",
+    "--trainer.limit_val_batches",
+    "1",
+    "--trainer.val_check_interval",
+    "2",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+    "--data.init_args.max_files",
+    "4",
+    "--data.init_args.max_length",
+    "64",
+    "--data.init_args.progress",
+    "false",
+]
+COMPARE_SMOKE = [
+    "--seq_lens",
+    "[32]",
+    "--batch_size",
+    "1",
+    "--warmup",
+    "0",
+    "--repeats",
+    "1",
+    "--time_budget_s",
+    "0",
+    "--batch_kinds",
+    "[packed]",
+    "--sliding_windows",
+    "[null]",
+    "--no_memory",
+]
 
 
 def readme_commands() -> list[str]:
@@ -42,7 +70,7 @@ def readme_commands() -> list[str]:
             if m:
                 end = lines.index("done", i)
                 for value in m.group(2).split():
-                    commands += [line.replace(f"${m.group(1)}", value) for line in lines[i + 1:end]]
+                    commands += [line.replace(f"${m.group(1)}", value) for line in lines[i + 1 : end]]
                 i = end + 1
                 continue
             commands += [c.strip() for c in lines[i].split("&&")]
@@ -112,8 +140,13 @@ def test_readme_command_runs(command, sandbox, monkeypatch):
         i = argv.index("--checkpoint") + 1
         ckpt = logs / argv[i].removeprefix("logs/")
         if not ckpt.is_file():
-            main_job = [*plan("python -m phi3_lightning fit --config configs/causal_lm.yaml")[1],
-                        "--trainer.logger.init_args.save_dir", str(logs), "--data.init_args.cache_dir", str(cache)]
+            main_job = [
+                *plan("python -m phi3_lightning fit --config configs/causal_lm.yaml")[1],
+                "--trainer.logger.init_args.save_dir",
+                str(logs),
+                "--data.init_args.cache_dir",
+                str(cache),
+            ]
             assert run_main(*main_job)[0] == 0
         argv[i] = str(ckpt)
     rc, out, err = run_main(*argv)

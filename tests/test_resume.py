@@ -41,8 +41,12 @@ def _module(kind: str, dm):
     if kind.startswith("causal"):
         return CausalLMModule(model="tiny", config_overrides=DROPOUT, optimizer=_optimizer)
     cls = SequenceClassificationModule if kind == "sequence" else TokenClassificationModule
-    return cls(model="tiny", num_labels=dm.num_labels, config_overrides={**DROPOUT, "classifier_dropout": 0.1},
-               optimizer=_optimizer)  # fmt: skip
+    return cls(
+        model="tiny",
+        num_labels=dm.num_labels,
+        config_overrides={**DROPOUT, "classifier_dropout": 0.1},
+        optimizer=_optimizer,
+    )
 
 
 def _optimizer(params):
@@ -54,10 +58,19 @@ def _fit(kind, cache, root, max_steps, max_epochs, checkpoint, ckpt_path=None):
     dm = _data(kind, cache)
     module = _module(kind, dm)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=max_steps, max_epochs=max_epochs, limit_train_batches=BATCHES,
-        limit_val_batches=1, num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[checkpoint], default_root_dir=root,
-    )  # fmt: skip
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        max_epochs=max_epochs,
+        limit_train_batches=BATCHES,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[checkpoint],
+        default_root_dir=root,
+    )
     trainer.fit(module, dm, ckpt_path=ckpt_path)
     return {k: v.detach().clone() for k, v in module.state_dict().items()}, trainer
 
@@ -149,13 +162,32 @@ def test_ddp_resume_mid_epoch_is_exact(tmp_path, cache):
 
     def fit(*extra):
         proc = run_module(
-            "fit", "--config", CONFIGS / "causal_lm.yaml", "--config", CONFIGS / "strategies" / "ddp.yaml",
-            "--config", tmp_path / "overlay.yaml", "--trainer.logger.init_args.save_dir", tmp_path / "logs",
-            "--model.init_args.config_overrides", str(DROPOUT),
-            "--data.init_args.max_length", "32", "--data.init_args.max_files", "4", "--data.init_args.batch_size", "2",
-            "--data.init_args.pack", "false", "--data.init_args.cache_dir", cache,
-            "--data.init_args.progress", "false", *extra, cwd=tmp_path,
-        )  # fmt: skip
+            "fit",
+            "--config",
+            CONFIGS / "causal_lm.yaml",
+            "--config",
+            CONFIGS / "strategies" / "ddp.yaml",
+            "--config",
+            tmp_path / "overlay.yaml",
+            "--trainer.logger.init_args.save_dir",
+            tmp_path / "logs",
+            "--model.init_args.config_overrides",
+            str(DROPOUT),
+            "--data.init_args.max_length",
+            "32",
+            "--data.init_args.max_files",
+            "4",
+            "--data.init_args.batch_size",
+            "2",
+            "--data.init_args.pack",
+            "false",
+            "--data.init_args.cache_dir",
+            cache,
+            "--data.init_args.progress",
+            "false",
+            *extra,
+            cwd=tmp_path,
+        )
         assert proc.returncode == 0, proc.stderr[-4000:]
 
     run = tmp_path / "logs" / "causal_lm+ddp+overlay" / "sdpa"

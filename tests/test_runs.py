@@ -21,8 +21,9 @@ def runs(tmp_path_factory):
     logs, cache = root / "logs", root / "cache"
     rc, _, err = run_main("fit", *small_args("causal_lm", logs, cache), "--run_name", "a")
     assert rc == 0, err[-3000:]
-    rc, _, err = run_main("fit", *small_args("causal_lm", logs, cache, steps=2), "--run_name", "b",
-                          "--data.init_args.max_files", "4")  # fmt: skip
+    rc, _, err = run_main(
+        "fit", *small_args("causal_lm", logs, cache, steps=2), "--run_name", "b", "--data.init_args.max_files", "4"
+    )
     assert rc == 0, err[-3000:]
     return logs, cache
 
@@ -53,13 +54,18 @@ def test_validate_last_and_best_evaluate_the_trained_checkpoints(runs):
     assert rc == 0, err[-3000:]
     assert f"{run / 'checkpoints' / 'last.ckpt'}" in err  # the note names the resolved file: run a, not the newer b
     last = _val_loss(run / "validate")
-    rc, _, err = run_main("validate", *_args(runs, "--ckpt_path", run / "checkpoints" / "last.ckpt",
-                                             "--trainer.logger.init_args.sub_dir", "explicit"))  # fmt: skip
+    rc, _, err = run_main(
+        "validate",
+        *_args(
+            runs, "--ckpt_path", run / "checkpoints" / "last.ckpt", "--trainer.logger.init_args.sub_dir", "explicit"
+        ),
+    )
     assert rc == 0, err[-3000:]
     assert last == pytest.approx(_val_loss(run / "explicit"), abs=1e-6) == pytest.approx(fit_losses[-1], abs=1e-5)
 
-    rc, _, err = run_main("validate", *_args(runs, "--run_name", "a", "--ckpt_path", "best",
-                                             "--trainer.logger.init_args.sub_dir", "best"))  # fmt: skip
+    rc, _, err = run_main(
+        "validate", *_args(runs, "--run_name", "a", "--ckpt_path", "best", "--trainer.logger.init_args.sub_dir", "best")
+    )
     assert rc == 0, err[-3000:]
     assert _val_loss(run / "best") == pytest.approx(min(fit_losses), abs=1e-5)
 
@@ -76,8 +82,9 @@ def test_test_and_predict_log_into_the_evaluated_run(runs, tmp_path):
     rc, _, err = run_main("test", *_args(runs, "--run_name", "b", "--ckpt_path", "last"))
     assert rc == 0, err[-3000:]
     assert "test/loss" in scalars(run / "test")
-    rc, _, err = run_main("predict", *_args(runs, "--run_name", "b", "--ckpt_path", "best",
-                                            "--predictions.path", tmp_path / "p.jsonl"))  # fmt: skip
+    rc, _, err = run_main(
+        "predict", *_args(runs, "--run_name", "b", "--ckpt_path", "best", "--predictions.path", tmp_path / "p.jsonl")
+    )
     assert rc == 0, err[-3000:]
     assert (run / "predict" / "config.yaml").is_file() and (tmp_path / "p.jsonl").stat().st_size > 0
     assert [p.name for p in (logs / "b").iterdir()] == ["version_0"]  # no new version
@@ -89,8 +96,9 @@ def test_fit_last_resumes_the_named_run_not_the_newest(runs):
     _copy_run(runs, "a", "resume_a")
     b_last = logs / "b" / "version_0" / "checkpoints" / "last.ckpt"
     b_mtime = b_last.stat().st_mtime_ns
-    rc, _, err = run_main("fit", *_args(runs, "--run_name", "resume_a", "--ckpt_path", "last",
-                                        "--trainer.max_steps", "6"))  # fmt: skip
+    rc, _, err = run_main(
+        "fit", *_args(runs, "--run_name", "resume_a", "--ckpt_path", "last", "--trainer.max_steps", "6")
+    )
     assert rc == 0, err[-3000:]
     run = logs / "resume_a" / "version_0"
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
@@ -119,8 +127,9 @@ def test_live_lock_refuses_and_stale_lock_is_taken_over(runs):
     live = subprocess.Popen(["sleep", "60"])
     try:
         (run / "fit.lock").write_text(f"{live.pid} {socket.gethostname()}\n")
-        rc, _, err = run_main("fit", *_args(runs, "--run_name", "locked", "--ckpt_path", "last",
-                                            "--trainer.max_steps", "6"))  # fmt: skip
+        rc, _, err = run_main(
+            "fit", *_args(runs, "--run_name", "locked", "--ckpt_path", "last", "--trainer.max_steps", "6")
+        )
         assert rc == 1 and str(live.pid) in err and "fit.lock" in err
         assert (run / "config.yaml").read_bytes() == config
         assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
@@ -128,8 +137,9 @@ def test_live_lock_refuses_and_stale_lock_is_taken_over(runs):
         live.kill()
         live.wait()
     (run / "fit.lock").write_text(f"{live.pid} {socket.gethostname()}\n")  # its process has ended: stale
-    rc, _, err = run_main("fit", *_args(runs, "--run_name", "locked", "--ckpt_path", "last",
-                                        "--trainer.max_steps", "6"))  # fmt: skip
+    rc, _, err = run_main(
+        "fit", *_args(runs, "--run_name", "locked", "--ckpt_path", "last", "--trainer.max_steps", "6")
+    )
     assert rc == 0, err[-3000:]
     assert "stale lock" in err
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
@@ -139,8 +149,9 @@ def test_live_lock_refuses_and_stale_lock_is_taken_over(runs):
 def test_settings_that_disagree_with_the_checkpoint(runs):
     logs, _ = runs
     ckpt = logs / "a" / "version_0" / "checkpoints" / "last.ckpt"
-    rc, _, err = run_main("fit", *_args(runs, "--ckpt_path", ckpt,
-                                        "--model.init_args.config_overrides", "{num_hidden_layers: 3}"))  # fmt: skip
+    rc, _, err = run_main(
+        "fit", *_args(runs, "--ckpt_path", ckpt, "--model.init_args.config_overrides", "{num_hidden_layers: 3}")
+    )
     assert rc == 1 and "config_overrides.num_hidden_layers" in err and "3" in err and "Traceback" not in err
     rc, _, err = run_main("fit", *_args(runs, "--ckpt_path", ckpt, "--model.init_args.optimizer.init_args.lr", "0.5"))
     assert rc == 1 and "optimizer.init_args.lr" in err and "0.5" in err and "0.003" in err
@@ -149,8 +160,18 @@ def test_settings_that_disagree_with_the_checkpoint(runs):
     rc, _, err = run_main("validate", *_args(runs, "--ckpt_path", ckpt, "--data.init_args.tokenizer", "gpt2"))
     assert rc == 1 and "data.init_args.tokenizer" in err and "byte" in err
     # an execution setting is applied (and recorded): another attention backend, same numbers
-    rc, _, err = run_main("validate", *_args(runs, "--ckpt_path", ckpt, "--model.init_args.attn_implementation",
-                                             "eager", "--trainer.logger.init_args.sub_dir", "eager"))  # fmt: skip
+    rc, _, err = run_main(
+        "validate",
+        *_args(
+            runs,
+            "--ckpt_path",
+            ckpt,
+            "--model.init_args.attn_implementation",
+            "eager",
+            "--trainer.logger.init_args.sub_dir",
+            "eager",
+        ),
+    )
     assert rc == 0, err[-3000:]
     run = logs / "a" / "version_0"
     assert "attn_implementation: eager" in (run / "eager" / "config.yaml").read_text()

@@ -17,8 +17,12 @@ import pytest
 import torch
 
 from phi3_lightning.modules.loading import load_head
-from phi3_lightning.modules.safe_load import (UnsafeCheckpointError, load_checkpoint_file, load_distributed,
-                                              verify_checkpoint)  # fmt: skip
+from phi3_lightning.modules.safe_load import (
+    UnsafeCheckpointError,
+    load_checkpoint_file,
+    load_distributed,
+    verify_checkpoint,
+)
 
 from .modules.helpers import ROOT, run_main, small_args
 
@@ -67,8 +71,12 @@ def test_no_unsafe_unpickling_anywhere_in_the_package():
     import re
 
     pattern = re.compile(r"weights_only\s*=\s*False|pickle\.loads?\(|trust_remote_code\s*=\s*True")
-    offenders = [f"{p.relative_to(ROOT)}:{i}" for p in (ROOT / "phi3_lightning").rglob("*.py")
-                 for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]  # fmt: skip
+    offenders = [
+        f"{p.relative_to(ROOT)}:{i}"
+        for p in (ROOT / "phi3_lightning").rglob("*.py")
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
     assert not offenders, offenders
 
 
@@ -155,11 +163,15 @@ def _dcp_save(state: dict, path: Path) -> None:
 
 
 def test_distributed_checkpoint_round_trip_with_the_safe_reader(tmp_path):
-    state = {"state_dict": {"w": torch.randn(4, 3), "b": torch.arange(5)},
-             "optim": {"param_groups": [{"lr": 0.1, "betas": (0.9, 0.95), "params": [0]}]}}  # fmt: skip
+    state = {
+        "state_dict": {"w": torch.randn(4, 3), "b": torch.arange(5)},
+        "optim": {"param_groups": [{"lr": 0.1, "betas": (0.9, 0.95), "params": [0]}]},
+    }
     _dcp_save(state, tmp_path / "ok")
-    target = {"state_dict": {"w": torch.zeros(4, 3), "b": torch.zeros(5, dtype=torch.long)},
-              "optim": {"param_groups": [{"lr": 0.0, "betas": (0.0, 0.0), "params": [0]}]}}  # fmt: skip
+    target = {
+        "state_dict": {"w": torch.zeros(4, 3), "b": torch.zeros(5, dtype=torch.long)},
+        "optim": {"param_groups": [{"lr": 0.0, "betas": (0.0, 0.0), "params": [0]}]},
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         load_distributed(target, tmp_path / "ok")

@@ -32,12 +32,24 @@ def logs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tb")
     logs, cache = root / "logs", root / "cache"
     for attn in FIT_BACKENDS:
-        rc, _, err = run_main("fit", *small_args("causal_lm", logs, cache),
-                              "--model.init_args.attn_implementation", attn)  # fmt: skip
+        rc, _, err = run_main(
+            "fit", *small_args("causal_lm", logs, cache), "--model.init_args.attn_implementation", attn
+        )
         assert rc == 0, err[-3000:]
-    compare_attention(preset="tiny", device="cpu", overrides={"num_hidden_layers": 1}, backends=list(CMP_BACKENDS),
-                      seq_lens=[16, 32], batch_kinds=list(KINDS), warmup=0, repeats=1, memory=False, num_threads=1,
-                      log_dir=str(logs / "compare_attention"), run_name="tiny")
+    compare_attention(
+        preset="tiny",
+        device="cpu",
+        overrides={"num_hidden_layers": 1},
+        backends=list(CMP_BACKENDS),
+        seq_lens=[16, 32],
+        batch_kinds=list(KINDS),
+        warmup=0,
+        repeats=1,
+        memory=False,
+        num_threads=1,
+        log_dir=str(logs / "compare_attention"),
+        run_name="tiny",
+    )
     return logs
 
 
@@ -46,9 +58,25 @@ class _TensorBoard:
 
     def __init__(self, logdir: Path, timeout: float = 90.0) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--port", "0", "--host", "127.0.0.1",
-             "--load_fast", "false", "--reload_interval", "1"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "tensorboard.main",
+                "--logdir",
+                str(logdir),
+                "--port",
+                "0",
+                "--host",
+                "127.0.0.1",
+                "--load_fast",
+                "false",
+                "--reload_interval",
+                "1",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         self.lines: list[str] = []
         self.url: str | None = None
         threading.Thread(target=self._read, daemon=True).start()
@@ -72,8 +100,9 @@ class _TensorBoard:
             return json.loads(r.read())
 
     def post(self, path: str, body: dict):
-        req = urllib.request.Request(f"{self.url}{path}", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})  # fmt: skip
+        req = urllib.request.Request(
+            f"{self.url}{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(req, timeout=30) as r:
             return json.loads(r.read())
 
@@ -164,10 +193,16 @@ def test_hparams_tab_compares_runs_by_final_val_metrics(board, logs):
     experiment = board.post("/data/plugin/hparams/experiment", {"experimentName": ""})
     metrics = {m["name"]["tag"] for m in experiment["metricInfos"]}
     assert {"val/loss", "val/perplexity"} <= metrics and "hp_metric" not in metrics
-    groups = board.post("/data/plugin/hparams/session_groups", {
-        "experimentName": "", "startIndex": 0, "sliceSize": 100,
-        "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
-        "colParams": [{"metric": {"tag": "val/loss"}}]})  # fmt: skip
+    groups = board.post(
+        "/data/plugin/hparams/session_groups",
+        {
+            "experimentName": "",
+            "startIndex": 0,
+            "sliceSize": 100,
+            "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
+            "colParams": [{"metric": {"tag": "val/loss"}}],
+        },
+    )
     by_run = {g["name"]: g for g in groups["sessionGroups"]}
     for backend in FIT_BACKENDS:
         g = by_run[_fit_run(backend)]

@@ -19,5 +19,6 @@ class UsageError(ValueError):
 def command_parser(prog: str, description: str):
     from ..options import strict_jsonargparse_parser
 
-    return strict_jsonargparse_parser(prog=f"python -m phi3_lightning {prog}", description=description,
-                                      default_env=False)  # fmt: skip
+    return strict_jsonargparse_parser(
+        prog=f"python -m phi3_lightning {prog}", description=description, default_env=False
+    )

@@ -19,8 +19,14 @@ from . import UsageError
 RESERVED_CKPT = ("last", "best", "hpc", "registry")
 LOCK_FILE = "fit.lock"
 # Model settings that do not change the weights: with --ckpt_path the command line's value is used.
-EXECUTION_SETTINGS = ("attn_implementation", "activation_checkpointing", "torch_compile", "compile_mode", "meta_init",
-                      "strict_head")  # fmt: skip
+EXECUTION_SETTINGS = (
+    "attn_implementation",
+    "activation_checkpointing",
+    "torch_compile",
+    "compile_mode",
+    "meta_init",
+    "strict_head",
+)
 # Settings whose state resumes from the checkpoint in fit (and that evaluation does not use).
 TRAINING_SETTINGS = ("optimizer", "lr_scheduler")
 # Linked from the data module at instantiation; checked against the checkpoint once the model exists.
@@ -122,8 +128,10 @@ def name_run(cfg: Any, subcommand: str | None) -> None:
             raise UsageError(f"--run_name {run_name!r}: give a relative name without '..' (e.g. lm_wiki or lm/wiki)")
     loggers = _tensorboard_loggers(cfg)
     if (run_name is not None or run_version is not None) and not loggers:
-        raise UsageError("--run_name / --run_version name a TensorBoard run, but this configuration has no "
-                         "TensorBoardLogger (trainer.logger); remove them or use the default logger")
+        raise UsageError(
+            "--run_name / --run_version name a TensorBoard run, but this configuration has no "
+            "TensorBoardLogger (trainer.logger); remove them or use the default logger"
+        )
     model_args = getattr(cfg.get("model"), "init_args", None)
     attn = getattr(model_args, "attn_implementation", None) or "sdpa"
     stems = _config_stems(cfg) or [_task_name(cfg)]
@@ -136,8 +144,10 @@ def name_run(cfg: Any, subcommand: str | None) -> None:
         if run_version is not None:
             given = _version_dir_name(args.get("version"))
             if given is not None and given != run_version:
-                raise UsageError(f"--run_version {run_version} and --trainer.logger.init_args.version {given} "
-                                 "disagree; give one of them")
+                raise UsageError(
+                    f"--run_version {run_version} and --trainer.logger.init_args.version {given} "
+                    "disagree; give one of them"
+                )
             args.version = run_version
 
 
@@ -163,22 +173,30 @@ def _run_checkpoint_dir(cfg: Any) -> tuple[Path, Path | None, str]:
         return dirpath, None, f"ModelCheckpoint dirpath {dirpath}"
     loggers = _tensorboard_loggers(cfg)
     if not loggers:
-        raise UsageError(f"--ckpt_path {cfg.ckpt_path} looks in the run's TensorBoard directory, but this configuration "
-                         "has no TensorBoardLogger and no ModelCheckpoint dirpath; pass the checkpoint file instead")
+        raise UsageError(
+            f"--ckpt_path {cfg.ckpt_path} looks in the run's TensorBoard directory, but this configuration "
+            "has no TensorBoardLogger and no ModelCheckpoint dirpath; pass the checkpoint file instead"
+        )
     args = loggers[0].init_args
     root = Path(str(args.get("save_dir") or "logs")).expanduser() / str(args.name)
     version = _version_dir_name(args.get("version"))
     if version is None:
-        candidates = sorted((d for d in root.iterdir() if _checkpoint_files(d / "checkpoints")),
-                            key=lambda d: (len(d.name), d.name)) if root.is_dir() else []  # fmt: skip
+        candidates = (
+            sorted(
+                (d for d in root.iterdir() if _checkpoint_files(d / "checkpoints")), key=lambda d: (len(d.name), d.name)
+            )
+            if root.is_dir()
+            else []
+        )
         if not candidates:
             raise UsageError(
                 f"--ckpt_path {cfg.ckpt_path}: run {args.name!r} has no checkpoints (looked in {root}/version_*/"
                 "checkpoints); train it first, name the run that has them with --run_name NAME, or pass a .ckpt file"
             )
         if len(candidates) > 1:
-            listing = ", ".join(f"{d.name} ({', '.join(p.name for p in _checkpoint_files(d / 'checkpoints'))})"
-                                for d in candidates)  # fmt: skip
+            listing = ", ".join(
+                f"{d.name} ({', '.join(p.name for p in _checkpoint_files(d / 'checkpoints'))})" for d in candidates
+            )
             raise UsageError(
                 f"--ckpt_path {cfg.ckpt_path} is ambiguous: run {args.name!r} ({root}) has {len(candidates)} versions "
                 f"with checkpoints: {listing}; pick one with --run_version N (e.g. --run_version "
@@ -213,19 +231,27 @@ def best_checkpoint(ckdir: Path, where: str = "") -> Path:
     if len(recorded) == 1 and found:
         return found[0]
     if len(found) > 1:
-        raise UsageError(f"--ckpt_path best is ambiguous in {where}: several ModelCheckpoint callbacks recorded a best "
-                         f"checkpoint ({', '.join(map(str, found))}); pass the file")
+        raise UsageError(
+            f"--ckpt_path best is ambiguous in {where}: several ModelCheckpoint callbacks recorded a best "
+            f"checkpoint ({', '.join(map(str, found))}); pass the file"
+        )
     files = [p for p in _checkpoint_files(ckdir) if p.name.startswith("best")]
     if len(files) == 1 and not recorded:
         return files[0]
     if recorded:
-        raise UsageError(f"--ckpt_path best: {where} recorded its best checkpoint as {', '.join(map(str, recorded))}, "
-                         "which no longer exists; pass a checkpoint file")
+        raise UsageError(
+            f"--ckpt_path best: {where} recorded its best checkpoint as {', '.join(map(str, recorded))}, "
+            "which no longer exists; pass a checkpoint file"
+        )
     if files:
-        raise UsageError(f"--ckpt_path best is ambiguous in {where}: no last.ckpt records which is best and there are "
-                         f"{len(files)} best*.ckpt files ({', '.join(p.name for p in files)}); pass one of them")
-    raise UsageError(f"--ckpt_path best: {where} has no best checkpoint (no ModelCheckpoint with a monitor saved one, "
-                     "and no best*.ckpt); use --ckpt_path last or pass a file")
+        raise UsageError(
+            f"--ckpt_path best is ambiguous in {where}: no last.ckpt records which is best and there are "
+            f"{len(files)} best*.ckpt files ({', '.join(p.name for p in files)}); pass one of them"
+        )
+    raise UsageError(
+        f"--ckpt_path best: {where} has no best checkpoint (no ModelCheckpoint with a monitor saved one, "
+        "and no best*.ckpt); use --ckpt_path last or pass a file"
+    )
 
 
 def run_dir_of(ckpt: Path) -> Path | None:
@@ -247,9 +273,11 @@ def resolve_ckpt_path(cfg: Any) -> tuple[Path, Path | None]:
         if value == "last":
             path = _last_in(ckdir)
             if path is None:
-                raise UsageError(f"--ckpt_path last: {where} has no last.ckpt (its checkpoints: "
-                                 f"{', '.join(p.name for p in _checkpoint_files(ckdir)) or 'none'}); "
-                                 "pass a checkpoint file or use --ckpt_path best")  # fmt: skip
+                raise UsageError(
+                    f"--ckpt_path last: {where} has no last.ckpt (its checkpoints: "
+                    f"{', '.join(p.name for p in _checkpoint_files(ckdir)) or 'none'}); "
+                    "pass a checkpoint file or use --ckpt_path best"
+                )
         else:
             path = best_checkpoint(ckdir, where)
         if _is_rank_zero():
@@ -277,9 +305,11 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     except UnsafeCheckpointError:
         raise
     except ValueError as e:
-        raise UsageError(f"cannot read checkpoint {path}: {e}. The file is truncated or corrupt (an interrupted copy "
-                         "or write?) or not a checkpoint written by fit; use another checkpoint of the run "
-                         "(--ckpt_path best, or last)") from None  # fmt: skip
+        raise UsageError(
+            f"cannot read checkpoint {path}: {e}. The file is truncated or corrupt (an interrupted copy "
+            "or write?) or not a checkpoint written by fit; use another checkpoint of the run "
+            "(--ckpt_path best, or last)"
+        ) from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise UsageError(f"{path} is not a Lightning checkpoint (no state_dict); pass a .ckpt written by fit")
     return ckpt
@@ -371,13 +401,18 @@ def check_ckpt_settings(cfg: Any, ckpt: dict[str, Any], subcommand: str, path: P
     name, old, new, key = problems[0]
     more = f" (also: {', '.join(p[0] for p in problems[1:])})" if len(problems) > 1 else ""
     if key in TRAINING_SETTINGS:
-        why = ("the optimizer and LR-scheduler state resume from the checkpoint, so the new value would not be used; "
-               "set it back to the checkpoint's value, or train on with other settings as a new run from the "
-               f"weights: python -m phi3_lightning export --checkpoint {path} --output DIR, then fit "
-               "--model.init_args.model DIR without --ckpt_path")  # fmt: skip
+        why = (
+            "the optimizer and LR-scheduler state resume from the checkpoint, so the new value would not be used; "
+            "set it back to the checkpoint's value, or train on with other settings as a new run from the "
+            f"weights: python -m phi3_lightning export --checkpoint {path} --output DIR, then fit "
+            "--model.init_args.model DIR without --ckpt_path"
+        )
     else:
-        why = ("the checkpoint was built with it and its weights only fit that; remove the setting or set it to the "
-               "checkpoint's value (or start a new run without --ckpt_path)")  # fmt: skip
+        why = (
+            "the checkpoint was built with it and its weights only fit that; remove the setting or set it to the "
+            "checkpoint's value (or start a new run without --ckpt_path)"
+        )
+
     def show(v: Any) -> str:
         return "unset (null)" if v is None else repr(v)
 
@@ -396,9 +431,11 @@ def check_ckpt_labels(path: Path, info: dict[str, Any], config: Any) -> None:
 
     here = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     if int(here.get("num_labels") or 0) != int(ckpt_config["num_labels"]) or names(here) != names(ckpt_config):
-        raise UsageError(f"--ckpt_path {path} was trained on {ckpt_config['num_labels']} labels {names(ckpt_config)}, "
-                         f"but the data here has {here.get('num_labels')} labels {names(here)}; evaluate it on data "
-                         "with the same labels (in the same order)")
+        raise UsageError(
+            f"--ckpt_path {path} was trained on {ckpt_config['num_labels']} labels {names(ckpt_config)}, "
+            f"but the data here has {here.get('num_labels')} labels {names(here)}; evaluate it on data "
+            "with the same labels (in the same order)"
+        )
 
 
 def place_run_logs(cfg: Any, subcommand: str, requested: str, run_dir: Path | None) -> None:
@@ -466,13 +503,16 @@ class RunLock:
         except FileExistsError:
             pid, host = self._owner()
             if pid is not None and host not in ("", socket.gethostname()):
-                raise UsageError(f"{self.run_dir} is locked by pid {pid} on host {host} ({self.path}): another fit "
-                                 "writes into this run; use another --run_name, or delete the lock file if that "
-                                 "process is gone") from None  # fmt: skip
+                raise UsageError(
+                    f"{self.run_dir} is locked by pid {pid} on host {host} ({self.path}): another fit "
+                    "writes into this run; use another --run_name, or delete the lock file if that "
+                    "process is gone"
+                ) from None
             if pid is not None and pid != os.getpid() and _pid_alive(pid):
-                raise UsageError(f"{self.run_dir} is in use: fit process {pid} holds {self.path}; wait for it to end, "
-                                 "or train under another --run_name (or a new version without --ckpt_path last)"
-                                 ) from None  # fmt: skip
+                raise UsageError(
+                    f"{self.run_dir} is in use: fit process {pid} holds {self.path}; wait for it to end, "
+                    "or train under another --run_name (or a new version without --ckpt_path last)"
+                ) from None
             print(f"note: taking over the stale lock {self.path} (pid {pid} is not running)", file=sys.stderr)
             atomic_write_text(self.path, me)
         else:

@@ -22,8 +22,16 @@ from .config import TOLERANCES, CompareConfig, build_parser, config_from_namespa
 from .report import MEASURES, Row
 from .run import CompareResult, compare_attention
 
-__all__ = ["CompareConfig", "CompareResult", "MEASURES", "Row", "TOLERANCES", "build_parser", "compare_attention",
-           "main"]
+__all__ = [
+    "CompareConfig",
+    "CompareResult",
+    "MEASURES",
+    "Row",
+    "TOLERANCES",
+    "build_parser",
+    "compare_attention",
+    "main",
+]
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m phi3_lightning compare-attention") -> int:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import gc
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -67,15 +67,20 @@ def make_batch(kind: str, batch_size: int, seq_len: int, vocab: int, pad_id: int
 # ----------------------------------------------------------------------------- steps
 def forward_logits(model, batch: dict) -> torch.Tensor:
     with torch.no_grad():
-        return model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                     position_ids=batch["position_ids"]).logits
+        return model(
+            batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
+        ).logits
 
 
 def train_step(model, batch: dict) -> torch.Tensor:
     """Forward with labels (mean next-token loss over counted tokens) and backward; returns the loss."""
     model.zero_grad(set_to_none=True)
-    out = model(batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
-                labels=batch["labels"])
+    out = model(
+        batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        labels=batch["labels"],
+    )
     out.loss.backward()
     return out.loss.detach()
 
@@ -159,8 +164,15 @@ class Timing:
         return (self.q3 - self.q1) / m if m > 0 else float("inf")
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, min_repeats: int,
-                     max_spread: float, time_budget_s: float, max_repeats: int = 10_000) -> dict[str, Timing]:
+def time_interleaved(
+    fns: dict[str, Callable[[], object]],
+    device: torch.device,
+    warmup: int,
+    min_repeats: int,
+    max_spread: float,
+    time_budget_s: float,
+    max_repeats: int = 10_000,
+) -> dict[str, Timing]:
     """Time several functions in one loop, one call of each per round (a, b, a, b, ...), device synchronised.
 
     Interleaving makes a change of machine load hit every function alike, so their medians stay comparable (a
@@ -197,10 +209,10 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device,
 # ----------------------------------------------------------------------------- memory
 MEMORY_NOTE = {
     "cuda": "peak memory = torch.cuda.max_memory_allocated during one call minus what was allocated before it "
-            "(activations, temporaries, and for forward+backward the parameter gradients; weights excluded)",
+    "(activations, temporaries, and for forward+backward the parameter gradients; weights excluded)",
     "cpu": "peak memory = highest running total of CPU-allocator bytes allocated minus freed during one call, read "
-           "from torch.profiler(profile_memory=True) events (activations, temporaries, gradients; weights excluded; "
-           "memory that libraries allocate outside PyTorch's allocator, e.g. oneDNN scratch, is not seen)",
+    "from torch.profiler(profile_memory=True) events (activations, temporaries, gradients; weights excluded; "
+    "memory that libraries allocate outside PyTorch's allocator, e.g. oneDNN scratch, is not seen)",
 }
 
 

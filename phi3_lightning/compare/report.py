@@ -123,8 +123,12 @@ def _nice_max(v: float) -> float:
     return 40 * e
 
 
-def chart(rows: list[Row], title: str, measures=(("fwd_ms", "forward ms"), ("fwd_bwd_ms", "forward+backward ms")),
-          panel=(380, 260)) -> np.ndarray:
+def chart(
+    rows: list[Row],
+    title: str,
+    measures=(("fwd_ms", "forward ms"), ("fwd_bwd_ms", "forward+backward ms")),
+    panel=(380, 260),
+) -> np.ndarray:
     """(H, W, 3) uint8 image: one panel per (measure, batch setting), one line per backend over seq_len."""
     from PIL import Image, ImageDraw, ImageFont
 
@@ -163,7 +167,7 @@ def chart(rows: list[Row], title: str, measures=(("fwd_ms", "forward ms"), ("fwd
                 txt = f"{yv:.4g}"
                 draw.text((x0 - 6 - draw.textlength(txt, font=font), yy - 6), txt, fill="black", font=font)
 
-            def xpos(t):
+            def xpos(t, lens=lens, x0=x0, x1=x1):  # this chart's axis (bound now, not the loop's last)
                 i = lens.index(t)
                 return x0 + (x1 - x0) * ((i + 0.5) / len(lens))
 
@@ -175,8 +179,11 @@ def chart(rows: list[Row], title: str, measures=(("fwd_ms", "forward ms"), ("fwd
                 txt = "n/a: " + ", ".join(missing)
                 draw.text((x1 - 4 - draw.textlength(txt, font=font), y1 + 4), txt, fill=(170, 0, 0), font=font)
             for b in backends:
-                pts = [(xpos(r.seq_len), y0 - (y0 - y1) * r.values[measure] / ymax)
-                       for r in sorted(sub, key=lambda r: r.seq_len) if r.backend == b and measure in r.values]
+                pts = [
+                    (xpos(r.seq_len), y0 - (y0 - y1) * r.values[measure] / ymax)
+                    for r in sorted(sub, key=lambda r: r.seq_len)
+                    if r.backend == b and measure in r.values
+                ]
                 if len(pts) > 1:
                     draw.line(pts, fill=color[b], width=2)
                 mine = [r for r in sorted(sub, key=lambda r: r.seq_len) if r.backend == b and measure in r.values]
@@ -224,13 +231,16 @@ def layout(settings: list[str], max_spread: float) -> dict:
         out[f"{LAYOUT_PREFIX} {setting}"] = charts
     out[f"{LAYOUT_PREFIX} timing spread (IQR / median; above {max_spread:g} = noisy)"] = {
         f"{setting} {title}": ["Multiline", [f"^{spread_tag(setting, m, 'rel_iqr')}$"]]
-        for setting in settings for title, m in CHARTS if m in TIMED
+        for setting in settings
+        for title, m in CHARTS
+        if m in TIMED
     }
     return out
 
 
-def write_tensorboard(log_dir: str, rows: list[Row], summary: str, image: np.ndarray, config_text: str,
-                      max_spread: float = 0.1) -> None:
+def write_tensorboard(
+    log_dir: str, rows: list[Row], summary: str, image: np.ndarray, config_text: str, max_spread: float = 0.1
+) -> None:
     """``<log_dir>``: the summary table, the config, the chart and the custom-scalars layout; ``<log_dir>/<backend>``:
     that backend's scalars (step = sequence length), one run per backend so every chart overlays the backends."""
     from torch.utils.tensorboard import SummaryWriter

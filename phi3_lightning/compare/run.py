@@ -49,8 +49,9 @@ def _model_config(cfg: CompareConfig) -> Phi3Config:
 
 def _build_model(cfg: CompareConfig, mcfg: Phi3Config, dtype: torch.dtype, device: torch.device) -> Phi3ForCausalLM:
     if cfg.checkpoint:
-        model = Phi3ForCausalLM.from_pretrained(cfg.checkpoint, attn_implementation="eager", dtype=dtype,
-                                                device=device, **cfg.overrides)
+        model = Phi3ForCausalLM.from_pretrained(
+            cfg.checkpoint, attn_implementation="eager", dtype=dtype, device=device, **cfg.overrides
+        )
     else:
         torch.manual_seed(cfg.seed)
         model = Phi3ForCausalLM(mcfg, attn_implementation="eager").to(device=device, dtype=dtype)
@@ -60,8 +61,10 @@ def _build_model(cfg: CompareConfig, mcfg: Phi3Config, dtype: torch.dtype, devic
 def _backend_label(name: str, flex_compiled: bool) -> tuple[str, str | None]:
     """Name shown in the table, and a footnote saying what actually ran."""
     if name == "flash_attention_2" and B.flash_kernels_substituted():
-        return "flash_attention_2*", ("* flash_attention_2 ran with substituted pure-torch kernels "
-                                      "(set_flash_kernels): its glue is tested, its times are not flash-attn's")
+        return "flash_attention_2*", (
+            "* flash_attention_2 ran with substituted pure-torch kernels "
+            "(set_flash_kernels): its glue is tested, its times are not flash-attn's"
+        )
     if name == "flex":
         mode = "torch.compile(flex_attention)" if flex_compiled else "eager flex_attention (unfused math path)"
         return "flex", f"flex ran as {mode}"
@@ -171,8 +174,15 @@ def _measure(model, batch: dict, row: Row, ref_logits, ref_grads, cfg: CompareCo
             row.failures.append(f"{row.backend} {row.batch} T={row.seq_len}: {measure}={v:.2e} > tolerance {limit:g}")
 
 
-def _run_all(cfg: CompareConfig, mcfg: Phi3Config, available: list[str], windows: list[int | None],
-             dtype: torch.dtype, device: torch.device, tol: dict[str, float]) -> list[Row]:
+def _run_all(
+    cfg: CompareConfig,
+    mcfg: Phi3Config,
+    available: list[str],
+    windows: list[int | None],
+    dtype: torch.dtype,
+    device: torch.device,
+    tol: dict[str, float],
+) -> list[Row]:
     """Every (window, batch kind, seq_len): the fp64 eager reference once, then each backend on the same batch."""
     model = _build_model(cfg, mcfg, dtype, device)
     ref_model = copy.deepcopy(model).to(torch.float64)  # the same weights, upcast exactly
@@ -218,8 +228,10 @@ def compare_attention(config: CompareConfig | None = None, **overrides) -> Compa
     mcfg = _model_config(cfg)
     too_long = [t for t in cfg.seq_lens if t > mcfg.max_position_embeddings]
     if too_long:
-        raise ValueError(f"seq_lens {too_long} exceed max_position_embeddings={mcfg.max_position_embeddings}; "
-                         "shorten them or raise it via overrides")
+        raise ValueError(
+            f"seq_lens {too_long} exceed max_position_embeddings={mcfg.max_position_embeddings}; "
+            "shorten them or raise it via overrides"
+        )
     windows = cfg.sliding_windows if cfg.sliding_windows else [mcfg.sliding_window]
     tol = TOLERANCES[dtype]
 
@@ -252,27 +264,36 @@ def compare_attention(config: CompareConfig | None = None, **overrides) -> Compa
     # ------------------------------------------------------------------ report
     failures = [f for r in rows for f in r.failures]
     model_name = Path(cfg.checkpoint).name if cfg.checkpoint else cfg.preset
-    head = (f"model {model_name} ({mcfg.num_hidden_layers} layers, hidden {mcfg.hidden_size}, heads "
-            f"{mcfg.num_attention_heads}/{mcfg.num_key_value_heads} x {mcfg.head_size}, vocab {mcfg.vocab_size}), "
-            f"batch {cfg.batch_size}, {dtype_name} on {device}"
-            + (f" ({threads} thread{'s' if threads > 1 else ''})" if device.type == "cpu" else "") + f", torch {torch.__version__}")
+    head = (
+        f"model {model_name} ({mcfg.num_hidden_layers} layers, hidden {mcfg.hidden_size}, heads "
+        f"{mcfg.num_attention_heads}/{mcfg.num_key_value_heads} x {mcfg.head_size}, vocab {mcfg.vocab_size}), "
+        f"batch {cfg.batch_size}, {dtype_name} on {device}"
+        + (f" ({threads} thread{'s' if threads > 1 else ''})" if device.type == "cpu" else "")
+        + f", torch {torch.__version__}"
+    )
     tbl = table(rows, labels)
     lines = [head, "", tbl, ""]
-    lines.append(f"times: median (q1-q3) of n calls, forward and forward+backward timed alternately after "
-                 f"{cfg.warmup} warm-up round(s); at least {cfg.repeats} rounds, more until IQR/median <= "
-                 f"{cfg.max_spread:g} or {cfg.time_budget_s:g} s per row; tok/s counts real (non-padding) tokens. "
-                 "Batches: padded = right-padded rows; packed = documents with restarting position_ids (+ a padding "
-                 "tail on rows after the first); _wN = sliding window N.")
+    lines.append(
+        f"times: median (q1-q3) of n calls, forward and forward+backward timed alternately after "
+        f"{cfg.warmup} warm-up round(s); at least {cfg.repeats} rounds, more until IQR/median <= "
+        f"{cfg.max_spread:g} or {cfg.time_budget_s:g} s per row; tok/s counts real (non-padding) tokens. "
+        "Batches: padded = right-padded rows; packed = documents with restarting position_ids (+ a padding "
+        "tail on rows after the first); _wN = sliding window N."
+    )
     noisy = [r for r in rows if r.noisy]
     if noisy:
-        lines.append(f"noisy: {len(noisy)} of {len(rows)} rows have a timing spread too large to rank backends "
-                     f"(IQR/median > {cfg.max_spread:g} within {cfg.time_budget_s:g} s, or fwd+bwd timed faster than "
-                     "fwd); rerun on a quieter machine, with --num_threads, or a larger --time_budget_s. "
-                     "--check does not look at timings.")
+        lines.append(
+            f"noisy: {len(noisy)} of {len(rows)} rows have a timing spread too large to rank backends "
+            f"(IQR/median > {cfg.max_spread:g} within {cfg.time_budget_s:g} s, or fwd+bwd timed faster than "
+            "fwd); rerun on a quieter machine, with --num_threads, or a larger --time_budget_s. "
+            "--check does not look at timings."
+        )
         lines += [f"  - {r.backend} {r.batch} T={r.seq_len}: {'; '.join(r.noisy)}" for r in noisy]
-    lines.append(f"errors vs fp64 eager on the same weights: logits err = max|d| / max|ref| over real tokens, grad err "
-                 f"= ||d||_2 / ||ref||_2 over all parameter gradients; {dtype_name} tolerance: logits <= "
-                 f"{tol['logits']:g}, grads <= {tol['grads']:g}.")
+    lines.append(
+        f"errors vs fp64 eager on the same weights: logits err = max|d| / max|ref| over real tokens, grad err "
+        f"= ||d||_2 / ||ref||_2 over all parameter gradients; {dtype_name} tolerance: logits <= "
+        f"{tol['logits']:g}, grads <= {tol['grads']:g}."
+    )
     if cfg.memory:
         lines.append(bench.MEMORY_NOTE["cuda" if device.type == "cuda" else "cpu"] + ".")
     lines += notes
@@ -300,5 +321,14 @@ def compare_attention(config: CompareConfig | None = None, **overrides) -> Compa
     # TensorBoard renders Markdown: keep the table as a table and every note as its own paragraph.
     tb_text = "\n\n".join([head, tbl] + [line for line in lines[4:] if line])
     write_tensorboard(str(log_dir), rows, tb_text, image, config_text, max_spread=cfg.max_spread)
-    return CompareResult(rows=rows, unavailable=unavailable, notes=lines[4:], table=tbl, summary=summary,
-                         log_dir=log_dir, dtype=dtype, device=device, failures=failures)
+    return CompareResult(
+        rows=rows,
+        unavailable=unavailable,
+        notes=lines[4:],
+        table=tbl,
+        summary=summary,
+        log_dir=log_dir,
+        dtype=dtype,
+        device=device,
+        failures=failures,
+    )

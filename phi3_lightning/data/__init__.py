@@ -7,6 +7,7 @@ Imports nothing from ``phi3_lightning.model``; the LightningModules and the CLI 
 from ..conventions import PROBLEM_TYPES
 from .chat import Segment, chat_text, render_chat, tokenize_chat
 from .collate import IGNORE_INDEX, LengthGroupedSampler, PaddingCollator, padding_efficiency
+from .efficiency import efficiency_report
 from .embedded import (
     DEFAULT_PACKAGES,
     available_packages,
@@ -20,7 +21,6 @@ from .embedded import (
 )
 from .packing import PackedRows, pack_documents, packing_efficiency, plan_packing
 from .sampling import EpochSampler, ResumableDataLoader
-from .efficiency import efficiency_report
 from .sources import Record, load_source, read_records, resolve_splits, split_by_hash
 from .tokenizer import CHAT_FORMATS, ByteTokenizer, HFTokenizer, Tokenizer, check_vocab_fits, load_tokenizer
 

@@ -71,9 +71,7 @@ def render_chat(
     segments: list[Segment] = []
     for i, msg in enumerate(messages):
         if not isinstance(msg, Mapping) or "role" not in msg or "content" not in msg:
-            raise ValueError(
-                f"message {i} is {str(msg)[:80]!r}; each message needs a 'role' and a 'content' key"
-            )
+            raise ValueError(f"message {i} is {str(msg)[:80]!r}; each message needs a 'role' and a 'content' key")
         role, content = msg["role"], msg["content"]
         if role not in ROLES:
             raise ValueError(f"message {i} has role {role!r}; use one of {ROLES}")

@@ -131,7 +131,9 @@ class PaddingCollator:
             "position_ids": position_ids,  # (B, T)
         }
         if first is not None:
-            batch["labels"] = labels if labels is not None else _stack_sequence_labels([ex["labels"] for ex in examples])
+            batch["labels"] = (
+                labels if labels is not None else _stack_sequence_labels([ex["labels"] for ex in examples])
+            )
         if "index" in examples[0]:
             batch["index"] = torch.tensor([int(ex["index"]) for ex in examples], dtype=torch.long)  # (B,)
         return batch

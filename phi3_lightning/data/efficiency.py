@@ -38,9 +38,12 @@ def efficiency_report(
     random_batches = [[pieces[i] for i in order[j : j + batch_size]] for j in range(0, len(order), batch_size)]
     g.manual_seed(seed)
     grouped = LengthGroupedSampler(
-        RandomSampler(range(len(pieces)), generator=g), batch_size, lengths=pieces, mega_batch_mult=mega_batch_mult,
+        RandomSampler(range(len(pieces)), generator=g),
+        batch_size,
+        lengths=pieces,
+        mega_batch_mult=mega_batch_mult,
         seed=seed,
-    )  # fmt: skip
+    )
     grouped_batches = [[pieces[i] for i in b] for b in grouped]
     return {
         "padding": padding_efficiency(random_batches, pad_to_multiple_of),

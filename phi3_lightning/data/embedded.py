@@ -235,7 +235,13 @@ def build_token_types(
                 continue
             records.append(
                 Record(
-                    {"words": [w for w, _ in group], "labels": [t for _, t in group], "path": rel, "line": i, "key": f"{rel}#{i}"},
+                    {
+                        "words": [w for w, _ in group],
+                        "labels": [t for _, t in group],
+                        "path": rel,
+                        "line": i,
+                        "key": f"{rel}#{i}",
+                    },
                     f"stdlib {rel} line-group {i}",
                 )
             )
@@ -269,9 +275,7 @@ def _cache_path(kind: str, params: dict[str, Any], cache_dir: Path, root: Path) 
     return cache_dir / f"embedded-{kind}-py{v.major}{v.minor}-{digest}.json"
 
 
-def load_embedded(
-    kind: str, cache_dir: str | Path | None = None, progress: bool = True, **params: Any
-) -> list[Record]:
+def load_embedded(kind: str, cache_dir: str | Path | None = None, progress: bool = True, **params: Any) -> list[Record]:
     """All records of an embedded dataset (``kind`` in ``EMBEDDED_KINDS``), from the cache or built and cached.
 
     ``params`` go to the builder (``build_lm_corpus``, ``build_code_classification``, ``build_token_types``) and
@@ -300,7 +304,9 @@ def load_embedded(
         payload = {"kind": kind, "params": params, "python": sys.version, "records": records}
         atomic_write_text(path, json.dumps(payload, ensure_ascii=False))
     except OSError as e:  # a read-only home still trains, it just rebuilds next time
-        warnings.warn(f"could not write the embedded cache {path} ({e}); set cache_dir to a writable place", stacklevel=2)
+        warnings.warn(
+            f"could not write the embedded cache {path} ({e}); set cache_dir to a writable place", stacklevel=2
+        )
     return records
 
 

@@ -65,16 +65,26 @@ def _fmt(v: object, percent: bool) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = StrictArgumentParser(prog="python -m phi3_lightning data-report", description=__doc__.split("\n\n")[0],
-                             formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--corpus", nargs="+", default=["lm", "code_cls", "token_types"],
-                   help="embedded corpora: lm (stdlib files), code_cls (package snippets), token_types (source lines)")
+    p = StrictArgumentParser(
+        prog="python -m phi3_lightning data-report",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
+    p.add_argument(
+        "--corpus",
+        nargs="+",
+        default=["lm", "code_cls", "token_types"],
+        help="embedded corpora: lm (stdlib files), code_cls (package snippets), token_types (source lines)",
+    )
     p.add_argument("--max-length", nargs="+", type=int, default=[256, 1024, 4096], help="row / maximum lengths")
     p.add_argument("--batch-size", type=int, default=8, help="rows per batch")
     p.add_argument("--pad-to-multiple-of", type=int, default=None, help="round padded lengths up to a multiple of this")
     p.add_argument("--tokenizer", default="byte", help="'byte' or a checkpoint directory")
-    p.add_argument("--cache-dir", default=None, help="where the embedded corpora are cached (default: "
-                                                      "$PHI3_LIGHTNING_CACHE or ~/.cache/phi3_lightning)")
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where the embedded corpora are cached (default: $PHI3_LIGHTNING_CACHE or ~/.cache/phi3_lightning)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the batch shuffling")
     args = p.parse_args(argv)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)  # no per-module chatter

@@ -73,7 +73,7 @@ def _read_jsonl(path: Path, limit: int | None) -> list[Record]:
                 raise ValueError(f"{path} line {lineno}: not valid JSON ({e.msg}); fix or remove the line") from e
             if not isinstance(obj, dict):
                 raise ValueError(
-                    f"{path} line {lineno}: expected a JSON object like {{\"text\": ...}}, got a "
+                    f'{path} line {lineno}: expected a JSON object like {{"text": ...}}, got a '
                     f"{type(obj).__name__}; fix or remove the line"
                 )
             records.append(Record(obj, f"{path} line {lineno}"))
@@ -92,7 +92,7 @@ def _read_json(path: Path, limit: int | None) -> list[Record]:
         data = data["data"]
     if not isinstance(data, list):
         raise ValueError(
-            f"{path}: expected a JSON list of objects (or {{\"data\": [...]}}), got a {type(data).__name__}; "
+            f'{path}: expected a JSON list of objects (or {{"data": [...]}}), got a {type(data).__name__}; '
             "use that layout or one object per line in a .jsonl file"
         )
     records: list[Record] = []
@@ -169,8 +169,10 @@ def not_utf8_message(path: Path, what: str = "file") -> str:
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         where = f" (line {line}, byte 0x{raw[e.start]:02x} at offset {e.start})"
-    return (f"{what} {str(path)!r} is not valid UTF-8{where}; text files are read as UTF-8: re-save it as UTF-8 "
-            "(e.g. iconv -f latin1 -t utf-8 IN > OUT)")
+    return (
+        f"{what} {str(path)!r} is not valid UTF-8{where}; text files are read as UTF-8: re-save it as UTF-8 "
+        "(e.g. iconv -f latin1 -t utf-8 IN > OUT)"
+    )
 
 
 def read_records(

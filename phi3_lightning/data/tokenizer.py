@@ -191,8 +191,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); fix or remove the file") from e
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON (not UTF-8 text: {e.reason} at byte {e.start}); fix or remove the "
-                         "file") from e
+        raise ValueError(
+            f"{path}: not valid JSON (not UTF-8 text: {e.reason} at byte {e.start}); fix or remove the file"
+        ) from e
     return data if isinstance(data, dict) else {}
 
 
@@ -202,11 +203,15 @@ def _tokenizer_file_error(file: Path, error: Exception) -> ValueError:
         json.loads(file.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         detail = f"{e.msg} at line {e.lineno}" if isinstance(e, json.JSONDecodeError) else f"not UTF-8 text: {e.reason}"
-        return ValueError(f"tokenizer file {file} is not valid JSON ({detail}); a tokenizer is a Hugging Face "
-                          "tokenizer.json: pass the checkpoint directory that holds it, re-download it, or use "
-                          "tokenizer='byte'")
-    return ValueError(f"tokenizer file {file} is JSON but not a tokenizer.json the tokenizers library can read "
-                      f"({error}); re-download it from the checkpoint, or use tokenizer='byte'")
+        return ValueError(
+            f"tokenizer file {file} is not valid JSON ({detail}); a tokenizer is a Hugging Face "
+            "tokenizer.json: pass the checkpoint directory that holds it, re-download it, or use "
+            "tokenizer='byte'"
+        )
+    return ValueError(
+        f"tokenizer file {file} is JSON but not a tokenizer.json the tokenizers library can read "
+        f"({error}); re-download it from the checkpoint, or use tokenizer='byte'"
+    )
 
 
 def _token_content(value: Any) -> str | None:

@@ -1,7 +1,7 @@
 """Plain-PyTorch Phi-3 (no Lightning imports): ``import phi3_lightning.model`` works on its own."""
 
-from .backends import BACKENDS, DEFAULT_BACKEND, Backend, backend_available, check_backend, set_flash_kernels
 from .backbone import Phi3Model
+from .backends import BACKENDS, DEFAULT_BACKEND, Backend, backend_available, check_backend, set_flash_kernels
 from .cache import KVCache
 from .config import PRESETS, Phi3Config, get_preset, resolve_model
 from .generation import generate
@@ -16,7 +16,24 @@ from .heads import (
 )
 
 __all__ = [
-    "ARCHITECTURE_TASKS", "BACKENDS", "DEFAULT_BACKEND", "Backend", "HEADS", "KVCache", "ModelOutput", "PRESETS",
-    "Phi3Config", "Phi3ForCausalLM", "Phi3ForSequenceClassification", "Phi3ForTokenClassification", "Phi3Model",
-    "TASKS", "backend_available", "check_backend", "generate", "get_preset", "resolve_model", "set_flash_kernels",
+    "ARCHITECTURE_TASKS",
+    "BACKENDS",
+    "DEFAULT_BACKEND",
+    "Backend",
+    "HEADS",
+    "KVCache",
+    "ModelOutput",
+    "PRESETS",
+    "Phi3Config",
+    "Phi3ForCausalLM",
+    "Phi3ForSequenceClassification",
+    "Phi3ForTokenClassification",
+    "Phi3Model",
+    "TASKS",
+    "backend_available",
+    "check_backend",
+    "generate",
+    "get_preset",
+    "resolve_model",
+    "set_flash_kernels",
 ]

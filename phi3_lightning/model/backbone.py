@@ -18,12 +18,17 @@ from .rope import Phi3RotaryEmbedding
 class Phi3Model(nn.Module):
     """Backbone: ``forward(input_ids, attention_mask, position_ids, cache) -> (B, T, hidden)`` final-normed states."""
 
-    def __init__(self, config: Phi3Config, attn_implementation: str = DEFAULT_BACKEND,
-                 device: torch.device | None = None):
+    def __init__(
+        self, config: Phi3Config, attn_implementation: str = DEFAULT_BACKEND, device: torch.device | None = None
+    ):
         super().__init__()
         self.config = config
-        pad = config.pad_token_id if config.pad_token_id is not None and config.pad_token_id < config.vocab_size else None
-        self.embed_tokens = Embedding(config.initializer_range, config.vocab_size, config.hidden_size, pad, device=device)
+        pad = (
+            config.pad_token_id if config.pad_token_id is not None and config.pad_token_id < config.vocab_size else None
+        )
+        self.embed_tokens = Embedding(
+            config.initializer_range, config.vocab_size, config.hidden_size, pad, device=device
+        )
         self.layers = nn.ModuleList(Phi3DecoderLayer(config, i, device=device) for i in range(config.num_hidden_layers))
         self.norm = Phi3RMSNorm(config.hidden_size, config.rms_norm_eps, device=device)
         self.rotary_emb = Phi3RotaryEmbedding(config, device=device)

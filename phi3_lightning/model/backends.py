@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -329,20 +330,45 @@ class Backend:
 BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
-        Backend("eager", eager_attention, _prepare_eager, _built_in, "scores",
-                "additive float mask and fp32 softmax (the reference)"),
-        Backend("sdpa", sdpa_attention, _prepare_sdpa, _built_in, "repeated_kv",
-                "torch scaled_dot_product_attention; packed or padded rows document by document"),
-        Backend("flash_attention_2", flash_attention, _prepare_flash, flash_available, "fused",
-                "flash-attn kernels (CUDA, fp16/bf16); varlen for packed or padded rows"),
-        Backend("flex", flex_attention_backend, _prepare_flex, flex_available, "fused",
-                "torch flex_attention with one block mask"),
+        Backend(
+            "eager",
+            eager_attention,
+            _prepare_eager,
+            _built_in,
+            "scores",
+            "additive float mask and fp32 softmax (the reference)",
+        ),
+        Backend(
+            "sdpa",
+            sdpa_attention,
+            _prepare_sdpa,
+            _built_in,
+            "repeated_kv",
+            "torch scaled_dot_product_attention; packed or padded rows document by document",
+        ),
+        Backend(
+            "flash_attention_2",
+            flash_attention,
+            _prepare_flash,
+            flash_available,
+            "fused",
+            "flash-attn kernels (CUDA, fp16/bf16); varlen for packed or padded rows",
+        ),
+        Backend(
+            "flex",
+            flex_attention_backend,
+            _prepare_flex,
+            flex_available,
+            "fused",
+            "torch flex_attention with one block mask",
+        ),
     )
 }
 
 
-def backend_available(name: str, device: torch.device | None = None,
-                      dtype: torch.dtype | None = None) -> tuple[bool, str]:
+def backend_available(
+    name: str, device: torch.device | None = None, dtype: torch.dtype | None = None
+) -> tuple[bool, str]:
     """(available, reason) for a backend name on this machine (on ``device``, in ``dtype`` when given)."""
     if name not in BACKENDS:
         return False, f"unknown backend {name!r}"
@@ -359,6 +385,7 @@ def check_backend(name: str, *, runnable: bool = True) -> Backend:
     if runnable:
         ok, why = backend.available()
         if not ok:
-            raise ValueError(f"attn_implementation={name!r} is unavailable here: {why}; use {DEFAULT_BACKEND!r} "
-                             "instead")
+            raise ValueError(
+                f"attn_implementation={name!r} is unavailable here: {why}; use {DEFAULT_BACKEND!r} instead"
+            )
     return backend

@@ -13,8 +13,16 @@ class KVCache:
     key), so a decode step with a window reads at most ``window`` keys.
     """
 
-    def __init__(self, num_layers: int, batch_size: int, max_len: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        max_len: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
         shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -24,9 +32,10 @@ class KVCache:
         self.long_rope: bool | None = None  # the LongRoPE regime the cached keys were computed in
 
     @classmethod
-    def for_model(cls, config, batch_size: int, max_len: int, dtype: torch.dtype, device) -> "KVCache":
-        return cls(config.num_hidden_layers, batch_size, max_len, config.num_key_value_heads, config.head_size,
-                   dtype, device)
+    def for_model(cls, config, batch_size: int, max_len: int, dtype: torch.dtype, device) -> KVCache:
+        return cls(
+            config.num_hidden_layers, batch_size, max_len, config.num_key_value_heads, config.head_size, dtype, device
+        )
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, k_start: int = 0):
         t = k.shape[2]

@@ -18,8 +18,9 @@ import posixpath
 import re
 import warnings
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -46,8 +47,14 @@ def _shard_name(index: Path, name: object) -> str:
     if not isinstance(name, str) or not name:
         raise ValueError(f"{index} maps a tensor to {name!r}, which is not a file name; the index is corrupt")
     norm = posixpath.normpath(name.replace(os.sep, "/"))
-    if posixpath.isabs(norm) or os.path.isabs(name) or os.path.splitdrive(name)[0] or norm == ".." \
-            or norm.startswith("../") or norm == ".":
+    if (
+        posixpath.isabs(norm)
+        or os.path.isabs(name)
+        or os.path.splitdrive(name)[0]
+        or norm == ".."
+        or norm.startswith("../")
+        or norm == "."
+    ):
         raise ValueError(
             f"{index} names the shard {name!r}, which is outside the checkpoint directory; refusing to read it (a "
             "safetensors index may only name files in its own directory). Fix or re-download the index"
@@ -62,16 +69,33 @@ def parse_size(size: int | str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(size), re.IGNORECASE)
     if not m:
         raise ValueError(f"max_shard_size={size!r} is not a size; write e.g. '5GB', '500MB' or a byte count")
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    units = {
+        "": 1,
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+    }
     return int(float(m.group(1)) * units[(m.group(2) or "").upper()])
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float64": torch.float64,
+    }
     key = str(dtype).replace("torch.", "")
     if key not in names:
         raise ValueError(f"dtype={dtype!r} is not supported; use float32, bfloat16 or float16")
@@ -201,8 +225,14 @@ class PretrainedMixin:
     architecture: str
 
     @classmethod
-    def from_config(cls, config: Phi3Config | str, attn_implementation: str = DEFAULT_BACKEND,
-                    dtype: torch.dtype | str | None = None, device: torch.device | str | None = None, **kwargs: Any):
+    def from_config(
+        cls,
+        config: Phi3Config | str,
+        attn_implementation: str = DEFAULT_BACKEND,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+        **kwargs: Any,
+    ):
         """A randomly initialised model from a config or preset name."""
         if isinstance(config, str):
             config = Phi3Config.from_pretrained(config)
@@ -264,9 +294,15 @@ class PretrainedMixin:
                         is_score = name.startswith("score.")
                         if is_score and not strict_head:
                             continue
-                        hint = ("set num_labels to match the checkpoint or pass strict_head=False to re-initialise "
-                                "the head") if is_score else "the checkpoint does not match this config (vocab_size, " \
+                        hint = (
+                            (
+                                "set num_labels to match the checkpoint or pass strict_head=False to re-initialise "
+                                "the head"
+                            )
+                            if is_score
+                            else "the checkpoint does not match this config (vocab_size, "
                             "hidden_size, heads?); load it without overrides or with the matching preset"
+                        )
                         raise ValueError(
                             f"{file}: tensor {name} has shape {tuple(tensor.shape)} but the model expects {want}; {hint}"
                         )
@@ -292,8 +328,9 @@ class PretrainedMixin:
         model.tie_weights()
         return model
 
-    def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB",
-                        dtype: torch.dtype | str | None = None) -> Path:
+    def save_pretrained(
+        self, path: str | os.PathLike, max_shard_size: int | str = "5GB", dtype: torch.dtype | str | None = None
+    ) -> Path:
         """Write config.json + safetensors (sharded with an index above ``max_shard_size``) that transformers'
         ``Phi3*`` classes load. Tied ``lm_head`` is not written twice.
 
@@ -306,8 +343,9 @@ class PretrainedMixin:
             self.write_pretrained_files(tmp, max_shard_size=max_shard_size, dtype=dtype)
         return path
 
-    def write_pretrained_files(self, directory: str | os.PathLike, max_shard_size: int | str = "5GB",
-                               dtype: torch.dtype | str | None = None) -> None:
+    def write_pretrained_files(
+        self, directory: str | os.PathLike, max_shard_size: int | str = "5GB", dtype: torch.dtype | str | None = None
+    ) -> None:
         """The files of :meth:`save_pretrained` written straight into the existing ``directory``, with no staging:
         for callers that stage a larger directory themselves (``export``). Use ``save_pretrained`` otherwise."""
         from safetensors.torch import save_file

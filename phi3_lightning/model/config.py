@@ -192,7 +192,10 @@ class Phi3Config:
             0.0 < self.partial_rotary_factor <= 1.0,
             f"partial_rotary_factor={self.partial_rotary_factor} must be in (0, 1]",
         )
-        need(self.rotary_dim % 2 == 0, f"rotary dims int(head_dim * partial_rotary_factor)={self.rotary_dim} must be even")
+        need(
+            self.rotary_dim % 2 == 0,
+            f"rotary dims int(head_dim * partial_rotary_factor)={self.rotary_dim} must be even",
+        )
         need(
             self.hidden_act in HIDDEN_ACTS,
             f"hidden_act={self.hidden_act!r} is not supported; choose one of {', '.join(HIDDEN_ACTS)}",
@@ -238,40 +241,61 @@ class Phi3Config:
 
         for name in ("max_position_embeddings", "original_max_position_embeddings"):
             v = getattr(self, name)
-            need(is_int(v) and v > 0, f"{name}={v!r} must be a positive integer (the longest sequence the model "
-                                      "accepts; 4096 for the 4k checkpoints)")
-        need(self.head_dim is None or (is_int(self.head_dim) and self.head_dim > 0),
-             f"head_dim={self.head_dim!r} must be a positive integer or null (null = hidden_size // num_attention_heads)")
-        need(is_num(self.rms_norm_eps) and self.rms_norm_eps > 0,
-             f"rms_norm_eps={self.rms_norm_eps!r} must be a finite number > 0 (it keeps RMSNorm from dividing by "
-             "zero); use the checkpoint's value, e.g. 1e-5")
-        need(is_num(self.rope_theta) and self.rope_theta > 0,
-             f"rope_theta={self.rope_theta!r} must be a finite number > 0 (the RoPE base wavelength); use the "
-             "checkpoint's value, e.g. 10000.0")
-        need(is_num(self.initializer_range) and self.initializer_range >= 0,
-             f"initializer_range={self.initializer_range!r} must be a finite number >= 0 (the std of the weight "
-             "init), e.g. 0.02")
-        need(is_int(self.num_labels) and self.num_labels >= 1,
-             f"num_labels={self.num_labels!r} must be an integer >= 1 (1 = regression, 2+ = classes)")
+            need(
+                is_int(v) and v > 0,
+                f"{name}={v!r} must be a positive integer (the longest sequence the model "
+                "accepts; 4096 for the 4k checkpoints)",
+            )
+        need(
+            self.head_dim is None or (is_int(self.head_dim) and self.head_dim > 0),
+            f"head_dim={self.head_dim!r} must be a positive integer or null (null = hidden_size // num_attention_heads)",
+        )
+        need(
+            is_num(self.rms_norm_eps) and self.rms_norm_eps > 0,
+            f"rms_norm_eps={self.rms_norm_eps!r} must be a finite number > 0 (it keeps RMSNorm from dividing by "
+            "zero); use the checkpoint's value, e.g. 1e-5",
+        )
+        need(
+            is_num(self.rope_theta) and self.rope_theta > 0,
+            f"rope_theta={self.rope_theta!r} must be a finite number > 0 (the RoPE base wavelength); use the "
+            "checkpoint's value, e.g. 10000.0",
+        )
+        need(
+            is_num(self.initializer_range) and self.initializer_range >= 0,
+            f"initializer_range={self.initializer_range!r} must be a finite number >= 0 (the std of the weight "
+            "init), e.g. 0.02",
+        )
+        need(
+            is_int(self.num_labels) and self.num_labels >= 1,
+            f"num_labels={self.num_labels!r} must be an integer >= 1 (1 = regression, 2+ = classes)",
+        )
         for name in ("attention_dropout", "resid_pdrop", "embd_pdrop", "classifier_dropout"):
             v = getattr(self, name)
-            need(v is None and name == "classifier_dropout" or (is_num(v) and 0.0 <= v < 1.0),
-                 f"{name}={v!r} must be a probability in [0, 1); use 0.0 to disable dropout")
+            need(
+                v is None and name == "classifier_dropout" or (is_num(v) and 0.0 <= v < 1.0),
+                f"{name}={v!r} must be a probability in [0, 1); use 0.0 to disable dropout",
+            )
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             v = getattr(self, name)
             ids = list(v) if isinstance(v, (list, tuple)) and name == "eos_token_id" else [v]
             bad = [i for i in ids if i is not None and not (is_int(i) and 0 <= i < self.vocab_size)]
-            need(not bad, f"{name}={v!r} is outside the vocabulary [0, vocab_size={self.vocab_size}); set it to an id "
-                          f"below {self.vocab_size} (the tokenizer's), raise vocab_size, or set it to null")
+            need(
+                not bad,
+                f"{name}={v!r} is outside the vocabulary [0, vocab_size={self.vocab_size}); set it to an id "
+                f"below {self.vocab_size} (the tokenizer's), raise vocab_size, or set it to null",
+            )
         if self.is_longrope:
             for key in ("short_factor", "long_factor"):
                 bad = [x for x in self.rope_scaling[key] if not (is_num(x) and x > 0)]
-                need(not bad, f"rope_scaling[{key!r}] holds {bad[:3]}: every LongRoPE factor must be a finite "
-                              "number > 0; use the factors from the checkpoint's config.json")
+                need(
+                    not bad,
+                    f"rope_scaling[{key!r}] holds {bad[:3]}: every LongRoPE factor must be a finite "
+                    "number > 0; use the factors from the checkpoint's config.json",
+                )
 
     # ------------------------------------------------------------------ I/O
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Phi3Config":
+    def from_dict(cls, d: dict[str, Any]) -> Phi3Config:
         d = copy.deepcopy(dict(d))
         known = {f.name for f in fields(cls)} - {"extra"}
         # transformers >= 5 writes rope_parameters (theta, partial factor and scaling in one dict).
@@ -300,7 +324,7 @@ class Phi3Config:
         return cls(**kwargs, extra=d)
 
     @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> "Phi3Config":
+    def from_json_file(cls, path: str | os.PathLike) -> Phi3Config:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no config.json at {path}; pass a Hugging Face checkpoint directory that has one")
@@ -313,12 +337,12 @@ class Phi3Config:
         return cls.from_dict(d)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> "Phi3Config":
+    def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> Phi3Config:
         """Read ``<dir>/config.json`` (or a config.json path, or a preset name) and apply overrides
         (see :func:`resolve_model`)."""
         return resolve_model(path, overrides)[0]
 
-    def replace(self, **overrides: Any) -> "Phi3Config":
+    def replace(self, **overrides: Any) -> Phi3Config:
         """A copy with ``overrides`` applied; a name that is not a field (a typo) is an error naming the closest."""
         check_override_names(overrides, also=self.extra)
         d = self.to_dict()
@@ -344,8 +368,9 @@ class Phi3Config:
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
 
-def resolve_model(model: str | os.PathLike | Phi3Config | dict,
-                  overrides: dict[str, Any] | None = None) -> tuple[Phi3Config, Path | None]:
+def resolve_model(
+    model: str | os.PathLike | Phi3Config | dict, overrides: dict[str, Any] | None = None
+) -> tuple[Phi3Config, Path | None]:
     """Where a model comes from, the one resolver: ``model`` (a preset name, a Hugging Face checkpoint directory, a
     ``config.json`` path, a :class:`Phi3Config` or a dict of its fields) -> (config with ``overrides``, weights dir).
 
@@ -377,8 +402,9 @@ def resolve_model(model: str | os.PathLike | Phi3Config | dict,
                 "checkpoint directory (config.json + safetensors) nor a config.json file; check the path"
             )
     else:
-        raise TypeError(f"model={model!r}: pass a preset name, a checkpoint directory, a config.json path or a "
-                        "Phi3Config")
+        raise TypeError(
+            f"model={model!r}: pass a preset name, a checkpoint directory, a config.json path or a Phi3Config"
+        )
     if overrides:
         config = config.replace(**overrides)
     return config, weights
@@ -398,8 +424,10 @@ def check_override_names(overrides: dict[str, Any], also: dict[str, Any] | None 
     key = unknown[0]
     close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
     hint = f"did you mean {close[0]!r}?" if close else f"valid fields: {', '.join(valid)}"
-    raise ValueError(f"config override {key!r} is not a Phi3Config field; {hint} (check config_overrides / the "
-                     "keyword arguments of from_pretrained)")
+    raise ValueError(
+        f"config override {key!r} is not a Phi3Config field; {hint} (check config_overrides / the "
+        "keyword arguments of from_pretrained)"
+    )
 
 
 # ---------------------------------------------------------------------- presets
@@ -415,49 +443,121 @@ def _longrope(half: int, long_scale: float = 4.0) -> dict:
 
 
 _PHI3_MINI = dict(
-    vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
-    num_key_value_heads=32, max_position_embeddings=4096, original_max_position_embeddings=4096,
-    sliding_window=2047, rope_theta=10000.0, bos_token_id=1, eos_token_id=32000, pad_token_id=32000,
+    vocab_size=32064,
+    hidden_size=3072,
+    intermediate_size=8192,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    max_position_embeddings=4096,
+    original_max_position_embeddings=4096,
+    sliding_window=2047,
+    rope_theta=10000.0,
+    bos_token_id=1,
+    eos_token_id=32000,
+    pad_token_id=32000,
 )
-_PHI3_MEDIUM = dict(_PHI3_MINI, hidden_size=5120, intermediate_size=17920, num_hidden_layers=40,
-                    num_attention_heads=40, num_key_value_heads=10)
+_PHI3_MEDIUM = dict(
+    _PHI3_MINI,
+    hidden_size=5120,
+    intermediate_size=17920,
+    num_hidden_layers=40,
+    num_attention_heads=40,
+    num_key_value_heads=10,
+)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # microsoft/Phi-3-mini-4k-instruct (3.8B): MHA 32x96, sliding window 2047.
     "phi-3-mini-4k": _PHI3_MINI,
     # microsoft/Phi-3-mini-128k-instruct: LongRoPE ("su"/"longrope") 4k -> 128k.
-    "phi-3-mini-128k": dict(_PHI3_MINI, max_position_embeddings=131072, sliding_window=262144,
-                            rope_scaling=_longrope(48), eos_token_id=32000),
+    "phi-3-mini-128k": dict(
+        _PHI3_MINI,
+        max_position_embeddings=131072,
+        sliding_window=262144,
+        rope_scaling=_longrope(48),
+        eos_token_id=32000,
+    ),
     # microsoft/Phi-3-medium-4k-instruct (14B): GQA 40 query / 10 kv heads of 128.
     "phi-3-medium-4k": _PHI3_MEDIUM,
     # microsoft/Phi-3-medium-128k-instruct.
-    "phi-3-medium-128k": dict(_PHI3_MEDIUM, max_position_embeddings=131072, sliding_window=131072,
-                              rope_scaling=_longrope(64)),
+    "phi-3-medium-128k": dict(
+        _PHI3_MEDIUM, max_position_embeddings=131072, sliding_window=131072, rope_scaling=_longrope(64)
+    ),
     # microsoft/Phi-3.5-mini-instruct: the mini shape with LongRoPE 128k.
-    "phi-3.5-mini": dict(_PHI3_MINI, max_position_embeddings=131072, sliding_window=262144,
-                         rope_scaling=_longrope(48)),
+    "phi-3.5-mini": dict(_PHI3_MINI, max_position_embeddings=131072, sliding_window=262144, rope_scaling=_longrope(48)),
     # microsoft/Phi-4-mini-instruct (3.8B): 200k vocab, GQA 24/8 heads of 128, partial rotary 0.75, tied embeddings.
-    "phi-4-mini": dict(vocab_size=200064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
-                       num_attention_heads=24, num_key_value_heads=8, max_position_embeddings=131072,
-                       original_max_position_embeddings=4096, partial_rotary_factor=0.75, tie_word_embeddings=True,
-                       rope_scaling=_longrope(48), sliding_window=262144, rope_theta=10000.0,
-                       bos_token_id=199999, eos_token_id=199999, pad_token_id=199999),
+    "phi-4-mini": dict(
+        vocab_size=200064,
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=32,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        max_position_embeddings=131072,
+        original_max_position_embeddings=4096,
+        partial_rotary_factor=0.75,
+        tie_word_embeddings=True,
+        rope_scaling=_longrope(48),
+        sliding_window=262144,
+        rope_theta=10000.0,
+        bos_token_id=199999,
+        eos_token_id=199999,
+        pad_token_id=199999,
+    ),
     # microsoft/phi-4 (14B): GQA 40/10, 16k context, rope_theta 250000, no sliding window.
-    "phi-4": dict(vocab_size=100352, hidden_size=5120, intermediate_size=17920, num_hidden_layers=40,
-                  num_attention_heads=40, num_key_value_heads=10, max_position_embeddings=16384,
-                  original_max_position_embeddings=16384, rope_theta=250000.0, sliding_window=None,
-                  bos_token_id=100257, eos_token_id=100265, pad_token_id=100349),
+    "phi-4": dict(
+        vocab_size=100352,
+        hidden_size=5120,
+        intermediate_size=17920,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        num_key_value_heads=10,
+        max_position_embeddings=16384,
+        original_max_position_embeddings=16384,
+        rope_theta=250000.0,
+        sliding_window=None,
+        bos_token_id=100257,
+        eos_token_id=100265,
+        pad_token_id=100349,
+    ),
     # Tiny presets for tests and CPU runs (byte-level tokenizer: 256 bytes + a few specials fit in 512).
-    "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=4, max_position_embeddings=1024, original_max_position_embeddings=1024,
-                 sliding_window=None, bos_token_id=256, eos_token_id=256, pad_token_id=257),
-    "tiny-gqa": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                     original_max_position_embeddings=1024, sliding_window=64, bos_token_id=256,
-                     eos_token_id=256, pad_token_id=257),
+    "tiny": dict(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+        original_max_position_embeddings=1024,
+        sliding_window=None,
+        bos_token_id=256,
+        eos_token_id=256,
+        pad_token_id=257,
+    ),
+    "tiny-gqa": dict(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        original_max_position_embeddings=1024,
+        sliding_window=64,
+        bos_token_id=256,
+        eos_token_id=256,
+        pad_token_id=257,
+    ),
     # Benchmark shape of the performance issue: hidden 384 = 4 heads x 96, 4 layers, Phi-3 vocab.
-    "small-bench": dict(_PHI3_MINI, hidden_size=384, intermediate_size=1024, num_hidden_layers=4,
-                        num_attention_heads=4, num_key_value_heads=4),
+    "small-bench": dict(
+        _PHI3_MINI,
+        hidden_size=384,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    ),
 }
 
 

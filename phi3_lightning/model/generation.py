@@ -22,8 +22,9 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return pos.masked_fill(attention_mask == 0, 1)
 
 
-def check_generation_args(max_new_tokens: int, do_sample: bool, temperature: float, top_k: int | None,
-                          top_p: float | None) -> None:
+def check_generation_args(
+    max_new_tokens: int, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None
+) -> None:
     """ValueError naming the value, before any work: these would otherwise fail mid-generation with a shape error or
     "probability tensor contains either inf, nan or element < 0"."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -33,12 +34,20 @@ def check_generation_args(max_new_tokens: int, do_sample: bool, temperature: flo
     if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p={top_p!r} must be in (0, 1] (the probability mass kept); use None or 1.0 to keep all")
     if do_sample and not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature={temperature!r} must be a finite number > 0 when sampling (1.0 = the model's "
-                         "distribution); use do_sample=False for greedy decoding")
+        raise ValueError(
+            f"temperature={temperature!r} must be a finite number > 0 when sampling (1.0 = the model's "
+            "distribution); use do_sample=False for greedy decoding"
+        )
 
 
-def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
-                top_p: float | None, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    do_sample: bool,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """(B, V) last-position logits -> (B,) next tokens."""
     if not do_sample:
         return logits.argmax(-1)
@@ -59,10 +68,19 @@ def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k
 
 
 @torch.no_grad()
-def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 64,
-             do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Return (B, T + n) = prompt followed by generated tokens; finished rows are filled with the pad id."""
     config = model.config
     check_generation_args(max_new_tokens, do_sample, temperature, top_k, top_p)
@@ -77,10 +95,16 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         )
     if eos_token_id is None:
         eos_token_id = config.eos_token_ids
-    eos = torch.tensor(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id],
-                       dtype=torch.long, device=input_ids.device)
-    pad = pad_token_id if pad_token_id is not None else (config.pad_token_id if config.pad_token_id is not None else
-                                                          int(eos[0]) if eos.numel() else 0)
+    eos = torch.tensor(
+        eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id],
+        dtype=torch.long,
+        device=input_ids.device,
+    )
+    pad = (
+        pad_token_id
+        if pad_token_id is not None
+        else (config.pad_token_id if config.pad_token_id is not None else int(eos[0]) if eos.numel() else 0)
+    )
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     mask = torch.ones(b, total, dtype=torch.long, device=input_ids.device)
@@ -109,8 +133,13 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         if config.is_longrope and bool(positions[:, cur - 1].max() + 1 > orig) != cache.long_rope:
             logits = _prefill(model, tokens, mask, positions, cache, cur, orig)
             continue
-        out = model(tokens[:, cur - 1 : cur], attention_mask=mask[:, :cur], position_ids=positions[:, cur - 1 : cur],
-                    cache=cache, logits_to_keep=1)
+        out = model(
+            tokens[:, cur - 1 : cur],
+            attention_mask=mask[:, :cur],
+            position_ids=positions[:, cur - 1 : cur],
+            cache=cache,
+            logits_to_keep=1,
+        )
         logits = out.logits[:, -1]
     model.train(was_training)
     return tokens[:, :cur]
@@ -119,7 +148,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
 def _prefill(model, tokens, mask, positions, cache: KVCache, cur: int, orig: int) -> torch.Tensor:
     """(Re)build the cache over tokens [0, cur) in the regime a full recomputation would use; last logits."""
     cache.reset()
-    out = model(tokens[:, :cur], attention_mask=mask[:, :cur], position_ids=positions[:, :cur], cache=cache,
-                logits_to_keep=1)
+    out = model(
+        tokens[:, :cur], attention_mask=mask[:, :cur], position_ids=positions[:, :cur], cache=cache, logits_to_keep=1
+    )
     cache.long_rope = bool(positions[:, :cur].max() + 1 > orig)
     return out.logits[:, -1]

@@ -58,7 +58,9 @@ class Phi3PreTrainedHead(PretrainedMixin, nn.Module):
 
     architecture = "Phi3Model"
 
-    def __init__(self, config: Phi3Config, attn_implementation: str = DEFAULT_BACKEND, device: torch.device | None = None):
+    def __init__(
+        self, config: Phi3Config, attn_implementation: str = DEFAULT_BACKEND, device: torch.device | None = None
+    ):
         super().__init__()
         self.config = config
         self.model = Phi3Model(config, attn_implementation, device=device)
@@ -108,9 +110,13 @@ class Phi3PreTrainedHead(PretrainedMixin, nn.Module):
 class Phi3ForCausalLM(Phi3PreTrainedHead):
     architecture = "Phi3ForCausalLM"
 
-    def __init__(self, config: Phi3Config, attn_implementation: str = DEFAULT_BACKEND, device: torch.device | None = None):
+    def __init__(
+        self, config: Phi3Config, attn_implementation: str = DEFAULT_BACKEND, device: torch.device | None = None
+    ):
         super().__init__(config, attn_implementation, device)
-        self.lm_head = Linear(config.initializer_range, config.hidden_size, config.vocab_size, bias=False, device=device)
+        self.lm_head = Linear(
+            config.initializer_range, config.hidden_size, config.vocab_size, bias=False, device=device
+        )
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -137,14 +143,17 @@ class Phi3ForCausalLM(Phi3PreTrainedHead):
         if labels is not None and attention_mask is not None:
             labels = ignore_targets_after_padding(labels, attention_mask)
         if labels is not None and not return_logits:
-            return ModelOutput(loss=fused_linear_cross_entropy(h, self.lm_head.weight, labels), hidden_states=h, cache=cache)
+            return ModelOutput(
+                loss=fused_linear_cross_entropy(h, self.lm_head.weight, labels), hidden_states=h, cache=cache
+            )
         hk = h[:, -logits_to_keep:] if logits_to_keep else h
         logits = self.lm_head(hk)  # (B, T, V)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return ModelOutput(logits=logits, loss=loss, hidden_states=h, cache=cache)
 
-    def row_losses(self, hidden_states: torch.Tensor, labels: torch.Tensor,
-                   attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def row_losses(
+        self, hidden_states: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's mean next-token loss (B,) in fp32 (NaN for a row without targets) and its number of targets
         (B,), from the final hidden states (``ModelOutput.hidden_states``) and unshifted ``labels``, with the same
         target rules as :meth:`forward`'s loss. Row by row through the fused loss: no (B, T, vocab) logits.
@@ -162,16 +171,35 @@ class Phi3ForCausalLM(Phi3PreTrainedHead):
         return losses, counts
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 64,
-                 do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, eos_token_id: int | list[int] | None = None,
-                 pad_token_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Prompt (B, T) (left-padded for batches) -> (B, T + n) tokens; see :func:`generation.generate`."""
         from .generation import generate
 
-        return generate(self, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                        do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                        eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator)
+        return generate(
+            self,
+            input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            generator=generator,
+        )
 
 
 class Phi3ForSequenceClassification(Phi3PreTrainedHead):
@@ -183,8 +211,13 @@ class Phi3ForSequenceClassification(Phi3PreTrainedHead):
 
     architecture = "Phi3ForSequenceClassification"
 
-    def __init__(self, config: Phi3Config, attn_implementation: str = DEFAULT_BACKEND, device: torch.device | None = None,
-                 pooling: str = "last"):
+    def __init__(
+        self,
+        config: Phi3Config,
+        attn_implementation: str = DEFAULT_BACKEND,
+        device: torch.device | None = None,
+        pooling: str = "last",
+    ):
         super().__init__(config, attn_implementation, device)
         if pooling not in ("last", "attention"):
             raise ValueError(f"pooling={pooling!r}; use 'last' (rightmost non-pad token) or 'attention'")
@@ -194,7 +227,9 @@ class Phi3ForSequenceClassification(Phi3PreTrainedHead):
         if pooling == "attention":
             self.pool_query = Linear(config.initializer_range, config.hidden_size, 1, bias=False, device=device)
 
-    def pool(self, h: torch.Tensor, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def pool(
+        self, h: torch.Tensor, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
         b, t, _ = h.shape
         pad = self.config.pad_token_id
         if input_ids is not None and pad is not None:
@@ -211,8 +246,9 @@ class Phi3ForSequenceClassification(Phi3PreTrainedHead):
         last = (idx * non_pad.to(torch.int32)).argmax(-1)  # rightmost non-pad token, 0 if none
         return h[torch.arange(b, device=h.device), last]
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None,
-                inputs_embeds=None) -> ModelOutput:
+    def forward(
+        self, input_ids=None, attention_mask=None, position_ids=None, labels=None, inputs_embeds=None
+    ) -> ModelOutput:
         h = self.model(input_ids, attention_mask, position_ids, None, inputs_embeds)
         if self.pooling == "last":  # score every position, then pick (transformers' order of operations)
             logits = self.pool(self.score(h), input_ids, attention_mask)  # (B, num_labels)
@@ -229,15 +265,18 @@ class Phi3ForTokenClassification(Phi3PreTrainedHead):
 
     architecture = "Phi3ForTokenClassification"
 
-    def __init__(self, config: Phi3Config, attn_implementation: str = DEFAULT_BACKEND, device: torch.device | None = None):
+    def __init__(
+        self, config: Phi3Config, attn_implementation: str = DEFAULT_BACKEND, device: torch.device | None = None
+    ):
         super().__init__(config, attn_implementation, device)
         self.num_labels = config.num_labels
         p = config.classifier_dropout if config.classifier_dropout is not None else 0.1
         self.dropout = nn.Dropout(p)
         self.score = Linear(config.initializer_range, config.hidden_size, config.num_labels, bias=True, device=device)
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None,
-                inputs_embeds=None) -> ModelOutput:
+    def forward(
+        self, input_ids=None, attention_mask=None, position_ids=None, labels=None, inputs_embeds=None
+    ) -> ModelOutput:
         h = self.model(input_ids, attention_mask, position_ids, None, inputs_embeds)
         logits = self.score(self.dropout(h))  # (B, T, num_labels)
         loss = token_classification_loss(logits, labels, self.num_labels) if labels is not None else None

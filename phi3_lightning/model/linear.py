@@ -59,8 +59,15 @@ class Linear(nn.Linear):
 
 
 class Embedding(nn.Embedding):
-    def __init__(self, std: float, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        std: float,
+        num_embeddings: int,
+        embedding_dim: int,
+        padding_idx: int | None = None,
+        device=None,
+        dtype=None,
+    ):
         self.std = std
         super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx, device=device, dtype=dtype)
 

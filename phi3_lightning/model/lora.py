@@ -41,8 +41,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -190,8 +190,11 @@ def _layer_index(name: str) -> int | None:
 def _linear_names(model: nn.Module) -> list[str]:
     """Names of the plain (not yet adapted) nn.Linear modules."""
     inside = {n for n, m in model.named_modules() if isinstance(m, LoRALinear)}
-    return [n for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and not any(n.startswith(p + ".") for p in inside)]
+    return [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and not any(n.startswith(p + ".") for p in inside)
+    ]
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -260,7 +263,9 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig | dict | None = None, **overrid
     elif overrides:
         cfg = dataclasses.replace(cfg, **overrides)
     if lora_modules(model):
-        raise ValueError(f"{type(model).__name__} already has LoRA adapters; merge_lora() it first or start from the base model")
+        raise ValueError(
+            f"{type(model).__name__} already has LoRA adapters; merge_lora() it first or start from the base model"
+        )
     candidates = _linear_names(model)
     n_layers = _num_layers(model)
     if cfg.layers is not None:
@@ -341,7 +346,9 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     """Load adapters saved by :func:`lora_state_dict` into an adapted model; every adapter must be present."""
     expected = {k for k in model.state_dict() if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B")}
     if not expected:
-        raise ValueError(f"{type(model).__name__} has no LoRA adapters; call apply_lora() with the training config first")
+        raise ValueError(
+            f"{type(model).__name__} has no LoRA adapters; call apply_lora() with the training config first"
+        )
     missing = sorted(expected - set(state))
     own = set(model.state_dict())
     unexpected = sorted(set(state) - own)

@@ -156,8 +156,9 @@ def infer_problem_type(num_labels: int, labels: torch.Tensor) -> str:
     return "multi_label_classification"
 
 
-def sequence_classification_loss(logits: torch.Tensor, labels: torch.Tensor, num_labels: int,
-                                 problem_type: str | None) -> tuple[torch.Tensor, str]:
+def sequence_classification_loss(
+    logits: torch.Tensor, labels: torch.Tensor, num_labels: int, problem_type: str | None
+) -> tuple[torch.Tensor, str]:
     """(B, num_labels) pooled logits -> loss, and the problem type used (:func:`infer_problem_type` when None)."""
     if problem_type is None:
         problem_type = infer_problem_type(num_labels, labels)
@@ -168,7 +169,9 @@ def sequence_classification_loss(logits: torch.Tensor, labels: torch.Tensor, num
         return F.mse_loss(logits, labels), problem_type
     if problem_type == "single_label_classification":
         _check_label_range(labels, num_labels, "label")
-        return F.cross_entropy(logits.float().view(-1, num_labels), labels.view(-1), ignore_index=IGNORE_INDEX), problem_type
+        return F.cross_entropy(
+            logits.float().view(-1, num_labels), labels.view(-1), ignore_index=IGNORE_INDEX
+        ), problem_type
     return F.binary_cross_entropy_with_logits(logits.float(), labels.to(torch.float32)), problem_type
 
 

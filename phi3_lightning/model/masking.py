@@ -16,8 +16,9 @@ previous one (``pos[t] != pos[t-1] + 1``), which includes every restart at 0. Le
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -74,8 +75,11 @@ class AttentionContext:
     def by_document(self) -> bool:
         """Packed or padded rows without a cache: SDPA runs each document (a run of real tokens) as its own causal
         sequence instead of one dense (T, T) mask; padding costs no attention work."""
-        return (self.doc_ids is not None or self.key_padding is not None) and self.offset == 0 \
+        return (
+            (self.doc_ids is not None or self.key_padding is not None)
+            and self.offset == 0
             and self.q_len == self.kv_len
+        )
 
     @property
     def mask_free(self) -> bool:

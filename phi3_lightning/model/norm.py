@@ -18,8 +18,11 @@ class Phi3RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.dtype == torch.float32 and self.weight.dtype == torch.float32
-                and not torch.is_autocast_enabled(x.device.type)):
+        if (
+            x.dtype == torch.float32
+            and self.weight.dtype == torch.float32
+            and not torch.is_autocast_enabled(x.device.type)
+        ):
             # same operations in the same order, one call (bit-identical on CPU; fewer kernels in backward too);
             # not under autocast, which may run rms_norm in the low-precision dtype
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)

@@ -79,8 +79,10 @@ def sdpa_by_document(q, k, v, ctx: AttentionContext, scale: float, dropout_p: fl
     b, h, t, d = q.shape
     groups, idx, dest = document_buckets(ctx, q.device)
     # real tokens in document order, plus one zero row that the padding of every group points at
-    flat = [torch.cat([x.transpose(1, 2).reshape(b * t, h, d).index_select(0, idx), x.new_zeros(1, h, d)])
-            for x in (q, k, v)]
+    flat = [
+        torch.cat([x.transpose(1, 2).reshape(b * t, h, d).index_select(0, idx), x.new_zeros(1, h, d)])
+        for x in (q, k, v)
+    ]
     w = ctx.sliding_window
     outs = []
     for n, length, gather, real_rows in groups:
@@ -89,8 +91,9 @@ def sdpa_by_document(q, k, v, ctx: AttentionContext, scale: float, dropout_p: fl
         if w is not None and length > w:
             i = torch.arange(length, device=q.device)
             mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - w)
-        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, dropout_p=dropout_p,
-                                           is_causal=mask is None and length > 1, scale=scale)
+        o = F.scaled_dot_product_attention(
+            qs, ks, vs, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None and length > 1, scale=scale
+        )
         outs.append(o.transpose(1, 2).reshape(n * length, h, d).index_select(0, real_rows))  # (n_real, H, D)
     if not outs:
         return q.new_zeros(b, t, h, d)

@@ -101,6 +101,7 @@ class Phi3LightningModule(pl.LightningModule):
             if cls.task not in HEADS:
                 raise TypeError(f"{cls.__name__}.task={cls.task!r} names no head; tasks: {', '.join(HEADS)}")
             cls.head_class = HEADS[cls.task]
+
     _hparams_ignore: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
@@ -215,8 +216,9 @@ class Phi3LightningModule(pl.LightningModule):
         if meta and device.type == "cpu" and not load_weights:
             warnings.warn(
                 "meta_init on CPU: DTensor random ops have no per-shard RNG on CPU, so every shard gets the same random "
-                "values; leave meta_init null on CPU for an init equal to a single-process run", stacklevel=2,
-            )  # fmt: skip
+                "values; leave meta_init null on CPU for an init equal to a single-process run",
+                stacklevel=2,
+            )
         if mesh is not None and self.torch_compile == "model":
             raise ValueError(
                 "torch_compile='model' cannot be combined with FSDP2 sharding; use torch_compile: layers "
@@ -255,9 +257,14 @@ class Phi3LightningModule(pl.LightningModule):
     def _load_pretrained(self, device=None, dtype=None) -> Phi3PreTrainedHead:
         rank_zero_info(f"loading weights from {self.weights_dir}")
         head = self.head_class.from_pretrained(
-            self.weights_dir, attn_implementation=self.attn_implementation, dtype=dtype, device=device,
-            strict_head=self.strict_head, **self._overrides, **self._head_kwargs(),
-        )  # fmt: skip
+            self.weights_dir,
+            attn_implementation=self.attn_implementation,
+            dtype=dtype,
+            device=device,
+            strict_head=self.strict_head,
+            **self._overrides,
+            **self._head_kwargs(),
+        )
         self.config = head.config  # from_pretrained unties a tie_word_embeddings checkpoint whose lm_head differs
         return head
 
@@ -274,8 +281,10 @@ class Phi3LightningModule(pl.LightningModule):
         total = sum(p.numel() for p in head.parameters())
         trained = sum(p.numel() for p in head.parameters() if p.requires_grad)
         full = getattr(head, "lora_modules_to_save", [])
-        rank_zero_info(f"LoRA: training {trained:,} of {total:,} parameters ({100 * trained / max(total, 1):.2f} %)"
-                       + (f"; trained in full: {', '.join(full)}" if full else ""))
+        rank_zero_info(
+            f"LoRA: training {trained:,} of {total:,} parameters ({100 * trained / max(total, 1):.2f} %)"
+            + (f"; trained in full: {', '.join(full)}" if full else "")
+        )
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """Always on: a CUDA out-of-memory error gets the memory planner's estimate and advice appended; a
@@ -290,9 +299,12 @@ class Phi3LightningModule(pl.LightningModule):
     def forward(self, batch: dict[str, torch.Tensor], **kwargs: Any):
         assert self.head is not None, "call configure_model() first (the Trainer does)"
         return self.head(
-            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-            position_ids=batch.get("position_ids"), labels=batch.get("labels"), **kwargs,
-        )  # fmt: skip
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"),
+            labels=batch.get("labels"),
+            **kwargs,
+        )
 
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         raise NotImplementedError
@@ -312,9 +324,13 @@ class Phi3LightningModule(pl.LightningModule):
         train = stage == "train"
         for name, metric in metrics.items():
             self.log(
-                f"{stage}/{name}", metric, on_step=train, on_epoch=True, prog_bar=name in ("loss", "accuracy"),
+                f"{stage}/{name}",
+                metric,
+                on_step=train,
+                on_epoch=True,
+                prog_bar=name in ("loss", "accuracy"),
                 batch_size=batch_size,
-            )  # fmt: skip
+            )
 
     def _register_metrics(self, factory) -> None:
         """One fresh metric set per stage: ``train_metrics``, ``val_metrics``, ``test_metrics``."""
@@ -359,16 +375,29 @@ class Phi3LightningModule(pl.LightningModule):
                 scheduler.set_total_steps(int(total))
         # name: LearningRateMonitor logs train/lr/pg<N>, beside the other train/ cards (not a card group of its own)
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss",
-                                                             "interval": "epoch", "name": "train/lr"}}
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
+            return {
+                "optimizer": optimizer,
+                "lr_scheduler": {
+                    "scheduler": scheduler,
+                    "monitor": "val/loss",
+                    "interval": "epoch",
+                    "name": "train/lr",
+                },
+            }
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"},
+        }
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """FSDP1 shards gradients, so Lightning's norm clipping refuses it: clip through the FSDP root instead."""
         from lightning.pytorch.strategies import FSDPStrategy
 
-        if gradient_clip_val and isinstance(self.trainer.strategy, FSDPStrategy) and gradient_clip_algorithm in (None, "norm"):
+        if (
+            gradient_clip_val
+            and isinstance(self.trainer.strategy, FSDPStrategy)
+            and gradient_clip_algorithm in (None, "norm")
+        ):
             self.trainer.model.clip_grad_norm_(gradient_clip_val)
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
@@ -409,4 +438,3 @@ class Phi3LightningModule(pl.LightningModule):
                     f"checkpoint tensor {key} has shape {tuple(tensor.shape)} but this model's is "
                     f"{tuple(own[key].shape)}: {hint}"
                 )
-

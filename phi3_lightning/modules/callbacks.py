@@ -20,9 +20,14 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from ..atomic import StagedFile
 
 _PRECISION_DTYPES = {
-    "32-true": torch.float32, "32": torch.float32, "bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16,
-    "16-mixed": torch.float16, "16-true": torch.float16, "64-true": torch.float64,
-}  # fmt: skip
+    "32-true": torch.float32,
+    "32": torch.float32,
+    "bf16-mixed": torch.bfloat16,
+    "bf16-true": torch.bfloat16,
+    "16-mixed": torch.float16,
+    "16-true": torch.float16,
+    "64-true": torch.float64,
+}
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -54,8 +59,9 @@ class Phi3ThroughputMonitor(Callback):
         log_every_n_steps: batches between two measurements; null: the trainer's log_every_n_steps.
     """
 
-    def __init__(self, peak_tflops: float | None = None, cpu_tflops_per_core: float = 0.1,
-                 log_every_n_steps: int | None = None) -> None:
+    def __init__(
+        self, peak_tflops: float | None = None, cpu_tflops_per_core: float = 0.1, log_every_n_steps: int | None = None
+    ) -> None:
         super().__init__()
         self.peak_tflops = peak_tflops
         self.cpu_tflops_per_core = cpu_tflops_per_core

@@ -84,8 +84,12 @@ class Phi3ModelSummary(ModelSummary):
         if not self._max_depth or not trainer.is_global_zero:
             return
         s = summarize(pl_module, max_depth=self._max_depth)
-        cols = [("Name", s.layer_names), ("Type", s.layer_types), ("Params", [_human(n) for n in s.param_nums]),
-                ("Mode", ["train" if m else "eval" for m in s.training_modes])]
+        cols = [
+            ("Name", s.layer_names),
+            ("Type", s.layer_types),
+            ("Params", [_human(n) for n in s.param_nums]),
+            ("Mode", ["train" if m else "eval" for m in s.training_modes]),
+        ]
         widths = [max([len(name), *(len(str(v)) for v in values)]) for name, values in cols]
         lines = [" | ".join(f"{name:<{w}}" for (name, _), w in zip(cols, widths))]
         lines.append("-" * len(lines[0]))
@@ -104,6 +108,8 @@ class Phi3ModelSummary(ModelSummary):
             except Exception:  # a module without a config yet: no figure rather than a wrong one
                 per_token = None
             if per_token:
-                lines.append(f"{_human(per_token) + 'FLOP':<10} training FLOPs per token (6N + attention at "
-                             f"{seq_len} tokens per row, analytic; MFU in TensorBoard's perf/ uses it)")  # fmt: skip
+                lines.append(
+                    f"{_human(per_token) + 'FLOP':<10} training FLOPs per token (6N + attention at "
+                    f"{seq_len} tokens per row, analytic; MFU in TensorBoard's perf/ uses it)"
+                )
         rank_zero_info("\n".join(lines))

@@ -9,7 +9,7 @@ materialisation of the shards, and pretrained weights broadcast from rank 0 into
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -285,19 +285,27 @@ class PreemptionCheckpoint(Callback):
     def _save(self, trainer: pl.Trainer, name: str) -> None:
         step = trainer.global_step
         if step == 0:
-            _say(trainer, f"{name} before the first optimizer step: nothing was trained, so nothing was saved and "
-                          "nothing is lost")  # fmt: skip
+            _say(
+                trainer,
+                f"{name} before the first optimizer step: nothing was trained, so nothing was saved and "
+                "nothing is lost",
+            )
             return
         path = last_checkpoint_path(trainer)
         if self._installed:  # a further Ctrl-C must not interrupt the write
             signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
-            trainer.save_checkpoint(path)  # the full state (optimizer, loops, data position), as ModelCheckpoint saves it
+            trainer.save_checkpoint(
+                path
+            )  # the full state (optimizer, loops, data position), as ModelCheckpoint saves it
         except NonFiniteError as e:
             _say(trainer, f"{name} at global step {step}: no checkpoint saved, the weights are not finite ({e})")
             return
-        _say(trainer, f"{name} at global step {step}: saved a resumable checkpoint to {path}\n"
-                      f"resume with: {resume_command(path, _logger_version(trainer))}")  # fmt: skip
+        _say(
+            trainer,
+            f"{name} at global step {step}: saved a resumable checkpoint to {path}\n"
+            f"resume with: {resume_command(path, _logger_version(trainer))}",
+        )
 
 
 def _say(trainer: pl.Trainer, text: str) -> None:

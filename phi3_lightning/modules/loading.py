@@ -65,8 +65,10 @@ def _info_from_hparams(ckpt: dict[str, Any]) -> dict[str, Any]:
     hp = dict(ckpt.get("hyper_parameters") or {})
     task = task_name(hp.get("_class_path", ""))
     if task not in HEADS:
-        raise ValueError("the checkpoint has neither a 'phi3_lightning' entry nor a known module class path; was it "
-                         "written by phi3_lightning fit?")
+        raise ValueError(
+            "the checkpoint has neither a 'phi3_lightning' entry nor a known module class path; was it "
+            "written by phi3_lightning fit?"
+        )
     overrides = dict(hp.get("config_overrides") or {})
     if hp.get("label_names"):
         overrides["id2label"] = {str(i): n for i, n in enumerate(hp["label_names"])}
@@ -75,13 +77,18 @@ def _info_from_hparams(ckpt: dict[str, Any]) -> dict[str, Any]:
         overrides["num_labels"] = hp["num_labels"]
     config, _ = resolve_model(hp.get("model", "tiny"), overrides)
     kwargs = {"pooling": hp["pooling"]} if task == "sequence_classification" and "pooling" in hp else {}
-    return {"task": task, "config": config.to_dict(), "head_kwargs": kwargs,
-            "attn_implementation": hp.get("attn_implementation", DEFAULT_BACKEND), "lora": hp.get("lora")}
+    return {
+        "task": task,
+        "config": config.to_dict(),
+        "head_kwargs": kwargs,
+        "attn_implementation": hp.get("attn_implementation", DEFAULT_BACKEND),
+        "lora": hp.get("lora"),
+    }
 
 
 def _strip(key: str) -> str:
     key = key.replace("_orig_mod.", "")
-    return key[len("head."):] if key.startswith("head.") else key
+    return key[len("head.") :] if key.startswith("head.") else key
 
 
 def _load_lightning(path: Path, attn: str | None, device, dtype, merge: bool = True) -> LoadedHead:
@@ -110,13 +117,16 @@ def _load_lightning(path: Path, attn: str | None, device, dtype, merge: bool = T
         state = {_strip(k): v for k, v in ckpt["state_dict"].items()}
     for key, tensor in state.items():
         if key in own and tuple(tensor.shape) != tuple(own[key].shape):
-            raise ValueError(f"{path}: tensor {key} has shape {tuple(tensor.shape)} but the {task} head built from the "
-                             f"checkpoint's config expects {tuple(own[key].shape)}")
+            raise ValueError(
+                f"{path}: tensor {key} has shape {tuple(tensor.shape)} but the {task} head built from the "
+                f"checkpoint's config expects {tuple(own[key].shape)}"
+            )
     missing, unexpected = head.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
-        raise ValueError(f"{path}: state dict does not match the {task} head (missing {missing[:5]}, unexpected "
-                         f"{unexpected[:5]})")
+        raise ValueError(
+            f"{path}: state dict does not match the {task} head (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
     head.tie_weights()
     if lora is not None and merge:
         merge_lora(head)  # W + B @ A * alpha / r, in fp32, stored in the trained dtype; original keys again
@@ -131,14 +141,20 @@ def _load_hf(path: Path, attn: str | None, device, dtype) -> LoadedHead:
     arch = (config.get("architectures") or ["Phi3ForCausalLM"])[0]
     task = ARCHITECTURE_TASKS.get(arch, "causal_lm")
     info = json.loads((path / EXPORT_INFO).read_text()) if (path / EXPORT_INFO).is_file() else {}
-    head = HEADS[task].from_pretrained(path, attn_implementation=attn or DEFAULT_BACKEND, dtype=dtype, device=device,
-                                       **(info.get("head_kwargs") or {}))  # fmt: skip
+    head = HEADS[task].from_pretrained(
+        path, attn_implementation=attn or DEFAULT_BACKEND, dtype=dtype, device=device, **(info.get("head_kwargs") or {})
+    )
     tok = str(path) if (path / "tokenizer.json").is_file() else info.get("tokenizer")
     return LoadedHead(head.eval(), task, tok, str(path))
 
 
-def load_head(path: str | Path, attn_implementation: str | None = None, device: str | torch.device = "cpu",
-              dtype: str | torch.dtype | None = None, merge_lora: bool = True) -> LoadedHead:
+def load_head(
+    path: str | Path,
+    attn_implementation: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    merge_lora: bool = True,
+) -> LoadedHead:
     """A ready (eval-mode) head from a Hugging Face directory or a Lightning checkpoint (file or FSDP2 directory).
 
     ``merge_lora``: a LoRA-trained Lightning checkpoint comes back with its adapters merged into the base weights
@@ -157,15 +173,16 @@ def load_head(path: str | Path, attn_implementation: str | None = None, device: 
         return _load_hf(p, attn_implementation, device, dtype)
     if is_lightning_checkpoint(p):
         return _load_lightning(p, attn_implementation, device, dtype, merge=merge_lora)
-    raise FileNotFoundError(f"{p} is a directory with neither config.json (Hugging Face) nor meta.pt (Lightning "
-                            "distributed checkpoint)")
+    raise FileNotFoundError(
+        f"{p} is a directory with neither config.json (Hugging Face) nor meta.pt (Lightning distributed checkpoint)"
+    )
 
 
 # What an export writes (and so may replace with --overwrite); anything else in the output directory is not ours.
 _EXPORT_NAMES = re.compile(
-    r"config\.json|model.*\.safetensors|model\.safetensors\.index\.json|" + "|".join(
-        re.escape(n) for n in (EXPORT_INFO, ADAPTER_WEIGHTS, ADAPTER_CONFIG, *TOKENIZER_FILES))
-)  # fmt: skip
+    r"config\.json|model.*\.safetensors|model\.safetensors\.index\.json|"
+    + "|".join(re.escape(n) for n in (EXPORT_INFO, ADAPTER_WEIGHTS, ADAPTER_CONFIG, *TOKENIZER_FILES))
+)
 
 
 def _not_exported(name: str) -> bool:
@@ -185,8 +202,10 @@ def _check_output(out: Path, overwrite: bool) -> None:
     if not entries:
         return
     if not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace the previous export in it "
-                              "or choose another directory")
+        raise FileExistsError(
+            f"{out} exists and is not empty; pass --overwrite to replace the previous export in it "
+            "or choose another directory"
+        )
     foreign = [n for n in entries if _not_exported(n)]
     if foreign:
         shown = ", ".join(foreign[:10]) + (f" and {len(foreign) - 10} more" if len(foreign) > 10 else "")
@@ -196,8 +215,13 @@ def _check_output(out: Path, overwrite: bool) -> None:
         )
 
 
-def export_checkpoint(checkpoint: str | Path, output: str | Path, dtype: str | torch.dtype | None = None,
-                      max_shard_size: int | str = "5GB", overwrite: bool = False) -> Path:
+def export_checkpoint(
+    checkpoint: str | Path,
+    output: str | Path,
+    dtype: str | torch.dtype | None = None,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+) -> Path:
     """Write a checkpoint's head as a Hugging Face directory that transformers loads (``Phi3For*``).
 
     Everything is written into a staging sibling directory that is swapped in at the end (old export or new, never a
@@ -212,8 +236,9 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, dtype: str | t
         warnings.warn(
             f"{checkpoint} pools with pooling={loaded.head.pooling!r}, which transformers' Phi3ForSequenceClassification "
             "does not have: it will ignore pool_query.weight and pool the last token. phi3_lightning's "
-            "from_pretrained(..., pooling='attention') loads it as trained.", stacklevel=2,
-        )  # fmt: skip
+            "from_pretrained(..., pooling='attention') loads it as trained.",
+            stacklevel=2,
+        )
     with staged_directory(out, carry=_not_exported) as tmp:
         loaded.head.write_pretrained_files(tmp, max_shard_size=max_shard_size, dtype=dtype)  # LoRA: merged already
         tok = loaded.tokenizer
@@ -230,8 +255,9 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, dtype: str | t
     return out
 
 
-def export_adapter(checkpoint: str | Path, output: str | Path, dtype: str | torch.dtype | None = None,
-                   overwrite: bool = False) -> Path:
+def export_adapter(
+    checkpoint: str | Path, output: str | Path, dtype: str | torch.dtype | None = None, overwrite: bool = False
+) -> Path:
     """Write only the LoRA adapters of a LoRA-trained Lightning checkpoint (plus the layers trained in full, e.g.
     ``score``): ``adapter_model.safetensors`` (keys as in the adapted head's ``state_dict``) and
     ``adapter_config.json`` (the :class:`LoRAConfig`, the task, the base model's config and head arguments).
@@ -249,16 +275,25 @@ def export_adapter(checkpoint: str | Path, output: str | Path, dtype: str | torc
     _check_output(out, overwrite)
     loaded = load_head(checkpoint, merge_lora=False)
     if loaded.lora is None:
-        raise ValueError(f"{checkpoint} was not trained with LoRA (model.init_args.lora is null); it has no adapters "
-                         "to export: drop --lora_only to export the whole model")
+        raise ValueError(
+            f"{checkpoint} was not trained with LoRA (model.init_args.lora is null); it has no adapters "
+            "to export: drop --lora_only to export the whole model"
+        )
     dtype = resolve_dtype(dtype)
-    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
-             for k, v in lora_state_dict(loaded.head).items()}
+    state = {
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+        for k, v in lora_state_dict(loaded.head).items()
+    }
     pooling = getattr(loaded.head, "pooling", "last")
-    info = {"lora": dataclasses.asdict(loaded.lora), "task": loaded.task, "tokenizer": loaded.tokenizer,
-            "config": loaded.head.config.to_dict(), "head_kwargs": {"pooling": pooling} if pooling != "last" else {},
-            "trained_in_full": list(getattr(loaded.head, "lora_modules_to_save", [])),
-            "exported_from": str(Path(checkpoint).resolve())}
+    info = {
+        "lora": dataclasses.asdict(loaded.lora),
+        "task": loaded.task,
+        "tokenizer": loaded.tokenizer,
+        "config": loaded.head.config.to_dict(),
+        "head_kwargs": {"pooling": pooling} if pooling != "last" else {},
+        "trained_in_full": list(getattr(loaded.head, "lora_modules_to_save", [])),
+        "exported_from": str(Path(checkpoint).resolve()),
+    }
     with staged_directory(out, carry=_not_exported) as tmp:
         save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(info, indent=2) + "\n")

@@ -31,8 +31,15 @@ class Phi3TensorBoardLogger(TensorBoardLogger):
         save_dir, name, version, **kwargs: as Lightning's TensorBoardLogger.
     """
 
-    def __init__(self, save_dir: str = "logs", name: str | None = "lightning_logs", version: int | str | None = None,
-                 log_epoch: bool = False, default_hp_metric: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        save_dir: str = "logs",
+        name: str | None = "lightning_logs",
+        version: int | str | None = None,
+        log_epoch: bool = False,
+        default_hp_metric: bool = False,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(save_dir, name=name, version=version, default_hp_metric=default_hp_metric, **kwargs)
         self.log_epoch = log_epoch
         self._tags: dict[str, None] = {}  # every scalar tag logged, in first-seen order

@@ -20,8 +20,11 @@ from ..memory import PRECISIONS, explain_oom
 from ..model import DEFAULT_BACKEND, PRESETS
 
 MARKER = "phi3_lightning memory planner:"
-_OOM_TYPES = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
-                               getattr(torch.cuda, "OutOfMemoryError", None)) if t is not None)  # fmt: skip
+_OOM_TYPES = tuple(
+    t
+    for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None))
+    if t is not None
+)
 
 
 def is_oom(exception: BaseException) -> bool:
@@ -47,7 +50,9 @@ def _strategy(trainer: pl.Trainer) -> tuple[str, int]:
     return ("ddp" if world > 1 else "single"), world
 
 
-def oom_settings(trainer: pl.Trainer, module: Any, batch: dict[str, torch.Tensor] | None = None) -> dict[str, Any] | None:
+def oom_settings(
+    trainer: pl.Trainer, module: Any, batch: dict[str, torch.Tensor] | None = None
+) -> dict[str, Any] | None:
     """:func:`~phi3_lightning.memory.estimate_memory` keyword arguments describing this run (None if unknown)."""
     precision = str(trainer.precision)
     precision = {"bf16": "bf16-mixed", "16": "16-mixed", "32": "32-true"}.get(precision, precision)
@@ -67,13 +72,20 @@ def oom_settings(trainer: pl.Trainer, module: Any, batch: dict[str, torch.Tensor
     strategy, world = _strategy(trainer)
     lora = getattr(module, "lora", None)
     return dict(
-        method="lora" if lora is not None else "full", precision=precision, strategy=strategy, world_size=world,
-        seq_len=min(seq_len, module.config.max_position_embeddings), batch_size=batch_size,
+        method="lora" if lora is not None else "full",
+        precision=precision,
+        strategy=strategy,
+        world_size=world,
+        seq_len=min(seq_len, module.config.max_position_embeddings),
+        batch_size=batch_size,
         activation_checkpointing=bool(getattr(module, "activation_checkpointing", False)),
-        lora_rank=lora.r if lora is not None else 16, optimizer=_optimizer_name(trainer), head=module.task,
-        attn_implementation=module.attn_implementation, masked=masked,
+        lora_rank=lora.r if lora is not None else 16,
+        optimizer=_optimizer_name(trainer),
+        head=module.task,
+        attn_implementation=module.attn_implementation,
+        masked=masked,
         accumulate_grad_batches=max(int(getattr(trainer, "accumulate_grad_batches", 1) or 1), 1),
-    )  # fmt: skip
+    )
 
 
 def planner_command(source: list[str], settings: dict[str, Any]) -> str:
@@ -81,8 +93,16 @@ def planner_command(source: list[str], settings: dict[str, Any]) -> str:
     name]`` or ``["--config", checkpoint_dir]``)."""
     s = settings
     parts = ["python -m phi3_lightning.memory", *source]
-    parts += ["--method", s["method"], "--precision", s["precision"], "--seq-len", str(s["seq_len"]),
-              "--batch-size", str(s["batch_size"])]  # fmt: skip
+    parts += [
+        "--method",
+        s["method"],
+        "--precision",
+        s["precision"],
+        "--seq-len",
+        str(s["seq_len"]),
+        "--batch-size",
+        str(s["batch_size"]),
+    ]
     if s["strategy"] != "single":
         parts += ["--strategy", s["strategy"], "--devices", str(s["world_size"])]
     if s["activation_checkpointing"]:

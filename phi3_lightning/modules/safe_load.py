@@ -28,8 +28,12 @@ from typing import Any
 
 import torch
 
-SAFE_GLOBALS: tuple[type, ...] = (pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath,
-                                  pathlib.PureWindowsPath)  # fmt: skip
+SAFE_GLOBALS: tuple[type, ...] = (
+    pathlib.PosixPath,
+    pathlib.WindowsPath,
+    pathlib.PurePosixPath,
+    pathlib.PureWindowsPath,
+)
 
 
 class UnsafeCheckpointError(ValueError):
@@ -48,8 +52,10 @@ def _check_torch_file(path: Path) -> None:
     if path.suffix in (".safetensors", ".json") or path.name == "config.json":
         fix = f"for a Hugging Face checkpoint pass the directory that holds config.json ({path.parent})"
     else:
-        fix = ("pass a .ckpt written by fit (e.g. logs/<run>/<backend>/version_0/checkpoints/last.ckpt) or a Hugging "
-               "Face directory with config.json")
+        fix = (
+            "pass a .ckpt written by fit (e.g. logs/<run>/<backend>/version_0/checkpoints/last.ckpt) or a Hugging "
+            "Face directory with config.json"
+        )
     raise ValueError(f"{path} is not a Lightning checkpoint ({what}); {fix}")
 
 
@@ -68,8 +74,13 @@ def load_checkpoint_file(path: str | Path, map_location: Any = "cpu", mmap: bool
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         text = str(e)
-        wanted = [ln.strip() for ln in text.splitlines() if "global" in ln.lower() and "GLOBAL" in ln.upper()
-                  and ("unsupported" in ln.lower() or "blocked" in ln.lower())]
+        wanted = [
+            ln.strip()
+            for ln in text.splitlines()
+            if "global" in ln.lower()
+            and "GLOBAL" in ln.upper()
+            and ("unsupported" in ln.lower() or "blocked" in ln.lower())
+        ]
         if wanted:
             raise UnsafeCheckpointError(
                 f"{path} was not loaded: it holds Python objects that unpickling would import or call "
@@ -77,8 +88,10 @@ def load_checkpoint_file(path: str | Path, map_location: Any = "cpu", mmap: bool
                 "checkpoint written by `python -m phi3_lightning fit` never needs more. If you wrote this file yourself "
                 "and trust it, re-save its tensors and plain settings (or convert the weights to safetensors)."
             ) from None
-        detail = next((ln.strip() for ln in reversed(text.splitlines()) if ln.strip() and "documentation" not in ln),
-                      type(e).__name__)
+        detail = next(
+            (ln.strip() for ln in reversed(text.splitlines()) if ln.strip() and "documentation" not in ln),
+            type(e).__name__,
+        )
         raise ValueError(f"{path} is not a torch checkpoint ({detail}); pass a .ckpt written by fit") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, AttributeError, KeyError, IndexError) as e:
         first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
@@ -94,14 +107,22 @@ def load_checkpoint_file(path: str | Path, map_location: Any = "cpu", mmap: bool
 
 _DCP_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
 _DCP_ALLOWED = {
-    _DCP_METADATA_MODULE: {"Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
-                           "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    _DCP_METADATA_MODULE: {
+        "Metadata",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "MetadataIndex",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+    },
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
     "torch": {"Size"},
     "torch.serialization": {"_get_layout"},
     "collections": {"OrderedDict"},
     "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
-}  # fmt: skip
+}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -159,7 +180,9 @@ def _verify_dcp_metadata(path: Path) -> None:
     except UnsafeCheckpointError as e:
         raise UnsafeCheckpointError(f"{path}: {e}") from None
     except Exception as e:  # noqa: BLE001 - any other failure: not a readable checkpoint
-        raise ValueError(f"{dcp_meta} is not a readable distributed-checkpoint index ({type(e).__name__}: {e})") from None
+        raise ValueError(
+            f"{dcp_meta} is not a readable distributed-checkpoint index ({type(e).__name__}: {e})"
+        ) from None
 
 
 def load_distributed(state: dict[str, Any], path: str | Path) -> None:
@@ -177,8 +200,10 @@ def load_distributed(state: dict[str, Any], path: str | Path) -> None:
         unsafe = [c for c in causes if isinstance(c, pickle.UnpicklingError)]
         if unsafe:
             wanted = next((ln.strip() for ln in str(unsafe[0]).splitlines() if "GLOBAL" in ln), "a Python object")
-            raise UnsafeCheckpointError(f"{path} was not loaded: an item of the distributed checkpoint holds Python "
-                                        f"objects that unpickling would import or call ({wanted})") from None
+            raise UnsafeCheckpointError(
+                f"{path} was not loaded: an item of the distributed checkpoint holds Python "
+                f"objects that unpickling would import or call ({wanted})"
+            ) from None
         raise
 
 
@@ -193,8 +218,10 @@ def safe_lightning_distributed_load(module_name: str) -> Iterator[None]:
     name = "_distributed_checkpoint_load"
     original = getattr(module, name, None)
     if original is None:  # a Lightning release that reads differently: refuse rather than read unsafely
-        raise RuntimeError(f"{module_name}.{name} is gone in this Lightning release; phi3_lightning cannot guarantee "
-                           "a safe distributed-checkpoint load")
+        raise RuntimeError(
+            f"{module_name}.{name} is gone in this Lightning release; phi3_lightning cannot guarantee "
+            "a safe distributed-checkpoint load"
+        )
     setattr(module, name, load_distributed)
     try:
         with torch.serialization.safe_globals(list(SAFE_GLOBALS)):

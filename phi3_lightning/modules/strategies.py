@@ -21,8 +21,15 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import FSDPStrategy as _LightningFSDPStrategy
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from ..atomic import atomic_torch_save, clean_stale_staging, fsync_tree, recover_interrupted, staging_path
-from ..atomic import default_permissions, replace_dir  # noqa: F401 - re-exported: older imports and tests/modules/test_io.py
+from ..atomic import (  # noqa: F401 - re-exported: older imports and tests/modules/test_io.py
+    atomic_torch_save,
+    clean_stale_staging,
+    default_permissions,
+    fsync_tree,
+    recover_interrupted,
+    replace_dir,
+    staging_path,
+)
 from .safe_load import load_checkpoint_file, safe_lightning_distributed_load
 
 
@@ -36,7 +43,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         atomic_torch_save(Path(path), checkpoint)
 
-    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         """Only ``torch.load(weights_only=True)``, whatever the caller asks (see :mod:`.safe_load`)."""
         if "://" in str(path):
             return super().load_checkpoint(path, map_location=map_location, weights_only=True)
@@ -69,8 +78,9 @@ class FSDP2Strategy(ModelParallelStrategy):
                 f"tensor_parallel_size={tensor_parallel_size}: the Phi-3 modules implement FSDP2 data parallelism "
                 "only; set tensor_parallel_size: 1"
             )
-        super().__init__(data_parallel_size, tensor_parallel_size, save_distributed_checkpoint,
-                         process_group_backend, timeout)  # fmt: skip
+        super().__init__(
+            data_parallel_size, tensor_parallel_size, save_distributed_checkpoint, process_group_backend, timeout
+        )
 
     def setup_environment(self) -> None:
         if self._data_parallel_size == "auto":
@@ -122,14 +132,20 @@ class Phi3FSDPStrategy(_LightningFSDPStrategy):
         kwargs: any other ``lightning.pytorch.strategies.FSDPStrategy`` argument.
     """
 
-    def __init__(self, sharding_strategy: str = "FULL_SHARD", state_dict_type: Literal["full", "sharded"] = "full",
-                 cpu_offload: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        sharding_strategy: str = "FULL_SHARD",
+        state_dict_type: Literal["full", "sharded"] = "full",
+        cpu_offload: bool = False,
+        **kwargs: Any,
+    ) -> None:
         from ..model.layer import Phi3DecoderLayer
 
         kwargs.setdefault("auto_wrap_policy", {Phi3DecoderLayer})
         kwargs.setdefault("use_orig_params", True)
-        super().__init__(sharding_strategy=sharding_strategy, state_dict_type=state_dict_type,
-                         cpu_offload=cpu_offload, **kwargs)  # fmt: skip
+        super().__init__(
+            sharding_strategy=sharding_strategy, state_dict_type=state_dict_type, cpu_offload=cpu_offload, **kwargs
+        )
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         """Lightning's FSDP1 reads a full checkpoint with its own (unrestricted) lazy unpickler: check the file with

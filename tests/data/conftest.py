@@ -44,9 +44,19 @@ FAMILIES = {
     ),
     "phi4": dict(
         specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|im_sep|>", "<|dummy_85|>"],
-        config={"bos_token": "<|endoftext|>", "eos_token": {"__type": "AddedToken", "content": "<|im_end|>", "lstrip": False,
-                              "normalized": False, "rstrip": False, "single_word": False, "special": True},
-                "pad_token": "<|dummy_85|>"},
+        config={
+            "bos_token": "<|endoftext|>",
+            "eos_token": {
+                "__type": "AddedToken",
+                "content": "<|im_end|>",
+                "lstrip": False,
+                "normalized": False,
+                "rstrip": False,
+                "single_word": False,
+                "special": True,
+            },
+            "pad_token": "<|dummy_85|>",
+        },
         template=PHI4_TEMPLATE,
         gen_eos=["<|im_end|>", "<|endoftext|>"],
     ),
@@ -77,9 +87,7 @@ def make_hf_tokenizer_dir(path: Path, family: str, gap_to: int = 1000, with_temp
     (path / "tokenizer_config.json").write_text(json.dumps(cfg))
     eos = spec["config"]["eos_token"]
     eos = eos["content"] if isinstance(eos, dict) else eos
-    (path / "config.json").write_text(
-        json.dumps({"vocab_size": gap_to + 64, "eos_token_id": tok.token_to_id(eos)})
-    )
+    (path / "config.json").write_text(json.dumps({"vocab_size": gap_to + 64, "eos_token_id": tok.token_to_id(eos)}))
     (path / "generation_config.json").write_text(
         json.dumps({"eos_token_id": [tok.token_to_id(t) for t in spec["gen_eos"]]})
     )

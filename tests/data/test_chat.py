@@ -91,8 +91,9 @@ def test_chat_errors():
 def test_tokenizer_without_chat_tokens(tmp_path, make_hf_dir):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))},
-                               merges=[]))
+    tok = Tokenizer(
+        models.BPE(vocab={c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}, merges=[])
+    )
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.add_special_tokens(["<|endoftext|>"])
     tok.save(str(tmp_path / "tokenizer.json"))

@@ -64,15 +64,20 @@ def test_sequence_level_labels():
 
 
 def test_index_and_label_pad_id():
-    batch = PaddingCollator(PAD, label_pad_id=-1)([{"input_ids": [1, 2], "labels": [1, 2], "index": 7},
-                                                   {"input_ids": [3], "labels": [3], "index": 2}])
+    batch = PaddingCollator(PAD, label_pad_id=-1)(
+        [{"input_ids": [1, 2], "labels": [1, 2], "index": 7}, {"input_ids": [3], "labels": [3], "index": 2}]
+    )
     assert batch["index"].tolist() == [7, 2]
     assert batch["labels"].tolist() == [[1, 2], [3, -1]]
 
 
 def test_packed_rows_keep_their_position_ids():
-    ex = {"input_ids": torch.tensor([5, 6, 7, 8]), "attention_mask": torch.tensor([1, 1, 1, 0]),
-          "position_ids": torch.tensor([0, 1, 0, 0]), "labels": torch.tensor([-100, 6, -100, -100])}
+    ex = {
+        "input_ids": torch.tensor([5, 6, 7, 8]),
+        "attention_mask": torch.tensor([1, 1, 1, 0]),
+        "position_ids": torch.tensor([0, 1, 0, 0]),
+        "labels": torch.tensor([-100, 6, -100, -100]),
+    }
     batch = PaddingCollator(PAD)([ex, ex])
     assert batch["position_ids"].tolist() == [[0, 1, 0, 0]] * 2
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0]] * 2
@@ -137,8 +142,10 @@ def test_length_grouped_sampler_determinism_and_epochs():
     assert sorted(i for bt in a for i in bt) == list(range(100))
 
 
-@pytest.mark.parametrize("n,bs,mult,drop_last", [(10, 3, 2, False), (10, 3, 2, True), (12, 3, 2, True),
-                                                 (7, 8, 3, False), (7, 8, 3, True), (48, 4, 3, True)])
+@pytest.mark.parametrize(
+    "n,bs,mult,drop_last",
+    [(10, 3, 2, False), (10, 3, 2, True), (12, 3, 2, True), (7, 8, 3, False), (7, 8, 3, True), (48, 4, 3, True)],
+)
 def test_length_grouped_sampler_len(n, bs, mult, drop_last):
     s = LengthGroupedSampler(range(n), bs, drop_last=drop_last, lengths=[1] * n, mega_batch_mult=mult)
     batches = list(s)

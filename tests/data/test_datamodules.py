@@ -52,8 +52,9 @@ def test_causal_lm_train_order_is_seeded(cache_dir):
 
 
 def test_causal_lm_unpacked_padding(cache_dir):
-    dm = CausalLMDataModule(max_files=4, max_length=48, batch_size=3, pack=False, pad_to_multiple_of=16,
-                            cache_dir=cache_dir, progress=False)
+    dm = CausalLMDataModule(
+        max_files=4, max_length=48, batch_size=3, pack=False, pad_to_multiple_of=16, cache_dir=cache_dir, progress=False
+    )
     dm.setup()
     loader = dm.train_dataloader()
     assert isinstance(loader.sampler, EpochSampler) and loader.sampler.lengths is not None  # grouped by length
@@ -67,8 +68,16 @@ def test_causal_lm_unpacked_padding(cache_dir):
 
 def test_causal_lm_text_file_and_left_padding(tmp_path, write_jsonl):
     write_jsonl(tmp_path / "train.jsonl", [{"body": "hello world " * (i + 1)} for i in range(20)])
-    dm = CausalLMDataModule(train_file=str(tmp_path / "train.jsonl"), text_field="body", pack=False,
-                            padding_side="left", max_length=64, batch_size=4, val_fraction=0.2, test_fraction=0.0)
+    dm = CausalLMDataModule(
+        train_file=str(tmp_path / "train.jsonl"),
+        text_field="body",
+        pack=False,
+        padding_side="left",
+        max_length=64,
+        batch_size=4,
+        val_fraction=0.2,
+        test_fraction=0.0,
+    )
     dm.setup()
     assert dm.resolved_format() == "text"
     assert len(dm.datasets["val"]) > 0 and dm.datasets["test"] is dm.datasets["val"]
@@ -79,8 +88,10 @@ def test_causal_lm_text_file_and_left_padding(tmp_path, write_jsonl):
 
 
 def test_causal_lm_chat_jsonl(tmp_path, write_jsonl):
-    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
-            for i in range(12)]
+    rows = [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+        for i in range(12)
+    ]
     rows.append({"messages": [{"role": "user", "content": "no answer"}]})
     write_jsonl(tmp_path / "chat.jsonl", rows)
     dm = CausalLMDataModule(source=str(tmp_path / "chat.jsonl"), max_length=64, batch_size=2, val_fraction=0.25)
@@ -93,8 +104,9 @@ def test_causal_lm_chat_jsonl(tmp_path, write_jsonl):
     text = tok.decode(trained)
     assert "<|end|>" in text and "q" not in text and "a" in text  # only assistant tokens carry labels
     # unpacked, the same
-    dm2 = CausalLMDataModule(source=str(tmp_path / "chat.jsonl"), max_length=64, pack=False, add_eos=False,
-                             val_fraction=0.25)
+    dm2 = CausalLMDataModule(
+        source=str(tmp_path / "chat.jsonl"), max_length=64, pack=False, add_eos=False, val_fraction=0.25
+    )
     with pytest.warns(UserWarning):
         dm2.setup()
     ex = dm2.datasets["train"][0]
@@ -103,10 +115,17 @@ def test_causal_lm_chat_jsonl(tmp_path, write_jsonl):
 
 
 def test_causal_lm_hf_tokenizer_chat(tmp_path, hf_dirs, write_jsonl):
-    write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "hi"},
-                                                     {"role": "assistant", "content": "the in"}]}] * 4)
-    dm = CausalLMDataModule(tokenizer=str(hf_dirs["phi4"]), source=str(tmp_path / "c.jsonl"), max_length=32,
-                            val_fraction=0.0, test_fraction=0.0)
+    write_jsonl(
+        tmp_path / "c.jsonl",
+        [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "the in"}]}] * 4,
+    )
+    dm = CausalLMDataModule(
+        tokenizer=str(hf_dirs["phi4"]),
+        source=str(tmp_path / "c.jsonl"),
+        max_length=32,
+        val_fraction=0.0,
+        test_fraction=0.0,
+    )
     assert dm.chat_format == "phi4" and dm.vocab_size > 1000
     dm.setup()
     labels = dm.datasets["train"].labels
@@ -123,8 +142,9 @@ def test_predict_dataloader_carries_index(cache_dir):
 
 # ------------------------------------------------------------------------------------------------ sequence cls
 def test_seq_cls_embedded_labels_known_at_construction(cache_dir):
-    dm = SequenceClassificationDataModule(cache_dir=cache_dir, progress=False, max_per_class=15, batch_size=8,
-                                          max_length=64)
+    dm = SequenceClassificationDataModule(
+        cache_dir=cache_dir, progress=False, max_per_class=15, batch_size=8, max_length=64
+    )
     assert dm._records is None  # nothing read yet
     assert dm.label_names[:3] == ["asyncio", "email", "json"] and dm.num_labels == len(dm.label_names)
     assert dm.problem_type == "single_label_classification" and dm._records is None
@@ -149,10 +169,13 @@ def test_seq_cls_from_files(tmp_path, write_jsonl):
 
 
 def test_seq_cls_multi_label_and_regression(tmp_path, write_jsonl):
-    write_jsonl(tmp_path / "m.jsonl", [{"text": "a", "tags": ["x", "z"]}, {"text": "b", "tags": []},
-                                       {"text": "c", "tags": ["y"]}])
-    dm = SequenceClassificationDataModule(train_file=str(tmp_path / "m.jsonl"), label_field="tags",
-                                          val_fraction=0.0, test_fraction=0.0)
+    write_jsonl(
+        tmp_path / "m.jsonl",
+        [{"text": "a", "tags": ["x", "z"]}, {"text": "b", "tags": []}, {"text": "c", "tags": ["y"]}],
+    )
+    dm = SequenceClassificationDataModule(
+        train_file=str(tmp_path / "m.jsonl"), label_field="tags", val_fraction=0.0, test_fraction=0.0
+    )
     assert dm.problem_type == "multi_label_classification" and dm.label_names == ["x", "y", "z"]
     dm.setup()
     batch = next(iter(dm.train_dataloader()))
@@ -160,15 +183,17 @@ def test_seq_cls_multi_label_and_regression(tmp_path, write_jsonl):
     assert sorted(map(tuple, batch["labels"].tolist())) == [(0, 0, 0), (0, 1, 0), (1, 0, 1)]
 
     (tmp_path / "cols.csv").write_text("text,toxic,insult\na,1,0\nb,0,1\nc,1,1\n")
-    dm = SequenceClassificationDataModule(train_file=str(tmp_path / "cols.csv"), label_field="toxic,insult",
-                                          val_fraction=0.0, test_fraction=0.0)
+    dm = SequenceClassificationDataModule(
+        train_file=str(tmp_path / "cols.csv"), label_field="toxic,insult", val_fraction=0.0, test_fraction=0.0
+    )
     assert dm.problem_type == "multi_label_classification" and dm.label_names == ["toxic", "insult"]
     dm.setup()
     assert dm.datasets["train"][2]["labels"] == [1.0, 1.0]
 
     write_jsonl(tmp_path / "r.jsonl", [{"text": "a", "score": 0.5}, {"text": "b", "score": 2}])
-    dm = SequenceClassificationDataModule(train_file=str(tmp_path / "r.jsonl"), label_field="score",
-                                          val_fraction=0.0, test_fraction=0.0)
+    dm = SequenceClassificationDataModule(
+        train_file=str(tmp_path / "r.jsonl"), label_field="score", val_fraction=0.0, test_fraction=0.0
+    )
     assert dm.problem_type == "regression" and dm.num_labels == 1
     dm.setup()
     batch = next(iter(dm.train_dataloader()))
@@ -179,16 +204,18 @@ def test_seq_cls_integer_and_csv_labels(tmp_path):
     (tmp_path / "d.csv").write_text("text,label\na,2\nb,0\nc,10\n")
     dm = SequenceClassificationDataModule(train_file=str(tmp_path / "d.csv"), val_fraction=0.0, test_fraction=0.0)
     assert dm.label_names == ["0", "2", "10"]  # numeric strings sort numerically
-    dm = SequenceClassificationDataModule(train_file=str(tmp_path / "d.csv"), val_fraction=0.0, test_fraction=0.0,
-                                          problem_type="regression")
+    dm = SequenceClassificationDataModule(
+        train_file=str(tmp_path / "d.csv"), val_fraction=0.0, test_fraction=0.0, problem_type="regression"
+    )
     dm.setup()
     assert sorted(ex["labels"] for ex in dm.datasets["train"].examples) == [0.0, 2.0, 10.0]
 
 
 # ------------------------------------------------------------------------------------------------ token cls
 def test_token_cls_embedded(cache_dir):
-    dm = TokenClassificationDataModule(cache_dir=cache_dir, progress=False, max_files=2, max_examples=60,
-                                       batch_size=4, max_length=128)
+    dm = TokenClassificationDataModule(
+        cache_dir=cache_dir, progress=False, max_files=2, max_examples=60, batch_size=4, max_length=128
+    )
     assert dm.label_names[:2] == ["NAME", "OP"] and dm._records is None
     dm.setup()
     batch = next(iter(dm.train_dataloader()))
@@ -221,8 +248,9 @@ def test_token_cls_subtoken_alignment(tmp_path, write_jsonl):
 
 def test_token_cls_hf_tokenizer_first_subtoken(tmp_path, hf_dirs, write_jsonl):
     write_jsonl(tmp_path / "t.jsonl", [{"words": ["the", "thing", "in"], "labels": [0, 1, 0]}])
-    dm = TokenClassificationDataModule(tokenizer=str(hf_dirs["phi4"]), train_file=str(tmp_path / "t.jsonl"),
-                                       val_fraction=0.0, test_fraction=0.0)
+    dm = TokenClassificationDataModule(
+        tokenizer=str(hf_dirs["phi4"]), train_file=str(tmp_path / "t.jsonl"), val_fraction=0.0, test_fraction=0.0
+    )
     dm.setup()
     ex = dm.datasets["train"][0]
     tok = dm.tokenizer
@@ -297,13 +325,21 @@ def test_trainer_runs_on_each_datamodule(cache_dir):
 
     dms = [
         CausalLMDataModule(max_files=3, max_length=32, batch_size=2, cache_dir=cache_dir, progress=False),
-        SequenceClassificationDataModule(max_per_class=4, max_length=32, batch_size=2, cache_dir=cache_dir,
-                                         progress=False),
+        SequenceClassificationDataModule(
+            max_per_class=4, max_length=32, batch_size=2, cache_dir=cache_dir, progress=False
+        ),
         TokenClassificationDataModule(max_files=1, max_examples=20, batch_size=2, cache_dir=cache_dir, progress=False),
     ]
     for dm in dms:
-        trainer = pl.Trainer(max_steps=2, limit_val_batches=1, logger=False, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+        trainer = pl.Trainer(
+            max_steps=2,
+            limit_val_batches=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+        )
         trainer.fit(Tiny(dm.vocab_size, getattr(dm, "num_labels", 1)), datamodule=dm)
         assert trainer.global_step == 2
         assert json.dumps(dict(dm.hparams), default=str)  # hyperparameters are plain values

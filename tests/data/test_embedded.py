@@ -68,8 +68,11 @@ def test_token_types_match_python_tokenize():
     # the first example's tokens are exactly the first tokens of its file, in order
     first = recs[0]
     src = (stdlib_dir() / first["path"]).read_text(encoding="utf-8")
-    toks = [(t.string, tokenize.tok_name[t.type]) for t in tokenize.generate_tokens(io.StringIO(src).readline)
-            if tokenize.tok_name[t.type] in allowed and t.string]
+    toks = [
+        (t.string, tokenize.tok_name[t.type])
+        for t in tokenize.generate_tokens(io.StringIO(src).readline)
+        if tokenize.tok_name[t.type] in allowed and t.string
+    ]
     # blank lines (an NL right after a line end) are not part of any example
     kept = [t for i, t in enumerate(toks) if not (t[1] == "NL" and (i == 0 or toks[i - 1][1] in ("NL", "NEWLINE")))]
     got = list(zip(first["words"], first["labels"]))
@@ -115,7 +118,9 @@ def test_splits_by_file_path(cache_dir):
     assert not (paths["train"] & paths["val"]) and not (paths["train"] & paths["test"])
     assert sum(len(v) for v in parts.values()) == 30
     again = embedded_splits("lm", 0.2, 0.2, seed=0, cache_dir=cache_dir, progress=False, max_files=30)
-    assert {s: [r["path"] for r in v] for s, v in again.items()} == {s: [r["path"] for r in v] for s, v in parts.items()}
+    assert {s: [r["path"] for r in v] for s, v in again.items()} == {
+        s: [r["path"] for r in v] for s, v in parts.items()
+    }
     no_test = embedded_splits("lm", 0.2, 0.0, cache_dir=cache_dir, progress=False, max_files=30)
     assert no_test["test"] is no_test["val"]
 

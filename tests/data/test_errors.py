@@ -45,12 +45,13 @@ def test_missing_label_column(tmp_path, write_jsonl):
     p = write_jsonl(tmp_path / "t.jsonl", [{"text": "x", "target": "a"}])
     dm = SequenceClassificationDataModule(train_file=str(p), **NO_SPLITS)
     with pytest.raises(ValueError) as e:
-        dm.num_labels
+        _ = dm.num_labels
     assert f"{p} line 1: has no label field 'label' (fields: ['target', 'text'])" in str(e.value)
     assert "--data.label_field" in str(e.value)
     with pytest.raises(ValueError, match="has no label field 'labels'"):
-        TokenClassificationDataModule(train_file=str(write_jsonl(tmp_path / "w.jsonl", [{"words": ["a"]}])),
-                                      **NO_SPLITS).setup()
+        TokenClassificationDataModule(
+            train_file=str(write_jsonl(tmp_path / "w.jsonl", [{"words": ["a"]}])), **NO_SPLITS
+        ).setup()
 
 
 def test_unknown_label(tmp_path, write_jsonl):
@@ -98,11 +99,19 @@ def test_sequence_longer_than_row_with_splitting_off(tmp_path, write_jsonl):
     dm = CausalLMDataModule(train_file=str(p), max_length=16, split_long=True, **NO_SPLITS)
     dm.setup()  # split instead
     assert dm.datasets["train"].num_real_tokens == 6 + 41
-    with pytest.raises(ValueError, match=r"line 2: 40 tokens, more than max_length=16; raise max_length or set "
-                                         r"truncate=True"):
-        SequenceClassificationDataModule(train_file=str(write_jsonl(tmp_path / "c.jsonl", [
-            {"text": "a", "label": 0}, {"text": "y" * 40, "label": 1}])), max_length=16, truncate=False,
-            **NO_SPLITS).setup()
+    with pytest.raises(
+        ValueError,
+        match=r"line 2: 40 tokens, more than max_length=16; raise max_length or set "
+        r"truncate=True",
+    ):
+        SequenceClassificationDataModule(
+            train_file=str(
+                write_jsonl(tmp_path / "c.jsonl", [{"text": "a", "label": 0}, {"text": "y" * 40, "label": 1}])
+            ),
+            max_length=16,
+            truncate=False,
+            **NO_SPLITS,
+        ).setup()
 
 
 def test_malformed_jsonl_line(tmp_path):
@@ -138,17 +147,23 @@ def test_bad_arguments():
 
 
 def test_tokenizer_larger_than_model_vocab():
-    with pytest.raises(ValueError, match=r"^tokenizer has ids up to 261 but the model's vocab_size is 100; use the "
-                                         r"tokenizer of the checkpoint or raise vocab_size$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^tokenizer has ids up to 261 but the model's vocab_size is 100; use the "
+        r"tokenizer of the checkpoint or raise vocab_size$",
+    ):
         check_vocab_fits(ByteTokenizer(), 100)
 
 
-@pytest.mark.parametrize("name,content,line", [
-    ("train.txt", b"first paragraph\n\nsecond caf\xe9 paragraph\n", 3),
-    ("train.jsonl", b'{"text": "fine"}\n{"text": "caf\xe9"}\n', 2),
-    ("train.csv", b"text,label\nfine,a\ncaf\xe9,b\n", 3),
-    ("train.json", b'[{"text": "caf\xe9"}]', 1),
-])
+@pytest.mark.parametrize(
+    "name,content,line",
+    [
+        ("train.txt", b"first paragraph\n\nsecond caf\xe9 paragraph\n", 3),
+        ("train.jsonl", b'{"text": "fine"}\n{"text": "caf\xe9"}\n', 2),
+        ("train.csv", b"text,label\nfine,a\ncaf\xe9,b\n", 3),
+        ("train.json", b'[{"text": "caf\xe9"}]', 1),
+    ],
+)
 def test_file_that_is_not_utf8_is_named_with_line_and_fix(tmp_path, name, content, line):
     p = tmp_path / name
     p.write_bytes(content)
@@ -166,15 +181,21 @@ def test_tokenizer_file_that_is_not_json_is_named(tmp_path, make_hf_dir):
     d = make_hf_dir(tmp_path / "tok", "phi3")
     (d / "tokenizer.json").write_text("version: 1\nmodel: bpe\n")  # YAML, not JSON
     for spec in (d, d / "tokenizer.json"):
-        with pytest.raises(ValueError, match=rf"^tokenizer file {d / 'tokenizer.json'} is not valid JSON \(Expecting "
-                                             r"value at line 1\); .*pass the checkpoint directory that holds it"):
+        with pytest.raises(
+            ValueError,
+            match=rf"^tokenizer file {d / 'tokenizer.json'} is not valid JSON \(Expecting "
+            r"value at line 1\); .*pass the checkpoint directory that holds it",
+        ):
             load_tokenizer(str(spec))
     (d / "tokenizer.json").write_bytes(b"\xff\xfe{}")
     with pytest.raises(ValueError, match=r"tokenizer.json is not valid JSON \(not UTF-8 text"):
         load_tokenizer(str(d))
     (d / "tokenizer.json").write_text('{"version": "1.0"}')  # JSON, but not a tokenizer
-    with pytest.raises(ValueError, match=r"tokenizer.json is JSON but not a tokenizer.json the tokenizers library can "
-                                         r"read \(.*\); re-download it"):
+    with pytest.raises(
+        ValueError,
+        match=r"tokenizer.json is JSON but not a tokenizer.json the tokenizers library can "
+        r"read \(.*\); re-download it",
+    ):
         load_tokenizer(str(d))
     with pytest.raises(ValueError, match=r"README.md is not valid JSON"):
         CausalLMDataModule(tokenizer=str(Path(__file__).parents[2] / "README.md"))
@@ -194,8 +215,11 @@ def test_token_cls_text_file_says_it_has_no_word_labels(tmp_path):
     be "no label field 'labels' (fields: ['words'])": the token module passed its words_field into the base module's
     text_field slot, so each paragraph was filed under 'words'.)"""
     (tmp_path / "t.txt").write_text("def f ( ) :\n\nreturn 1\n")
-    with pytest.raises(ValueError, match=r"train_file='.*t\.txt' is a \.txt file: plain text has no words .*'words' "
-                                         r"list and a 'labels' list \(jsonl"):
+    with pytest.raises(
+        ValueError,
+        match=r"train_file='.*t\.txt' is a \.txt file: plain text has no words .*'words' "
+        r"list and a 'labels' list \(jsonl",
+    ):
         TokenClassificationDataModule(train_file=str(tmp_path / "t.txt"), **NO_SPLITS).setup()
     dm = TokenClassificationDataModule(**NO_SPLITS, progress=False, max_files=1, max_examples=4)
     assert dm.text_field == "text"  # the base's .txt field name, no longer the words field

@@ -125,8 +125,10 @@ def test_packing_properties(lengths, row_length, strategy, masked):
                 assert lab[t] == -100
                 assert pos[t] == t - n_real  # padding tail: its own segment counting from 0
                 continue
-            starts_piece = t == 0 or origin[ids[t]] != (origin[ids[t - 1]][0], origin[ids[t - 1]][1] + 1) or (
-                origin[ids[t]][1] % row_length == 0 and len(docs[origin[ids[t]][0]]) > row_length
+            starts_piece = (
+                t == 0
+                or origin[ids[t]] != (origin[ids[t - 1]][0], origin[ids[t - 1]][1] + 1)
+                or (origin[ids[t]][1] % row_length == 0 and len(docs[origin[ids[t]][0]]) > row_length)
             )
             # position_ids restart exactly at document (piece) starts and count up by one inside
             assert (pos[t] == 0) == starts_piece

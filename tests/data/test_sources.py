@@ -28,7 +28,10 @@ def test_read_jsonl_json_csv_tsv_txt(tmp_path, write_jsonl):
     (tmp_path / "e.txt").write_text("first para\nstill first\n\n\nsecond\n")
     assert [r["text"] for r in read_records(tmp_path / "e.txt")] == ["first para\nstill first", "second"]
     assert [r["body"] for r in read_records(tmp_path / "e.txt", text_field="body", text_unit="line")] == [
-        "first para", "still first", "second"]
+        "first para",
+        "still first",
+        "second",
+    ]
     assert len(read_records(tmp_path / "e.txt", text_unit="file")) == 1
     assert len(read_records(p, limit=1)) == 1
 
@@ -81,7 +84,10 @@ def test_parquet_roundtrip(tmp_path):
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"text": ["a", "b"], "label": [0, 1]}), tmp_path / "d.parquet")
-    assert [dict(r) for r in read_records(tmp_path / "d.parquet")] == [{"text": "a", "label": 0}, {"text": "b", "label": 1}]
+    assert [dict(r) for r in read_records(tmp_path / "d.parquet")] == [
+        {"text": "a", "label": 0},
+        {"text": "b", "label": 1},
+    ]
 
 
 def test_datasets_missing_is_a_clear_error(monkeypatch):
@@ -94,10 +100,12 @@ def test_datasets_missing_is_a_clear_error(monkeypatch):
 def test_datasets_saved_dir(tmp_path):
     import datasets
 
-    dd = datasets.DatasetDict({
-        "train": datasets.Dataset.from_dict({"text": ["a", "b", "c"], "label": [0, 1, 0]}),
-        "validation": datasets.Dataset.from_dict({"text": ["d"], "label": [1]}),
-    })
+    dd = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"text": ["a", "b", "c"], "label": [0, 1, 0]}),
+            "validation": datasets.Dataset.from_dict({"text": ["d"], "label": [1]}),
+        }
+    )
     dd.save_to_disk(str(tmp_path / "ds"))
     splits = load_source(str(tmp_path / "ds"))
     assert len(splits["train"]) == 3 and len(splits["val"]) == 1
@@ -124,7 +132,9 @@ def test_split_by_hash_is_deterministic_and_content_based():
     recs = [{"text": f"doc {i}"} for i in range(1000)]
     a = split_by_hash(recs, 0.1, 0.2, seed=0)
     b = split_by_hash(list(reversed(recs)), 0.1, 0.2, seed=0)
-    assert {s: sorted(r["text"] for r in v) for s, v in a.items()} == {s: sorted(r["text"] for r in v) for s, v in b.items()}
+    assert {s: sorted(r["text"] for r in v) for s, v in a.items()} == {
+        s: sorted(r["text"] for r in v) for s, v in b.items()
+    }
     assert sum(len(v) for v in a.values()) == 1000
     assert 60 < len(a["val"]) < 140 and 150 < len(a["test"]) < 250
     c = split_by_hash(recs, 0.1, 0.2, seed=1)

@@ -15,8 +15,10 @@ def hf_config(cfg, attn="eager"):
 
 
 def hf_model(cfg, head="causal_lm", attn="eager"):
-    cls = {"causal_lm": transformers.Phi3ForCausalLM,
-           "sequence_classification": transformers.Phi3ForSequenceClassification,
-           "token_classification": transformers.Phi3ForTokenClassification}[head]
+    cls = {
+        "causal_lm": transformers.Phi3ForCausalLM,
+        "sequence_classification": transformers.Phi3ForSequenceClassification,
+        "token_classification": transformers.Phi3ForTokenClassification,
+    }[head]
     m = cls(hf_config(cfg, attn))
     return m.eval()

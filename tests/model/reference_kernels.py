@@ -40,8 +40,17 @@ def reference_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal
 
 
 def reference_flash_attn_varlen_func(
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, softmax_scale=None,
-    causal=False, window_size=(-1, -1),
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
 ):
     """Pure-torch stand-in with ``flash_attn_varlen_func``'s signature: q (N, H, D) packed along N."""
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])

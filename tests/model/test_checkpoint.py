@@ -144,8 +144,11 @@ def test_nan_or_inf_weights_are_named_with_their_file(tmp_path):
         return t
 
     _rewrite(tmp_path / "model.safetensors", name, poison)
-    with pytest.raises(ValueError, match=rf"model.safetensors: tensor {name} holds 2 NaN/inf value\(s\) of 6144; "
-                                         "the checkpoint is corrupt .*earlier checkpoint"):
+    with pytest.raises(
+        ValueError,
+        match=rf"model.safetensors: tensor {name} holds 2 NaN/inf value\(s\) of 6144; "
+        "the checkpoint is corrupt .*earlier checkpoint",
+    ):
         Phi3ForCausalLM.from_pretrained(tmp_path)
 
 
@@ -153,8 +156,11 @@ def test_weight_that_overflows_the_requested_dtype_is_named(tmp_path):
     Phi3ForCausalLM(config("mini-4k")).save_pretrained(tmp_path)
     _rewrite(tmp_path / "model.safetensors", "model.norm.weight", lambda t: t.fill_(1e6))
     assert Phi3ForCausalLM.from_pretrained(tmp_path).model.norm.weight[0] == 1e6  # fine in float32
-    with pytest.raises(ValueError, match=r"tensor model.norm.weight \(torch.float32\) overflows to inf in "
-                                         r"torch.float16; load it with dtype='float32' or 'bfloat16'"):
+    with pytest.raises(
+        ValueError,
+        match=r"tensor model.norm.weight \(torch.float32\) overflows to inf in "
+        r"torch.float16; load it with dtype='float32' or 'bfloat16'",
+    ):
         Phi3ForCausalLM.from_pretrained(tmp_path, dtype="float16")
 
 
@@ -168,9 +174,18 @@ def test_file_instead_of_directory_is_refused(tmp_path):
 def _untied_hf_dir_marked_tied(tmp_path):
     """What the issue reproduced: a transformers checkpoint with its own lm_head whose config.json says tied."""
     torch.manual_seed(0)
-    hc = transformers.Phi3Config(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                                 num_attention_heads=4, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                                 max_position_embeddings=64, tie_word_embeddings=False)
+    hc = transformers.Phi3Config(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     transformers.Phi3ForCausalLM(hc).save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["tie_word_embeddings"] = True
@@ -184,8 +199,11 @@ def test_tied_config_with_a_different_stored_head_does_what_transformers_does(tm
     stored = _untied_hf_dir_marked_tied(tmp_path)
     assert not torch.equal(stored["lm_head.weight"], stored["model.embed_tokens.weight"])
     hf = transformers.Phi3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    with pytest.warns(UserWarning, match=r"tie_word_embeddings=true but the checkpoint stores its own lm_head.weight, "
-                                         r"different from model.embed_tokens.weight; .*NOT tied"):
+    with pytest.warns(
+        UserWarning,
+        match=r"tie_word_embeddings=true but the checkpoint stores its own lm_head.weight, "
+        r"different from model.embed_tokens.weight; .*NOT tied",
+    ):
         ours = Phi3ForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
     # transformers 5.24 keeps the stored head (it does not tie); so do we, and the logits agree
     assert torch.equal(hf.lm_head.weight, stored["lm_head.weight"])

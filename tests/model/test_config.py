@@ -8,8 +8,15 @@ from phi3_lightning.model.config import PRESETS
 
 transformers = pytest.importorskip("transformers")
 
-REAL = ["phi-3-mini-4k", "phi-3-mini-128k", "phi-3-medium-4k", "phi-3-medium-128k", "phi-3.5-mini", "phi-4-mini",
-        "phi-4"]
+REAL = [
+    "phi-3-mini-4k",
+    "phi-3-mini-128k",
+    "phi-3-medium-4k",
+    "phi-3-medium-128k",
+    "phi-3.5-mini",
+    "phi-4-mini",
+    "phi-4",
+]
 EXPECTED_PARAMS = {"phi-3-mini-4k": 3.82e9, "phi-3-medium-4k": 13.96e9, "phi-4-mini": 3.84e9, "phi-4": 14.66e9}
 
 
@@ -37,8 +44,12 @@ def test_linear_shapes_are_transformers_weight_shapes(name):
     with torch.device("meta"):
         hf = transformers.Phi3ForCausalLM(transformers.Phi3Config(**d))
     layer = hf.model.layers[0]
-    want = {"qkv_proj": layer.self_attn.qkv_proj, "o_proj": layer.self_attn.o_proj,
-            "gate_up_proj": layer.mlp.gate_up_proj, "down_proj": layer.mlp.down_proj}
+    want = {
+        "qkv_proj": layer.self_attn.qkv_proj,
+        "o_proj": layer.self_attn.o_proj,
+        "gate_up_proj": layer.mlp.gate_up_proj,
+        "down_proj": layer.mlp.down_proj,
+    }
     assert cfg.linear_shapes() == {k: tuple(m.weight.shape) for k, m in want.items()}
 
 
@@ -49,22 +60,45 @@ def test_all_real_presets_exist():
 @pytest.mark.parametrize("kind", ["su", "yarn", "longrope"])
 def test_rope_scaling_aliases(kind):
     half = 8
-    cfg = Phi3Config.from_dict(dict(hidden_size=64, num_attention_heads=4, rope_scaling={
-        "type": kind, "short_factor": [1.0] * half, "long_factor": [2.0] * half}))
+    cfg = Phi3Config.from_dict(
+        dict(
+            hidden_size=64,
+            num_attention_heads=4,
+            rope_scaling={"type": kind, "short_factor": [1.0] * half, "long_factor": [2.0] * half},
+        )
+    )
     assert cfg.is_longrope and cfg.rope_scaling["rope_type"] == "longrope"
 
 
 def test_rope_parameters_key_is_read():
-    d = {"hidden_size": 64, "num_attention_heads": 4, "partial_rotary_factor": 0.5,
-         "rope_parameters": {"rope_type": "longrope", "rope_theta": 5000.0, "short_factor": [1.0] * 4,
-                             "long_factor": [3.0] * 4, "original_max_position_embeddings": 4096}}
+    d = {
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "partial_rotary_factor": 0.5,
+        "rope_parameters": {
+            "rope_type": "longrope",
+            "rope_theta": 5000.0,
+            "short_factor": [1.0] * 4,
+            "long_factor": [3.0] * 4,
+            "original_max_position_embeddings": 4096,
+        },
+    }
     cfg = Phi3Config.from_dict(d)
     assert cfg.rope_theta == 5000.0 and cfg.is_longrope and cfg.rope_scaling["long_factor"] == [3.0] * 4
 
 
 def test_transformers_written_config_round_trip(tmp_path):
-    hc = transformers.Phi3Config(hidden_size=64, num_attention_heads=4, intermediate_size=96, num_hidden_layers=1,
-                                 vocab_size=50, rope_theta=2e5, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    hc = transformers.Phi3Config(
+        hidden_size=64,
+        num_attention_heads=4,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        vocab_size=50,
+        rope_theta=2e5,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     hc.save_pretrained(tmp_path)
     cfg = Phi3Config.from_pretrained(tmp_path)
     assert cfg.rope_theta == 2e5 and cfg.hidden_size == 64 and not cfg.is_longrope
@@ -76,15 +110,23 @@ def test_unknown_keys_kept():
     assert d["foo"] == 1 and d["auto_map"] == {"x": "y"}
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(hidden_size=100, num_attention_heads=3), "hidden_size=100 is not divisible by num_attention_heads=3"),
-    (dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=3), "multiple of num_key_value_heads=3"),
-    (dict(hidden_size=64, num_attention_heads=4, rope_scaling={"type": "longrope", "short_factor": [1.0] * 3,
-                                                               "long_factor": [1.0] * 8}),
-     "short_factor'\\] has 3 entries but rotary_dim/2 = 8"),
-    (dict(hidden_size=64, num_attention_heads=4, rope_scaling={"type": "dynamic"}), "'dynamic' is not supported"),
-    (dict(hidden_size=64, num_attention_heads=4, hidden_act="tanh"), "hidden_act='tanh' is not supported"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(hidden_size=100, num_attention_heads=3), "hidden_size=100 is not divisible by num_attention_heads=3"),
+        (dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=3), "multiple of num_key_value_heads=3"),
+        (
+            dict(
+                hidden_size=64,
+                num_attention_heads=4,
+                rope_scaling={"type": "longrope", "short_factor": [1.0] * 3, "long_factor": [1.0] * 8},
+            ),
+            "short_factor'\\] has 3 entries but rotary_dim/2 = 8",
+        ),
+        (dict(hidden_size=64, num_attention_heads=4, rope_scaling={"type": "dynamic"}), "'dynamic' is not supported"),
+        (dict(hidden_size=64, num_attention_heads=4, hidden_act="tanh"), "hidden_act='tanh' is not supported"),
+    ],
+)
 def test_validation_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Phi3Config.from_dict(kwargs)
@@ -107,8 +149,11 @@ def test_flops_per_token_counts_six_n_plus_attention():
 # ---------------------------------------------------------------------- overrides and values that cannot work
 def test_unknown_override_names_the_closest_field(tmp_path):
     """A typo in config_overrides must not land in `extra` and be ignored: an error names the field meant."""
-    with pytest.raises(ValueError, match=r"'num_hiden_layers' is not a Phi3Config field; did you mean "
-                                         r"'num_hidden_layers'\?"):
+    with pytest.raises(
+        ValueError,
+        match=r"'num_hiden_layers' is not a Phi3Config field; did you mean "
+        r"'num_hidden_layers'\?",
+    ):
         get_preset("tiny").replace(num_hiden_layers=8)
     with pytest.raises(ValueError, match=r"'rope_thetta' .* did you mean 'rope_theta'\?"):
         get_preset("tiny", rope_thetta=5.0)
@@ -131,26 +176,32 @@ def test_unknown_config_json_keys_still_land_in_extra(tmp_path):
     assert cfg.replace(transformers_version="x").extra["transformers_version"] == "x"
 
 
-@pytest.mark.parametrize("override,message", [
-    (dict(rms_norm_eps=0.0), r"rms_norm_eps=0.0 must be a finite number > 0 .* e.g. 1e-5"),
-    (dict(rms_norm_eps=-1e-6), r"rms_norm_eps=-1e-06 must be a finite number > 0"),
-    (dict(rms_norm_eps=float("nan")), r"rms_norm_eps=nan must be a finite number > 0"),
-    (dict(rope_theta=0.0), r"rope_theta=0.0 must be a finite number > 0 .* e.g. 10000.0"),
-    (dict(rope_theta=-10000.0), r"rope_theta=-10000.0 must be"),
-    (dict(max_position_embeddings=0), r"max_position_embeddings=0 must be a positive integer"),
-    (dict(max_position_embeddings=-5), r"max_position_embeddings=-5 must be a positive integer"),
-    (dict(num_labels=0), r"num_labels=0 must be an integer >= 1"),
-    (dict(pad_token_id=512), r"pad_token_id=512 is outside the vocabulary \[0, vocab_size=512\); set it to an id "
-                             r"below 512 .*raise vocab_size, or set it to null"),
-    (dict(pad_token_id=-1), r"pad_token_id=-1 is outside the vocabulary"),
-    (dict(eos_token_id=600), r"eos_token_id=600 is outside the vocabulary \[0, vocab_size=512\)"),
-    (dict(eos_token_id=[256, 700]), r"eos_token_id=\[256, 700\] is outside the vocabulary"),
-    (dict(bos_token_id=100000), r"bos_token_id=100000 is outside the vocabulary"),
-    (dict(vocab_size=200), r"(bos|eos|pad)_token_id=25[67] is outside the vocabulary \[0, vocab_size=200\)"),
-    (dict(head_dim=0), r"head_dim=0 must be a positive integer or null"),
-    (dict(resid_pdrop=1.5), r"resid_pdrop=1.5 must be a probability in \[0, 1\)"),
-    (dict(initializer_range=-0.02), r"initializer_range=-0.02 must be a finite number >= 0"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (dict(rms_norm_eps=0.0), r"rms_norm_eps=0.0 must be a finite number > 0 .* e.g. 1e-5"),
+        (dict(rms_norm_eps=-1e-6), r"rms_norm_eps=-1e-06 must be a finite number > 0"),
+        (dict(rms_norm_eps=float("nan")), r"rms_norm_eps=nan must be a finite number > 0"),
+        (dict(rope_theta=0.0), r"rope_theta=0.0 must be a finite number > 0 .* e.g. 10000.0"),
+        (dict(rope_theta=-10000.0), r"rope_theta=-10000.0 must be"),
+        (dict(max_position_embeddings=0), r"max_position_embeddings=0 must be a positive integer"),
+        (dict(max_position_embeddings=-5), r"max_position_embeddings=-5 must be a positive integer"),
+        (dict(num_labels=0), r"num_labels=0 must be an integer >= 1"),
+        (
+            dict(pad_token_id=512),
+            r"pad_token_id=512 is outside the vocabulary \[0, vocab_size=512\); set it to an id "
+            r"below 512 .*raise vocab_size, or set it to null",
+        ),
+        (dict(pad_token_id=-1), r"pad_token_id=-1 is outside the vocabulary"),
+        (dict(eos_token_id=600), r"eos_token_id=600 is outside the vocabulary \[0, vocab_size=512\)"),
+        (dict(eos_token_id=[256, 700]), r"eos_token_id=\[256, 700\] is outside the vocabulary"),
+        (dict(bos_token_id=100000), r"bos_token_id=100000 is outside the vocabulary"),
+        (dict(vocab_size=200), r"(bos|eos|pad)_token_id=25[67] is outside the vocabulary \[0, vocab_size=200\)"),
+        (dict(head_dim=0), r"head_dim=0 must be a positive integer or null"),
+        (dict(resid_pdrop=1.5), r"resid_pdrop=1.5 must be a probability in \[0, 1\)"),
+        (dict(initializer_range=-0.02), r"initializer_range=-0.02 must be a finite number >= 0"),
+    ],
+)
 def test_values_that_cannot_work_are_refused_at_config_time(override, message):
     with pytest.raises(ValueError, match=message):
         get_preset("tiny", **override)

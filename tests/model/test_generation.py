@@ -84,18 +84,24 @@ def test_generate_rejects_too_long():
         model.generate(torch.ones(1, 100, dtype=torch.long), max_new_tokens=40)
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(max_new_tokens=-1), r"max_new_tokens=-1 must be an integer >= 0"),
-    (dict(do_sample=True, temperature=float("nan")), r"temperature=nan must be a finite number > 0 when sampling.*"
-                                                     r"do_sample=False for greedy"),
-    (dict(do_sample=True, temperature=float("inf")), r"temperature=inf must be a finite number > 0"),
-    (dict(do_sample=True, temperature=0.0), r"temperature=0.0 must be a finite number > 0"),
-    (dict(do_sample=True, top_p=-0.5), r"top_p=-0.5 must be in \(0, 1\].*use None or 1.0"),
-    (dict(do_sample=True, top_p=0.0), r"top_p=0.0 must be in \(0, 1\]"),
-    (dict(do_sample=True, top_p=1.5), r"top_p=1.5 must be in \(0, 1\]"),
-    (dict(do_sample=True, top_k=0), r"top_k=0 must be an integer >= 1; use None"),
-    (dict(do_sample=True, top_k=-3), r"top_k=-3 must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(max_new_tokens=-1), r"max_new_tokens=-1 must be an integer >= 0"),
+        (
+            dict(do_sample=True, temperature=float("nan")),
+            r"temperature=nan must be a finite number > 0 when sampling.*"
+            r"do_sample=False for greedy",
+        ),
+        (dict(do_sample=True, temperature=float("inf")), r"temperature=inf must be a finite number > 0"),
+        (dict(do_sample=True, temperature=0.0), r"temperature=0.0 must be a finite number > 0"),
+        (dict(do_sample=True, top_p=-0.5), r"top_p=-0.5 must be in \(0, 1\].*use None or 1.0"),
+        (dict(do_sample=True, top_p=0.0), r"top_p=0.0 must be in \(0, 1\]"),
+        (dict(do_sample=True, top_p=1.5), r"top_p=1.5 must be in \(0, 1\]"),
+        (dict(do_sample=True, top_k=0), r"top_k=0 must be an integer >= 1; use None"),
+        (dict(do_sample=True, top_k=-3), r"top_k=-3 must be an integer >= 1"),
+    ],
+)
 def test_generate_rejects_settings_that_cannot_work(kwargs, message):
     model = Phi3ForCausalLM(config("mini-4k"))
     with pytest.raises(ValueError, match=message):

@@ -21,9 +21,20 @@ from phi3_lightning.model.lora import (
     merge_lora,
 )
 
-CFG = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-           num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0, max_position_embeddings=64,
-           original_max_position_embeddings=64, sliding_window=None)
+CFG = dict(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    max_position_embeddings=64,
+    original_max_position_embeddings=64,
+    sliding_window=None,
+)
 
 
 def config(**over):
@@ -64,7 +75,9 @@ def test_initial_lora_model_equals_base_and_param_count():
     assert trainable and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
     assert model.num_parameters(trainable_only=True) == lora_num_parameters(model.config, model.lora_config)
     # qkv (in 64, out (4 + 2*2) * 16 = 128), o (64, 64), gate_up (64, 192), down (96, 64): r * (in + out) each
-    assert lora_num_parameters(model.config, LoRAConfig(r=4)) == 2 * 4 * ((64 + 128) + (64 + 64) + (64 + 192) + (96 + 64))
+    assert lora_num_parameters(model.config, LoRAConfig(r=4)) == 2 * 4 * (
+        (64 + 128) + (64 + 64) + (64 + 192) + (96 + 64)
+    )
 
 
 def test_only_adapters_train():
@@ -108,8 +121,9 @@ def test_merged_export_matches_and_transformers_loads_it(trained_lora_lm, tmp_pa
     torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-5)
 
     model.save_pretrained(tmp_path)
-    hf, info = transformers.Phi3ForCausalLM.from_pretrained(tmp_path, output_loading_info=True,
-                                                            attn_implementation="eager")
+    hf, info = transformers.Phi3ForCausalLM.from_pretrained(
+        tmp_path, output_loading_info=True, attn_implementation="eager"
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     with torch.no_grad():
         theirs = hf.eval()(ids).logits
@@ -167,7 +181,9 @@ def test_every_head_trains_adapters_and_head(head):
 
 def test_train_head_false_and_modules_to_save():
     model = Phi3ForSequenceClassification(config(num_labels=3))
-    apply_lora(model, LoRAConfig(r=2, train_head=False, modules_to_save=["norm", "lm_head"]))  # lm_head: absent, skipped
+    apply_lora(
+        model, LoRAConfig(r=2, train_head=False, modules_to_save=["norm", "lm_head"])
+    )  # lm_head: absent, skipped
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert "score.weight" not in trainable and "model.norm.weight" in trainable
     assert "model.layers.0.input_layernorm.weight" not in trainable  # "norm" matches the final norm only
@@ -212,10 +228,18 @@ def test_bad_targets_name_them_and_list_linears():
     assert not lora_modules(model)  # nothing half-applied
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(r=0), "rank r=0"), (dict(r=-4), "rank r=-4"), (dict(r=2.5), "rank r=2.5"), (dict(r=True), "rank"),
-    (dict(alpha=0), "alpha=0"), (dict(dropout=1.0), "dropout=1.0"), (dict(target_modules=[]), "target_modules"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(r=0), "rank r=0"),
+        (dict(r=-4), "rank r=-4"),
+        (dict(r=2.5), "rank r=2.5"),
+        (dict(r=True), "rank"),
+        (dict(alpha=0), "alpha=0"),
+        (dict(dropout=1.0), "dropout=1.0"),
+        (dict(target_modules=[]), "target_modules"),
+    ],
+)
 def test_invalid_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LoRAConfig(**kwargs)

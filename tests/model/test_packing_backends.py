@@ -50,7 +50,7 @@ def packed_batch(lengths_per_row, vocab=97, row_len=None):
         input_ids[i, : ids.numel()] = ids
         position_ids[i, : ids.numel()] = pos
         # tail padding continues counting as its own pseudo-document
-        position_ids[i, ids.numel():] = torch.arange(t - ids.numel())
+        position_ids[i, ids.numel() :] = torch.arange(t - ids.numel())
         mask[i, : ids.numel()] = 1
     return input_ids, position_ids, mask, docs
 
@@ -119,15 +119,19 @@ def test_flash_backend_padded_batch_matches_sdpa(flash_reference):
 
 
 def test_unavailable_backend_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown attn_implementation='xformers'; choose one of eager, sdpa, flash_attention_2, flex"):
+    with pytest.raises(
+        ValueError, match="unknown attn_implementation='xformers'; choose one of eager, sdpa, flash_attention_2, flex"
+    ):
         Phi3ForCausalLM(config("mini-4k"), attn_implementation="xformers")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="flash_attention_2.*unavailable"):
             Phi3ForCausalLM(config("mini-4k"), attn_implementation="flash_attention_2")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or not backends.flash_attn_installed(),
-                    reason="needs a CUDA GPU and the flash-attn package")
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or not backends.flash_attn_installed(),
+    reason="needs a CUDA GPU and the flash-attn package",
+)
 def test_real_flash_kernel_packed_matches_sdpa():
     torch.manual_seed(4)
     cfg = config("medium-4k")
@@ -163,8 +167,16 @@ def test_sdpa_by_document_groups_equal_one_call_per_document_with_grads(window):
             at += n
         mask[r, :at] = 1
         pos[r, at:] = torch.arange(t - at)
-    ctx = build_context(batch_size=len(rows), q_len=t, attention_mask=mask, position_ids=pos, past_len=0,
-                        sliding_window=window, derive_documents=True, device=pos.device)
+    ctx = build_context(
+        batch_size=len(rows),
+        q_len=t,
+        attention_mask=mask,
+        position_ids=pos,
+        past_len=0,
+        sliding_window=window,
+        derive_documents=True,
+        device=pos.device,
+    )
     q, k, v = (torch.randn(len(rows), h, t, d, requires_grad=True) for _ in range(3))
     out = sdpa_by_document(q, k, v, ctx, d**-0.5, 0.0)  # (B, T, H, D)
     g = torch.randn_like(out)
@@ -178,8 +190,9 @@ def test_sdpa_by_document_groups_equal_one_call_per_document_with_grads(window):
             allowed = i[None, :] <= i[:, None]
             if window is not None:
                 allowed &= i[None, :] > i[:, None] - window
-            ref[r, sl] = F.scaled_dot_product_attention(q[r : r + 1, :, sl], k[r : r + 1, :, sl], v[r : r + 1, :, sl],
-                                                        attn_mask=allowed, scale=d**-0.5)[0].transpose(0, 1)
+            ref[r, sl] = F.scaled_dot_product_attention(
+                q[r : r + 1, :, sl], k[r : r + 1, :, sl], v[r : r + 1, :, sl], attn_mask=allowed, scale=d**-0.5
+            )[0].transpose(0, 1)
             at += n
     ref_grads = torch.autograd.grad((ref * g).sum(), (q, k, v))
     assert torch.allclose(out, ref, atol=1e-6)
@@ -213,8 +226,11 @@ def test_prepare_builds_everything_the_layers_read(backend, flash_reference):
 def test_one_message_for_a_wrong_backend_name():
     assert list(backends.BACKENDS) == ["eager", "sdpa", "flash_attention_2", "flex"]
     assert backends.DEFAULT_BACKEND in backends.BACKENDS
-    with pytest.raises(ValueError, match=r"unknown attn_implementation='flash_attention'; choose one of eager, "
-                                         r"sdpa, flash_attention_2, flex; did you mean flash_attention_2\?"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown attn_implementation='flash_attention'; choose one of eager, "
+        r"sdpa, flash_attention_2, flex; did you mean flash_attention_2\?",
+    ):
         backends.check_backend("flash_attention")
     from phi3_lightning.memory import estimate_memory
 

@@ -51,9 +51,11 @@ def checkpoints(tmp_path_factory):
 def _hf(d, head, attn):
     import transformers
 
-    cls = {"causal_lm": transformers.Phi3ForCausalLM,
-           "sequence_classification": transformers.Phi3ForSequenceClassification,
-           "token_classification": transformers.Phi3ForTokenClassification}[head]
+    cls = {
+        "causal_lm": transformers.Phi3ForCausalLM,
+        "sequence_classification": transformers.Phi3ForSequenceClassification,
+        "token_classification": transformers.Phi3ForTokenClassification,
+    }[head]
     return cls.from_pretrained(d, attn_implementation=attn, dtype=torch.float32).eval()
 
 
@@ -99,10 +101,12 @@ def test_sequence_classification_problem_types(checkpoints, problem_type):
     d = checkpoints["mini-4k", "sequence_classification"]
     num_labels = 1 if problem_type == "regression" else 3
     hf = transformers.Phi3ForSequenceClassification.from_pretrained(
-        d, num_labels=num_labels, problem_type=problem_type, ignore_mismatched_sizes=True).eval()
+        d, num_labels=num_labels, problem_type=problem_type, ignore_mismatched_sizes=True
+    ).eval()
     # copy the (re-initialised) score layer of the oracle so both heads hold the same weights
-    ours = Phi3ForSequenceClassification.from_pretrained(d, num_labels=num_labels, problem_type=problem_type,
-                                                         strict_head=False).eval()
+    ours = Phi3ForSequenceClassification.from_pretrained(
+        d, num_labels=num_labels, problem_type=problem_type, strict_head=False
+    ).eval()
     ours.score.weight.data.copy_(hf.score.weight.data)
     x, mask, _ = make_batch("right", 16)
     y = torch.randn(3) if num_labels == 1 else torch.randint(0, 2, (3, 3)).float()
@@ -146,7 +150,14 @@ def test_batched_left_padded_generation_matches_transformers(checkpoints):
     hf = _hf(d, "causal_lm", "eager")
     ours = Phi3ForCausalLM.from_pretrained(d, attn_implementation="eager").eval()
     x, mask, _ = make_batch("left", 12)
-    ref = hf.generate(input_ids=x, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=None,
-                      pad_token_id=0, min_new_tokens=10)
+    ref = hf.generate(
+        input_ids=x,
+        attention_mask=mask,
+        max_new_tokens=10,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+        min_new_tokens=10,
+    )
     out = ours.generate(x, attention_mask=mask, max_new_tokens=10, eos_token_id=[])
     assert torch.equal(out, ref)

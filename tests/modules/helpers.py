@@ -16,25 +16,65 @@ BASES = ("causal_lm", "sequence_classification", "token_classification")
 
 # Seconds-sized runs: short rows, few stdlib files / examples, few steps.
 SMALL_DATA = {
-    "causal_lm": ["--data.init_args.max_length", "64", "--data.init_args.max_files", "8", "--data.init_args.batch_size", "4"],
-    "sequence_classification": ["--data.init_args.max_length", "64", "--data.init_args.max_per_class", "12",
-                                "--data.init_args.batch_size", "8"],
-    "token_classification": ["--data.init_args.max_length", "64", "--data.init_args.max_files", "5",
-                             "--data.init_args.max_examples", "96", "--data.init_args.batch_size", "8"],
+    "causal_lm": [
+        "--data.init_args.max_length",
+        "64",
+        "--data.init_args.max_files",
+        "8",
+        "--data.init_args.batch_size",
+        "4",
+    ],
+    "sequence_classification": [
+        "--data.init_args.max_length",
+        "64",
+        "--data.init_args.max_per_class",
+        "12",
+        "--data.init_args.batch_size",
+        "8",
+    ],
+    "token_classification": [
+        "--data.init_args.max_length",
+        "64",
+        "--data.init_args.max_files",
+        "5",
+        "--data.init_args.max_examples",
+        "96",
+        "--data.init_args.batch_size",
+        "8",
+    ],
 }
 
 
 def small_args(base: str, logs: Path, cache: Path, steps: int = 4, val_every: int = 2) -> list[str]:
     return [
-        "--config", str(CONFIGS / f"{base}.yaml"),
-        "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(val_every),
-        "--trainer.limit_val_batches", "2", "--trainer.limit_test_batches", "2", "--trainer.limit_predict_batches", "2",
-        "--trainer.log_every_n_steps", "1", "--throughput.log_every_n_steps", "1",
-        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-        "--trainer.logger.init_args.save_dir", str(logs),
-        "--data.init_args.cache_dir", str(cache), "--data.init_args.progress", "false",
+        "--config",
+        str(CONFIGS / f"{base}.yaml"),
+        "--trainer.max_steps",
+        str(steps),
+        "--trainer.val_check_interval",
+        str(val_every),
+        "--trainer.limit_val_batches",
+        "2",
+        "--trainer.limit_test_batches",
+        "2",
+        "--trainer.limit_predict_batches",
+        "2",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--throughput.log_every_n_steps",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--trainer.logger.init_args.save_dir",
+        str(logs),
+        "--data.init_args.cache_dir",
+        str(cache),
+        "--data.init_args.progress",
+        "false",
         *SMALL_DATA[base],
-    ]  # fmt: skip
+    ]
 
 
 def run_main(*argv: str) -> tuple[int, str, str]:
@@ -49,10 +89,20 @@ def run_main(*argv: str) -> tuple[int, str, str]:
 
 def run_module(*argv: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """``python -m phi3_lightning ...`` in a subprocess (what a user types)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
-    return subprocess.run([sys.executable, "-m", "phi3_lightning", *map(str, argv)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "phi3_lightning", *map(str, argv)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -69,8 +119,11 @@ def texts(run_dir: Path) -> dict[str, str]:
 
     ea = EventAccumulator(str(run_dir), size_guidance={"tensors": 0})
     ea.Reload()
-    return {tag: ea.Tensors(tag)[-1].tensor_proto.string_val[0].decode() for tag in ea.Tags()["tensors"]
-            if ea.SummaryMetadata(tag).plugin_data.plugin_name == "text"}  # not e.g. the custom-scalars layout
+    return {
+        tag: ea.Tensors(tag)[-1].tensor_proto.string_val[0].decode()
+        for tag in ea.Tags()["tensors"]
+        if ea.SummaryMetadata(tag).plugin_data.plugin_name == "text"
+    }  # not e.g. the custom-scalars layout
 
 
 def finite(values: list[tuple[int, float]]) -> bool:

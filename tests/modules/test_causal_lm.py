@@ -19,7 +19,12 @@ def test_predict_rows_are_per_row_cross_entropy():
     labels = ids.clone()
     labels[1, :4] = -100
     labels[2] = -100
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "index": torch.tensor([7, 8, 9])}
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": labels,
+        "index": torch.tensor([7, 8, 9]),
+    }
     out = module.predict_step(batch, 0)
     rows = module.prediction_rows(out, None)
     with torch.no_grad():

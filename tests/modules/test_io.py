@@ -44,13 +44,18 @@ def test_replace_dir(tmp_path):
 
 
 def _cfg(config_files, attn="eager", ckpt_path=None, save_dir="logs"):
-    logger = Namespace(class_path="lightning.pytorch.loggers.TensorBoardLogger",
-                       init_args=Namespace(save_dir=save_dir, name="auto", version=None))  # fmt: skip
+    logger = Namespace(
+        class_path="lightning.pytorch.loggers.TensorBoardLogger",
+        init_args=Namespace(save_dir=save_dir, name="auto", version=None),
+    )
     return Namespace(
-        config=config_files, ckpt_path=ckpt_path, trainer=Namespace(logger=logger),
-        model=Namespace(class_path="phi3_lightning.modules.CausalLMModule",
-                        init_args=Namespace(attn_implementation=attn)),
-    )  # fmt: skip
+        config=config_files,
+        ckpt_path=ckpt_path,
+        trainer=Namespace(logger=logger),
+        model=Namespace(
+            class_path="phi3_lightning.modules.CausalLMModule", init_args=Namespace(attn_implementation=attn)
+        ),
+    )
 
 
 def test_runs_are_named_by_config_and_backend(tmp_path):

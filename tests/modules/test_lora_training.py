@@ -64,16 +64,22 @@ def lm_run(tmp_path_factory):
     torch.manual_seed(0)
     Phi3ForCausalLM.from_config("tiny").save_pretrained(root / "init")
     (root / "lora.yaml").write_text(LORA_YAML)
-    args = [*small_args("causal_lm", root / "logs", root / "cache", steps=3, val_every=3), "--config", root / "lora.yaml",
-            "--model.init_args.model", root / "init"]  # fmt: skip
+    args = [
+        *small_args("causal_lm", root / "logs", root / "cache", steps=3, val_every=3),
+        "--config",
+        root / "lora.yaml",
+        "--model.init_args.model",
+        root / "init",
+    ]
     rc, _, err = run_main("fit", *args)
     assert rc == 0, err[-3000:]
     ckpts = root / "logs" / "causal_lm+lora" / "sdpa" / "version_0" / "checkpoints"
     shutil.copy(ckpts / "last.ckpt", root / "step3.ckpt")
     rc, _, err = run_main("fit", *args, "--trainer.max_steps", "5", "--ckpt_path", "last")
     assert rc == 0, err[-3000:]
-    return SimpleNamespace(root=root, init=root / "init", step3=root / "step3.ckpt", last=ckpts / "last.ckpt",
-                           run=ckpts.parent)  # fmt: skip
+    return SimpleNamespace(
+        root=root, init=root / "init", step3=root / "step3.ckpt", last=ckpts / "last.ckpt", run=ckpts.parent
+    )
 
 
 def test_cli_lora_fit_trains_only_adapters_and_resumes(lm_run):
@@ -102,8 +108,9 @@ def test_export_merges_lora_into_a_transformers_checkpoint(lm_run, tmp_path):
     transformers = pytest.importorskip("transformers")
     rc, out, err = run_main("export", "--checkpoint", lm_run.last, "--output", tmp_path / "hf")
     assert rc == 0, err
-    hf, info = transformers.Phi3ForCausalLM.from_pretrained(tmp_path / "hf", output_loading_info=True,
-                                                            attn_implementation="eager")  # fmt: skip
+    hf, info = transformers.Phi3ForCausalLM.from_pretrained(
+        tmp_path / "hf", output_loading_info=True, attn_implementation="eager"
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     trained = load_head(lm_run.last, merge_lora=False)
     assert trained.lora is not None and isinstance(trained.head.model.layers[0].mlp.down_proj, LoRALinear)
@@ -132,20 +139,33 @@ def test_export_merges_lora_into_a_transformers_checkpoint(lm_run, tmp_path):
 def test_lora_sequence_classifier_trains_score_in_full_and_exports(lm_run, tmp_path):
     """Backbone from a causal-LM checkpoint with adapters; the new score layer trains in full (train_head)."""
     transformers = pytest.importorskip("transformers")
-    dm = SequenceClassificationDataModule(max_length=48, max_per_class=6, batch_size=8, add_eos=True,
-                                          cache_dir=str(lm_run.root / "cache"), progress=False)  # fmt: skip
-    model = SequenceClassificationModule(model=str(lm_run.init), pooling="last", lora=LoRAConfig(r=4, alpha=8),
-                                         optimizer=functools.partial(torch.optim.AdamW, lr=1e-2),
-                                         num_labels=len(dm.label_names), label_names=dm.label_names)  # fmt: skip
+    dm = SequenceClassificationDataModule(
+        max_length=48, max_per_class=6, batch_size=8, add_eos=True, cache_dir=str(lm_run.root / "cache"), progress=False
+    )
+    model = SequenceClassificationModule(
+        model=str(lm_run.init),
+        pooling="last",
+        lora=LoRAConfig(r=4, alpha=8),
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-2),
+        num_labels=len(dm.label_names),
+        label_names=dm.label_names,
+    )
     seen = {}
 
     class Snapshot(pl.Callback):
         def on_train_start(self, trainer, pl_module):
             seen.update({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
 
-    trainer = pl.Trainer(max_steps=3, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
-                         callbacks=[Snapshot()])  # fmt: skip
+    trainer = pl.Trainer(
+        max_steps=3,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        callbacks=[Snapshot()],
+    )
     trainer.fit(model, dm)
     head = model.head
     trained = {n for n, p in head.named_parameters() if p.requires_grad}
@@ -160,7 +180,8 @@ def test_lora_sequence_classifier_trains_score_in_full_and_exports(lm_run, tmp_p
     trainer.save_checkpoint(tmp_path / "cls.ckpt")
     export_checkpoint(tmp_path / "cls.ckpt", tmp_path / "hf")
     hf, info = transformers.Phi3ForSequenceClassification.from_pretrained(
-        tmp_path / "hf", output_loading_info=True, attn_implementation="eager")  # fmt: skip
+        tmp_path / "hf", output_loading_info=True, attn_implementation="eager"
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     ids = _ids(vocab=250)
     ids[ids == head.config.pad_token_id] = 5
@@ -209,25 +230,38 @@ def test_bad_lora_settings_fail_at_build_naming_them():
 
 def test_bad_lora_target_through_the_cli(lm_run, tmp_path):
     (tmp_path / "bad.yaml").write_text(LORA_YAML.replace("qkv_proj, o_proj", "q_proj, o_proj"))
-    rc, _, err = run_main("fit", *small_args("causal_lm", tmp_path / "logs", lm_run.root / "cache", steps=1),
-                          "--config", tmp_path / "bad.yaml")  # fmt: skip
+    rc, _, err = run_main(
+        "fit",
+        *small_args("causal_lm", tmp_path / "logs", lm_run.root / "cache", steps=1),
+        "--config",
+        tmp_path / "bad.yaml",
+    )
     assert rc == 1 and "target_modules ['q_proj']" in err and "qkv_proj" in err, err[-2000:]
 
 
 def test_help_lists_the_lora_fields():
     rc, out, _ = run_main("fit", "--model.help", "CausalLMModule", "--model.lora.help")
     assert rc == 0
-    for field in ("--model.lora.r", "--model.lora.alpha", "--model.lora.target_modules", "--model.lora.layers",
-                  "--model.lora.train_head", "Rank of each adapter"):
+    for field in (
+        "--model.lora.r",
+        "--model.lora.alpha",
+        "--model.lora.target_modules",
+        "--model.lora.layers",
+        "--model.lora.train_head",
+        "Rank of each adapter",
+    ):
         assert field in out, field
 
 
 # ---------------------------------------------------------------------------------------------------- configs
-@pytest.mark.parametrize("name, preset, expect", [
-    ("phi3_mini_4k_lora", "phi-3-mini-4k", "14.87"),
-    ("phi3_5_mini_full_fsdp2", "phi-3.5-mini", "13.32"),
-    ("phi4_mini_lora_seqcls", "phi-4-mini", "11.05"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, preset, expect",
+    [
+        ("phi3_mini_4k_lora", "phi-3-mini-4k", "14.87"),
+        ("phi3_5_mini_full_fsdp2", "phi-3.5-mini", "13.32"),
+        ("phi4_mini_lora_seqcls", "phi-4-mini", "11.05"),
+    ],
+)
 def test_finetune_config_memory_comments_are_the_planners(name, preset, expect):
     """The per-GPU estimate written in each fine-tune YAML is what the planner gives for the YAML's settings."""
     import yaml
@@ -240,16 +274,26 @@ def test_finetune_config_memory_comments_are_the_planners(name, preset, expect):
     lora = model.get("lora")
     fsdp2 = isinstance(trainer.get("strategy"), dict) and trainer["strategy"]["class_path"].endswith("FSDP2Strategy")
     est = estimate_memory(
-        preset, method="lora" if lora else "full", precision=trainer["precision"],
-        strategy="fsdp2" if fsdp2 else "single", world_size=trainer["devices"] * trainer.get("num_nodes", 1),
-        seq_len=data["max_length"], batch_size=data["batch_size"], activation_checkpointing=model["activation_checkpointing"],
-        lora_rank=lora["r"] if lora else 16, head=cfg["model"]["class_path"].rsplit(".", 1)[-1].replace(
-            "SequenceClassificationModule", "sequence_classification").replace("CausalLMModule", "causal_lm"),
+        preset,
+        method="lora" if lora else "full",
+        precision=trainer["precision"],
+        strategy="fsdp2" if fsdp2 else "single",
+        world_size=trainer["devices"] * trainer.get("num_nodes", 1),
+        seq_len=data["max_length"],
+        batch_size=data["batch_size"],
+        activation_checkpointing=model["activation_checkpointing"],
+        lora_rank=lora["r"] if lora else 16,
+        head=cfg["model"]["class_path"]
+        .rsplit(".", 1)[-1]
+        .replace("SequenceClassificationModule", "sequence_classification")
+        .replace("CausalLMModule", "causal_lm"),
         masked=True,
-    )  # fmt: skip
+    )
     assert f"{est.total / GiB:.2f}" == expect and f"{expect} GiB estimated" in text
     settings = {k: v for k, v in est.settings.items() if k not in ("model", "accumulate_grad_batches")}
-    accumulating = estimate_memory(preset, **settings, accumulate_grad_batches=trainer.get("accumulate_grad_batches", 1))
+    accumulating = estimate_memory(
+        preset, **settings, accumulate_grad_batches=trainer.get("accumulate_grad_batches", 1)
+    )
     assert accumulating.total < 22 * GiB  # gradient accumulation keeps the gradients alive through the forward
     if lora:
         assert lora["r"] == 16 and set(lora["target_modules"]) == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
@@ -260,8 +304,14 @@ def test_oom_message_gets_the_memory_planners_advice(monkeypatch):
     """A simulated CUDA OOM on a 24 GiB GPU: LoRA phi-3-mini, bf16-true, 1 x 4096 (~26.4 GiB estimated)."""
     module = CausalLMModule(model="phi-3-mini-4k", lora={"r": 16})  # not built: only the config is read
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=24 * 2**30))
-    trainer = SimpleNamespace(precision="bf16-true", strategy=SimpleNamespace(root_device=torch.device("cuda", 0)),
-                              world_size=1, optimizers=[], datamodule=None, accumulate_grad_batches=1)  # fmt: skip
+    trainer = SimpleNamespace(
+        precision="bf16-true",
+        strategy=SimpleNamespace(root_device=torch.device("cuda", 0)),
+        world_size=1,
+        optimizers=[],
+        datamodule=None,
+        accumulate_grad_batches=1,
+    )
     cb = OOMAdvice()
     cb.on_train_batch_start(trainer, module, {"input_ids": torch.zeros(1, 4096, dtype=torch.long)}, 0)
     error = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB.")
@@ -276,8 +326,10 @@ def test_oom_message_gets_the_memory_planners_advice(monkeypatch):
     assert 24 < full < 28 and 9 < ckpt < 10
     assert f"estimated {full:.1f} GiB per GPU for LoRA (r=16) fine-tuning of phi-3-mini-4k" in msg
     assert f"but the GPU has 24.0 GiB; try activation checkpointing ({ckpt:.1f} GiB)" in msg
-    assert msg.endswith("python -m phi3_lightning.memory --preset phi-3-mini-4k --method lora --precision bf16-true "
-                        "--seq-len 4096 --batch-size 1")
+    assert msg.endswith(
+        "python -m phi3_lightning.memory --preset phi-3-mini-4k --method lora --precision bf16-true "
+        "--seq-len 4096 --batch-size 1"
+    )
     cb.on_exception(trainer, module, error)
     assert str(error) == msg  # not appended twice
     other = RuntimeError("something else")
@@ -291,8 +343,15 @@ def test_oom_raised_in_fit_is_reraised_with_the_advice(tmp_path):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
     dm = CausalLMDataModule(max_length=32, max_files=2, batch_size=2, cache_dir=str(tmp_path), progress=False)
-    trainer = pl.Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")  # fmt: skip
+    trainer = pl.Trainer(
+        max_steps=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     with pytest.raises(torch.cuda.OutOfMemoryError) as got:
         trainer.fit(OOMing(lora={"r": 2}), dm)
     msg = str(got.value)
@@ -327,10 +386,25 @@ model:
 def _torchrun(*argv, cwd, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc-per-node N -m phi3_lightning ...``: torch's launcher starts the processes and
     Lightning detects its environment (TorchElasticEnvironment) instead of launching its own."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node",
-           str(nproc), "-m", "phi3_lightning", *map(str, argv)]  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        str(nproc),
+        "-m",
+        "phi3_lightning",
+        *map(str, argv),
+    ]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -344,13 +418,32 @@ def test_fsdp2_two_process_lora_saves_resumes_and_exports(lm_run, tmp_path):
 
     def fit(epochs: int, *extra, launch=run_module):
         proc = launch(
-            "fit", "--config", CONFIGS / "causal_lm.yaml", "--config", CONFIGS / "strategies" / "fsdp2.yaml",
-            "--config", tmp_path / "fsdp2_lora.yaml", "--trainer.max_epochs", epochs,
-            "--trainer.logger.init_args.save_dir", tmp_path / "logs", "--model.init_args.model", lm_run.init,
-            "--data.init_args.max_length", "64", "--data.init_args.max_files", "8", "--data.init_args.batch_size", "4",
-            "--data.init_args.cache_dir", lm_run.root / "cache", "--data.init_args.progress", "false", *extra,
+            "fit",
+            "--config",
+            CONFIGS / "causal_lm.yaml",
+            "--config",
+            CONFIGS / "strategies" / "fsdp2.yaml",
+            "--config",
+            tmp_path / "fsdp2_lora.yaml",
+            "--trainer.max_epochs",
+            epochs,
+            "--trainer.logger.init_args.save_dir",
+            tmp_path / "logs",
+            "--model.init_args.model",
+            lm_run.init,
+            "--data.init_args.max_length",
+            "64",
+            "--data.init_args.max_files",
+            "8",
+            "--data.init_args.batch_size",
+            "4",
+            "--data.init_args.cache_dir",
+            lm_run.root / "cache",
+            "--data.init_args.progress",
+            "false",
+            *extra,
             cwd=tmp_path,
-        )  # fmt: skip
+        )
         assert proc.returncode == 0, proc.stderr[-4000:]
         return proc
 
@@ -371,8 +464,9 @@ def test_fsdp2_two_process_lora_saves_resumes_and_exports(lm_run, tmp_path):
 
     rc, _, err = run_main("export", "--checkpoint", final, "--output", tmp_path / "hf")
     assert rc == 0, err
-    hf, info = transformers.Phi3ForCausalLM.from_pretrained(tmp_path / "hf", output_loading_info=True,
-                                                            attn_implementation="eager")  # fmt: skip
+    hf, info = transformers.Phi3ForCausalLM.from_pretrained(
+        tmp_path / "hf", output_loading_info=True, attn_implementation="eager"
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     ids = _ids()
     with torch.no_grad():

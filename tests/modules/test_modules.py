@@ -99,8 +99,9 @@ def test_bad_model_arguments(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="without config.json"):
         resolve_model(str(tmp_path / "empty"))
-    with pytest.raises(ValueError, match="unknown attn_implementation='fast'; choose one of eager, sdpa, "
-                       "flash_attention_2, flex"):
+    with pytest.raises(
+        ValueError, match="unknown attn_implementation='fast'; choose one of eager, sdpa, flash_attention_2, flex"
+    ):
         CausalLMModule(attn_implementation="fast")
     with pytest.raises(ValueError, match="did you mean sdpa"):
         CausalLMModule(attn_implementation="spda")
@@ -180,9 +181,16 @@ def test_python_api_fit_save_load(tmp_path):
     dm = CausalLMDataModule(max_length=32, max_files=3, batch_size=2, cache_dir=str(tmp_path / "cache"), progress=False)
     opt = functools.partial(torch.optim.AdamW, lr=1e-3)
     model = CausalLMModule(model="tiny", optimizer=opt, lr_scheduler=functools.partial(WarmupDecayLR, warmup_steps=1))
-    trainer = pl.Trainer(max_steps=2, limit_val_batches=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
-                         callbacks=[Phi3ThroughputMonitor(log_every_n_steps=1)])  # fmt: skip
+    trainer = pl.Trainer(
+        max_steps=2,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        callbacks=[Phi3ThroughputMonitor(log_every_n_steps=1)],
+    )
     trainer.fit(model, dm)
     assert model.lr_schedulers().total_steps == 2  # filled in from the trainer
     path = tmp_path / "m.ckpt"
@@ -207,14 +215,28 @@ def test_seq_cls_multi_hot_labels_without_problem_type_get_multilabel_metrics(tm
     torch.manual_seed(0)
     ids = torch.randint(3, 200, (8, 6))
     hot = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]).repeat(4, 1)  # (8, 3) float multi-hot
-    rows = [{"input_ids": ids[i], "attention_mask": torch.ones(6, dtype=torch.long),
-             "position_ids": torch.arange(6), "labels": hot[i]} for i in range(8)]  # fmt: skip
+    rows = [
+        {
+            "input_ids": ids[i],
+            "attention_mask": torch.ones(6, dtype=torch.long),
+            "position_ids": torch.arange(6),
+            "labels": hot[i],
+        }
+        for i in range(8)
+    ]
     loader = torch.utils.data.DataLoader(rows, batch_size=4)
     model = SequenceClassificationModule(model="tiny", num_labels=3)
     assert model.problem_type == "single_label_classification"  # all that is known before seeing labels
-    trainer = pl.Trainer(max_steps=2, limit_val_batches=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
-                         num_sanity_val_steps=0)  # fmt: skip
+    trainer = pl.Trainer(
+        max_steps=2,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        num_sanity_val_steps=0,
+    )
     trainer.fit(model, loader, loader)
     assert model.problem_type == "multi_label_classification"
     assert model.config.problem_type == model.head.config.problem_type == "multi_label_classification"
@@ -229,11 +251,20 @@ def test_seq_cls_multi_hot_labels_without_problem_type_get_multilabel_metrics(tm
 def test_row_length_is_checked_against_the_model_once_in_setup(tmp_path):
     """max_length above the model's max_position_embeddings is refused in setup, before the model is built (before:
     at the first forward, deep in the backbone), naming both numbers and the fix."""
-    dm = CausalLMDataModule(max_length=96, max_files=6, val_fraction=0.3, batch_size=2, cache_dir=str(tmp_path / "c"), progress=False)
-    model = CausalLMModule(model="tiny", config_overrides={"max_position_embeddings": 64,
-                                                           "original_max_position_embeddings": 64})
-    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu")  # fmt: skip
+    dm = CausalLMDataModule(
+        max_length=96, max_files=6, val_fraction=0.3, batch_size=2, cache_dir=str(tmp_path / "c"), progress=False
+    )
+    model = CausalLMModule(
+        model="tiny", config_overrides={"max_position_embeddings": 64, "original_max_position_embeddings": 64}
+    )
+    trainer = pl.Trainer(
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     with pytest.raises(ValueError, match=r"max_length=96 .*max_position_embeddings=64.*lower --data.max_length"):
         trainer.fit(model, dm)
     assert model.head is None  # refused before the model is built

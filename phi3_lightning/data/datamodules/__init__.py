@@ -19,7 +19,7 @@ item in that split. For the classification modules an item is one record: ``pred
 packed row or a chunk of a document.)
 """
 
-from .base import ExampleDataset
+from .base import ExampleDataset as ExampleDataset  # re-exported: data.datamodules.ExampleDataset
 from .causal_lm import CausalLMDataModule
 from .labels import PROBLEM_TYPES
 from .sequence_classification import SequenceClassificationDataModule

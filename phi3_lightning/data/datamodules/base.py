@@ -226,7 +226,9 @@ class _BaseDataModule(pl.LightningDataModule):
         dataset = self.datasets[split]
         batch_size = self.batch_size if train else self.eval_batch_size
         common: dict[str, Any] = dict(
-            collate_fn=self._collator(), num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            collate_fn=self._collator(),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
             generator=torch.Generator(),  # iterating a loader draws a worker seed: never from the global RNG
         )
         lengths = getattr(dataset, "lengths", None) if self.group_by_length else None

@@ -93,15 +93,32 @@ class CausalLMDataModule(_BaseDataModule):
         progress: bool = True,
     ) -> None:
         super().__init__(
-            tokenizer=tokenizer, source=source, train_file=train_file, val_file=val_file, test_file=test_file,
-            val_fraction=val_fraction, test_fraction=test_fraction, max_length=max_length, batch_size=batch_size,
-            eval_batch_size=eval_batch_size, num_workers=num_workers, padding_side=padding_side,
-            pad_to_multiple_of=pad_to_multiple_of, group_by_length=group_by_length, max_documents=max_documents,
-            cache_dir=cache_dir, seed=seed, progress=progress, text_field=text_field, text_unit=text_unit,
+            tokenizer=tokenizer,
+            source=source,
+            train_file=train_file,
+            val_file=val_file,
+            test_file=test_file,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            max_length=max_length,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            padding_side=padding_side,
+            pad_to_multiple_of=pad_to_multiple_of,
+            group_by_length=group_by_length,
+            max_documents=max_documents,
+            cache_dir=cache_dir,
+            seed=seed,
+            progress=progress,
+            text_field=text_field,
+            text_unit=text_unit,
         )
         if max_length < 2:  # the head predicts token t+1 from tokens <= t: a 1-token row has no target
-            raise ValueError(f"max_length={max_length}: a causal-LM row needs at least 2 tokens to have a next-token "
-                             "target (with 1 every label is ignored and the loss is NaN); use max_length >= 2")
+            raise ValueError(
+                f"max_length={max_length}: a causal-LM row needs at least 2 tokens to have a next-token "
+                "target (with 1 every label is ignored and the loss is NaN); use max_length >= 2"
+            )
         if data_format not in ("auto", "text", "chat"):
             raise ValueError(f"data_format={data_format!r}; use 'auto', 'text' or 'chat'")
         if chat_format is not None and chat_format not in CHAT_FORMATS:
@@ -191,9 +208,13 @@ class CausalLMDataModule(_BaseDataModule):
         self._example_records[split] = records
         if self.pack:
             rows: PackedRows = pack_documents(
-                docs, self.max_length, self.pad_token_id, split_long=self.split_long, labels=labels,
+                docs,
+                self.max_length,
+                self.pad_token_id,
+                split_long=self.split_long,
+                labels=labels,
                 strategy=self.packing_strategy,
-            )  # fmt: skip
+            )
             self.efficiency[split] = rows.efficiency
             return rows
         examples = []

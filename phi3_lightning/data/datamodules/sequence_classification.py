@@ -82,7 +82,7 @@ class SequenceClassificationDataModule(_LabelMixin, _BaseDataModule):
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         max_documents: int | None = None,
-        packages: list[str] = list(DEFAULT_PACKAGES),
+        packages: list[str] = list(DEFAULT_PACKAGES),  # noqa: B006 - shown by --help; copied in __init__
         snippet_lines: int = 8,
         max_per_class: int | None = 200,
         cache_dir: str | None = None,
@@ -90,11 +90,25 @@ class SequenceClassificationDataModule(_LabelMixin, _BaseDataModule):
         progress: bool = True,
     ) -> None:
         super().__init__(
-            tokenizer=tokenizer, source=source, train_file=train_file, val_file=val_file, test_file=test_file,
-            val_fraction=val_fraction, test_fraction=test_fraction, max_length=max_length, batch_size=batch_size,
-            eval_batch_size=eval_batch_size, num_workers=num_workers, padding_side=padding_side,
-            pad_to_multiple_of=pad_to_multiple_of, group_by_length=group_by_length, max_documents=max_documents,
-            cache_dir=cache_dir, seed=seed, progress=progress, text_field=text_field,
+            tokenizer=tokenizer,
+            source=source,
+            train_file=train_file,
+            val_file=val_file,
+            test_file=test_file,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            max_length=max_length,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            padding_side=padding_side,
+            pad_to_multiple_of=pad_to_multiple_of,
+            group_by_length=group_by_length,
+            max_documents=max_documents,
+            cache_dir=cache_dir,
+            seed=seed,
+            progress=progress,
+            text_field=text_field,
         )
         if problem_type is not None and problem_type not in PROBLEM_TYPES:
             raise ValueError(f"problem_type={problem_type!r}; use one of {PROBLEM_TYPES} or None (inferred)")
@@ -152,7 +166,9 @@ class SequenceClassificationDataModule(_LabelMixin, _BaseDataModule):
         if self._problem_type is None:
             if any(isinstance(v, (list, tuple)) for v in values):
                 self._problem_type = "multi_label_classification"
-            elif all(_is_number(v) for v in values) and any(isinstance(v, float) and not v.is_integer() for v in values):
+            elif all(_is_number(v) for v in values) and any(
+                isinstance(v, float) and not v.is_integer() for v in values
+            ):
                 self._problem_type = "regression"
             else:
                 self._problem_type = "single_label_classification"

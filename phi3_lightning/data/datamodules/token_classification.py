@@ -88,13 +88,31 @@ class TokenClassificationDataModule(_LabelMixin, _BaseDataModule):
         progress: bool = True,
     ) -> None:
         super().__init__(
-            tokenizer=tokenizer, source=source, train_file=train_file, val_file=val_file, test_file=test_file,
-            val_fraction=val_fraction, test_fraction=test_fraction, max_length=max_length, batch_size=batch_size,
-            eval_batch_size=eval_batch_size, num_workers=num_workers, padding_side=padding_side,
-            pad_to_multiple_of=pad_to_multiple_of, group_by_length=group_by_length, max_documents=max_documents,
-            cache_dir=cache_dir, seed=seed, progress=progress,
+            tokenizer=tokenizer,
+            source=source,
+            train_file=train_file,
+            val_file=val_file,
+            test_file=test_file,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            max_length=max_length,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            padding_side=padding_side,
+            pad_to_multiple_of=pad_to_multiple_of,
+            group_by_length=group_by_length,
+            max_documents=max_documents,
+            cache_dir=cache_dir,
+            seed=seed,
+            progress=progress,
         )
-        for name, path in (("source", source), ("train_file", train_file), ("val_file", val_file), ("test_file", test_file)):
+        for name, path in (
+            ("source", source),
+            ("train_file", train_file),
+            ("val_file", val_file),
+            ("test_file", test_file),
+        ):
             if path and str(path).lower().endswith(".txt"):
                 raise ValueError(
                     f"{name}={path!r} is a .txt file: plain text has no words with one label each; token "
@@ -116,7 +134,11 @@ class TokenClassificationDataModule(_LabelMixin, _BaseDataModule):
         self.save_hyperparameters()
 
     def _embedded_params(self) -> dict[str, Any]:
-        return {"max_files": self.max_files, "max_examples": self.max_examples, "lines_per_example": self.lines_per_example}
+        return {
+            "max_files": self.max_files,
+            "max_examples": self.max_examples,
+            "lines_per_example": self.lines_per_example,
+        }
 
     def _words_and_labels(self, rec: Record) -> tuple[list[str], list[Any]]:
         where = rec.where or "a record"
@@ -127,9 +149,7 @@ class TokenClassificationDataModule(_LabelMixin, _BaseDataModule):
         if not isinstance(labels, (list, tuple)):
             raise ValueError(f"{where}: {self.label_field!r} must be a list (one label per word), got {labels!r}")
         if len(words) != len(labels):
-            raise ValueError(
-                f"{where}: {len(words)} words but {len(labels)} labels; give exactly one label per word"
-            )
+            raise ValueError(f"{where}: {len(words)} words but {len(labels)} labels; give exactly one label per word")
         return list(words), list(labels)
 
     def _infer_labels(self) -> None:
@@ -161,7 +181,7 @@ class TokenClassificationDataModule(_LabelMixin, _BaseDataModule):
         encoded = self.tokenizer.encode_batch(pieces)
         examples = []
         k = 0
-        for rec, words, class_ids in per_record:
+        for rec, _words, class_ids in per_record:
             input_ids: list[int] = []
             labels_out: list[int] = []
             word_ids: list[int] = []
