@@ -99,7 +99,7 @@ def _cli_class():
     # LightningDataModule, so `--data.help CausalLMDataModule` and `class_path: CausalLMDataModule` resolve.
     from .data import CausalLMDataModule, SequenceClassificationDataModule, TokenClassificationDataModule  # noqa: F401
     from .modules import AtomicCheckpointIO, Phi3LightningModule, Phi3ThroughputMonitor, PredictionWriter
-    from .options import SuggestingParserMixin
+    from .options import SuggestingParserMixin, enable_field_docstrings
 
     class Phi3ArgumentParser(SuggestingParserMixin, LightningArgumentParser):
         """No option prefixes, "did you mean" for unknown options, and, for ``--help`` with ``--config``, the
@@ -118,12 +118,7 @@ def _cli_class():
             return text
 
     _quiet_known_lightning_noise()
-    try:  # field docstrings of dataclass settings (model.lora's LoRAConfig) become their --help text
-        from jsonargparse import set_parsing_settings
-
-        set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    except (ImportError, TypeError):  # older jsonargparse
-        pass
+    enable_field_docstrings()  # field docstrings of dataclass settings (LoRAConfig, Phi3Config) become --help text
 
     class Phi3CLI(LightningCLI):
         """LightningCLI with the Phi-3 modules, data modules, callbacks, run naming and input checks."""

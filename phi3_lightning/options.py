@@ -136,3 +136,38 @@ def strict_jsonargparse_parser(**kwargs):
         pass
 
     return StrictJsonArgumentParser(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Help text: one docstring style for everything that becomes --help
+# ----------------------------------------------------------------------------------------------------------------------
+# Constructor arguments (LightningModules, DataModules, callbacks, loggers, strategies, schedulers) are documented in
+# the class docstring's ``Args:`` section; dataclass settings (LoRAConfig, Phi3Config, CompareConfig) by a docstring
+# under each field. jsonargparse reads both; compare-attention's hand-built parser reads the latter via field_help.
+
+
+def enable_field_docstrings() -> None:
+    """Let jsonargparse read dataclass field docstrings as help (off by default: it parses the class's source)."""
+    try:
+        from jsonargparse import set_parsing_settings
+
+        set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    except (ImportError, TypeError):  # older jsonargparse: the fields still parse, without their help text
+        pass
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Field name -> the docstring under that field of dataclass ``cls`` (whitespace collapsed), read the way
+    jsonargparse reads them (``docstring_parser.parse_from_object``). A field without one is a ``TypeError``."""
+    import dataclasses
+
+    import docstring_parser
+
+    docs = {p.arg_name: " ".join((p.description or "").split()) for p in docstring_parser.parse_from_object(cls).params}
+    names = [f.name for f in dataclasses.fields(cls)]
+    missing = [n for n in names if not docs.get(n)]
+    if missing:
+        raise TypeError(
+            f"{cls.__qualname__} fields {missing} have no docstring; write one under each field (it is its --help text)"
+        )
+    return {n: docs[n] for n in names}

@@ -30,86 +30,65 @@ TOLERANCES: dict[torch.dtype, dict[str, float]] = {
 }
 
 
-def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
-    if factory is not dataclasses.MISSING:
-        return field(default_factory=factory, metadata={"help": text})
-    return field(default=default, metadata={"help": text})
-
-
 @dataclass
 class CompareConfig:
-    """Settings of one attention-backend comparison (same model, weights and batches for every backend)."""
+    """Settings of one attention-backend comparison (same model, weights and batches for every backend).
 
-    preset: str = _help(
-        "Named architecture from phi3_lightning.model.PRESETS, randomly initialised from `seed` "
-        "(ignored when `checkpoint` is set).",
-        "tiny",
-    )
-    checkpoint: str | None = _help(
-        "Hugging Face-style checkpoint directory (config.json + safetensors) to load instead of a preset.", None
-    )
-    overrides: dict[str, Any] = _help("Phi3Config fields to replace, e.g. {num_hidden_layers: 2}.", factory=dict)
-    backends: list[str] = _help(
-        "Attention backends to compare; unavailable ones are listed with the reason.", factory=lambda: list(BACKENDS)
-    )
-    seq_lens: list[int] = _help(
-        "Row lengths (tokens) to run; each is one step of every TensorBoard series.", factory=lambda: [128, 256, 512]
-    )
-    batch_size: int = _help("Rows per batch.", 2)
-    batch_kinds: list[str] = _help(
-        "Batch layouts: 'padded' (right-padded rows of decreasing length) and/or "
-        "'packed' (rows of several documents, position_ids restarting at each).",
-        factory=lambda: list(BATCH_KINDS),
-    )
-    sliding_windows: list[int | None] | None = _help(
-        "Sliding windows to run, each on the same weights (null = full causal attention); default: the model's "
-        "own sliding_window only.",
-        None,
-    )
-    dtype: str | None = _help(
-        "Compute dtype of the compared backends: float32, bfloat16, float16 or float64 "
-        "(default: float32 on CPU, bfloat16 on CUDA). The reference is always float64 eager.",
-        None,
-    )
-    device: str | None = _help("Device to run on, e.g. cpu, cuda, cuda:1 (default: cuda when available).", None)
-    num_threads: int | None = _help(
-        "CPU threads torch uses (torch.set_num_threads) during the run; default: torch's own setting.", None
-    )
-    warmup: int = _help("Untimed calls before timing each backend and shape.", 2)
-    repeats: int = _help(
-        "Fewest timed calls of each of forward and forward+backward (timed alternately, one of each "
-        "per round); the median is reported with its interquartile range (IQR).",
-        5,
-    )
-    max_spread: float = _help(
-        "Keep timing (more rounds than `repeats`) until IQR / median of both forward and "
-        "forward+backward is at most this, or `time_budget_s` is spent; a row whose spread "
-        "stays above it is flagged 'noisy' (too noisy to rank backends).",
-        0.1,
-    )
-    time_budget_s: float = _help(
-        "Seconds of timing allowed per backend and batch while the spread is above "
-        "`max_spread` (0: exactly `repeats` rounds).",
-        5.0,
-    )
-    memory: bool = _help(
-        "Measure peak memory of a forward and of a forward+backward (CUDA: max_memory_allocated; "
-        "CPU: CPU-allocator bytes recorded by torch.profiler).",
-        True,
-    )
-    flex_compile: bool | None = _help(
-        "Run torch.compile(flex_attention) (default null: on CUDA only; on CPU each new "
-        "shape costs ~10 s of compilation).",
-        None,
-    )
-    log_dir: str = _help("TensorBoard root; each run writes to <log_dir>/<run_name>.", "logs/compare_attention")
-    run_name: str | None = _help("Sub-directory of this run (default: <model>-<device>-<dtype>-<timestamp>).", None)
-    seed: int = _help("Seed of the random weights (presets) and of the batches.", 0)
-    check: bool = _help(
-        "Exit with status 1 when a backend disagrees with the fp64 reference beyond its dtype's "
-        "tolerance (or fails unexpectedly).",
-        False,
-    )
+    The docstring under each field is its ``--help`` text (read by :func:`phi3_lightning.options.field_help`).
+    """
+
+    preset: str = "tiny"
+    """Named architecture from phi3_lightning.model.PRESETS, randomly initialised from `seed` (ignored when `checkpoint`
+    is set)."""
+    checkpoint: str | None = None
+    """Hugging Face-style checkpoint directory (config.json + safetensors) to load instead of a preset."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Phi3Config fields to replace, e.g. {num_hidden_layers: 2}."""
+    backends: list[str] = field(default_factory=lambda: list(BACKENDS))
+    """Attention backends to compare; unavailable ones are listed with the reason."""
+    seq_lens: list[int] = field(default_factory=lambda: [128, 256, 512])
+    """Row lengths (tokens) to run; each is one step of every TensorBoard series."""
+    batch_size: int = 2
+    """Rows per batch."""
+    batch_kinds: list[str] = field(default_factory=lambda: list(BATCH_KINDS))
+    """Batch layouts: 'padded' (right-padded rows of decreasing length) and/or 'packed' (rows of several documents,
+    position_ids restarting at each)."""
+    sliding_windows: list[int | None] | None = None
+    """Sliding windows to run, each on the same weights (null = full causal attention); default: the model's own
+    sliding_window only."""
+    dtype: str | None = None
+    """Compute dtype of the compared backends: float32, bfloat16, float16 or float64 (default: float32 on CPU, bfloat16
+    on CUDA). The reference is always float64 eager."""
+    device: str | None = None
+    """Device to run on, e.g. cpu, cuda, cuda:1 (default: cuda when available)."""
+    num_threads: int | None = None
+    """CPU threads torch uses (torch.set_num_threads) during the run; default: torch's own setting."""
+    warmup: int = 2
+    """Untimed calls before timing each backend and shape."""
+    repeats: int = 5
+    """Fewest timed calls of each of forward and forward+backward (timed alternately, one of each per round); the median
+    is reported with its interquartile range (IQR)."""
+    max_spread: float = 0.1
+    """Keep timing (more rounds than `repeats`) until IQR / median of both forward and forward+backward is at most this,
+    or `time_budget_s` is spent; a row whose spread stays above it is flagged 'noisy' (too noisy to rank backends)."""
+    time_budget_s: float = 5.0
+    """Seconds of timing allowed per backend and batch while the spread is above `max_spread` (0: exactly `repeats`
+    rounds)."""
+    memory: bool = True
+    """Measure peak memory of a forward and of a forward+backward (CUDA: max_memory_allocated; CPU: CPU-allocator bytes
+    recorded by torch.profiler)."""
+    flex_compile: bool | None = None
+    """Run torch.compile(flex_attention) (default null: on CUDA only; on CPU each new shape costs ~10 s of
+    compilation)."""
+    log_dir: str = "logs/compare_attention"
+    """TensorBoard root; each run writes to <log_dir>/<run_name>."""
+    run_name: str | None = None
+    """Sub-directory of this run (default: <model>-<device>-<dtype>-<timestamp>)."""
+    seed: int = 0
+    """Seed of the random weights (presets) and of the batches."""
+    check: bool = False
+    """Exit with status 1 when a backend disagrees with the fp64 reference beyond its dtype's tolerance (or fails
+    unexpectedly)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -156,7 +135,7 @@ def build_parser(prog: str = "python -m phi3_lightning compare-attention"):
     """A jsonargparse parser with ``--config`` and one flag per :class:`CompareConfig` field."""
     from jsonargparse import ActionConfigFile, ActionYesNo
 
-    from ..options import strict_jsonargparse_parser  # no option prefixes, "did you mean" for unknown options
+    from ..options import field_help, strict_jsonargparse_parser  # strict: no option prefixes, "did you mean"
 
     parser = strict_jsonargparse_parser(
         prog=prog,
@@ -167,12 +146,13 @@ def build_parser(prog: str = "python -m phi3_lightning compare-attention"):
     )
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the fields below.")
     hints = typing.get_type_hints(CompareConfig)
+    helps = field_help(CompareConfig)  # the docstring under each field
     for f in dataclasses.fields(CompareConfig):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if hints[f.name] is bool:  # --check / --no_check (and `check: true` in YAML)
-            parser.add_argument(f"--{f.name}", action=ActionYesNo, default=default, help=f.metadata["help"])
+            parser.add_argument(f"--{f.name}", action=ActionYesNo, default=default, help=helps[f.name])
         else:
-            parser.add_argument(f"--{f.name}", type=hints[f.name], default=default, help=f.metadata["help"])
+            parser.add_argument(f"--{f.name}", type=hints[f.name], default=default, help=helps[f.name])
     return parser
 
 
