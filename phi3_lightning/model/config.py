@@ -73,8 +73,11 @@ class Phi3Config:
     sliding_window: int | None = None
     """Query q sees key k iff q - w < k <= q (2047 for the 4k checkpoints); None = full causal."""
     bos_token_id: int | None = 1
+    """Beginning-of-sequence id, kept for config.json (the data modules prepend the tokenizer's bos with add_bos)."""
     eos_token_id: int | list[int] | None = 32000
+    """End-of-sequence id(s); generation stops at any of them unless told other ids."""
     pad_token_id: int | None = 32000
+    """Padding id; sequence classification pools the rightmost token that is not this id."""
     num_labels: int = 2
     """Classes for the classification heads."""
     problem_type: str | None = None

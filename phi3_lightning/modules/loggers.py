@@ -26,9 +26,13 @@ class Phi3TensorBoardLogger(TensorBoardLogger):
     """Lightning's TensorBoardLogger, plus hparams with final metrics, no ``epoch`` scalar, a per-measure layout.
 
     Args:
+        save_dir: root directory of the logs; a run writes to ``<save_dir>/<name>/<version>``.
+        name: the run's directory under ``save_dir``; the CLI replaces it by ``--run_name`` when given, and ``auto``
+            by ``<config file stems joined by +>/<attention backend>``.
+        version: the version directory: N (``version_N``) or a string; null: the next free ``version_N``.
         log_epoch: also log Lightning's ``epoch`` scalar (useful for runs trained by epochs; flat for step-based runs).
         default_hp_metric: Lightning's ``hp_metric = -1`` placeholder; off here (the final metrics replace it).
-        save_dir, name, version, **kwargs: as Lightning's TensorBoardLogger.
+        kwargs: any other argument of Lightning's TensorBoardLogger (``log_graph``, ``prefix``, ``sub_dir`` ...).
     """
 
     def __init__(

@@ -34,6 +34,7 @@ class WarmupDecayLR(LambdaLR):
         decay: shape after warmup: ``cosine``, ``linear`` or ``constant``.
         min_lr_ratio: final learning rate as a fraction of the peak.
         warmup_start_ratio: learning rate at step 0 as a fraction of the peak.
+        last_epoch: index of the last optimizer step taken (torch's scheduler argument); -1 starts a new schedule.
     """
 
     def __init__(
