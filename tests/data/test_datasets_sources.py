@@ -270,3 +270,35 @@ def test_bad_datasets_objects(stream):
 def test_other_objects_are_refused():
     with pytest.raises(ValueError, match=r"source is a dict; pass a path, 'hf:<name>' or 'embedded'"):
         load_source({"text": ["x"]})
+
+
+def test_fit_on_a_stream_writes_a_checkpoint_the_safe_reader_loads(tmp_path):
+    import lightning.pytorch as pl
+
+    from phi3_lightning.modules.safe_load import load_checkpoint_file
+
+    class Tiny(pl.LightningModule):
+        def __init__(self, vocab):
+            super().__init__()
+            self.emb = torch.nn.Embedding(vocab, 4)
+
+        def training_step(self, batch, _):
+            return self.emb(batch["input_ids"]).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    dm = _dm(datasets.IterableDataset.from_generator(_endless), max_documents=8, max_length=16)
+    trainer = pl.Trainer(
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        limit_val_batches=0,
+    )
+    trainer.fit(Tiny(dm.vocab_size), datamodule=dm)
+    trainer.save_checkpoint(tmp_path / "c.ckpt")
+    ckpt = load_checkpoint_file(tmp_path / "c.ckpt")  # weights_only: a datasets object in it would be refused
+    assert ckpt["datamodule_hyper_parameters"]["source"] == "<streamed datasets.IterableDataset>"
