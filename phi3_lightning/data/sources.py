@@ -1,5 +1,6 @@
-"""Where records come from: local files (txt / jsonl / json / csv / tsv / parquet), a ``datasets`` dataset, and the
-train / val / test split logic.
+"""Where records come from: local files (txt / jsonl / json / csv / tsv / parquet), a ``datasets`` dataset (saved to
+disk, ``hf:NAME``, or an in-memory / streamed ``datasets`` object passed from Python), and the train / val / test split
+logic.
 
 A *record* is a dict (one JSON object, one CSV row, one paragraph of a text file ...). Records are
 :class:`Record` objects: plain dicts that also remember where they came from (``record.where``, e.g.
@@ -13,7 +14,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ __all__ = [
     "SPLITS",
     "read_records",
     "load_source",
+    "describe_source",
     "split_by_hash",
     "stable_fraction",
     "resolve_splits",
@@ -145,7 +149,15 @@ def _read_parquet(path: Path, limit: int | None) -> list[Record]:
     except ImportError:
         pq = None
     if pq is not None:
-        rows = pq.read_table(path).to_pylist()
+        import pyarrow as pa
+
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except pa.ArrowException as e:  # not a parquet file, truncated, a column that is not valid UTF-8, ...
+            raise ValueError(
+                f"{str(path)!r} is not a readable parquet file ({e}); re-write it (pyarrow.parquet.write_table or "
+                "pandas.DataFrame.to_parquet) or convert it to jsonl/csv"
+            ) from None
     else:
         try:
             import pandas as pd
@@ -244,23 +256,108 @@ def _is_saved_dataset_dir(path: Path) -> bool:
     return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
 
 
+def _datasets_classes() -> tuple[type, ...]:
+    """(Dataset, DatasetDict, IterableDataset, IterableDatasetDict) when ``datasets`` is importable, else ()."""
+    try:
+        import datasets
+    except ImportError:
+        return ()
+    return (datasets.Dataset, datasets.DatasetDict, datasets.IterableDataset, datasets.IterableDatasetDict)
+
+
+def _is_stream(obj: Any) -> bool:
+    import datasets
+
+    return isinstance(obj, (datasets.IterableDataset, datasets.IterableDatasetDict))
+
+
+def describe_source(source: Any) -> str:
+    """``source`` as messages and hyperparameters name it: the string itself, or e.g.
+    ``"<in-memory datasets.DatasetDict: train, validation>"`` for an object passed from Python."""
+    if isinstance(source, str):
+        return source
+    classes = _datasets_classes()
+    if classes and isinstance(source, classes):
+        kind = "streamed" if _is_stream(source) else "in-memory"
+        splits = f": {', '.join(map(str, source.keys()))}" if hasattr(source, "keys") else ""
+        return f"<{kind} datasets.{type(source).__name__}{splits}>"
+    return f"<{type(source).__module__}.{type(source).__name__}>"
+
+
+def _load_dataset(datasets, name: str, config: str | None):
+    """``datasets.load_dataset(name, config)`` that never runs a dataset script (remote or local code).
+
+    ``datasets`` >= 4 has no script loading at all (it raises on a dataset made of a ``.py`` script); older
+    versions would run one when ``trust_remote_code`` (or ``HF_DATASETS_TRUST_REMOTE_CODE``) allows it, so they get
+    ``trust_remote_code=False`` explicitly, which also overrides that environment variable.
+    """
+    kwargs: dict[str, Any] = {}
+    if int(datasets.__version__.split(".")[0]) < 4:
+        kwargs["trust_remote_code"] = False
+    try:
+        return datasets.load_dataset(name, config, **kwargs)
+    except Exception as e:  # rewritten only when it is the refused-script error; anything else as it is
+        text = str(e)
+        if "script" in text.lower() and ("no longer supported" in text or "trust_remote_code" in text):
+            raise ValueError(
+                f"source 'hf:{name}' is a dataset loading script ({text.strip().splitlines()[0]}); phi3_lightning "
+                "never runs dataset code: use a dataset stored as parquet/json/csv files, or download such files "
+                "(e.g. the hub's parquet export, branch refs/convert/parquet) and pass them as a local source"
+            ) from None
+        raise
+
+
 def _load_hf(source: str, limit: int | None) -> dict[str, list[Record]]:
     """``hf:NAME`` / ``hf:NAME:CONFIG`` (from the hub or the local HF cache) or a ``save_to_disk`` directory."""
     datasets = _import_datasets(source)
     if source.startswith("hf:"):
         name, _, config = source[3:].partition(":")
-        loaded = datasets.load_dataset(name, config or None)
+        loaded = _load_dataset(datasets, name, config or None)
     else:
         loaded = datasets.load_from_disk(source)
-    if isinstance(loaded, datasets.Dataset):
+    return _datasets_splits(loaded, source, limit)
+
+
+def _datasets_splits(loaded: Any, name: str, limit: int | None) -> dict[str, list[Record]]:
+    """The records of a ``datasets`` object: a ``Dataset`` / ``IterableDataset`` is the train split, a
+    ``DatasetDict`` / ``IterableDatasetDict`` maps its split names (train / validation / val / dev / test ...).
+
+    A streamed split (``IterableDataset``) is read in order up to ``limit`` records and held in memory; without a
+    ``limit`` it is an error (a stream may be endless)."""
+    import datasets
+
+    if isinstance(loaded, (datasets.Dataset, datasets.IterableDataset)):
         loaded = {"train": loaded}
     out: dict[str, list[Record]] = {}
     for split_name, ds in loaded.items():
         split = _SPLIT_ALIASES.get(str(split_name).lower())
         if split is None or split in out:
+            why = "its name is not a train/val/test name" if split is None else f"another split is already {split}"
+            warnings.warn(
+                f"{name}: split {split_name!r} is not used ({why}; known names: {sorted(_SPLIT_ALIASES)}); "
+                "rename it (DatasetDict keys) or pass it as train_file/val_file/test_file",
+                stacklevel=3,
+            )
             continue
-        n = len(ds) if limit is None else min(limit, len(ds))
-        out[split] = [Record(dict(ds[i]), f"{source} [{split_name}] row {i}") for i in range(n)]
+        if isinstance(ds, datasets.IterableDataset):
+            if limit is None:
+                raise ValueError(
+                    f"{name}: split {split_name!r} is a stream (datasets.IterableDataset) with no length; set "
+                    "max_documents=N to read its first N records (they are held in memory, so splits, shuffling "
+                    "and exact resume work as for any source), or pass a map-style datasets.Dataset"
+                )
+            rows: Iterable[Any] = itertools.islice(ds, limit)
+        else:
+            rows = itertools.islice(ds, len(ds) if limit is None else min(limit, len(ds)))
+        recs = []
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict):
+                raise ValueError(
+                    f"{name} [{split_name}] row {i}: expected a dict of columns, got a {type(row).__name__}; "
+                    "pass a datasets.Dataset whose rows are dicts of columns"
+                )
+            recs.append(Record(dict(row), f"{name} [{split_name}] row {i}"))
+        out[split] = recs
     return out
 
 
@@ -321,7 +418,7 @@ def _split_files_in_dir(directory: Path) -> dict[str, Path]:
 
 
 def load_source(
-    source: str,
+    source: str | Any,
     train_file: str | None = None,
     val_file: str | None = None,
     test_file: str | None = None,
@@ -336,14 +433,25 @@ def load_source(
     * a file (``.jsonl``/``.json``/``.csv``/``.tsv``/``.txt``/``.parquet``): the train split;
     * a directory holding ``train.*`` and optionally ``val.*``/``validation.*``/``dev.*`` and ``test.*`` files;
     * a directory written by ``datasets``' ``save_to_disk``, or ``hf:NAME`` / ``hf:NAME:CONFIG`` (needs the
-      optional ``datasets`` package);
+      optional ``datasets`` package; dataset scripts are never run);
+    * from Python, a ``datasets`` object: ``Dataset`` (the train split), ``DatasetDict`` (its splits), or a stream
+      (``IterableDataset`` / ``IterableDatasetDict``), read in order up to ``limit`` records per split, which a
+      stream requires;
     * ``""`` / ``"files"`` when only ``train_file`` (and ``val_file``, ``test_file``) are given.
 
     ``train_file``/``val_file``/``test_file`` override the split of the same name.
     """
     splits: dict[str, list[Record]] = {}
     files: dict[str, Path] = {}
-    if source and source not in ("files",):
+    if not isinstance(source, str):
+        classes = _datasets_classes()
+        if not classes or not isinstance(source, classes):
+            raise ValueError(
+                f"source is a {type(source).__name__}; pass a path, 'hf:<name>' or 'embedded' (or, from Python, a "
+                "datasets.Dataset / DatasetDict / IterableDataset / IterableDatasetDict)"
+            )
+        splits.update(_datasets_splits(source, describe_source(source), limit))
+    elif source and source not in ("files",):
         if source.startswith("hf:"):
             splits.update(_load_hf(source, limit))
         else:
@@ -371,14 +479,15 @@ def load_source(
     for split, path in files.items():
         what = {"train": "train_file", "val": "val_file", "test": "test_file"}[split]
         splits[split] = read_records(path, text_field=text_field, text_unit=text_unit, limit=limit, what=what)
+    name = describe_source(source)
     if "train" not in splits:
         raise ValueError(
-            f"no training data: source={source!r}, train_file={train_file!r}; pass a file, a directory with train.*, "
-            "hf:<name>, or source='embedded'"
+            f"no training data: source={name!r}, train_file={train_file!r}; pass a file, a directory with train.*, "
+            "hf:<name>, a datasets object with a 'train' split, or source='embedded'"
         )
     for split, recs in splits.items():
         if not recs:
-            raise ValueError(f"the {split} split of {source or train_file!r} is empty; add data or drop that split")
+            raise ValueError(f"the {split} split of {name or train_file!r} is empty; add data or drop that split")
     return splits
 
 
@@ -421,3 +530,25 @@ def iter_field(records: Iterable[Record], field: str, what: str) -> Iterable[tup
                 "right column name or fix the data"
             )
         yield r, r[field]
+
+
+def not_text_message(rec: Record, field: str, value: Any) -> str:
+    """Why ``rec[field]`` (a ``value`` that is not a ``str``) cannot be a text, and the fix. Bytes (a binary parquet /
+    ``datasets`` column) are named as such, with the first byte that is not UTF-8 when there is one."""
+    where = getattr(rec, "where", "") or "a record"
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            bytes(value).decode("utf-8")
+        except UnicodeDecodeError as e:
+            return (
+                f"{where}: text field {field!r} holds bytes that are not valid UTF-8 (byte 0x{value[e.start]:02x} at "
+                f"offset {e.start}); re-encode the data as UTF-8 text (a string column)"
+            )
+        return (
+            f"{where}: text field {field!r} holds bytes (a binary column), not a string; store the column as UTF-8 "
+            "strings (e.g. datasets: ds.cast_column(name, Value('string')); pyarrow: table.cast with pa.string())"
+        )
+    return (
+        f"{where}: text field {field!r} holds a {type(value).__name__}, not a string; fix the record or pass the "
+        "right --data.text_field"
+    )

@@ -1,5 +1,4 @@
 import builtins
-import importlib.util
 import json
 import sys
 
@@ -78,7 +77,6 @@ def test_parquet_without_pyarrow_is_a_clear_error(tmp_path, monkeypatch):
         read_records(p)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("pyarrow") is None, reason="pyarrow is not installed")
 def test_parquet_roundtrip(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -96,7 +94,6 @@ def test_datasets_missing_is_a_clear_error(monkeypatch):
         load_source("hf:imdb")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("datasets") is None, reason="datasets is not installed")
 def test_datasets_saved_dir(tmp_path):
     import datasets
 

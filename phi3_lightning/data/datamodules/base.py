@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, SequentialSampler
 from ..collate import LengthGroupedSampler, PaddingCollator, padding_efficiency
 from ..embedded import embedded_splits, load_embedded
 from ..sampling import EpochSampler, ResumableDataLoader, rank_state, rng_states
-from ..sources import SPLITS, Record, load_source, resolve_splits
+from ..sources import SPLITS, Record, describe_source, load_source, resolve_splits
 from ..tokenizer import load_tokenizer
 
 
@@ -53,7 +54,7 @@ class _BaseDataModule(pl.LightningDataModule):
         self,
         *,
         tokenizer: str,
-        source: str,
+        source: str | Any,
         train_file: str | None,
         val_file: str | None,
         test_file: str | None,
@@ -86,7 +87,7 @@ class _BaseDataModule(pl.LightningDataModule):
         for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0.0 <= frac < 1.0:
                 raise ValueError(f"{name}={frac}; use a fraction in [0, 1)")
-        if source == "embedded" and not train_file and (val_file or test_file):
+        if isinstance(source, str) and source == "embedded" and not train_file and (val_file or test_file):
             raise ValueError(
                 f"val_file={val_file!r} / test_file={test_file!r} given without a train_file while source='embedded'; "
                 "pass train_file (or a source) for your own data, or drop val_file/test_file to use the embedded data"
@@ -126,7 +127,21 @@ class _BaseDataModule(pl.LightningDataModule):
 
     @property
     def is_embedded(self) -> bool:
-        return self.source == "embedded" and not self.train_file
+        return isinstance(self.source, str) and self.source == "embedded" and not self.train_file
+
+    @property
+    def source_name(self) -> str:
+        """``source`` as messages name it (a ``datasets`` object passed from Python is described, not printed)."""
+        return describe_source(self.source)
+
+    def _save_hyperparameters(self) -> None:
+        """``save_hyperparameters()`` of the calling ``__init__``; a ``datasets`` object passed as ``source`` is kept
+        out of the hyperparameters (and so out of checkpoints and hparams.yaml), which record its description."""
+        frame = inspect.currentframe().f_back  # type: ignore[union-attr]
+        in_memory = not isinstance(self.source, str)
+        self.save_hyperparameters(ignore=["source"] if in_memory else None, frame=frame)
+        if in_memory:
+            self.hparams["source"] = self._hparams_initial["source"] = self.source_name
 
     # ---------------------------------------------------------------- records
     def _embedded_params(self) -> dict[str, Any]:
@@ -147,7 +162,7 @@ class _BaseDataModule(pl.LightningDataModule):
                 )
             else:
                 given = load_source(
-                    "" if self.source == "embedded" else self.source,
+                    "" if isinstance(self.source, str) and self.source == "embedded" else self.source,
                     self.train_file,
                     self.val_file,
                     self.test_file,
@@ -179,7 +194,7 @@ class _BaseDataModule(pl.LightningDataModule):
             recs = records.get(split) or []
             if not recs:
                 if split == "train":
-                    raise ValueError(f"the train split of source {self.source!r} is empty; add data")
+                    raise ValueError(f"the train split of source {self.source_name!r} is empty; add data")
                 continue
             if split == "test" and recs is records.get("val") and "val" in self.datasets:
                 self.datasets["test"] = self.datasets["val"]  # no test split of its own: test = val
@@ -218,7 +233,7 @@ class _BaseDataModule(pl.LightningDataModule):
         if not self.datasets:
             self.setup()
         if split not in self.datasets:
-            origin = self.train_file or self.source
+            origin = self.train_file or self.source_name
             raise ValueError(
                 f"there is no {split} split (data from {origin!r}, val_fraction={self.val_fraction}, "
                 f"test_fraction={self.test_fraction}); give a {split}_file or a non-zero {split}_fraction"

@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 from ..chat import tokenize_chat
 from ..collate import IGNORE_INDEX
 from ..packing import PACKING_STRATEGIES, PackedRows, pack_documents, piece_bounds
-from ..sources import Record, iter_field
+from ..sources import Record, iter_field, not_text_message
 from ..tokenizer import CHAT_FORMATS
 from .base import ExampleDataset, _BaseDataModule
 
@@ -23,10 +23,22 @@ class CausalLMDataModule(_BaseDataModule):
     (``messages`` lists of ``{"role", "content"}``) are rendered with the checkpoint's chat template and trained on
     the assistant tokens only. Labels are the input ids (not shifted; the model shifts), -100 where not trained.
 
+    ``datasets`` objects (from Python): ``source`` may be a ``datasets.Dataset`` (the train split), a ``DatasetDict``
+    (its train / validation / test splits), or a stream (``IterableDataset`` / ``IterableDatasetDict``, e.g.
+    ``load_dataset(..., streaming=True)``). A stream has no length, so ``max_documents`` is required: the first
+    ``max_documents`` records of each streamed split are read in stream order and held in memory, then handled like
+    any other source (val / test carved out by content hash when the stream has no such split, packed into rows,
+    shuffled per epoch). Training therefore sees a fixed, map-style set of rows and a resumed run continues exactly
+    where it stopped, provided the stream yields the same first records again (local data, a pinned hub revision,
+    a seeded ``.shuffle``). From YAML use a path instead: a ``save_to_disk`` directory, a parquet file, or
+    ``hf:NAME``. Dataset loading scripts are never run.
+
     Args:
         tokenizer: ``"byte"`` (built in, 262 ids) or a checkpoint directory holding ``tokenizer.json``.
         source: ``"embedded"`` (stdlib source code, no download), a data file, a directory with ``train.*`` /
-            ``val.*`` / ``test.*`` files, a ``datasets`` ``save_to_disk`` directory, or ``hf:NAME[:CONFIG]``.
+            ``val.*`` / ``test.*`` files, a ``datasets`` ``save_to_disk`` directory, or ``hf:NAME[:CONFIG]``; from
+            Python also a ``datasets`` ``Dataset`` / ``DatasetDict`` / ``IterableDataset`` (stream: needs
+            ``max_documents``).
         train_file: a training file (jsonl / json / csv / tsv / txt / parquet); overrides the source's train split.
         val_file: a validation file; default: ``val_fraction`` of train.
         test_file: a test file (also the predict split); default: ``test_fraction`` of train, else the val split.
@@ -50,7 +62,8 @@ class CausalLMDataModule(_BaseDataModule):
         val_fraction: fraction of train carved out as the val split when no val split is given.
         test_fraction: fraction of train carved out as the test split when no test split is given (0: test = val).
         max_files: embedded corpus: number of stdlib files (documents).
-        max_documents: read at most this many records per split file (all sources).
+        max_documents: read at most this many records per split (all sources); required for a streamed
+            ``datasets.IterableDataset``, whose first ``max_documents`` records per split are held in memory.
         text_unit: how ``.txt`` files are cut into documents: ``"paragraph"``, ``"line"`` or ``"file"``.
         cache_dir: where the embedded corpus is cached; default ``$PHI3_LIGHTNING_CACHE`` or
             ``~/.cache/phi3_lightning``.
@@ -63,7 +76,7 @@ class CausalLMDataModule(_BaseDataModule):
     def __init__(
         self,
         tokenizer: str = "byte",
-        source: str = "embedded",
+        source: str | Any = "embedded",
         train_file: str | None = None,
         val_file: str | None = None,
         test_file: str | None = None,
@@ -134,7 +147,7 @@ class CausalLMDataModule(_BaseDataModule):
         self.add_bos = add_bos
         self.add_eos = add_eos
         self.max_files = max_files
-        self.save_hyperparameters()
+        self._save_hyperparameters()
 
     def _embedded_params(self) -> dict[str, Any]:
         return {"max_files": self.max_files, "max_documents": self.max_documents}
@@ -163,10 +176,7 @@ class CausalLMDataModule(_BaseDataModule):
             texts = []
             for rec, text in iter_field(records, self.text_field, "text"):
                 if not isinstance(text, str):
-                    raise ValueError(
-                        f"{rec.where or 'a record'}: text field {self.text_field!r} holds a {type(text).__name__}, "
-                        "not a string; fix the record or pass the right --data.text_field"
-                    )
+                    raise ValueError(not_text_message(rec, self.text_field, text))
                 texts.append(text)
             encoded = tok.encode_batch(texts)
             bos = [tok.bos_token_id] if self.add_bos and tok.bos_token_id is not None else []

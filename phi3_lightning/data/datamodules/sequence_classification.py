@@ -26,7 +26,8 @@ class SequenceClassificationDataModule(_LabelMixin, _BaseDataModule):
     Args:
         tokenizer: ``"byte"`` or a checkpoint directory holding ``tokenizer.json``.
         source: ``"embedded"``, a data file, a directory with ``train.*``/``val.*``/``test.*``, a ``datasets``
-            ``save_to_disk`` directory, or ``hf:NAME[:CONFIG]``.
+            ``save_to_disk`` directory, or ``hf:NAME[:CONFIG]``; from Python also a ``datasets`` object
+            (see ``CausalLMDataModule``).
         train_file: a training file (jsonl / json / csv / tsv / parquet); overrides the source's train split.
         val_file: a validation file; default: ``val_fraction`` of train.
         test_file: a test file (also the predict split); default: ``test_fraction`` of train, else the val split.
@@ -61,7 +62,7 @@ class SequenceClassificationDataModule(_LabelMixin, _BaseDataModule):
     def __init__(
         self,
         tokenizer: str = "byte",
-        source: str = "embedded",
+        source: str | Any = "embedded",
         train_file: str | None = None,
         val_file: str | None = None,
         test_file: str | None = None,
@@ -143,7 +144,7 @@ class SequenceClassificationDataModule(_LabelMixin, _BaseDataModule):
                     )
         if self._problem_type == "regression" and self._label_names is None:
             self._label_names = [label_field]
-        self.save_hyperparameters()
+        self._save_hyperparameters()
 
     def _embedded_params(self) -> dict[str, Any]:
         return {"packages": self.packages, "snippet_lines": self.snippet_lines, "max_per_class": self.max_per_class}

@@ -27,7 +27,8 @@ class TokenClassificationDataModule(_LabelMixin, _BaseDataModule):
     Args:
         tokenizer: ``"byte"`` or a checkpoint directory holding ``tokenizer.json``.
         source: ``"embedded"``, a data file (jsonl / json / parquet: list fields), a directory with ``train.*``
-            files, a ``datasets`` ``save_to_disk`` directory, or ``hf:NAME[:CONFIG]``.
+            files, a ``datasets`` ``save_to_disk`` directory, or ``hf:NAME[:CONFIG]``; from Python also a ``datasets`` object
+            (see ``CausalLMDataModule``).
         train_file: a training file; overrides the source's train split.
         val_file: a validation file; default: ``val_fraction`` of train.
         test_file: a test file (also the predict split); default: ``test_fraction`` of train, else the val split.
@@ -60,7 +61,7 @@ class TokenClassificationDataModule(_LabelMixin, _BaseDataModule):
     def __init__(
         self,
         tokenizer: str = "byte",
-        source: str = "embedded",
+        source: str | Any = "embedded",
         train_file: str | None = None,
         val_file: str | None = None,
         test_file: str | None = None,
@@ -131,7 +132,7 @@ class TokenClassificationDataModule(_LabelMixin, _BaseDataModule):
         self._label_names = list(label_names) if label_names is not None else None
         if self._label_names is None and self.is_embedded:
             self._label_names = token_type_names()
-        self.save_hyperparameters()
+        self._save_hyperparameters()
 
     def _embedded_params(self) -> dict[str, Any]:
         return {
