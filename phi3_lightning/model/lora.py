@@ -75,6 +75,13 @@ class LoRAConfig:
     modules_to_save: list[str] = field(default_factory=list)
     """Further modules trained in full, by name (e.g. ["lm_head"], ["norm"], ["score"]); head names that the
     current head lacks are skipped, so one config serves every head."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA: scale the adapter's output by alpha / sqrt(r) instead of alpha / r (PEFT's use_rslora)."""
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    """Per-module ranks overriding r, e.g. {"qkv_proj": 8, "layers.0.mlp.down_proj": 4}: a key matches a module
+    whose dotted name ends with it (a regex, as PEFT's rank_pattern); the first matching key wins."""
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    """Per-module alphas overriding alpha, matched like rank_pattern (PEFT's alpha_pattern)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):
@@ -83,11 +90,22 @@ class LoRAConfig:
         self.modules_to_save = list(self.modules_to_save or [])
         if self.layers is not None:
             self.layers = list(self.layers)
+        self.rank_pattern = dict(self.rank_pattern or {})
+        self.alpha_pattern = dict(self.alpha_pattern or {})
         self.validate()
 
     @property
     def scaling(self) -> float:
-        return self.alpha / self.r
+        """The default scale (modules without a rank/alpha pattern): alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        return lora_scaling(self.r, self.alpha, self.use_rslora)
+
+    def rank_alpha(self, name: str) -> tuple[int, float]:
+        """(r, alpha) of the module called ``name`` (``model.layers.0.self_attn.qkv_proj``), patterns applied."""
+        r_key = _pattern_key(self.rank_pattern, name)
+        a_key = _pattern_key(self.alpha_pattern, name)
+        r = self.rank_pattern[r_key] if r_key is not None else self.r
+        alpha = self.alpha_pattern[a_key] if a_key is not None else self.alpha
+        return r, alpha
 
     def validate(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -103,6 +121,31 @@ class LoRAConfig:
             )
         if self.layers is not None and not all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers):
             raise ValueError(f"LoRA layers={self.layers!r} must be a list of decoder layer indices")
+        if not isinstance(self.use_rslora, bool):
+            raise ValueError(f"LoRA use_rslora={self.use_rslora!r} must be true or false")
+        for attr, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
+            for key, value in getattr(self, attr).items():
+                try:
+                    re.compile(key)
+                except (re.error, TypeError) as e:
+                    raise ValueError(f"LoRA {attr} key {key!r} is not a valid regular expression: {e}") from None
+                if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+                    what = "a positive integer rank" if attr == "rank_pattern" else "a positive alpha"
+                    raise ValueError(f"LoRA {attr}[{key!r}]={value!r} must be {what}")
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """The adapter output's scale: alpha / r, or alpha / sqrt(r) for rank-stabilised LoRA (rsLoRA)."""
+    return float(alpha) / (math.sqrt(r) if use_rslora else r)
+
+
+def _pattern_key(patterns: dict, name: str) -> str | None:
+    """The first key of ``patterns`` that, as a regex, matches the whole of ``name`` or a dotted suffix of it
+    (PEFT's rank_pattern / alpha_pattern rule), or None."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return None
 
 
 def as_lora_config(lora: LoRAConfig | dict | None) -> LoRAConfig | None:
@@ -126,14 +169,14 @@ class LoRALinear(nn.Module):
     (A kaiming-uniform, B zero) and leaves the base weight, which its own module initialises, alone.
     """
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0) -> None:
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False) -> None:
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"LoRALinear wraps nn.Linear, got {type(base).__name__}")
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.r, self.alpha = r, float(alpha)
-        self.scaling = self.alpha / r
+        self.r, self.alpha, self.use_rslora = r, float(alpha), bool(use_rslora)
+        self.scaling = lora_scaling(r, self.alpha, self.use_rslora)
         w = base.weight
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=w.device, dtype=w.dtype))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=w.device, dtype=w.dtype))
@@ -174,7 +217,8 @@ class LoRALinear(nn.Module):
         return (w.float() + delta).to(w.dtype)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha:g}"
+        rs = ", rslora" if self.use_rslora else ""
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha:g}{rs}"
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -248,24 +292,11 @@ def mark_only_lora_trainable(model: nn.Module, modules_to_save: Iterable[str] = 
     return saved
 
 
-def apply_lora(model: nn.Module, cfg: LoRAConfig | dict | None = None, **overrides) -> nn.Module:
-    """Wrap the matching ``nn.Linear`` layers of ``model`` in :class:`LoRALinear` (in place) and freeze the rest.
+def lora_target_names(model: nn.Module, cfg: LoRAConfig) -> list[str]:
+    """Names of the ``nn.Linear`` modules of ``model`` that ``cfg`` adapts (what :func:`apply_lora` wraps).
 
-    A target matches a module whose name equals it or ends with ``"." + target``; ``cfg.layers`` restricts
-    the matches inside decoder layers to those indices. Every target must match at least one layer, else a
-    ``ValueError`` names it and lists the linear layers there are. The config and the fully trained modules are
-    recorded on the model (``model.lora_config``, ``model.lora_modules_to_save``). Returns ``model``.
+    A target that matches nothing is a ``ValueError`` naming it and listing the linear layers there are.
     """
-    if cfg is None:
-        cfg = LoRAConfig(**overrides)
-    elif isinstance(cfg, dict):
-        cfg = LoRAConfig(**{**cfg, **overrides})
-    elif overrides:
-        cfg = dataclasses.replace(cfg, **overrides)
-    if lora_modules(model):
-        raise ValueError(
-            f"{type(model).__name__} already has LoRA adapters; merge_lora() it first or start from the base model"
-        )
     candidates = _linear_names(model)
     n_layers = _num_layers(model)
     if cfg.layers is not None:
@@ -288,6 +319,28 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig | dict | None = None, **overrid
             f"LoRA target_modules {unmatched} match no nn.Linear of {type(model).__name__}{where}; "
             f"linear layers available: {', '.join(available)}"
         )
+    return chosen
+
+
+def apply_lora(model: nn.Module, cfg: LoRAConfig | dict | None = None, **overrides) -> nn.Module:
+    """Wrap the matching ``nn.Linear`` layers of ``model`` in :class:`LoRALinear` (in place) and freeze the rest.
+
+    A target matches a module whose name equals it or ends with ``"." + target``; ``cfg.layers`` restricts
+    the matches inside decoder layers to those indices. Every target must match at least one layer, else a
+    ``ValueError`` names it and lists the linear layers there are. The config and the fully trained modules are
+    recorded on the model (``model.lora_config``, ``model.lora_modules_to_save``). Returns ``model``.
+    """
+    if cfg is None:
+        cfg = LoRAConfig(**overrides)
+    elif isinstance(cfg, dict):
+        cfg = LoRAConfig(**{**cfg, **overrides})
+    elif overrides:
+        cfg = dataclasses.replace(cfg, **overrides)
+    if lora_modules(model):
+        raise ValueError(
+            f"{type(model).__name__} already has LoRA adapters; merge_lora() it first or start from the base model"
+        )
+    chosen = lora_target_names(model, cfg)
     shared: dict[int, list[str]] = {}
     for n, p in model.named_parameters(remove_duplicate=False):
         shared.setdefault(id(p), []).append(n)
@@ -299,7 +352,8 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig | dict | None = None, **overrid
                 f"{name}.weight is tied to {tied[0]}; LoRA on a tied layer would adapt both. Drop {name!r} from "
                 "target_modules (train it via modules_to_save instead)"
             )
-        _set_submodule(model, name, LoRALinear(base, cfg.r, cfg.alpha, cfg.dropout))
+        r, alpha = cfg.rank_alpha(name)
+        _set_submodule(model, name, LoRALinear(base, r, alpha, cfg.dropout, cfg.use_rslora))
     to_save = (list(HEAD_MODULES) if cfg.train_head else []) + list(cfg.modules_to_save)
     saved = mark_only_lora_trainable(model, to_save)
     model.lora_config = cfg

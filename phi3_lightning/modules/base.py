@@ -90,6 +90,11 @@ class Phi3LightningModule(pl.LightningModule):
             the optimizer. Applied right after the weights are loaded, before activation checkpointing, compile
             and FSDP2 sharding. ``export`` merges the adapters into a plain Hugging Face checkpoint. null = full
             fine-tuning.
+        adapter: a LoRA adapter directory to continue training from (PEFT's layout: ``adapter_config.json`` +
+            ``adapter_model.safetensors``, written by ``export --lora_only``, ``save_adapter`` or peft's
+            ``save_pretrained`` on a Phi-3 checkpoint; this package's earlier adapter format loads too). Its
+            settings (r, alpha, targets, rsLoRA, per-module ranks) replace ``lora`` (give one of the two); it is
+            applied in ``configure_model`` after ``model``'s weights load. ``export`` merges it like any LoRA run.
     """
 
     head_class: ClassVar[type[Phi3PreTrainedHead]]
@@ -117,6 +122,7 @@ class Phi3LightningModule(pl.LightningModule):
         meta_init: bool | None = None,
         strict_head: bool = True,
         lora: LoRAConfig | None = None,
+        adapter: str | None = None,
         _head_overrides: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -134,6 +140,16 @@ class Phi3LightningModule(pl.LightningModule):
         self.meta_init = meta_init
         self.strict_head = strict_head
         self.lora = as_lora_config(lora)
+        if adapter is not None and self.lora is not None:
+            raise ValueError(
+                f"give either lora or adapter, not both: the adapter {str(adapter)!r} carries its own LoRA settings "
+                "(r, alpha, target_modules) in its adapter_config.json; drop model.init_args.lora"
+            )
+        self.adapter = str(adapter) if adapter is not None else None
+        if self.adapter is not None:
+            from ..model.peft_format import read_adapter_config
+
+            read_adapter_config(self.adapter)  # a missing or unreadable adapter fails now, not after the data setup
         self.head: Phi3PreTrainedHead | None = None
         self._no_decay: set[str] = set()
         # Called here, in __init__, as Lightning expects: it records the init args of this __init__ and of the
@@ -233,7 +249,19 @@ class Phi3LightningModule(pl.LightningModule):
             head = self._load_pretrained(device=None, dtype=dtype)
         else:
             head = self.head_class(self.config, self.attn_implementation, **kwargs)
-        if self.lora is not None:
+        if self.adapter is not None:
+            # The adapter's weights load now when the base weights just did; a resumed run's checkpoint (or, on the
+            # meta device, the broadcast from rank 0's _load_full_pretrained) supplies them otherwise.
+            if meta and not load_weights and not resuming:
+                raise ValueError(
+                    f"adapter {self.adapter!r} with meta_init needs pretrained base weights: set model to the Phi-3 "
+                    "checkpoint directory the adapter was trained on"
+                )
+            from ..model.peft_format import load_adapter
+
+            self.lora = load_adapter(head, self.adapter, weights=load_weights and not meta)
+            self._log_lora(head)
+        elif self.lora is not None:
             # Before checkpointing / compile / sharding, so they see the final module tree. On the meta device the
             # adapters get their init (A kaiming, B = 0) from LoRALinear.reset_parameters in materialize_meta.
             apply_lora(head, self.lora)
@@ -272,7 +300,11 @@ class Phi3LightningModule(pl.LightningModule):
         """The whole pretrained head on the CPU, adapted like the sharded one (same keys; rank 0's adapters go to
         every rank)."""
         src = self._load_pretrained(device="cpu", dtype=torch.get_default_dtype())
-        if self.lora is not None:
+        if self.adapter is not None:
+            from ..model.peft_format import load_adapter
+
+            load_adapter(src, self.adapter)
+        elif self.lora is not None:
             apply_lora(src, self.lora)
         return src
 
@@ -412,6 +444,7 @@ class Phi3LightningModule(pl.LightningModule):
             "attn_implementation": self.attn_implementation,
             "head_kwargs": self._head_kwargs(),
             "lora": dataclasses.asdict(self.lora) if self.lora is not None else None,
+            "base_model": str(self.weights_dir) if self.weights_dir is not None else None,
         }
         spec = getattr(dm, "tokenizer_spec", None)
         if isinstance(spec, str):

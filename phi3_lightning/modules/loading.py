@@ -30,15 +30,14 @@ from ..atomic import recover_interrupted, staged_directory
 from ..model import ARCHITECTURE_TASKS, DEFAULT_BACKEND, HEADS, Phi3Config
 from ..model.checkpoint import resolve_dtype
 from ..model.heads import Phi3PreTrainedHead
-from ..model.lora import LoRAConfig, apply_lora, as_lora_config, lora_state_dict, merge_lora
+from ..model.lora import LoRAConfig, apply_lora, as_lora_config, merge_lora
+from ..model.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, write_adapter_files
 from .base import CHECKPOINT_KEY, resolve_model
 from .safe_load import load_checkpoint_file, load_distributed
 from .tasks import task_name
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 EXPORT_INFO = "phi3_lightning.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 @dataclass
@@ -50,6 +49,8 @@ class LoadedHead:
     source: str
     lora: LoRAConfig | None = None
     """The LoRA settings it was trained with (the adapters are merged unless ``load_head(merge_lora=False)``)."""
+    base_model: str | None = None
+    """The Hugging Face directory the run's weights were loaded from (``model``), if it was one."""
 
 
 def is_lightning_checkpoint(path: Path) -> bool:
@@ -133,7 +134,12 @@ def _load_lightning(path: Path, attn: str | None, device, dtype, merge: bool = T
         head.requires_grad_(True)
     head.to(device=device, dtype=dtype)
     tok = info.get("tokenizer") or (ckpt.get("datamodule_hyper_parameters") or {}).get("tokenizer")
-    return LoadedHead(head.eval(), task, tok if isinstance(tok, str) else None, str(path), lora)
+    base = info.get("base_model")
+    if base is None:  # checkpoints written before base_model was recorded: the module's model argument
+        model_arg = (ckpt.get("hyper_parameters") or {}).get("model")
+        if isinstance(model_arg, str) and (Path(model_arg).expanduser() / "config.json").is_file():
+            base = str(Path(model_arg).expanduser())
+    return LoadedHead(head.eval(), task, tok if isinstance(tok, str) else None, str(path), lora, base)
 
 
 def _load_hf(path: Path, attn: str | None, device, dtype) -> LoadedHead:
@@ -259,18 +265,17 @@ def export_adapter(
     checkpoint: str | Path, output: str | Path, dtype: str | torch.dtype | None = None, overwrite: bool = False
 ) -> Path:
     """Write only the LoRA adapters of a LoRA-trained Lightning checkpoint (plus the layers trained in full, e.g.
-    ``score``): ``adapter_model.safetensors`` (keys as in the adapted head's ``state_dict``) and
-    ``adapter_config.json`` (the :class:`LoRAConfig`, the task, the base model's config and head arguments).
+    ``score``) as a PEFT adapter directory: ``adapter_config.json`` + ``adapter_model.safetensors`` with PEFT's key
+    names (``base_model.model.<module>.lora_A.weight``), which peft's ``PeftModel.from_pretrained``, transformers'
+    ``load_adapter``, vLLM and TGI read over the base checkpoint, and which
+    :func:`~phi3_lightning.model.peft_format.load_adapter` (or ``model.init_args.adapter``) loads back here.
+    ``phi3_lightning.json`` beside them records the task, tokenizer, head options and base config.
 
-    Megabytes instead of gigabytes. To use them, build the base head, adapt it the same way and load the weights::
+    Megabytes instead of gigabytes::
 
-        info = json.load(open(out / "adapter_config.json"))
         head = Phi3ForCausalLM.from_pretrained(base_dir)          # the checkpoint fine-tuning started from
-        apply_lora(head, LoRAConfig(**info["lora"]))
-        load_lora_state_dict(head, safetensors.torch.load_file(out / "adapter_model.safetensors"))
+        load_adapter(head, out)
     """
-    from safetensors.torch import save_file
-
     out = Path(output).expanduser()
     _check_output(out, overwrite)
     loaded = load_head(checkpoint, merge_lora=False)
@@ -279,22 +284,24 @@ def export_adapter(
             f"{checkpoint} was not trained with LoRA (model.init_args.lora is null); it has no adapters "
             "to export: drop --lora_only to export the whole model"
         )
-    dtype = resolve_dtype(dtype)
-    state = {
-        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
-        for k, v in lora_state_dict(loaded.head).items()
-    }
     pooling = getattr(loaded.head, "pooling", "last")
+    if pooling != "last":
+        warnings.warn(
+            f"{checkpoint} pools with pooling={pooling!r}: its pool_query is saved as a module trained in full, which "
+            "peft / transformers' Phi3ForSequenceClassification do not have (they pool the last token); "
+            "phi3_lightning's load_adapter into a head built with pooling='attention' uses it as trained.",
+            stacklevel=2,
+        )
     info = {
-        "lora": dataclasses.asdict(loaded.lora),
         "task": loaded.task,
         "tokenizer": loaded.tokenizer,
         "config": loaded.head.config.to_dict(),
         "head_kwargs": {"pooling": pooling} if pooling != "last" else {},
+        "lora": dataclasses.asdict(loaded.lora),
         "trained_in_full": list(getattr(loaded.head, "lora_modules_to_save", [])),
         "exported_from": str(Path(checkpoint).resolve()),
     }
     with staged_directory(out, carry=_not_exported) as tmp:
-        save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(info, indent=2) + "\n")
+        write_adapter_files(loaded.head, tmp, base_model_name_or_path=loaded.base_model, dtype=resolve_dtype(dtype))
+        (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return out

@@ -17,10 +17,12 @@ from types import SimpleNamespace
 import lightning.pytorch as pl
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from phi3_lightning.data import CausalLMDataModule, SequenceClassificationDataModule
 from phi3_lightning.model import Phi3ForCausalLM, get_preset
-from phi3_lightning.model.lora import LoRAConfig, LoRALinear, apply_lora, load_lora_state_dict, lora_modules
+from phi3_lightning.model.lora import LoRAConfig, LoRALinear, apply_lora, lora_modules
+from phi3_lightning.model.peft_format import load_adapter
 from phi3_lightning.modules import CausalLMModule, SequenceClassificationModule, export_checkpoint, load_head
 from phi3_lightning.modules.fsdp import materialize_meta
 from phi3_lightning.modules.oom import MARKER, OOMAdvice
@@ -122,17 +124,62 @@ def test_export_merges_lora_into_a_transformers_checkpoint(lm_run, tmp_path):
     exported = json.loads((tmp_path / "hf" / "phi3_lightning.json").read_text())
     assert exported["merged_lora"]["r"] == 4 and exported["tokenizer"] == "byte"
 
-    # --lora_only: the adapters alone, which load back into the base checkpoint to give the same model
+    # --lora_only: the adapters alone, in PEFT's layout; they load back into the base checkpoint (here and with peft
+    # over transformers) to give the same model, unmerged and merged
     rc, _, err = run_main("export", "--checkpoint", lm_run.last, "--output", tmp_path / "adapter", "--lora_only")
     assert rc == 0, err
-    from safetensors.torch import load_file
-
     meta = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert meta["peft_type"] == "LORA" and meta["r"] == 4 and meta["lora_alpha"] == 8
+    assert meta["base_model_name_or_path"] == str(lm_run.init) and meta["task_type"] == "CAUSAL_LM"
     head = Phi3ForCausalLM.from_pretrained(lm_run.init)
-    apply_lora(head, LoRAConfig(**meta["lora"]))
-    load_lora_state_dict(head, load_file(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert load_adapter(head, tmp_path / "adapter") == trained.lora
     with torch.no_grad():
         torch.testing.assert_close(head.eval()(ids).logits, ours)
+    peft = pytest.importorskip("peft")
+    base = transformers.Phi3ForCausalLM.from_pretrained(lm_run.init, attn_implementation="eager")
+    served = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(served(ids).logits, ours, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(served.merge_and_unload()(ids).logits, ours, rtol=1e-4, atol=1e-5)
+
+
+def test_fit_continues_from_a_peft_adapter_and_export_merges_it(lm_run, tmp_path):
+    """model.init_args.adapter (YAML): the run starts from the adapter's model (same logits), trains on, and
+    ``export`` merges it into a plain checkpoint."""
+    transformers = pytest.importorskip("transformers")
+    rc, _, err = run_main("export", "--checkpoint", lm_run.last, "--output", tmp_path / "adapter", "--lora_only")
+    assert rc == 0, err
+    ids = _ids()
+    start = CausalLMModule(model=str(lm_run.init), adapter=str(tmp_path / "adapter"))
+    start.configure_model()
+    with torch.no_grad():
+        torch.testing.assert_close(start.head.eval()(ids).logits, load_head(lm_run.last).head(ids).logits)
+    assert {n for n, p in start.head.named_parameters() if p.requires_grad} == {
+        n for n, _ in start.head.named_parameters() if n.endswith(("lora_A", "lora_B"))
+    }
+    (tmp_path / "adapter.yaml").write_text(f"model:\n  init_args:\n    adapter: {tmp_path / 'adapter'}\n")
+    args = [
+        *small_args("causal_lm", tmp_path / "logs", lm_run.root / "cache", steps=2, val_every=2),
+        "--config",
+        tmp_path / "adapter.yaml",
+        "--model.init_args.model",
+        lm_run.init,
+    ]
+    rc, _, err = run_main("fit", *args)
+    assert rc == 0, err[-3000:]
+    last = next((tmp_path / "logs").rglob("last.ckpt"))
+    state = torch.load(last, weights_only=True)
+    assert state["phi3_lightning"]["lora"]["r"] == 4 and state["hyper_parameters"]["adapter"] == str(
+        tmp_path / "adapter"
+    )
+    before = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    key = "model.layers.0.self_attn.qkv_proj.lora_B"
+    assert not torch.equal(state["state_dict"][f"head.{key}"], before[f"base_model.model.{key}.weight"])  # trained on
+    rc, _, err = run_main("export", "--checkpoint", last, "--output", tmp_path / "hf")
+    assert rc == 0, err
+    hf = transformers.Phi3ForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, load_head(last, merge_lora=False).head(ids).logits)
 
 
 # ---------------------------------------------------------------------------------------------------- seq-cls
