@@ -55,6 +55,7 @@ from .commands.runs import (
     check_ckpt_settings,
     check_fsdp_accelerator,
     name_run,
+    normalize_ckpt_path,
     place_run_logs,
     read_checkpoint,
     resolve_ckpt_path,
@@ -203,9 +204,10 @@ def _cli_class():
             cfg = self.config[subcommand]
             check_fsdp_accelerator(cfg.trainer)
             name_run(cfg, subcommand)
-            ckpt_path = cfg.get("ckpt_path")
-            if ckpt_path is None or str(ckpt_path) in ("hpc", "registry") or "://" in str(ckpt_path):
+            ckpt_path = normalize_ckpt_path(cfg.get("ckpt_path"), cfg.trainer.get("default_root_dir"))
+            if ckpt_path is None:
                 return
+            cfg.ckpt_path = ckpt_path
             path, run_dir = resolve_ckpt_path(cfg)
             cfg.ckpt_path = str(path)
             ckpt = read_checkpoint(path)

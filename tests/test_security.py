@@ -213,3 +213,48 @@ def test_fsdp2_directory_with_crafted_meta_is_refused_by_generate_and_export(tmp
     rc, _, err = run_main("export", "--checkpoint", d, "--output", tmp_path / "out")
     assert rc == 1 and "was not loaded" in err
     assert not marker.exists()
+
+
+def test_file_urls_and_hpc_get_the_same_checks_as_paths(fitted, tmp_path, monkeypatch):
+    """file:// and hpc used to bypass the settings check and the safe read (reviewer's finding)."""
+    import shutil
+
+    _, last, evil, marker, root = fitted
+    args = small_args("causal_lm", root / "logs_url", root / "cache")
+    override = ["--model.init_args.config_overrides", "{rope_theta: 3.0}"]
+    rc, _, err = run_main("validate", *args, *override, "--ckpt_path", f"file://{last}")
+    assert rc == 1 and "rope_theta" in err and "Traceback" not in err
+    rc, _, err = run_main("validate", *args, "--ckpt_path", f"file://{evil}")
+    assert rc == 1 and "was not loaded" in err and "Traceback" not in err and not marker.exists()
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = run_main("validate", *args, "--ckpt_path", "hpc")
+    assert rc == 1 and "no hpc_ckpt_N.ckpt" in err
+    shutil.copy(last, tmp_path / "hpc_ckpt_1.ckpt")
+    rc, _, err = run_main("validate", *args, *override, "--ckpt_path", "hpc")
+    assert rc == 1 and "rope_theta" in err and "Traceback" not in err
+    rc, _, err = run_main("validate", *args, "--ckpt_path", "registry")
+    assert rc == 1 and "remote checkpoints are not read" in err
+
+
+def test_legacy_format_and_directories_are_handled(fitted, tmp_path):
+    _, last, _, _, _ = fitted
+    legacy = tmp_path / "legacy.ckpt"
+    torch.save(torch.load(last, weights_only=True), legacy, _use_new_zipfile_serialization=False)
+    assert load_checkpoint_file(legacy, mmap=True)["global_step"] == torch.load(last, weights_only=True)["global_step"]
+    with pytest.raises(ValueError, match="is a directory, not a checkpoint file"):
+        load_checkpoint_file(tmp_path)
+
+
+def test_rank_local_dcp_metadata_is_checked_too(tmp_path):
+    marker = tmp_path / "PWNED"
+    d = tmp_path / "last.ckpt"
+    _dcp_save({"state_dict": {"head.w": torch.randn(2)}}, d)
+    torch.save({"phi3_lightning": {}}, d / "meta.pt")
+    (d / ".metadata").rename(d / "__0.metadata")
+    (d / "__0.metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(UnsafeCheckpointError, match="posix.system"):
+        verify_checkpoint(d)
+    with pytest.raises(UnsafeCheckpointError, match="posix.system"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        load_distributed({"state_dict": {"head.w": torch.zeros(2)}}, d)
+    assert not marker.exists()

@@ -79,6 +79,38 @@ def check_fsdp_accelerator(trainer_cfg: Any) -> None:
         raise UsageError(FSDP_ON_CPU.format(accelerator=name))
 
 
+def normalize_ckpt_path(ckpt_path: Any, default_root_dir: Any = None) -> str | None:
+    """Every ``--ckpt_path`` as a local path (or ``last`` / ``best``), so the same checks apply to all of them:
+    ``file://...`` becomes its path, ``hpc`` the newest ``hpc_ckpt_N.ckpt`` of the trainer's root directory (what
+    Lightning would load); ``registry`` and other URLs are refused (a checkpoint is checked before use, and this
+    package reads local files only)."""
+    if ckpt_path is None:
+        return None
+    text = str(ckpt_path)
+    if text.startswith("file://"):
+        from urllib.parse import unquote, urlparse
+
+        return unquote(urlparse(text).path)
+    if text == "hpc":
+        root = Path(str(default_root_dir or os.getcwd())).expanduser()
+        found = sorted(
+            root.glob("hpc_ckpt_*.ckpt"),
+            key=lambda p: int(p.stem.rsplit("_", 1)[-1] or 0) if p.stem.rsplit("_", 1)[-1].isdigit() else -1,
+        )
+        if not found:
+            raise UsageError(
+                f"--ckpt_path hpc: no hpc_ckpt_N.ckpt in {root} (Lightning's SLURM checkpoints); pass the "
+                "checkpoint file, or 'last' / 'best' of the run"
+            )
+        return str(found[-1])
+    if text == "registry" or "://" in text:
+        raise UsageError(
+            f"--ckpt_path {text}: remote checkpoints are not read (phi3_lightning checks every checkpoint "
+            "before using it and reads local files only); download it and pass the local path"
+        )
+    return text
+
+
 def check_ckpt_path(ckpt_path: Any) -> None:
     if ckpt_path is None or str(ckpt_path) in RESERVED_CKPT or "://" in str(ckpt_path):
         return

@@ -66,9 +66,16 @@ def load_checkpoint_file(path: str | Path, map_location: Any = "cpu", mmap: bool
     is not a readable torch checkpoint (truncated, another format), ``FileNotFoundError`` when it does not exist.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(
+            f"{path} is a directory, not a checkpoint file: a distributed (FSDP2) checkpoint is read by the FSDP2 "
+            "strategy (--config configs/strategies/fsdp2.yaml) or by generate / export, which take the directory"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file {str(path)!r} does not exist")
     _check_torch_file(path)
+    if mmap and not zipfile.is_zipfile(path):
+        mmap = False  # torch's legacy (non-zip) format cannot be memory-mapped; it is read the same safe way
     try:
         with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
@@ -169,20 +176,19 @@ def _safe_reader_and_planner(path: Path):
 
 
 def _verify_dcp_metadata(path: Path) -> None:
-    """Unpickle a distributed checkpoint's ``.metadata`` with the allowlist (torch's loader wraps our refusal in an
+    """Unpickle a distributed checkpoint's ``*.metadata`` with the allowlist (torch's loader wraps our refusal in an
     AssertionError among its other attempts, so it is checked here first, with a clear message)."""
-    dcp_meta = path / ".metadata"
-    if not dcp_meta.is_file():
-        return
-    try:
-        with open(dcp_meta, "rb") as f:
-            _MetadataUnpickler(f).load()
-    except UnsafeCheckpointError as e:
-        raise UnsafeCheckpointError(f"{path}: {e}") from None
-    except Exception as e:  # noqa: BLE001 - any other failure: not a readable checkpoint
-        raise ValueError(
-            f"{dcp_meta} is not a readable distributed-checkpoint index ({type(e).__name__}: {e})"
-        ) from None
+    # the global index and the rank-local ones (``__<rank>.metadata``) that torch's reader also tries
+    for dcp_meta in sorted(path.glob("*.metadata")):
+        try:
+            with open(dcp_meta, "rb") as f:
+                _MetadataUnpickler(f).load()
+        except UnsafeCheckpointError as e:
+            raise UnsafeCheckpointError(f"{path}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - any other failure: not a readable checkpoint
+            raise ValueError(
+                f"{dcp_meta} is not a readable distributed-checkpoint index ({type(e).__name__}: {e})"
+            ) from None
 
 
 def load_distributed(state: dict[str, Any], path: str | Path) -> None:
