@@ -503,12 +503,23 @@ def data_report_main(argv: list[str]) -> int:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _cause(message: str) -> str:
+    """jsonargparse reports an error raised while building a class (a bad ``config_overrides`` key, an impossible
+    value) as "Does not validate against any of the Union subtypes" followed by one line per subtype and a dump of
+    the whole namespace: keep the one line that is our own message."""
+    if "Does not validate against any of the Union subtypes" not in message:
+        return message
+    causes = [ln.strip()[2:] for ln in message.splitlines() if ln.strip().startswith("- ")]
+    causes = [c for c in causes if not c.startswith("Expected a ")]
+    return causes[0] if len(causes) == 1 else message
+
+
 def _report(e: BaseException) -> None:
     if os.environ.get("PHI3_LIGHTNING_TRACEBACK"):
         traceback.print_exc()
     tb = traceback.extract_tb(e.__traceback__)
     where = f" (raised at {Path(tb[-1].filename).name}:{tb[-1].lineno})" if tb else ""
-    print(f"error: {e}{where}\n(set PHI3_LIGHTNING_TRACEBACK=1 for the full traceback)", file=sys.stderr)
+    print(f"error: {_cause(str(e))}{where}\n(set PHI3_LIGHTNING_TRACEBACK=1 for the full traceback)", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
