@@ -8,7 +8,9 @@
   old or exactly the new weights (tensors compared), never a mix; a swap killed between its two renames is
   recovered (with a warning naming the interrupted save) by the next load.
 * ``from_pretrained`` refuses an index naming shards outside its directory or tensors its shards lack.
-* ``export --overwrite`` refuses a directory holding files an export does not write, and leaves them intact.
+* ``export --overwrite`` (and ``--lora_only``) replaces only a previous export (its ``phi3_lightning.json`` lists the
+  files it wrote): a directory that is not one (a downloaded model), or one holding anything else (even named like a
+  shard), is refused and left intact.
 """
 
 from __future__ import annotations
@@ -296,24 +298,115 @@ def test_lightning_ckpt_killed_leaves_old_file_and_next_save_cleans_up(tmp_path)
 # ------------------------------------------------------------------------------------------------ export refusal
 
 
+def _export(ckpt: Path, out: Path, *extra: str) -> int:
+    return cli_main(["export", "--checkpoint", str(ckpt), "--output", str(out), *extra])
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+def _lora_ckpt(path: Path, seed: int) -> Path:
+    from phi3_lightning.model.lora import LoRAConfig, apply_lora
+
+    model = _model(seed)
+    apply_lora(model, LoRAConfig(r=2, alpha=4))
+    torch.save(
+        {
+            "state_dict": {f"head.{k}": v for k, v in model.state_dict().items()},
+            CHECKPOINT_KEY: {
+                "task": "causal_lm",
+                "config": model.config.to_dict(),
+                "tokenizer": "byte",
+                "lora": {"r": 2, "alpha": 4},
+            },
+        },
+        path,
+    )
+    return path
+
+
 def test_export_overwrite_refuses_a_directory_with_files_it_did_not_write(tmp_path, capsys):
     out = tmp_path / "mine"
-    out.mkdir()
-    (out / "config.json").write_text("{}")  # an export's file: replaceable
-    (out / "thesis.tex").write_text("years of work")
     ckpt = _lightning_ckpt(tmp_path / "m.ckpt", _model(0))
-    rc = cli_main(["export", "--checkpoint", str(ckpt), "--output", str(out), "--overwrite"])
+    assert _export(ckpt, out) == 0  # a previous export ...
+    (out / "thesis.tex").write_text("years of work")  # ... with a user's file in it
+    before = _files(out)
+    assert _export(ckpt, out, "--overwrite") == 1
     err = capsys.readouterr().err
-    assert rc == 1 and "thesis.tex" in err and "config.json" not in err.split("(")[1].split(")")[0]
-    assert (out / "thesis.tex").read_text() == "years of work" and (out / "config.json").read_text() == "{}"
+    assert "thesis.tex" in err and "config.json" not in err.split("(")[1].split(")")[0]
+    assert _files(out) == before
 
-    rc = cli_main(["export", "--checkpoint", str(ckpt), "--output", str(out)])  # without --overwrite
-    err = capsys.readouterr().err
-    assert rc == 1 and "pass --overwrite " in err and "--overwrite true" not in err
+    assert _export(ckpt, out) == 1  # without --overwrite: the user's file is named too
+    assert "thesis.tex" in capsys.readouterr().err and _files(out) == before
 
     (out / "thesis.tex").unlink()  # only an earlier export's files left: --overwrite replaces them
-    assert cli_main(["export", "--checkpoint", str(ckpt), "--output", str(out), "--overwrite"]) == 0
+    assert _export(ckpt, out) == 1
+    err = capsys.readouterr().err
+    assert "pass --overwrite " in err and "--overwrite true" not in err
+    assert _export(ckpt, out, "--overwrite") == 0
     assert _same(_state(Phi3ForCausalLM.from_pretrained(out)), _state(_model(0)))
+
+
+@pytest.mark.parametrize("previous_export", [False, True], ids=["alone", "in_a_previous_export"])
+def test_export_overwrite_keeps_a_user_file_named_like_an_export_shard(tmp_path, capsys, previous_export):
+    """Reviewer case 1: ``model-extra.safetensors`` matches no file an export writes; it is refused, not deleted."""
+    out = tmp_path / "out"
+    ckpt = _lightning_ckpt(tmp_path / "m.ckpt", _model(0))
+    if previous_export:
+        assert _export(ckpt, out) == 0
+    out.mkdir(exist_ok=True)
+    (out / "model-extra.safetensors").write_text("precious\n")
+    before = _files(out)
+    assert _export(ckpt, out, "--overwrite") == 1
+    err = capsys.readouterr().err
+    assert "model-extra.safetensors" in err
+    assert ("not a previous export" in err) is not previous_export
+    assert _files(out) == before
+
+
+@pytest.mark.parametrize("lora_only", [False, True], ids=["full", "lora_only"])
+def test_export_overwrite_refuses_a_downloaded_hugging_face_directory(tmp_path, capsys, lora_only):
+    """Reviewer case 2: a model directory (config, shards, index, the user's tokenizer and generation config) with
+    no phi3_lightning.json is not a previous export: refused with every file intact."""
+    out = tmp_path / "Phi-3-mini"
+    _model(1).save_pretrained(out, max_shard_size=SHARD)
+    (out / "tokenizer.json").write_text('{"model": "the user\'s"}')
+    (out / "generation_config.json").write_text('{"eos_token_id": 32000}')
+    assert (out / SAFE_INDEX).is_file() and len(list(out.glob("model-*-of-*.safetensors"))) > 1
+    before = _files(out)
+    ckpt = _lora_ckpt(tmp_path / "m.ckpt", 0) if lora_only else _lightning_ckpt(tmp_path / "m.ckpt", _model(0))
+    assert _export(ckpt, out, "--overwrite", *(["--lora_only"] if lora_only else [])) == 1
+    err = capsys.readouterr().err
+    assert "not a previous export" in err and "new or empty output directory" in err
+    assert _files(out) == before
+
+
+def test_export_overwrite_replaces_a_previous_export_and_only_its_files(tmp_path):
+    old, new = _model(0), _model(1)
+    out = tmp_path / "out"
+    assert _export(_lightning_ckpt(tmp_path / "old.ckpt", old), out, "--max_shard_size", SHARD) == 0
+    info = json.loads((out / "phi3_lightning.json").read_text())
+    assert info["files"] == sorted(p.name for p in out.iterdir()) and len(info["files"]) > 4  # shards + index
+    assert _export(_lightning_ckpt(tmp_path / "new.ckpt", new), out, "--overwrite") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "phi3_lightning.json"]
+    assert _same(_state(Phi3ForCausalLM.from_pretrained(out)), _state(new))
+
+    # an export written before the file list was recorded: the names an export writes are replaced
+    info = json.loads((out / "phi3_lightning.json").read_text())
+    del info["files"]
+    (out / "phi3_lightning.json").write_text(json.dumps(info))
+    assert _export(tmp_path / "old.ckpt", out, "--overwrite") == 0
+    assert _same(_state(Phi3ForCausalLM.from_pretrained(out)), _state(old))
+
+    # --lora_only over a previous adapter export
+    adapter = tmp_path / "adapter"
+    assert _export(_lora_ckpt(tmp_path / "l0.ckpt", 0), adapter, "--lora_only") == 0
+    first = _files(adapter)
+    assert json.loads(first["phi3_lightning.json"])["files"] == sorted(first)
+    assert _export(_lora_ckpt(tmp_path / "l1.ckpt", 1), adapter, "--lora_only", "--overwrite") == 0
+    assert sorted(_files(adapter)) == sorted(first)
+    assert json.loads((adapter / "phi3_lightning.json").read_text())["exported_from"].endswith("l1.ckpt")
 
 
 def test_swap_interrupted_between_renames_is_recovered_or_explained(tmp_path):

@@ -184,41 +184,73 @@ def load_head(
     )
 
 
-# What an export writes (and so may replace with --overwrite); anything else in the output directory is not ours.
+# What an export writes: the names an export of an older version (whose phi3_lightning.json lists no files) may
+# have written, so --overwrite may replace them. A current export records its files in phi3_lightning.json.
 _EXPORT_NAMES = re.compile(
-    r"config\.json|model.*\.safetensors|model\.safetensors\.index\.json|"
+    r"config\.json|model\.safetensors|model-\d{5}-of-\d{5}\.safetensors|model\.safetensors\.index\.json|"
     + "|".join(re.escape(n) for n in (EXPORT_INFO, ADAPTER_WEIGHTS, ADAPTER_CONFIG, *TOKENIZER_FILES))
 )
 
 
-def _not_exported(name: str) -> bool:
-    """Entries of an output directory that an export keeps: whatever it does not write itself. (``_check_output``
-    refuses such a directory; this keeps a file that appears meanwhile.)"""
-    return not (_EXPORT_NAMES.fullmatch(name) or (name.startswith(".") and name.endswith(".tmp")))
+def _export_record(out: Path) -> dict[str, Any] | None:
+    """The ``phi3_lightning.json`` an export wrote into ``out`` (it names ``exported_from``), or None."""
+    try:
+        info = json.loads((out / EXPORT_INFO).read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) and isinstance(info.get("exported_from"), str) else None
 
 
-def _check_output(out: Path, overwrite: bool) -> None:
-    """Refuse an output that exists unless ``overwrite``; even then refuse one holding anything an export does not
-    write (``--overwrite`` replaces a previous export, it never deletes a user's files)."""
+def _exported_files(out: Path, info: dict[str, Any]) -> set[str]:
+    """The entries of a previous export ``out`` that it wrote: those its ``phi3_lightning.json`` lists, or (an
+    export that lists none) the names an export writes."""
+    files = info.get("files")
+    if isinstance(files, list) and all(isinstance(f, str) for f in files):
+        return {*files, EXPORT_INFO}
+    return {p.name for p in out.iterdir() if _EXPORT_NAMES.fullmatch(p.name)}
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+
+
+def _check_output(out: Path, overwrite: bool) -> set[str]:
+    """Refuse an output that exists and is not empty unless it is a previous export (a ``phi3_lightning.json``
+    written by export) holding only what that export wrote, and ``overwrite`` is set: ``--overwrite`` replaces a
+    previous export, it never deletes a user's files. Returns the entries the new export may replace."""
     if not out.exists():
-        return
+        return set()
     if not out.is_dir():
         raise FileExistsError(f"{out} exists and is a file, not a directory; choose another output directory")
     entries = sorted(p.name for p in out.iterdir())
     if not entries:
-        return
+        return set()
+    info = _export_record(out)
+    if info is None:
+        raise FileExistsError(
+            f"{out} is not empty and is not a previous export (it has no {EXPORT_INFO} written by export; it holds "
+            f"{_shown(entries)}); export only writes into a new or empty directory or replaces a previous export, "
+            "even with --overwrite, so it would not delete these files. Choose a new or empty output directory"
+        )
+    owned = _exported_files(out, info)
+    foreign = [n for n in entries if n not in owned]
+    if foreign:
+        raise FileExistsError(
+            f"{out} is a previous export but also holds files that export did not write ({_shown(foreign)}); "
+            "--overwrite only replaces what a previous export wrote and would delete them. Move them away or "
+            "choose another output directory"
+        )
     if not overwrite:
         raise FileExistsError(
-            f"{out} exists and is not empty; pass --overwrite to replace the previous export in it "
-            "or choose another directory"
+            f"{out} holds a previous export; pass --overwrite to replace it or choose another directory"
         )
-    foreign = [n for n in entries if _not_exported(n)]
-    if foreign:
-        shown = ", ".join(foreign[:10]) + (f" and {len(foreign) - 10} more" if len(foreign) > 10 else "")
-        raise FileExistsError(
-            f"{out} holds files that an export does not write ({shown}); --overwrite only replaces a previous "
-            "export and would delete them. Move them away or choose another output directory"
-        )
+    return owned
+
+
+def _record_files(tmp: Path, info: dict[str, Any]) -> None:
+    """Write ``phi3_lightning.json`` listing every file this export wrote (so ``--overwrite`` replaces only them)."""
+    info["files"] = sorted({p.name for p in tmp.iterdir()} | {EXPORT_INFO})
+    (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
 
 
 def export_checkpoint(
@@ -236,7 +268,7 @@ def export_checkpoint(
     tokenizer spec (e.g. ``"byte"``) for ``generate``.
     """
     out = Path(output).expanduser()
-    _check_output(out, overwrite)
+    owned = _check_output(out, overwrite)
     loaded = load_head(checkpoint, dtype=None)
     if getattr(loaded.head, "pooling", "last") != "last":
         warnings.warn(
@@ -245,7 +277,7 @@ def export_checkpoint(
             "from_pretrained(..., pooling='attention') loads it as trained.",
             stacklevel=2,
         )
-    with staged_directory(out, carry=_not_exported) as tmp:
+    with staged_directory(out, carry=lambda name: name not in owned) as tmp:
         loaded.head.write_pretrained_files(tmp, max_shard_size=max_shard_size, dtype=dtype)  # LoRA: merged already
         tok = loaded.tokenizer
         if tok and tok != "byte" and Path(tok).is_dir():
@@ -257,7 +289,7 @@ def export_checkpoint(
             info["merged_lora"] = dataclasses.asdict(loaded.lora)
         if getattr(loaded.head, "pooling", "last") != "last":
             info["head_kwargs"] = {"pooling": loaded.head.pooling}
-        (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        _record_files(tmp, info)
     return out
 
 
@@ -277,7 +309,7 @@ def export_adapter(
         load_adapter(head, out)
     """
     out = Path(output).expanduser()
-    _check_output(out, overwrite)
+    owned = _check_output(out, overwrite)
     loaded = load_head(checkpoint, merge_lora=False)
     if loaded.lora is None:
         raise ValueError(
@@ -301,7 +333,7 @@ def export_adapter(
         "trained_in_full": list(getattr(loaded.head, "lora_modules_to_save", [])),
         "exported_from": str(Path(checkpoint).resolve()),
     }
-    with staged_directory(out, carry=_not_exported) as tmp:
+    with staged_directory(out, carry=lambda name: name not in owned) as tmp:
         write_adapter_files(loaded.head, tmp, base_model_name_or_path=loaded.base_model, dtype=resolve_dtype(dtype))
-        (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        _record_files(tmp, info)
     return out
