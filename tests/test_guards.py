@@ -321,3 +321,73 @@ def test_signal_during_fit_saves_last_ckpt_exits_nonzero_and_resumes(tmp_path, c
     assert rc == 0, err[-3000:]
     finals = [torch.load(p, weights_only=True)["global_step"] for p in logs.rglob("last.ckpt")]
     assert max(finals) == 16, finals
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# last.ckpt is the run's newest state: after a preemption + resume, and when max_steps is off the validation grid
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_resume_after_sigterm_overwrites_last_ckpt(tmp_path, caplog):
+    caplog.set_level("INFO")
+    ckdir = tmp_path / "ckpts"
+    first = _trainer(
+        tmp_path,
+        NonFiniteGuard(),
+        PreemptionCheckpoint(),
+        _SignalAt(signal.SIGTERM, 2),
+        ModelCheckpoint(dirpath=ckdir, save_last=True),
+        enable_checkpointing=True,
+        max_steps=8,
+    )
+    with pytest.raises(SIGTERMException):
+        first.fit(_Toy())
+    saved = torch.load(ckdir / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 3
+    recorded = [v for k, v in saved["callbacks"].items() if k.startswith("ModelCheckpoint")]
+    assert [Path(v["last_model_path"]).name for v in recorded] == ["last.ckpt"]  # the callback state says so
+    assert "`weights_only` was not set" not in caplog.text  # not printed by our own save
+    second = _trainer(
+        tmp_path,
+        NonFiniteGuard(),
+        PreemptionCheckpoint(),
+        ModelCheckpoint(dirpath=ckdir, save_last=True),
+        enable_checkpointing=True,
+        max_steps=8,
+    )
+    second.fit(_Toy(), ckpt_path=ckdir / "last.ckpt")
+    assert sorted(p.name for p in ckdir.glob("last*")) == ["last.ckpt"]  # no last-v1.ckpt
+    assert torch.load(ckdir / "last.ckpt", weights_only=True)["global_step"] == 8
+
+
+def test_max_steps_off_the_validation_grid_saves_the_final_step(tmp_path):
+    ckdir = tmp_path / "ckpts"
+    trainer = _trainer(
+        tmp_path,
+        NonFiniteGuard(),
+        PreemptionCheckpoint(),
+        ModelCheckpoint(dirpath=ckdir, save_last=True),
+        enable_checkpointing=True,
+        max_steps=8,
+        val_check_interval=3,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+    )
+    model = _Toy()
+    trainer.fit(model)
+    saved = torch.load(ckdir / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 8
+    assert torch.equal(saved["state_dict"]["lin.weight"], model.lin.weight)
+
+
+def test_ckpt_path_last_resolves_to_the_newest_last_file(tmp_path):
+    from phi3_lightning.commands.runs import _last_in
+
+    ckdir = tmp_path / "checkpoints"
+    ckdir.mkdir()
+    torch.save({"state_dict": {}, "global_step": 100}, ckdir / "last-v1.ckpt")
+    torch.save({"state_dict": {}, "global_step": 47}, ckdir / "last.ckpt")  # written later, but older weights
+    os.utime(ckdir / "last-v1.ckpt", (1, 1))
+    assert _last_in(ckdir) == ckdir / "last-v1.ckpt"
+    torch.save({"state_dict": {}, "global_step": 120}, ckdir / "last.ckpt")
+    assert _last_in(ckdir) == ckdir / "last.ckpt"

@@ -240,10 +240,22 @@ def _run_checkpoint_dir(cfg: Any) -> tuple[Path, Path | None, str]:
 
 
 def _last_in(ckdir: Path) -> Path | None:
-    if (ckdir / "last.ckpt").is_file():
-        return ckdir / "last.ckpt"
+    """The run's newest ``last*.ckpt``: the one holding the highest ``global_step`` (a preempted-then-resumed run may
+    hold ``last.ckpt`` and ``last-v1.ckpt``; never the older one), the newer file (mtime) on a tie."""
     lasts = [p for p in _checkpoint_files(ckdir) if p.name.startswith("last")]
-    return max(lasts, key=lambda p: p.stat().st_mtime) if lasts else None
+    if len(lasts) <= 1:
+        return lasts[0] if lasts else None
+    return max(lasts, key=lambda p: (_global_step_of(p), p.stat().st_mtime_ns))
+
+
+def _global_step_of(path: Path) -> int:
+    step = read_checkpoint(path).get("global_step")
+    if not isinstance(step, int):
+        raise UsageError(
+            f"--ckpt_path last: {path} records no global_step, so which of the run's last*.ckpt files is newest "
+            "is unknown; pass a checkpoint file"
+        )
+    return step
 
 
 def best_checkpoint(ckdir: Path, where: str = "") -> Path:

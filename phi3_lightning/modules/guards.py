@@ -19,6 +19,7 @@ Both callbacks are installed by every Phi-3 LightningModule (``configure_callbac
 
 from __future__ import annotations
 
+import logging
 import math
 import shlex
 import signal
@@ -257,7 +258,14 @@ class PreemptionCheckpoint(Callback):
         self._installed = False
 
     def on_train_end(self, trainer, pl_module) -> None:
+        """Fit ended normally: the steps after the last ModelCheckpoint save (``max_steps`` off the validation grid)
+        go into ``last.ckpt`` too, so that the run's last checkpoint is its final state. Every rank saves (the
+        DataModule state gathers across ranks); a non-finite model is refused by :class:`NonFiniteGuard`."""
         self._restore()
+        step = trainer.global_step
+        for cb in _last_savers(trainer):
+            if step > 0 and getattr(cb, "_last_global_step_saved", -1) < step:
+                save_last_checkpoint(trainer, _last_path_of(trainer, cb))
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         self._restore()
@@ -295,9 +303,7 @@ class PreemptionCheckpoint(Callback):
         if self._installed:  # a further Ctrl-C must not interrupt the write
             signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
-            trainer.save_checkpoint(
-                path
-            )  # the full state (optimizer, loops, data position), as ModelCheckpoint saves it
+            save_last_checkpoint(trainer, path)  # the full state (optimizer, loops, data position)
         except NonFiniteError as e:
             _say(trainer, f"{name} at global step {step}: no checkpoint saved, the weights are not finite ({e})")
             return
@@ -313,10 +319,55 @@ def _say(trainer: pl.Trainer, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
+_CONNECTOR_LOG = "lightning.pytorch.trainer.connectors.checkpoint_connector"
+
+
+def _last_savers(trainer: pl.Trainer) -> list[Any]:
+    """The ModelCheckpoint callbacks with ``save_last``."""
+    return [cb for cb in getattr(trainer, "checkpoint_callbacks", None) or [] if getattr(cb, "save_last", False)]
+
+
+def _last_path_of(trainer: pl.Trainer, cb: Any) -> str:
+    """Where ``cb`` writes its last checkpoint now: the file it recorded (``last_model_path``, as Lightning's version
+    counter keeps overwriting it), else its formatted ``last`` name."""
+    recorded = getattr(cb, "last_model_path", "") or ""
+    if recorded and getattr(cb, "dirpath", None) and Path(recorded).parent == Path(cb.dirpath):
+        return recorded
+    name = getattr(cb, "CHECKPOINT_NAME_LAST", "last")
+    return str(cb.format_checkpoint_name({"epoch": trainer.current_epoch, "step": trainer.global_step}, name))
+
+
+def save_last_checkpoint(trainer: pl.Trainer, path: str) -> None:
+    """``trainer.save_checkpoint(path)`` (the full state) that every ModelCheckpoint writing its ``last`` file there
+    records: its ``last_model_path`` is set before the save (so the saved callback state names the file, and a run
+    resumed from it overwrites that file instead of writing ``last-v1.ckpt`` next to it) and its last-saved step
+    after. Lightning's INFO line about the unset ``weights_only`` of the save is silenced for this call."""
+    owners = [cb for cb in _last_savers(trainer) if _last_path_of(trainer, cb) == str(path)]
+    previous = [(cb, cb.last_model_path) for cb in owners]
+    for cb in owners:
+        cb.last_model_path = str(path)
+    log = logging.getLogger(_CONNECTOR_LOG)
+    level = log.level
+    log.setLevel(max(logging.WARNING, level))
+    try:
+        trainer.save_checkpoint(path)
+    except BaseException:
+        for cb, old in previous:  # nothing was written: the callbacks keep what they had
+            cb.last_model_path = old
+        raise
+    finally:
+        log.setLevel(level)
+    for cb in owners:
+        cb._last_global_step_saved = trainer.global_step
+        cb._last_checkpoint_saved = str(path)
+
+
 def last_checkpoint_path(trainer: pl.Trainer) -> str:
     """The ``last.ckpt`` of the run: the (first) ModelCheckpoint's last path, else ``<log_dir>/checkpoints``."""
     cb = trainer.checkpoint_callback
     dirpath = getattr(cb, "dirpath", None)
+    if cb is not None and dirpath and cb in _last_savers(trainer):
+        return _last_path_of(trainer, cb)
     if cb is not None and dirpath:
         name = getattr(cb, "CHECKPOINT_NAME_LAST", "last")
         if hasattr(cb, "format_checkpoint_name"):
