@@ -30,18 +30,7 @@ class StrictArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
-        m = re.search(r"unrecognized arguments: (.*)", message)
-        if m:
-            options = [o for o in self._option_string_actions if o.startswith("--")]
-            hints = []
-            for token in m.group(1).split():
-                if token.startswith("--"):
-                    hint = did_you_mean(token.split("=", 1)[0], options)
-                    if hint:
-                        hints.append(f"{token.split('=', 1)[0]}{hint}")
-            if hints:
-                message = f"{message} ({'; '.join(h.replace('; did you mean', ': did you mean') for h in hints)})"
-        super().error(message)
+        super().error(explain_parse_error(message, self._option_string_actions))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
