@@ -40,6 +40,16 @@ class UnsafeCheckpointError(ValueError):
     """The file needs more than the safe unpickler allows (it may try to run code); it was not loaded."""
 
 
+def _refused_global(error: BaseException) -> str | None:
+    """The line of torch's weights-only refusal that names the global a pickle asked for (``Trying to load unsupported
+    GLOBAL posix.system ...``), or None when the error is about something else (a corrupt or foreign file)."""
+    for line in str(error).splitlines():
+        low = line.lower()
+        if "global" in low and ("unsupported" in low or "blocked" in low):
+            return line.strip()
+    return None
+
+
 def _check_torch_file(path: Path) -> None:
     """A file given as a checkpoint must look like one written by ``torch.save`` (a zip archive, or the legacy
     pickle format) before it is handed to ``torch.load``; anything else (a README, a safetensors or JSON file of a
@@ -81,17 +91,11 @@ def load_checkpoint_file(path: str | Path, map_location: Any = "cpu", mmap: bool
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         text = str(e)
-        wanted = [
-            ln.strip()
-            for ln in text.splitlines()
-            if "global" in ln.lower()
-            and "GLOBAL" in ln.upper()
-            and ("unsupported" in ln.lower() or "blocked" in ln.lower())
-        ]
+        wanted = _refused_global(e)
         if wanted:
             raise UnsafeCheckpointError(
                 f"{path} was not loaded: it holds Python objects that unpickling would import or call "
-                f"({wanted[0]}). phi3_lightning reads checkpoints only with torch.load(weights_only=True); a "
+                f"({wanted}). phi3_lightning reads checkpoints only with torch.load(weights_only=True); a "
                 "checkpoint written by `python -m phi3_lightning fit` never needs more. If you wrote this file yourself "
                 "and trust it, re-save its tensors and plain settings (or convert the weights to safetensors)."
             ) from None
@@ -205,7 +209,7 @@ def load_distributed(state: dict[str, Any], path: str | Path) -> None:
         causes = [pair[0] if isinstance(pair, tuple) else pair for pair in e.failures.values()]
         unsafe = [c for c in causes if isinstance(c, pickle.UnpicklingError)]
         if unsafe:
-            wanted = next((ln.strip() for ln in str(unsafe[0]).splitlines() if "GLOBAL" in ln), "a Python object")
+            wanted = _refused_global(unsafe[0]) or "a Python object"
             raise UnsafeCheckpointError(
                 f"{path} was not loaded: an item of the distributed checkpoint holds Python "
                 f"objects that unpickling would import or call ({wanted})"
