@@ -91,12 +91,10 @@ def _parse(target: Path, entry: Path) -> re.Match | None:
     return _STAGING.fullmatch(entry.name[len(prefix) :])
 
 
-def _alive(pid: int, host: str) -> bool:
-    """Whether the writer may still be running: another host's or an unknown (e.g. Windows) process counts as
-    alive, so only entries provably left by a dead process on this machine are ever removed."""
-    if host != _HOST or os.name == "nt":
-        return True
-    if pid == os.getpid():
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this machine may still be running (this process, one owned by another user, and
+    any on Windows, where signal 0 is not a probe, count as alive): only provably dead owners lose their files."""
+    if os.name == "nt" or pid == os.getpid():
         return True
     try:
         os.kill(pid, 0)
@@ -105,6 +103,12 @@ def _alive(pid: int, host: str) -> bool:
     except OSError:  # EPERM: it exists, owned by someone else
         return True
     return True
+
+
+def _alive(pid: int, host: str) -> bool:
+    """Whether the writer may still be running: another host's process counts as alive, so only entries provably
+    left by a dead process on this machine are ever removed."""
+    return host != _HOST or pid_alive(pid)
 
 
 def _siblings(target: Path) -> list[tuple[Path, re.Match]]:

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_write_text, default_mode
+from ..atomic import atomic_write_text, default_mode, pid_alive
 from . import UsageError
 
 RESERVED_CKPT = ("last", "best", "hpc", "registry")
@@ -512,16 +512,6 @@ def _is_rank_zero() -> bool:
     return True
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
 class RunLock:
     """``<version dir>/fit.lock`` holding "pid host" while fit writes into that directory."""
 
@@ -552,7 +542,7 @@ class RunLock:
                     "writes into this run; use another --run_name, or delete the lock file if that "
                     "process is gone"
                 ) from None
-            if pid is not None and pid != os.getpid() and _pid_alive(pid):
+            if pid is not None and pid != os.getpid() and pid_alive(pid):
                 raise UsageError(
                     f"{self.run_dir} is in use: fit process {pid} holds {self.path}; wait for it to end, "
                     "or train under another --run_name (or a new version without --ckpt_path last)"

@@ -365,14 +365,8 @@ def save_last_checkpoint(trainer: pl.Trainer, path: str) -> None:
 def last_checkpoint_path(trainer: pl.Trainer) -> str:
     """The ``last.ckpt`` of the run: the (first) ModelCheckpoint's last path, else ``<log_dir>/checkpoints``."""
     cb = trainer.checkpoint_callback
-    dirpath = getattr(cb, "dirpath", None)
-    if cb is not None and dirpath and cb in _last_savers(trainer):
+    if cb is not None and getattr(cb, "dirpath", None):
         return _last_path_of(trainer, cb)
-    if cb is not None and dirpath:
-        name = getattr(cb, "CHECKPOINT_NAME_LAST", "last")
-        if hasattr(cb, "format_checkpoint_name"):
-            return str(cb.format_checkpoint_name({"epoch": trainer.current_epoch, "step": trainer.global_step}, name))
-        return str(Path(dirpath) / f"{name}.ckpt")
     base = trainer.log_dir or trainer.default_root_dir
     return str(Path(base) / "checkpoints" / "last.ckpt")
 
