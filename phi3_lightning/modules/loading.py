@@ -57,10 +57,6 @@ def is_lightning_checkpoint(path: Path) -> bool:
     return path.is_file() or (path.is_dir() and (path / "meta.pt").is_file())
 
 
-def _torch_load(path: Path) -> dict[str, Any]:
-    return load_checkpoint_file(path, map_location="cpu")
-
-
 def _info_from_hparams(ckpt: dict[str, Any]) -> dict[str, Any]:
     """Older/foreign checkpoints without the phi3_lightning entry: rebuild from the module's hyper-parameters."""
     hp = dict(ckpt.get("hyper_parameters") or {})
@@ -94,7 +90,7 @@ def _strip(key: str) -> str:
 
 def _load_lightning(path: Path, attn: str | None, device, dtype, merge: bool = True) -> LoadedHead:
     distributed = path.is_dir()
-    ckpt = _torch_load(path / "meta.pt" if distributed else path)
+    ckpt = load_checkpoint_file(path / "meta.pt" if distributed else path)
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path} does not hold a Lightning checkpoint (got a {type(ckpt).__name__})")
     info = ckpt.get(CHECKPOINT_KEY) or _info_from_hparams(ckpt)
