@@ -86,7 +86,6 @@ one run; validate/test/predict of a run's checkpoint log into version_N/<command
 """
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
-EXTRA_COMMANDS = ("generate", "export", "compare-attention", "memory", "data-report")
 # ----------------------------------------------------------------------------------------------------------------------
 # LightningCLI
 # ----------------------------------------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ from typing import Any
 from ..atomic import atomic_write_text, default_mode, pid_alive
 from . import UsageError
 
-RESERVED_CKPT = ("last", "best", "hpc", "registry")
 LOCK_FILE = "fit.lock"
 # Model settings that do not change the weights: with --ckpt_path the command line's value is used.
 EXECUTION_SETTINGS = (
@@ -112,8 +111,7 @@ def normalize_ckpt_path(ckpt_path: Any, default_root_dir: Any = None) -> str | N
 
 
 def check_ckpt_path(ckpt_path: Any) -> None:
-    if ckpt_path is None or str(ckpt_path) in RESERVED_CKPT or "://" in str(ckpt_path):
-        return
+    """A (normalized, see :func:`normalize_ckpt_path`) checkpoint path that is not ``last`` / ``best`` must exist."""
     if not Path(str(ckpt_path)).expanduser().exists():
         raise UsageError(
             f"ckpt_path={str(ckpt_path)!r} does not exist; pass a checkpoint written by fit "
