@@ -209,11 +209,48 @@ def _flex_fn(device: torch.device) -> Callable:
     return _compiled_flex[device.type]
 
 
-def _block_mask(ctx: AttentionContext):
-    if "block" in ctx.cache:
-        return ctx.cache["block"]
+# Per-call kernel options of the compiled (Triton) flex kernel on CUDA. ROWS_GUARANTEED_SAFE lets it skip the
+# empty-row checks: valid because the mask below always allows a query its own key (every row has >= 1 key;
+# tests/model/test_packing_backends.py checks that on padded, packed and windowed batches). Tuning options
+# (BLOCK_M, USE_TMA, ...) can be added with set_flex_kernel_options, e.g. by benchmarks/gpu_bench.py.
+_FLEX_SAFE_OPTIONS: dict = {"ROWS_GUARANTEED_SAFE": True}
+_flex_extra_options: dict = {}
+_compiled_block_mask: Callable | None = None
+
+
+def set_flex_kernel_options(options: dict | None) -> None:
+    """Extra ``kernel_options`` for the compiled flex kernel on CUDA (see torch's ``FlexKernelOptions``; e.g.
+    ``{"USE_TMA": True}``), or None to go back to the defaults. Eager flex (CPU by default) ignores them."""
+    global _flex_extra_options
+    if options is not None and not isinstance(options, dict):
+        raise ValueError(f"set_flex_kernel_options takes a dict or None, got {options!r}")
+    _flex_extra_options = dict(options or {})
+
+
+def flex_kernel_options(device: torch.device | str) -> dict | None:
+    """The ``kernel_options`` the flex backend passes on ``device`` (None: torch's defaults)."""
+    if not flex_compiled(device) or torch.device(device).type != "cuda":
+        return None
+    return {**_FLEX_SAFE_OPTIONS, **_flex_extra_options}
+
+
+def _create_block_mask_fn(device: torch.device) -> Callable:
+    """create_block_mask, compiled once per process on CUDA: uncompiled it evaluates the mask over a dense
+    (B, T, T) grid with many small kernels on every forward (what made flex 2-5x slower than sdpa at small
+    shapes on the H200); compiled it is one fused kernel. (torch's ``_compile=True`` flag is deprecated and
+    wraps a new torch.compile on every call.) On CPU the eager construction is cheaper than a compile."""
     from torch.nn.attention.flex_attention import create_block_mask
 
+    global _compiled_block_mask
+    if device.type != "cuda":
+        return create_block_mask
+    if _compiled_block_mask is None:
+        _compiled_block_mask = torch.compile(create_block_mask)
+    return _compiled_block_mask
+
+
+def flex_mask_mod(ctx: AttentionContext) -> Callable:
+    """The flex mask rule of ``ctx`` (causal & window & padding & document, the diagonal always allowed)."""
     w = ctx.sliding_window
     pad = ctx.key_padding
     docs = ctx.doc_ids
@@ -228,11 +265,17 @@ def _block_mask(ctx: AttentionContext):
             allowed = allowed & (docs[b, q_idx] == docs[b, kv_idx])
         return allowed | (kv_idx == q_idx)
 
+    return mask_mod
+
+
+def _block_mask(ctx: AttentionContext):
+    """One block mask per batch (cached on ``ctx``, shared by every layer)."""
+    if "block" in ctx.cache:
+        return ctx.cache["block"]
+    pad, docs = ctx.key_padding, ctx.doc_ids
     bsz = ctx.batch_size if (pad is not None or docs is not None) else None
-    # On CUDA the mask itself is built by a compiled kernel (uncompiled it costs a dense (B, T, T) pass per
-    # forward, which made flex 2-5x slower than sdpa there); on CPU eager construction is cheaper than compiling.
-    compile_mask = ctx.device.type == "cuda"
-    bm = create_block_mask(mask_mod, bsz, None, ctx.q_len, ctx.kv_len, device=ctx.device, _compile=compile_mask)
+    build = _create_block_mask_fn(ctx.device)
+    bm = build(flex_mask_mod(ctx), bsz, None, ctx.q_len, ctx.kv_len, device=ctx.device)
     ctx.cache["block"] = bm
     return bm
 
@@ -243,7 +286,15 @@ def _flex_call(fn: Callable, q, k, v, ctx: AttentionContext, scale: float) -> to
     pad = (1 << (d - 1).bit_length()) - d if d in _flex_padded_dims else 0
     if pad:
         q, k, v = (F.pad(x, (0, pad)) for x in (q, k, v))  # (B, H, T, 2^n): extra dims are zeros
-    out = fn(q, k, v, block_mask=_block_mask(ctx), scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    out = fn(
+        q,
+        k,
+        v,
+        block_mask=_block_mask(ctx),
+        scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+        kernel_options=flex_kernel_options(q.device),
+    )
     return out[..., :d] if pad else out
 
 
