@@ -352,3 +352,37 @@ def test_gpu_model_loss_and_grads_flash_vs_sdpa(shape):
     for (n, a), b in zip(sdpa.named_parameters(), flash.parameters()):
         scale = a.grad.float().abs().max().item()
         assert (a.grad.float() - b.grad.float()).abs().max().item() <= 5e-2 * scale + 1e-3, n
+
+
+# ----------------------------------------------------------------------------- where the kernel is reported
+def test_compare_attention_footnote_names_the_kernel(monkeypatch):
+    from phi3_lightning.compare import run as compare_run
+
+    monkeypatch.setattr(backends, "flash_kernel", lambda device=None: "torch 9.9 varlen_attn (FlashAttention-3)")
+    assert compare_run._backend_label("flash_attention_2", False, torch.device("cuda")) == (
+        "flash_attention_2",
+        "flash_attention_2 ran torch 9.9 varlen_attn (FlashAttention-3)",
+    )
+    set_flash_kernels(torch_varlen=reference_torch_varlen_attn)
+    label, note = compare_run._backend_label("flash_attention_2", False, torch.device("cpu"))
+    assert label == "flash_attention_2*" and "substituted pure-torch kernels" in note
+
+
+@pytest.mark.parametrize("backend", ["flash_attention_2", "sdpa"])
+def test_fit_report_names_the_flash_kernel(tmp_path, backend):
+    from types import SimpleNamespace
+
+    from phi3_lightning.cli import run_report
+
+    set_flash_kernels(torch_varlen=reference_torch_varlen_attn)
+    logger = SimpleNamespace(log_dir=str(tmp_path / "r" / "version_0"), name="r", version=0)
+    trainer = SimpleNamespace(
+        loggers=[logger],
+        checkpoint_callbacks=[],
+        callbacks=[],
+        lightning_module=SimpleNamespace(attn_implementation=backend),
+        strategy=SimpleNamespace(root_device=torch.device("cpu")),
+    )
+    report = run_report(trainer, "fit", "wrote to", ["fit", "--config", "x.yaml"])
+    line = "  attention: flash_attention_2 ran substituted kernels (torch varlen_attn signature)"
+    assert (line in report.splitlines()) == (backend == "flash_attention_2")
