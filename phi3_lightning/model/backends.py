@@ -119,6 +119,7 @@ def set_flash_kernels(
     global _flash_override, _torch_varlen_override
     _flash_override = kernels
     _torch_varlen_override = torch_varlen
+    _resolved.clear()
 
 
 def flash_kernels_substituted() -> bool:
@@ -241,6 +242,7 @@ def use_torch_flash_impl(name: str | None) -> None:
         current = getattr(tna, "current_flash_attention_impl", None)
         if restore is not None and current is not None and current() is not None:
             restore()
+        _resolved.clear()
         return
     if activate is None:
         raise ValueError(
@@ -256,6 +258,7 @@ def use_torch_flash_impl(name: str | None) -> None:
             f"{name} ({what}) needs the Python module {module!r}, which is not installed; "
             "torch's built-in FlashAttention-2 stays active"
         )
+    _resolved.clear()  # the kernel's name changes
     try:
         activate(name)
     except (ImportError, RuntimeError) as e:
@@ -268,12 +271,21 @@ def _window(ctx: AttentionContext) -> tuple[int, int]:
     return (w - 1, w - 1) if w is not None else (-1, -1)
 
 
+# the resolved kernel per (device, substitution): the same object every batch (a per-layer torch.compile guards on
+# what it reads from the context), and no package lookup per batch
+_resolved: dict[tuple, _FlashKernel] = {}
+
+
 def _flash_kernel_of(ctx: AttentionContext, device: torch.device) -> _FlashKernel:
     kernel = ctx.cache.get("flash_kernel")
     if kernel is None:
-        kernel, why = _resolve_flash(device)
+        key = (str(device), id(_flash_override), id(_torch_varlen_override))
+        kernel = _resolved.get(key)
         if kernel is None:
-            raise RuntimeError(f"attn_implementation='flash_attention_2' is unavailable: {why}; use 'sdpa' instead")
+            kernel, why = _resolve_flash(device)
+            if kernel is None:
+                raise RuntimeError(f"attn_implementation='flash_attention_2' is unavailable: {why}; use 'sdpa' instead")
+            _resolved[key] = kernel
         ctx.cache["flash_kernel"] = kernel
     return kernel
 

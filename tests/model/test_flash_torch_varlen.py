@@ -212,6 +212,24 @@ def test_model_loss_and_grads_equal_eager(shape):
 
 
 # ----------------------------------------------------------------------------- CPU: which kernel runs
+def test_kernel_is_resolved_once_and_follows_set_flash_kernels():
+    """prepare puts the same kernel object on every batch's context (no lookup per batch or layer); a new
+    substitution is seen at the next batch."""
+    set_flash_kernels(torch_varlen=reference_torch_varlen_attn)
+    prepare = backends.BACKENDS["flash_attention_2"].prepare
+    make, _ = contexts("full", None)
+    first, second = make(), make()
+    prepare(first, torch.float32)
+    prepare(second, torch.float32)
+    assert first.cache["flash_kernel"] is second.cache["flash_kernel"]
+    assert first.cache["flash_kernel"].route == "torch_varlen"
+    assert first.cache["cu_uniform"].tolist() == [0, 24, 48] and first.cache["cu_uniform"].dtype == torch.int32
+    set_flash_kernels((reference_flash_attn_func, reference_flash_attn_varlen_func))
+    third = make()
+    prepare(third, torch.float32)
+    assert third.cache["flash_kernel"].route == "flash_attn" and "cu_uniform" not in third.cache
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only answer")
 def test_flash_unavailable_on_cpu_says_why():
     assert flash_kernel() is None
