@@ -330,6 +330,12 @@ def run_report(trainer: Any, subcommand: str, verb: str, argv: list[str] | None 
             tps = cb.last.get("perf/tokens_per_sec") if isinstance(cb, Phi3ThroughputMonitor) else None
             if tps:
                 lines.append(f"  throughput: {tps:,.0f} real tokens/s at the last measurement (perf/tokens_per_sec)")
+        module = getattr(trainer, "lightning_module", None)
+        if getattr(module, "attn_implementation", None) == "flash_attention_2":
+            from .model.backends import flash_kernel
+
+            kernel = flash_kernel(trainer.strategy.root_device)
+            lines.append(f"  attention: flash_attention_2 ran {kernel or 'no flash kernel (unavailable here)'}")
         rest, skip = [], False
         for a in argv[1:]:
             if skip:
