@@ -6,10 +6,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .attention import Phi3Attention
 from .backends import BACKENDS, DEFAULT_BACKEND, check_backend
 from .config import Phi3Config
 from .fused import check_fused_kernels
-from .attention import Phi3Attention
 from .layer import Phi3DecoderLayer
 from .linear import Embedding
 from .masking import build_context

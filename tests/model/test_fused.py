@@ -167,8 +167,10 @@ def test_whole_model_with_compiled_kernels_equals_eager_and_switches_back(monkey
     # back on the eager path: no fused function is called any more (and one is, with the switch on)
     for name, expected in ((None, set()), ("compile", {"compiled_rms_norm", "compiled_swiglu", "compiled_rotate_qk"})):
         model.set_fused_kernels(name)
-        calls = []
-        monkeypatch.setattr(_Compiled, "__call__", lambda self, *a: calls.append(self.__name__) or real_call(self, *a))
+        calls: list[str] = []
+        monkeypatch.setattr(
+            _Compiled, "__call__", lambda self, *a, c=calls: c.append(self.__name__) or real_call(self, *a)
+        )
         model(ids, labels=ids).loss.backward()  # with grad: the graphs compiled above, no new compile
         monkeypatch.undo()
         assert set(calls) == expected
@@ -176,7 +178,9 @@ def test_whole_model_with_compiled_kernels_equals_eager_and_switches_back(monkey
 
 # ---------------------------------------------------------------------------------------------------- errors
 def test_unknown_name_is_refused_with_a_suggestion():
-    with pytest.raises(ValueError, match=r"unknown fused_kernels='ligr'; choose one of compile, liger.*did you mean liger"):
+    with pytest.raises(
+        ValueError, match=r"unknown fused_kernels='ligr'; choose one of compile, liger.*did you mean liger"
+    ):
         get_fused_kernels("ligr")
     with pytest.raises(ValueError, match="unknown fused_kernels='compiled'.*did you mean compile"):
         Phi3ForCausalLM(Phi3Config.from_pretrained("tiny"), fused_kernels="compiled")
