@@ -124,8 +124,8 @@ def test_compiled_swiglu_runs_after_the_lora_adapter_of_gate_up_proj():
 
 @pytest.mark.parametrize(
     "dtype, partial",
-    [(torch.float32, 1.0), (torch.float32, 0.75), (torch.bfloat16, 0.75)],  # each case one compile on the CPU
-    ids=["fp32-full", "fp32-partial", "bf16-partial"],
+    [(torch.float32, 1.0), (torch.float32, 0.75)],  # each case one compile on the CPU (bf16: norm and swiglu)
+    ids=["fp32-full", "fp32-partial"],
 )
 def test_compiled_rope_matches_the_eager_rotation(dtype, partial):
     _rope_case(COMPILE, dtype, partial)
@@ -156,10 +156,16 @@ def test_whole_model_with_compiled_kernels_equals_eager_and_switches_back(monkey
         torch.testing.assert_close(loss_f, loss_e, rtol=1e-6, atol=1e-6)
         for n in grads_e:
             torch.testing.assert_close(grads_f[n], grads_e[n], rtol=1e-5, atol=1e-6, msg=n)
-    # decode (T == 1, KV cache) through the fused path equals greedy decoding through the eager one
+    # decode (T == 1, KV cache) through the fused path equals greedy decoding through the eager one; the fused
+    # functions run uncompiled here (the T == 1 specialisations would cost another compile each on the CPU; the
+    # compiled numbers are checked above): this checks the decode path's plumbing
     model.eval()
     prompt = ids[:, :5]
+    decode_calls: list[str] = []
+    monkeypatch.setattr(_Compiled, "__call__", lambda self, *a, c=decode_calls: c.append(self.__name__) or self.fn(*a))
     fused_tokens = model.generate(prompt, max_new_tokens=4)
+    monkeypatch.undo()
+    assert {"compiled_rms_norm", "compiled_swiglu", "compiled_rotate_qk"} <= set(decode_calls)
     model.set_fused_kernels(None)
     assert model.fused_kernels is None
     assert all(m.fused is None for m in model.modules() if hasattr(m, "fused"))

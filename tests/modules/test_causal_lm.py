@@ -50,10 +50,9 @@ def test_cli_fit_with_fused_compile_kernels_trains_and_records_the_setting(tmp_p
     logs, cache = tmp_path / "logs", tmp_path / "cache"
     args = [*small_args("causal_lm", logs, cache, steps=2, val_every=2), "--trainer.limit_val_batches", "1"]
     calls = []
-    real_call = fused._Compiled.__call__
-    monkeypatch.setattr(
-        fused._Compiled, "__call__", lambda self, *a: calls.append(self.__name__) or real_call(self, *a)
-    )
+    # the fused functions run uncompiled here (a compile costs seconds on the CPU; tests/model/test_fused.py checks
+    # the compiled numbers): this checks the option's plumbing
+    monkeypatch.setattr(fused._Compiled, "__call__", lambda self, *a: calls.append(self.__name__) or self.fn(*a))
     rc, _, err = run_main("fit", *args, "--model.init_args.fused_kernels", "compile")
     assert rc == 0, err[-3000:]
     assert {"compiled_rms_norm", "compiled_swiglu", "compiled_rotate_qk"} <= set(calls)  # the fused path ran
