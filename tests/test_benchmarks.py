@@ -57,7 +57,11 @@ def _cells(line: str) -> list[str]:
 
 
 def _rows(text: str, *prefix: str) -> list[list[str]]:
-    return [_cells(line) for line in text.splitlines() if line.startswith("|") and _cells(line)[: len(prefix)] == list(prefix)]
+    return [
+        _cells(line)
+        for line in text.splitlines()
+        if line.startswith("|") and _cells(line)[: len(prefix)] == list(prefix)
+    ]
 
 
 def _number(cell: str) -> float:
@@ -84,8 +88,15 @@ def test_gpu_bench_smoke_runs_every_section_on_cpu(tmp_path):
     out = _run("benchmarks/gpu_bench.py", "--smoke", "--out", str(table), "--log-dir", str(tmp_path))
     text = table.read_text()
     for n, title in enumerate(
-        ["Environment", "Correctness gate", "Attention alone", "Training step grid", "transformers side by side",
-         "LoRA real-size step", "Lightning path"]
+        [
+            "Environment",
+            "Correctness gate",
+            "Attention alone",
+            "Training step grid",
+            "transformers side by side",
+            "LoRA real-size step",
+            "Lightning path",
+        ]
     ):
         assert f"## {n}. {title}" in out and f"## {n}. {title}" in text
     env = _section(out, 0)
