@@ -32,7 +32,7 @@ name is ``--run_name NAME``, by default ``<config stems joined by +>/<attn backe
   config_overrides, lora, the head class and its options, the tokenizer, the data's labels) and, for ``fit``, on the
   optimizer and LR scheduler, whose state resumes from the checkpoint. A difference is refused naming the setting
   and both values. Execution choices (attn_implementation, activation_checkpointing, torch_compile, compile_mode,
-  meta_init, strict_head) are taken from the command line. The saved ``config.yaml`` is what ran.
+  fused_kernels, meta_init, strict_head) are taken from the command line. The saved ``config.yaml`` is what ran.
 """
 
 from __future__ import annotations
@@ -330,6 +330,12 @@ def run_report(trainer: Any, subcommand: str, verb: str, argv: list[str] | None 
             tps = cb.last.get("perf/tokens_per_sec") if isinstance(cb, Phi3ThroughputMonitor) else None
             if tps:
                 lines.append(f"  throughput: {tps:,.0f} real tokens/s at the last measurement (perf/tokens_per_sec)")
+        module = getattr(trainer, "lightning_module", None)
+        if getattr(module, "attn_implementation", None) == "flash_attention_2":
+            from .model.backends import flash_kernel
+
+            kernel = flash_kernel(trainer.strategy.root_device)
+            lines.append(f"  attention: flash_attention_2 ran {kernel or 'no flash kernel (unavailable here)'}")
         rest, skip = [], False
         for a in argv[1:]:
             if skip:

@@ -176,6 +176,22 @@ def test_settings_that_disagree_with_the_checkpoint(runs):
     run = logs / "a" / "version_0"
     assert "attn_implementation: eager" in (run / "eager" / "config.yaml").read_text()
     assert _val_loss(run / "eager") == pytest.approx(scalars(run)["val/loss"][-1][1], abs=1e-4)
+    # fused kernels are an execution setting too: taken from the command line, recorded, same numbers
+    rc, _, err = run_main(
+        "validate",
+        *_args(
+            runs,
+            "--ckpt_path",
+            ckpt,
+            "--model.init_args.fused_kernels",
+            "compile",
+            "--trainer.logger.init_args.sub_dir",
+            "fused",
+        ),
+    )
+    assert rc == 0, err[-3000:]
+    assert "fused_kernels: compile" in (run / "fused" / "config.yaml").read_text()
+    assert _val_loss(run / "fused") == pytest.approx(scalars(run)["val/loss"][-1][1], abs=1e-4)
 
 
 def test_unreadable_and_mismatched_checkpoints_are_one_line_errors(runs, tmp_path):

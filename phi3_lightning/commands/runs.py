@@ -23,6 +23,7 @@ EXECUTION_SETTINGS = (
     "activation_checkpointing",
     "torch_compile",
     "compile_mode",
+    "fused_kernels",
     "meta_init",
     "strict_head",
 )

@@ -58,13 +58,15 @@ def _build_model(cfg: CompareConfig, mcfg: Phi3Config, dtype: torch.dtype, devic
     return model.eval()  # dropout off: every backend sees the same function
 
 
-def _backend_label(name: str, flex_compiled: bool) -> tuple[str, str | None]:
+def _backend_label(name: str, flex_compiled: bool, device: torch.device | None = None) -> tuple[str, str | None]:
     """Name shown in the table, and a footnote saying what actually ran."""
     if name == "flash_attention_2" and B.flash_kernels_substituted():
         return "flash_attention_2*", (
             "* flash_attention_2 ran with substituted pure-torch kernels "
-            "(set_flash_kernels): its glue is tested, its times are not flash-attn's"
+            "(set_flash_kernels): its glue is tested, its times are not flash-attn's or torch's varlen_attn's"
         )
+    if name == "flash_attention_2":
+        return name, f"flash_attention_2 ran {B.flash_kernel(device)}"
     if name == "flex":
         mode = "torch.compile(flex_attention)" if flex_compiled else "eager flex_attention (unfused math path)"
         return "flex", f"flex ran as {mode}"
@@ -243,7 +245,7 @@ def compare_attention(config: CompareConfig | None = None, **overrides) -> Compa
             continue
         available.append(name)
         flex_compiled = cfg.flex_compile if cfg.flex_compile is not None else B.flex_compiled(device)
-        labels[name], note = _backend_label(name, flex_compiled)
+        labels[name], note = _backend_label(name, flex_compiled, device)
         if note:
             notes.append(note)
 

@@ -13,6 +13,8 @@ from .rope import apply_rotary
 
 
 class Phi3Attention(nn.Module):
+    fused = None  # a FusedKernels set (model/fused.py) put here by Phi3Model.set_fused_kernels; None = eager
+
     def __init__(self, config: Phi3Config, layer_idx: int, device: torch.device | None = None) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -38,7 +40,11 @@ class Phi3Attention(nn.Module):
         qkv = self.qkv_proj(x)  # (B, T, (H + 2 Hkv) D)
         hq, hkv = self.num_heads, self.num_kv_heads
         cos, sin = rope
-        if t == 1:
+        if self.fused is not None and self.fused.rope is not None:
+            q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+            q, k, v = (z.view(b, t, -1, d).transpose(1, 2) for z in (q, k, v))  # (B, H|Hkv, T, D)
+            q, k = self.fused.rope(q, k, cos, sin)
+        elif t == 1:
             # Decode step: q and k rotated together in one (B, 1, H + Hkv, D) pass (half the elementwise calls);
             # with T = 1 the (B, H, 1, D) views of the result are contiguous.
             qk = apply_rotary(qkv[..., : (hq + hkv) * d].view(b, t, hq + hkv, d), cos, sin, heads_axis=2)

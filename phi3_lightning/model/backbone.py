@@ -6,11 +6,14 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .attention import Phi3Attention
 from .backends import BACKENDS, DEFAULT_BACKEND, check_backend
 from .config import Phi3Config
+from .fused import check_fused_kernels
 from .layer import Phi3DecoderLayer
 from .linear import Embedding
 from .masking import build_context
+from .mlp import Phi3MLP
 from .norm import Phi3RMSNorm
 from .rope import Phi3RotaryEmbedding
 
@@ -19,7 +22,11 @@ class Phi3Model(nn.Module):
     """Backbone: ``forward(input_ids, attention_mask, position_ids, cache) -> (B, T, hidden)`` final-normed states."""
 
     def __init__(
-        self, config: Phi3Config, attn_implementation: str = DEFAULT_BACKEND, device: torch.device | None = None
+        self,
+        config: Phi3Config,
+        attn_implementation: str = DEFAULT_BACKEND,
+        device: torch.device | None = None,
+        fused_kernels: str | None = None,
     ):
         super().__init__()
         self.config = config
@@ -35,12 +42,27 @@ class Phi3Model(nn.Module):
         self.gradient_checkpointing = False
         self.attn_implementation = DEFAULT_BACKEND
         self.set_attn_implementation(attn_implementation)
+        self.fused_kernels: str | None = None
+        self.set_fused_kernels(fused_kernels)
 
     def set_attn_implementation(self, name: str) -> None:
         """Switch to backend ``name`` (a key of :data:`~phi3_lightning.model.backends.BACKENDS`); every layer uses
         it from the next forward on."""
         check_backend(name)
         self.attn_implementation = name
+
+    def set_fused_kernels(self, name: str | None) -> None:
+        """Use kernel set ``name`` (a key of :data:`~phi3_lightning.model.fused.FUSED_KERNELS`) for RMSNorm, SwiGLU
+        and RoPE from the next forward on; None = the eager modules. A plain attribute of each module: parameters,
+        state_dict and checkpoints do not change."""
+        kernels = check_fused_kernels(name, hidden_act=self.config.hidden_act)
+        for m in self.modules():
+            if isinstance(m, (Phi3RMSNorm, Phi3MLP, Phi3Attention)):
+                if kernels is None:
+                    m.__dict__.pop("fused", None)  # back to the class default (None): the eager code
+                else:
+                    m.fused = kernels
+        self.fused_kernels = name
 
     def forward(
         self,

@@ -268,7 +268,7 @@ class PretrainedMixin:
             )
         if not path.exists():
             recover_interrupted(path)  # a save killed between the two renames of its directory swap
-        head_kwargs = {k: config_overrides.pop(k) for k in ("pooling",) if k in config_overrides}
+        head_kwargs = {k: config_overrides.pop(k) for k in ("pooling", "fused_kernels") if k in config_overrides}
         config = Phi3Config.from_pretrained(path, **config_overrides)
         shards = checkpoint_files(path)
         dtype = resolve_dtype(dtype) or torch.float32

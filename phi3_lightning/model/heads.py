@@ -59,11 +59,15 @@ class Phi3PreTrainedHead(PretrainedMixin, nn.Module):
     architecture = "Phi3Model"
 
     def __init__(
-        self, config: Phi3Config, attn_implementation: str = DEFAULT_BACKEND, device: torch.device | None = None
+        self,
+        config: Phi3Config,
+        attn_implementation: str = DEFAULT_BACKEND,
+        device: torch.device | None = None,
+        fused_kernels: str | None = None,
     ):
         super().__init__()
         self.config = config
-        self.model = Phi3Model(config, attn_implementation, device=device)
+        self.model = Phi3Model(config, attn_implementation, device=device, fused_kernels=fused_kernels)
 
     @property
     def attn_implementation(self) -> str:
@@ -71,6 +75,15 @@ class Phi3PreTrainedHead(PretrainedMixin, nn.Module):
 
     def set_attn_implementation(self, name: str) -> None:
         self.model.set_attn_implementation(name)
+
+    @property
+    def fused_kernels(self) -> str | None:
+        return self.model.fused_kernels
+
+    def set_fused_kernels(self, name: str | None) -> None:
+        """Fused RMSNorm / SwiGLU / RoPE kernel set ``name`` (``compile``, ``liger``) or None (eager); see
+        :mod:`~phi3_lightning.model.fused`."""
+        self.model.set_fused_kernels(name)
 
     def gradient_checkpointing_enable(self) -> None:
         """Recompute each decoder layer in backward (non-reentrant); trades ~1/3 more compute for activations."""
@@ -111,9 +124,13 @@ class Phi3ForCausalLM(Phi3PreTrainedHead):
     architecture = "Phi3ForCausalLM"
 
     def __init__(
-        self, config: Phi3Config, attn_implementation: str = DEFAULT_BACKEND, device: torch.device | None = None
+        self,
+        config: Phi3Config,
+        attn_implementation: str = DEFAULT_BACKEND,
+        device: torch.device | None = None,
+        fused_kernels: str | None = None,
     ):
-        super().__init__(config, attn_implementation, device)
+        super().__init__(config, attn_implementation, device, fused_kernels)
         self.lm_head = Linear(
             config.initializer_range, config.hidden_size, config.vocab_size, bias=False, device=device
         )
@@ -217,8 +234,9 @@ class Phi3ForSequenceClassification(Phi3PreTrainedHead):
         attn_implementation: str = DEFAULT_BACKEND,
         device: torch.device | None = None,
         pooling: str = "last",
+        fused_kernels: str | None = None,
     ):
-        super().__init__(config, attn_implementation, device)
+        super().__init__(config, attn_implementation, device, fused_kernels)
         if pooling not in ("last", "attention"):
             raise ValueError(f"pooling={pooling!r}; use 'last' (rightmost non-pad token) or 'attention'")
         self.pooling = pooling
@@ -266,9 +284,13 @@ class Phi3ForTokenClassification(Phi3PreTrainedHead):
     architecture = "Phi3ForTokenClassification"
 
     def __init__(
-        self, config: Phi3Config, attn_implementation: str = DEFAULT_BACKEND, device: torch.device | None = None
+        self,
+        config: Phi3Config,
+        attn_implementation: str = DEFAULT_BACKEND,
+        device: torch.device | None = None,
+        fused_kernels: str | None = None,
     ):
-        super().__init__(config, attn_implementation, device)
+        super().__init__(config, attn_implementation, device, fused_kernels)
         self.num_labels = config.num_labels
         p = config.classifier_dropout if config.classifier_dropout is not None else 0.1
         self.dropout = nn.Dropout(p)

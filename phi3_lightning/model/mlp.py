@@ -20,7 +20,15 @@ ACTIVATIONS = {
 }
 
 
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """``up * silu(gate)`` of a gate_up_proj output ``[gate | up]`` (..., 2 I) -> (..., I)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return up * F.silu(gate)
+
+
 class Phi3MLP(nn.Module):
+    fused = None  # a FusedKernels set (model/fused.py) put here by Phi3Model.set_fused_kernels; None = eager
+
     def __init__(self, config: Phi3Config, device: torch.device | None = None) -> None:
         super().__init__()
         self.intermediate_size = config.intermediate_size
@@ -31,5 +39,8 @@ class Phi3MLP(nn.Module):
         self.act = ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused is not None and self.fused.swiglu is not None:
+            # after gate_up_proj (and its LoRA adapter, if any): the same [gate | up] tensor, one fused kernel
+            return self.down_proj(self.fused.swiglu(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, I) each
         return self.down_proj(up * self.act(gate))

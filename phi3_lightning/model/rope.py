@@ -83,3 +83,10 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads_ax
         return x * cos + rotate_half(x) * sin
     x_rot, x_pass = x[..., :r], x[..., r:]
     return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+def rotate_qk(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, H, T, D) and k (B, Hkv, T, D) rotated with cos/sin (B, T, R), R <= D (partial rotary)."""
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

@@ -31,6 +31,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from ..model import DEFAULT_BACKEND, Phi3Config, check_backend, resolve_model
+from ..model.fused import check_fused_kernels
 from ..model.heads import HEADS, Phi3PreTrainedHead
 from ..model.lora import LoRAConfig, apply_lora, as_lora_config  # noqa: F401 - as_lora_config: cli.py imports it here
 from .fsdp import broadcast_pretrained, materialize_meta, shard
@@ -80,6 +81,10 @@ class Phi3LightningModule(pl.LightningModule):
         torch_compile: ``layers`` (compile each decoder layer; works with FSDP2), ``model`` (the whole head) or
             null (eager).
         compile_mode: ``torch.compile`` mode (``default``, ``reduce-overhead``, ``max-autotune``).
+        fused_kernels: fused RMSNorm / SwiGLU / RoPE kernels: ``compile`` (the package's own functions through
+            ``torch.compile``; CPU and CUDA), ``liger`` (Liger Kernel's Triton ops; CUDA, ``pip install
+            'phi3_lightning[liger]'``) or null (the eager modules). Same numbers within rounding; weights and
+            checkpoints are unaffected.
         meta_init: under FSDP2, build on the meta device and initialise each shard in place (null = on GPU yes,
             on CPU no: CPU builds the full model on every rank so the init equals a single-process one).
         strict_head: a checkpoint head (``lm_head``/``score``) of another shape is an error (true) or is
@@ -119,6 +124,7 @@ class Phi3LightningModule(pl.LightningModule):
         activation_checkpointing: bool = False,
         torch_compile: str | None = None,
         compile_mode: str | None = None,
+        fused_kernels: str | None = None,
         meta_init: bool | None = None,
         strict_head: bool = True,
         lora: LoRAConfig | None = None,
@@ -131,12 +137,15 @@ class Phi3LightningModule(pl.LightningModule):
             raise ValueError(f"torch_compile={torch_compile!r}; use 'layers', 'model' or null")
         self._overrides = {**(config_overrides or {}), **(_head_overrides or {})}
         self.config, self.weights_dir = resolve_model(model, self._overrides)
+        # the name and the activation now; whether the set runs here (liger: CUDA) where the model is built
+        check_fused_kernels(fused_kernels, hidden_act=self.config.hidden_act, runnable=False)
         self.attn_implementation = attn_implementation
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.activation_checkpointing = activation_checkpointing
         self.torch_compile = torch_compile
         self.compile_mode = compile_mode
+        self.fused_kernels = fused_kernels
         self.meta_init = meta_init
         self.strict_head = strict_head
         self.lora = as_lora_config(lora)
@@ -267,6 +276,9 @@ class Phi3LightningModule(pl.LightningModule):
             apply_lora(head, self.lora)
             self._log_lora(head)
         self._no_decay = {n for n, p in head.named_parameters() if p.ndim < 2}
+        if self.fused_kernels is not None:
+            check_fused_kernels(self.fused_kernels, device=device)  # liger on a CPU run: said before any step
+            head.set_fused_kernels(self.fused_kernels)  # before compile: the compiled layers trace the fused path
         if self.activation_checkpointing:
             head.gradient_checkpointing_enable()
         if self.torch_compile == "layers":

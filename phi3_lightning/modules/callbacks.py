@@ -115,6 +115,7 @@ class Phi3ThroughputMonitor(Callback):
             "parameters": f"{config.num_parameters():,}" if config is not None else "?",
             "activation_checkpointing": str(getattr(pl_module, "activation_checkpointing", False)),
             "torch_compile": str(getattr(pl_module, "torch_compile", None)),
+            "fused_kernels": str(getattr(pl_module, "fused_kernels", None)),
             "peak_tflops_per_device": f"{self._peak_flops / 1e12:.3g}" if self._peak_flops else "unknown",
             "head": type(head).__name__ if head is not None else "?",
         }

@@ -236,3 +236,71 @@ def test_one_message_for_a_wrong_backend_name():
 
     with pytest.raises(ValueError, match="unknown attn_implementation='spda'.*did you mean sdpa"):
         estimate_memory("tiny", attn_implementation="spda", seq_len=16)
+
+
+# ----------------------------------------------------------------------------- flex mask rule and kernel options
+def _dense(mask_mod, b, t):
+    """Evaluate a flex mask_mod on the whole (B, T, T) grid, as create_block_mask does."""
+    bi = torch.arange(b)[:, None, None]
+    qi = torch.arange(t)[None, :, None]
+    ki = torch.arange(t)[None, None, :]
+    return mask_mod(bi, 0, qi, ki).expand(b, t, t)
+
+
+@pytest.mark.parametrize("kind", ["padded", "packed", "packed_window", "plain_window"])
+def test_flex_mask_rule_is_the_reference_mask_and_every_row_is_safe(kind):
+    """The flex mask equals the eager/sdpa boolean mask, and every query sees at least itself: what makes the
+    ROWS_GUARANTEED_SAFE kernel option (passed on CUDA) valid."""
+    from phi3_lightning.model.masking import build_context
+
+    b, t = 2, 24
+    pos = torch.arange(t)[None].repeat(b, 1)
+    mask = None
+    if kind == "padded":
+        mask = torch.ones(b, t, dtype=torch.long)
+        mask[0, 17:] = 0
+        mask[1, :5] = 0
+    if kind.startswith("packed"):
+        _, pos, mask, _ = packed_batch([[7, 9, 8], [3, 12, 5, 4]], row_len=t)
+    window = 4 if kind.endswith("window") else None
+    ctx = build_context(
+        batch_size=b,
+        q_len=t,
+        attention_mask=mask,
+        position_ids=pos,
+        past_len=0,
+        sliding_window=window,
+        derive_documents=True,
+        device=torch.device("cpu"),
+    )
+    dense = _dense(backends.flex_mask_mod(ctx), b, t)
+    ref = ctx.bool_mask()
+    assert ref is not None
+    assert torch.equal(dense, ref[:, 0])
+    assert bool(dense.any(-1).all())  # no empty row
+    assert bool(dense.diagonal(dim1=1, dim2=2).all())
+
+
+def test_flex_kernel_options():
+    assert backends.flex_kernel_options("cpu") is None  # eager flex: torch's defaults
+    assert backends.flex_kernel_options("cuda") == {"ROWS_GUARANTEED_SAFE": True}
+    try:
+        backends.set_flex_kernel_options({"USE_TMA": True, "BLOCK_M": 64})
+        assert backends.flex_kernel_options("cuda") == {"ROWS_GUARANTEED_SAFE": True, "USE_TMA": True, "BLOCK_M": 64}
+        backends.set_flex_compile(False)  # uncompiled flex takes no Triton options
+        assert backends.flex_kernel_options("cuda") is None
+    finally:
+        backends.set_flex_kernel_options(None)
+        backends.set_flex_compile(None)
+    assert backends.flex_kernel_options("cuda") == {"ROWS_GUARANTEED_SAFE": True}
+    with pytest.raises(ValueError, match="a dict or None"):
+        backends.set_flex_kernel_options("USE_TMA")
+
+
+def test_flex_block_mask_builder_is_compiled_once_on_cuda_only():
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    assert backends._create_block_mask_fn(torch.device("cpu")) is create_block_mask
+    cuda_fn = backends._create_block_mask_fn(torch.device("cuda"))  # torch.compile wraps lazily: no CUDA needed
+    assert cuda_fn is not create_block_mask
+    assert backends._create_block_mask_fn(torch.device("cuda")) is cuda_fn  # one compiled builder per process
