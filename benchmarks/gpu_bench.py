@@ -580,7 +580,11 @@ def attention_alone(args, rep: Report, device, cuda: bool, budget: Budget, reser
         activated = False
         try:
             if kernel == "FA3":
-                B.use_torch_flash_impl("FA3")
+                try:
+                    B.use_torch_flash_impl("FA3")
+                except (ValueError, RuntimeError) as e:
+                    rep.log(2, f"| {name} | FA3 | unavailable: {short(e)} | | | | |")
+                    continue
                 activated = True
             elif name == "flash_attention_2":
                 fn = getattr(B, "flash_kernel", None)
