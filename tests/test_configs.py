@@ -21,6 +21,9 @@ OVERLAYS = sorted(p.relative_to(CONFIGS).as_posix() for p in (CONFIGS / "strateg
 PARALLEL = ["strategies/ddp.yaml", "strategies/fsdp2.yaml", "strategies/fsdp.yaml"]
 PRECISION = ["strategies/bf16.yaml", "strategies/bf16_true.yaml", "strategies/fp16.yaml"]
 MEMORY = ["strategies/activation_checkpointing.yaml", "strategies/compile.yaml"]
+# benchmarks/gpu_bench.py's Lightning path: causal_lm.yaml + bf16_true + compile + fsdp2 + the bench overlay
+BENCH = sorted(p.relative_to(CONFIGS).as_posix() for p in (CONFIGS / "bench").glob("*.yaml"))
+GPU_FIT = ("causal_lm.yaml", "strategies/bf16_true.yaml", "strategies/compile.yaml", "strategies/fsdp2.yaml")
 
 COMBOS = (
     [(b,) for b in BASES + FINETUNE]
@@ -29,6 +32,7 @@ COMBOS = (
     # a parallel strategy + a precision + memory savers, as one would stack them
     + [("causal_lm.yaml", p, q, *MEMORY) for p, q in itertools.product(PARALLEL, PRECISION[:2])]
     + [("finetune/phi4_mini.yaml", "strategies/fsdp2.yaml", "strategies/bf16.yaml", "strategies/compile.yaml")]
+    + [(*GPU_FIT, b) for b in BENCH]
 )
 
 
@@ -104,3 +108,18 @@ def test_finetune_configs_have_one_path_to_fill(base):
 def test_other_subcommands_parse(command):
     rc, _, err = run_main(command, "--config", CONFIGS / "sequence_classification.yaml", "--print_config")
     assert rc == 0, err
+
+
+def test_gpu_fit_overlay_keeps_the_benchmark_setting(parser):
+    """The Lightning path that gpu_bench.py times: bf16-true, per-layer compile, FSDP2 on one device, full-size model
+    at 4096 tokens, fused AdamW, no checkpoint written, throughput measured every 5 batches."""
+    args = [str(a) for c in (*GPU_FIT, "bench/gpu_fit.yaml") for a in ("--config", CONFIGS / c)]
+    cfg = yaml.safe_load(parser.dump(parser.parse_args(args)))
+    trainer, init = cfg["trainer"], cfg["model"]["init_args"]
+    assert trainer["precision"] == "bf16-true" and trainer["devices"] == 1
+    assert trainer["strategy"]["class_path"] == "phi3_lightning.modules.FSDP2Strategy"
+    assert trainer["enable_checkpointing"] is False and trainer["callbacks"] == [] and trainer["limit_val_batches"] == 0
+    assert init["torch_compile"] == "layers" and init["model"] == "phi-3-mini-4k"
+    assert init["optimizer"]["init_args"]["fused"] is True
+    assert cfg["data"]["init_args"]["max_length"] == 4096 and cfg["data"]["init_args"]["pack"] is True
+    assert cfg["throughput"]["log_every_n_steps"] == 5
