@@ -74,6 +74,11 @@ def document_buckets(ctx: AttentionContext, device: torch.device) -> tuple[list[
     return meta["buckets"]
 
 
+# Outside any torch.compile graph: the length groups are Python-level structure that changes with every packing
+# layout, so a compiled layer tracing them would recompile per batch (until dynamo's cache limit, after which the
+# whole layer runs eagerly). Run here, the layer's graph is broken around attention once and built once; the SDPA
+# calls inside are large fused kernels either way (tests/model/test_compile_layouts.py).
+@torch.compiler.disable
 def sdpa_by_document(q, k, v, ctx: AttentionContext, scale: float, dropout_p: float) -> torch.Tensor:
     """q (B, H, T, D), k/v (B, H, T, D) with kv heads already repeated -> (B, T, H, D); padding rows are 0."""
     b, h, t, d = q.shape
