@@ -52,7 +52,8 @@ PY
     echo "== GPU tests (pytest -m gpu, at most ${TESTS_S} s)"
     per_test=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout=60")
     # shellcheck disable=SC2086
-    timeout "$TESTS_S" python3 -m pytest -q -m gpu tests/ -p no:cacheprovider --continue-on-collection-errors \
+    # -n 0: one process on the one GPU (pyproject asks pytest-xdist for a worker per core)
+    timeout "$TESTS_S" python3 -m pytest -q -n 0 -m gpu tests/ -p no:cacheprovider --continue-on-collection-errors \
         $per_test -rfEs >"$OUT/gpu_tests.log" 2>&1
     echo "pytest exit code $? (0 passed, 1 failures, 5 none selected, 124 timed out)"
     tail -n 25 "$OUT/gpu_tests.log"
