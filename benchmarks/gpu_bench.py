@@ -48,6 +48,7 @@ from phi3_lightning import Phi3ForCausalLM, get_preset
 from phi3_lightning.model import backends as B
 from phi3_lightning.model.backends import BACKENDS, backend_available
 from phi3_lightning.model.masking import build_context
+from phi3_lightning.modules.callbacks import dense_half_peak_tflops
 
 ATTENTION = ("sdpa", "flash_attention_2", "flex")
 FUSED = ("none", "compile", "liger")
@@ -60,16 +61,6 @@ SECTIONS = {
     5: "LoRA real-size step",
     6: "Lightning path",
 }
-# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' datasheets; the first match wins.
-SPEC_PEAKS = (
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("GH200", 989.0),
-    ("H200", 989.0),
-    ("H100", 989.0),
-    ("H800", 989.0),
-    ("A100", 312.0),
-)
 FLOPS_NOTE = (
     "MFU = model FLOPs/s / spec peak. Model FLOPs per token = config.flops_per_token(T) = 6N + 12·L·H·d·T (PaLM "
     "convention: N = non-embedding parameters + lm_head, attention at full T x T, no recomputation counted); T = the "
@@ -332,10 +323,8 @@ def build_model(cfg, attn: str, device, dtype, fused: str = "none", compiled: bo
 
 # ------------------------------------------------------------------------------------------------------ section 0
 def spec_peak(name: str) -> float | None:
-    for key, tflops in SPEC_PEAKS:
-        if key in name:
-            return tflops
-    return None
+    """The dense bf16 datasheet peak of the GPU named ``name`` (the table the Lightning throughput monitor uses)."""
+    return dense_half_peak_tflops(name)
 
 
 def version_of(module: str, dist: str | None = None) -> str:

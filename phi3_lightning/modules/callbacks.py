@@ -19,6 +19,33 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from ..atomic import StagedFile
 
+# Dense (no sparsity) bf16/fp16 tensor-core peaks in TFLOP/s from the vendors' datasheets, by a substring of
+# torch.cuda.get_device_name(); the first match wins (so the specific names come first). Lightning's own table has
+# no entry that "NVIDIA H200" matches and lists H200 at its sparse figure (2.0e15), which would halve MFU.
+DENSE_HALF_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("GH200", 989.0),
+    ("H200", 989.0),
+    ("H100", 989.0),
+    ("H800", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+)
+
+
+def dense_half_peak_tflops(device_name: str) -> float | None:
+    """The dense bf16/fp16 peak (TFLOP/s) of a GPU named ``device_name`` (as torch.cuda.get_device_name says it), or
+    None when it is not in :data:`DENSE_HALF_PEAK_TFLOPS`."""
+    for key, tflops in DENSE_HALF_PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            return tflops
+    return None
+
+
 _PRECISION_DTYPES = {
     "32-true": torch.float32,
     "32": torch.float32,
@@ -52,8 +79,9 @@ class Phi3ThroughputMonitor(Callback):
     term); time spent in validation is excluded, and the first batch (warm-up / compilation) is not counted.
 
     Args:
-        peak_tflops: peak TFLOP/s of one device that MFU is measured against; null: the GPU's from Lightning's
-            table for the run's precision, or on CPU ``cpu_tflops_per_core`` x torch threads.
+        peak_tflops: peak TFLOP/s of one device that MFU is measured against; null: in bf16/fp16 the GPU's dense
+            datasheet peak (``DENSE_HALF_PEAK_TFLOPS``: H100/H200 989), else the GPU's from Lightning's table for the
+            run's precision, or on CPU ``cpu_tflops_per_core`` x torch threads.
         cpu_tflops_per_core: CPU peak per core in TFLOP/s used when peak_tflops is null; 0.1 is one AVX2 core
             with two FMA units at 3 GHz in fp32 (2 x 8 lanes x 2 flops x 3e9). Set your machine's.
         log_every_n_steps: batches between two measurements; null: the trainer's log_every_n_steps.
@@ -85,9 +113,13 @@ class Phi3ThroughputMonitor(Callback):
         if device.type == "cpu":
             return self.cpu_tflops_per_core * 1e12 * torch.get_num_threads()
         if device.type == "cuda":
+            dtype = _PRECISION_DTYPES.get(str(trainer.precision), torch.float32)
+            if dtype in (torch.bfloat16, torch.float16):
+                peak = dense_half_peak_tflops(torch.cuda.get_device_name(device))
+                if peak is not None:
+                    return peak * 1e12
             from lightning.fabric.utilities.throughput import get_available_flops
 
-            dtype = _PRECISION_DTYPES.get(str(trainer.precision), torch.float32)
             return get_available_flops(device, dtype)
         return None
 

@@ -167,6 +167,28 @@ def test_flops_per_token_and_peak():
     assert Phi3ThroughputMonitor(peak_tflops=2.0).peak_flops_per_device(T) == 2e12
 
 
+@pytest.mark.parametrize(
+    "name, precision, tflops",
+    [
+        ("NVIDIA H200", "bf16-true", 989.0),  # Lightning's table has no match for this name (and a sparse figure)
+        ("NVIDIA H100 80GB HBM3", "bf16-mixed", 989.0),
+        ("NVIDIA H100 PCIe", "16-mixed", 756.0),
+        ("NVIDIA A100-SXM4-80GB", "bf16-true", 312.0),
+        ("NVIDIA L4", "bf16-mixed", 121.0),
+    ],
+)
+def test_gpu_peak_is_the_dense_half_precision_datasheet_figure(monkeypatch, name, precision, tflops):
+    from types import SimpleNamespace
+
+    from phi3_lightning.modules.callbacks import dense_half_peak_tflops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    trainer = SimpleNamespace(precision=precision, strategy=SimpleNamespace(root_device=torch.device("cuda", 0)))
+    assert Phi3ThroughputMonitor().peak_flops_per_device(trainer) == tflops * 1e12
+    assert dense_half_peak_tflops(name) == tflops
+    assert dense_half_peak_tflops("Some Future GPU") is None
+
+
 def test_checkpoint_head_mismatch_is_explained():
     eight = built(SequenceClassificationModule(num_labels=8))
     three = built(SequenceClassificationModule(num_labels=3))
