@@ -415,14 +415,26 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
 
 
 def lora_num_parameters(config, cfg: LoRAConfig | None = None) -> int:
-    """Analytic adapter parameter count for a :class:`Phi3Config` (A and B of every adapted projection)."""
+    """Analytic adapter parameter count for a :class:`Phi3Config` (A and B of every adapted projection): the modules
+    :func:`apply_lora` would adapt in a causal LM of that config (targets, dotted suffixes, ``layers``, per-module
+    ``rank_pattern``), chosen by the same rule on a weightless (meta-device) skeleton of its linear layers."""
     cfg = cfg or LoRAConfig()
-    h = config.hidden_size
-    shapes = config.linear_shapes()
-    n_layers = config.num_hidden_layers if cfg.layers is None else len(set(cfg.layers))
-    leaves = {t.rsplit(".", 1)[-1] for t in cfg.target_modules}
-    per_layer = sum(cfg.r * (o + i) for t, (o, i) in shapes.items() if t in leaves)
-    n = per_layer * n_layers
-    if "lm_head" in leaves:
-        n += cfg.r * (h + config.vocab_size)
+    shapes = config.linear_shapes()  # {name: (out, in)}
+    parents = {"qkv_proj": "self_attn", "o_proj": "self_attn", "gate_up_proj": "mlp", "down_proj": "mlp"}
+    skeleton = nn.Module()
+    skeleton.model = nn.Module()
+    skeleton.model.layers = nn.ModuleList()
+    for _ in range(config.num_hidden_layers):
+        layer = nn.Module()
+        for parent in ("self_attn", "mlp"):
+            setattr(layer, parent, nn.Module())
+        for leaf, parent in parents.items():
+            out_f, in_f = shapes[leaf]
+            setattr(getattr(layer, parent), leaf, nn.Linear(in_f, out_f, bias=False, device="meta"))
+        skeleton.model.layers.append(layer)
+    skeleton.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device="meta")
+    n = 0
+    for name in lora_target_names(skeleton, cfg):
+        base = skeleton.get_submodule(name)
+        n += cfg.rank_alpha(name)[0] * (base.in_features + base.out_features)
     return n

@@ -80,6 +80,20 @@ def test_initial_lora_model_equals_base_and_param_count():
     )
 
 
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        LoRAConfig(r=4, rank_pattern={"qkv_proj": 8, r"layers\.1\.mlp\.down_proj": 2}),
+        LoRAConfig(r=4, target_modules=["layers.0.mlp.down_proj", "o_proj"]),  # a dotted suffix: one module
+        LoRAConfig(r=3, target_modules=["qkv_proj", "lm_head"], layers=[1], rank_pattern={"lm_head": 2}),
+    ],
+    ids=["rank_pattern", "dotted_suffix", "layers_and_lm_head"],
+)
+def test_analytic_lora_count_follows_patterns_suffixes_and_layers(cfg):
+    model = apply_lora(Phi3ForCausalLM(config()), cfg)
+    assert model.num_parameters(trainable_only=True) == lora_num_parameters(model.config, cfg)
+
+
 def test_only_adapters_train():
     model = Phi3ForCausalLM(config())
     apply_lora(model, LoRAConfig(r=4, alpha=8))
