@@ -196,3 +196,60 @@ def test_ddp_resume_mid_epoch_is_exact(tmp_path, cache):
     a = torch.load(run / "version_0" / "checkpoints" / "step=6.ckpt", weights_only=True)["state_dict"]
     b = torch.load(run / "version_1" / "checkpoints" / "step=6.ckpt", weights_only=True)["state_dict"]
     _assert_same(a, b)
+
+
+class _SigtermInValidation(pl.Callback):
+    """SIGTERM to this process during the first validation pass after training step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.sent = step, False
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if not trainer.sanity_checking and trainer.global_step == self.step and not self.sent:
+            self.sent = True
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_during_validation_saves_and_resumes_exactly(cache, tmp_path):
+    """Preempted while validating (after the last step of epoch 0): last.ckpt holds that step, and the resumed run
+    ends with the uninterrupted run's weights."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from phi3_lightning.modules.guards import PreemptionCheckpoint
+
+    full, _ = _fit("causal_packed", cache, tmp_path, 8, -1, ModelCheckpoint(dirpath=tmp_path / "a", save_top_k=0))
+    pl.seed_everything(0, verbose=False)
+    dm = _data("causal_packed", cache)
+    module = _module("causal_packed", dm)
+    last = ModelCheckpoint(dirpath=tmp_path / "b", save_top_k=0, save_last=True)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=8,
+        limit_train_batches=BATCHES,
+        limit_val_batches=2,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[last, PreemptionCheckpoint(), _SigtermInValidation(BATCHES)],
+        default_root_dir=tmp_path,
+    )
+    with pytest.raises(SIGTERMException):
+        trainer.fit(module, dm)
+    saved = torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == BATCHES
+    resumed, trainer = _fit(
+        "causal_packed",
+        cache,
+        tmp_path,
+        8,
+        -1,
+        ModelCheckpoint(dirpath=tmp_path / "c", save_top_k=0),
+        ckpt_path=tmp_path / "b" / "last.ckpt",
+    )
+    assert trainer.global_step == 8
+    _assert_same(full, resumed)
