@@ -30,6 +30,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import inspect
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 
 from ..options import did_you_mean
 from .masking import AttentionContext
-from .varlen import document_buckets, sdpa_by_document, varlen_metadata
+from .varlen import document_buckets, sdpa_by_document, sdpa_by_document_outside_graphs, varlen_metadata
 
 DEFAULT_BACKEND = "sdpa"
 
@@ -74,6 +75,8 @@ def sdpa_attention(q, k, v, ctx: AttentionContext, scale: float, dropout_p: floa
     if n_rep > 1:
         k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
     if ctx.by_document:  # packed rows: each document as its own causal sequence, no (T, T) mask
+        if torch.compiler.is_compiling():  # outside the graph: no recompile per packing layout
+            return sdpa_by_document_outside_graphs()(q, k, v, ctx, scale, dropout_p)
         return sdpa_by_document(q, k, v, ctx, scale, dropout_p)
     # The shared boolean mask (not an additive float copy: that would stay alive for backward at 2-4x the bytes;
     # phi3_lightning.memory models this boolean mask, as measured on GPU).
@@ -564,6 +567,8 @@ def _prepare_eager(ctx: AttentionContext, dtype: torch.dtype) -> None:
 def _prepare_sdpa(ctx: AttentionContext, dtype: torch.dtype) -> None:
     if ctx.by_document:
         document_buckets(ctx, ctx.device)
+        if "torch._dynamo" in sys.modules:  # compiling may follow: make the wrapper here, not while tracing
+            sdpa_by_document_outside_graphs()
     else:
         ctx.bool_mask()
 

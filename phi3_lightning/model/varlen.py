@@ -74,11 +74,6 @@ def document_buckets(ctx: AttentionContext, device: torch.device) -> tuple[list[
     return meta["buckets"]
 
 
-# Outside any torch.compile graph: the length groups are Python-level structure that changes with every packing
-# layout, so a compiled layer tracing them would recompile per batch (until dynamo's cache limit, after which the
-# whole layer runs eagerly). Run here, the layer's graph is broken around attention once and built once; the SDPA
-# calls inside are large fused kernels either way (tests/model/test_compile_layouts.py).
-@torch.compiler.disable
 def sdpa_by_document(q, k, v, ctx: AttentionContext, scale: float, dropout_p: float) -> torch.Tensor:
     """q (B, H, T, D), k/v (B, H, T, D) with kv heads already repeated -> (B, T, H, D); padding rows are 0."""
     b, h, t, d = q.shape
@@ -103,3 +98,19 @@ def sdpa_by_document(q, k, v, ctx: AttentionContext, scale: float, dropout_p: fl
     if not outs:
         return q.new_zeros(b, t, h, d)
     return outs[0].new_zeros(b * t, h, d).index_copy(0, dest, torch.cat(outs)).view(b, t, h, d)
+
+
+# Under torch.compile the by-document path runs outside the graph: its length groups are Python-level structure that
+# changes with every packing layout, so a compiled layer tracing them would recompile per batch (until dynamo's cache
+# limit, after which the whole layer runs eagerly). Outside, the layer's graph breaks around attention once and is
+# built once; the SDPA calls inside are large fused kernels either way (tests/model/test_compile_layouts.py).
+_outside_graphs: dict[str, object] = {}
+
+
+def sdpa_by_document_outside_graphs():
+    """:func:`sdpa_by_document` wrapped in ``torch.compiler.disable``, made on first need (importing torch._dynamo
+    costs about a second, which a model used without compile should not pay at import)."""
+    fn = _outside_graphs.get("by_document")
+    if fn is None:
+        fn = _outside_graphs["by_document"] = torch.compiler.disable(sdpa_by_document)
+    return fn

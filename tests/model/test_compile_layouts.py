@@ -124,3 +124,14 @@ def test_compiled_layers_do_not_recompile_per_packing_layout(backend, kernels):
         torch._dynamo.reset()
     # the first layouts may compile (and once more when dynamo marks a size dynamic); then no new graph per layout
     assert graphs[2:] == [graphs[2]] * 4, graphs
+
+
+def test_importing_the_model_does_not_import_dynamo():
+    """The outside-the-graph wrapper is made on first need: a model used without compile does not pay the ~1 s
+    import of torch._dynamo."""
+    import subprocess
+    import sys
+
+    code = "import sys, phi3_lightning.model; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
