@@ -18,7 +18,8 @@ Sections (the markdown table file and the console carry all of them, in this ord
      configs/bench/gpu_fit.yaml) vs the bare step of the same setting on the same data.
 
 One failing row prints ``FAILED: reason`` and the run goes on; a row that cannot run here prints ``unavailable: why``.
-A global time budget (--budget-s) is spent in priority order: sections 0-2, the first grid rows, then 4-6, then the
+A global time budget (--budget-s) is spent in priority order: sections 0-2, the first grid rows (--grid-first; the
+estimates of sections 4 and 5 are kept free meanwhile), then 4-6, then the first rows that did not fit before, then the
 rest of the grid; whatever no longer fits prints ``skipped: time budget``.
 """
 
@@ -70,6 +71,19 @@ FLOPS_NOTE = (
 
 # time estimates (s) used to plan the budget before anything has been measured; measured walls replace them
 EST = {"eager_row": 20.0, "compile_row": 60.0, "attention": 40.0, "hf": 45.0, "lora": 20.0, "fit": 120.0, "bare": 45.0}
+
+
+def section_estimate(sec: int) -> float:
+    """The time (s) section 4, 5 or 6 needs before it may start on a GPU. Section 6 starts only when both its fit
+    and its bare step fit: a fit whose bare step is then skipped (or a fit cut by its timeout) measures nothing."""
+    return {4: EST["hf"], 5: EST["lora"], 6: EST["fit"] + EST["bare"]}[sec]
+
+
+def first_pass_reserve(sections) -> float:
+    """Seconds kept free for sections 4 and 5 (cheap, each a goal of its own) while section 2 and the first grid
+    rows run. Section 6 (a fit subprocess and a bare step, ~3 min) is not reserved for: the first grid rows come
+    before it (they give the MFU and the best setting that sections 4 and 6 use), as the priority order says."""
+    return sum(section_estimate(sec) for sec in (4, 5) if sec in sections)
 
 
 # ----------------------------------------------------------------------------------------------------------- output
@@ -631,7 +645,8 @@ def grid_row(args, s: Setting, rep: Report, device, cuda: bool, peak: float, res
 
 
 def row_estimate(s: Setting, results: dict) -> float:
-    walls = [r["wall"] for k, r in results.items() if k.compiled == s.compiled and "failed" not in r]
+    # rows that ran to the end (an unavailable or skipped row has no wall time; a failed one stopped early)
+    walls = [r["wall"] for k, r in results.items() if k.compiled == s.compiled and "tok_s" in r]
     return max(walls) if walls else EST["compile_row" if s.compiled else "eager_row"]
 
 
@@ -642,7 +657,11 @@ def best_setting(results: dict, compiled: bool | None = None) -> Setting | None:
     return max(done, key=lambda x: x[0])[1] if done else None
 
 
-def run_grid(args, settings, rep, device, cuda, peak, results, budget: Budget, reserve: float) -> None:
+def run_grid(
+    args, settings, rep, device, cuda, peak, results, budget: Budget, reserve: float, defer: bool = False
+) -> None:
+    """Time ``settings`` in order while each fits the budget (``reserve`` s kept free). With ``defer`` a row that
+    does not fit is only marked ``deferred`` (no table line): main() tries it again after sections 4-6."""
     dtype = torch.bfloat16 if cuda else torch.float32
     for s in settings:
         why = setting_unavailable(s, device, dtype)
@@ -651,6 +670,9 @@ def run_grid(args, settings, rep, device, cuda, peak, results, budget: Budget, r
             rep.log(3, f"| {s.label} | unavailable: {why} | | | | | | |")
             continue
         if not budget.fits(row_estimate(s, results), reserve):
+            if defer:
+                results[s] = {"deferred": True}
+                continue
             results[s] = {"skipped": True}
             rep.log(3, f"| {s.label} | skipped: time budget ({budget.left():.0f} s left) | | | | | | |")
             continue
@@ -1024,8 +1046,7 @@ def main(argv=None) -> int:
     fused = tuple(f for f in args.fused.split(",") if f)
     settings = grid_order(attns, compiles, fused) if 3 in sections else []
     results: dict = {}
-    # what sections 4-6 need, kept free while sections 2-3 run
-    later = sum(EST[k] for k, sec in (("hf", 4), ("lora", 5), ("fit", 6), ("bare", 6)) if sec in sections)
+    later = first_pass_reserve(sections)
     if 2 in sections:
         if budget.fits(EST["attention"] * 0.5, later):
             attention_alone(args, rep, device, cuda, budget, later)
@@ -1054,13 +1075,14 @@ def main(argv=None) -> int:
             results,
             budget,
             later,
+            defer=True,
         )
         rep.write(title)
     for sec, fn in ((4, hf_side_by_side), (5, lora_rows), (6, lightning_path)):
         if sec not in sections:
             continue
         rep.header(sec)
-        est = {4: EST["hf"], 5: EST["lora"], 6: EST["fit"]}[sec] if cuda else 0.0
+        est = section_estimate(sec) if cuda else 0.0
         if not budget.fits(est):
             rep.log(sec, f"skipped: time budget ({budget.left():.0f} s left)")
             continue
@@ -1075,7 +1097,8 @@ def main(argv=None) -> int:
             rep.log(sec, f"FAILED: {short(e)}")
         rep.write(title)
     if settings:
-        rest = [s for s in settings if s not in results]
+        # the first rows that did not fit before sections 4-6 (in their priority order), then the rest
+        rest = [s for s in settings if s not in results or "deferred" in results[s]]
         if rest:
             rep.log(3, "| *rows below ran after sections 4-6* | | | | | | | | | |")
             run_grid(args, rest, rep, device, cuda, peak, results, budget, 0.0)
