@@ -7,7 +7,8 @@ Sections (the markdown table file and the console carry all of them, in this ord
   0. Environment: GPU, torch / CUDA / triton / liger versions, the flash kernel, FA3, and a measured bf16 matmul
      (8192^3) next to the spec peak that MFU is measured against.
   1. Correctness gate: bf16 vs fp32 on a small Phi-3 shape (packed and padded logits, gradients) for every attention
-     backend and fused-kernel setting; if any is wrong, nothing is timed.
+     backend and fused-kernel setting; a wrong backend or kernel set is not timed (its rows say so), a wrong eager or
+     sdpa (the baselines) stops everything, and the exit code is 1 when anything was wrong.
   2. Attention alone: one layer's q/k/v at full size on packed rows, forward+backward per backend, and the per-batch
      preparation (flex: the block-mask build) timed separately.
   3. Training-step grid: full-size model (random init on the meta device), bf16 weights + fused AdamW state, packed
@@ -196,8 +197,23 @@ def apply_fused(model, name: str) -> None:
     setter(name)
 
 
+# What the correctness gate (section 1) found wrong, as {("attention" | "fused", name): why}; settings that use a wrong
+# backend or kernel set are not timed (rows say so), the others are. A wrong eager or sdpa (the baselines) stops all.
+GATE_FAILED: dict[tuple[str, str], str] = {}
+GATE_FATAL = (("attention", "eager"), ("attention", "sdpa"))
+
+
+def gate_failure(attn: str, fused: str = "none") -> str | None:
+    """Why the correctness gate excludes this attention backend / fused-kernel set, or None."""
+    why = GATE_FAILED.get(("attention", attn)) or (GATE_FAILED.get(("fused", fused)) if fused != "none" else None)
+    return f"failed the correctness gate ({why})" if why else None
+
+
 def setting_unavailable(s: Setting, device: torch.device, dtype: torch.dtype) -> str | None:
     """Why ``s`` cannot be timed here, or None."""
+    failed = gate_failure(s.attn, s.fused)
+    if failed:
+        return failed
     ok, why = backend_available(s.attn, device, dtype)
     if not ok:
         return why
@@ -453,6 +469,11 @@ def correctness(args, rep: Report, device, cuda: bool) -> bool:
     rows = [(a, "none") for a in ("eager", "sdpa", "flex", "flash_attention_2")]
     rows += [("sdpa", f) for f in FUSED if f != "none"]
     all_ok = True
+    GATE_FAILED.clear()
+
+    def record(why: str) -> None:
+        GATE_FAILED[("fused", fused) if fused != "none" else ("attention", attn)] = why
+
     for attn, fused in rows:
         ok, why = backend_available(attn, device, dtype)
         if ok and fused != "none":
@@ -485,11 +506,14 @@ def correctness(args, rep: Report, device, cuda: bool) -> bool:
                 e_pad = rel_err(m(x_pad, attention_mask=mask).logits[real], ref_pad[real])
             good = e_packed < tol and e_pad < tol and e_grad < 2 * tol  # grads: norm error, whole model
             all_ok &= good
+            if not good:
+                record(f"errors {e_packed:.1e} / {e_pad:.1e} / {e_grad:.1e} vs tolerance {tol:g}")
             grad_cell = grad_txt or f"{e_grad:.2e}"
             rep.log(1, f"| {attn} | {fused} | {e_packed:.2e} | {e_pad:.2e} | {grad_cell} | {'yes' if good else 'NO'} |")
             del m, o
         except Exception as e:
             all_ok = False
+            record(short(e))
             rep.log(1, f"| {attn} | {fused} | FAILED: {short(e)} | | | NO |")
         reset_dynamo()
         free_memory()
@@ -575,6 +599,8 @@ def attention_alone(args, rep: Report, device, cuda: bool, budget: Budget, reser
             rep.log(2, f"| {name} | {kernel or ''} | skipped: time budget | | | | |")
             continue
         ok, why = backend_available(name, device, dtype)
+        if ok and gate_failure(name):
+            ok, why = False, gate_failure(name)
         if ok and name == "flex" and not cuda:
             ok, why = False, f"flex_attention has no backward on {device.type}"
         if not ok:
@@ -1032,10 +1058,14 @@ def main(argv=None) -> int:
     print(title, flush=True)
     peak = environment(args, rep, device, cuda)
     rep.write(title)
-    if not correctness(args, rep, device, cuda):
-        rep.log(1, "\nCORRECTNESS FAILED: nothing is timed")
+    gate_ok = correctness(args, rep, device, cuda)
+    if any(k in GATE_FAILED for k in GATE_FATAL):
+        rep.log(1, "\nCORRECTNESS FAILED for a baseline backend (eager / sdpa): nothing is timed")
         rep.write(title)
         return 1
+    if not gate_ok:
+        wrong = ", ".join(f"{kind} {name}" for kind, name in GATE_FAILED)
+        rep.log(1, f"\nCORRECTNESS FAILED for {wrong}: the settings using them are not timed; the others are")
     rep.write(title)
     if not cuda and not args.smoke:
         rep.log(1, "\nno CUDA device: correctness checked on CPU; timing skipped (--smoke runs every section tiny)")
@@ -1114,7 +1144,7 @@ def main(argv=None) -> int:
             rep.log(3, f"skipped for the time budget: {len(skipped)} rows")
     rep.log(6, f"\ntotal wall time {budget.elapsed():.0f} s (budget {args.budget_s:.0f} s)")
     rep.write(title)
-    return 0
+    return 0 if gate_ok else 1
 
 
 if __name__ == "__main__":

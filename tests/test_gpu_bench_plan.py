@@ -25,8 +25,9 @@ def bench(monkeypatch):
     return module
 
 
-def _stub(bench, monkeypatch, costs: dict, unavailable=("liger",)):
-    """Replace every section by a stub costing ``costs[...]`` fake seconds; returns the log of what ran, in order."""
+def _stub(bench, monkeypatch, costs: dict, unavailable=("liger",), wrong=()):
+    """Replace every section by a stub costing ``costs[...]`` fake seconds; returns the log of what ran, in order.
+    ``wrong``: (kind, name) pairs the stubbed correctness gate finds wrong."""
     clock = [0.0]
     ran: list[str] = []
     monkeypatch.setattr(bench, "time", SimpleNamespace(time=lambda: clock[0], perf_counter=lambda: clock[0]))
@@ -43,7 +44,9 @@ def _stub(bench, monkeypatch, costs: dict, unavailable=("liger",)):
     def correctness(args, rep, device, cuda):
         rep.header(1)
         spend("gate", costs["gate"])
-        return True
+        bench.GATE_FAILED.clear()
+        bench.GATE_FAILED.update({k: "errors 3e-01 vs tolerance 0.05" for k in wrong})
+        return not wrong
 
     def attention_alone(args, rep, device, cuda, budget, reserve):
         rep.header(2)
@@ -71,10 +74,10 @@ def _stub(bench, monkeypatch, costs: dict, unavailable=("liger",)):
     # main() plans for a CUDA device (no --smoke); nothing touches it, every part that would is a stub
     monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(bench.torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
-    # as on a GPU without the liger wheel: those rows are unavailable, every other one can run
-    monkeypatch.setattr(
-        bench, "setting_unavailable", lambda s, device, dtype: "not installed" if s.fused in unavailable else None
-    )
+    # as on a GPU without the liger wheel: those rows are unavailable, every other one can run (bench's own
+    # setting_unavailable decides, on what these stubs say)
+    monkeypatch.setattr(bench, "fused_status", lambda name, device: (name not in unavailable, "not installed"))
+    monkeypatch.setattr(bench, "backend_available", lambda name, device=None, dtype=None: (True, "stub"))
     return ran
 
 
@@ -141,3 +144,27 @@ def test_row_estimate_reads_only_rows_that_ran(bench):
     assert bench.row_estimate(S("flex", True, "liger"), results) == 70.0
     assert bench.row_estimate(S("flex", False, "none"), results) == 9.0
     assert bench.row_estimate(S("flex", False, "none"), {}) == bench.EST["eager_row"]
+
+
+def test_a_wrong_kernel_set_is_left_out_and_the_rest_is_timed(bench, monkeypatch, tmp_path):
+    """One wrong setting in the gate (here flex) used to stop every timing of the call; now only the rows that use
+    it are left out (saying why), everything else is timed, and the exit code still says something was wrong."""
+    ran = _stub(bench, monkeypatch, COSTS, unavailable=(), wrong=[("attention", "flex")])
+    assert bench.main(["--budget-s", "2000", "--out", str(tmp_path / "t.md")]) == 1
+    out = (tmp_path / "t.md").read_text()
+    assert "CORRECTNESS FAILED for attention flex: the settings using them are not timed" in out
+    lines = _grid_lines(out)
+    assert len(lines) == 18 and all(len(v) == 1 for v in lines.values()), lines
+    flex = [k for k in lines if k.startswith("flex")]
+    assert len(flex) == 6 and all(lines[k][0].startswith("unavailable: failed the correctness gate") for k in flex)
+    timed = [k for k in lines if lines[k][0].startswith("1,000")]
+    assert len(timed) == 12 and set(timed) <= set(ran) and not any(k.startswith("flex") for k in ran)
+    assert {"hf", "lora", "fit"} <= set(ran)
+
+
+@pytest.mark.parametrize("baseline", ["eager", "sdpa"])
+def test_a_wrong_baseline_stops_everything(bench, monkeypatch, tmp_path, baseline):
+    ran = _stub(bench, monkeypatch, COSTS, wrong=[("attention", baseline)])
+    assert bench.main(["--budget-s", "2000", "--out", str(tmp_path / "t.md")]) == 1
+    assert ran == ["env", "gate"]
+    assert "nothing is timed" in (tmp_path / "t.md").read_text()
