@@ -7,7 +7,8 @@ Sections (the markdown table file and the console carry all of them, in this ord
   0. Environment: GPU, torch / CUDA / triton / liger versions, the flash kernel, FA3, and a measured bf16 matmul
      (8192^3) next to the spec peak that MFU is measured against.
   1. Correctness gate: bf16 vs fp32 on a small Phi-3 shape (packed and padded logits, gradients) for every attention
-     backend and fused-kernel setting; if any is wrong, nothing is timed.
+     backend and fused-kernel setting; a wrong backend or kernel set is not timed (its rows say so), a wrong eager or
+     sdpa (the baselines) stops everything, and the exit code is 1 when anything was wrong.
   2. Attention alone: one layer's q/k/v at full size on packed rows, forward+backward per backend, and the per-batch
      preparation (flex: the block-mask build) timed separately.
   3. Training-step grid: full-size model (random init on the meta device), bf16 weights + fused AdamW state, packed
@@ -18,7 +19,8 @@ Sections (the markdown table file and the console carry all of them, in this ord
      configs/bench/gpu_fit.yaml) vs the bare step of the same setting on the same data.
 
 One failing row prints ``FAILED: reason`` and the run goes on; a row that cannot run here prints ``unavailable: why``.
-A global time budget (--budget-s) is spent in priority order: sections 0-2, the first grid rows, then 4-6, then the
+A global time budget (--budget-s) is spent in priority order: sections 0-2, the first grid rows (--grid-first; the
+estimates of sections 4 and 5 are kept free meanwhile), then 4-6, then the first rows that did not fit before, then the
 rest of the grid; whatever no longer fits prints ``skipped: time budget``.
 """
 
@@ -70,6 +72,19 @@ FLOPS_NOTE = (
 
 # time estimates (s) used to plan the budget before anything has been measured; measured walls replace them
 EST = {"eager_row": 20.0, "compile_row": 60.0, "attention": 40.0, "hf": 45.0, "lora": 20.0, "fit": 120.0, "bare": 45.0}
+
+
+def section_estimate(sec: int) -> float:
+    """The time (s) section 4, 5 or 6 needs before it may start on a GPU. Section 6 starts only when both its fit
+    and its bare step fit: a fit whose bare step is then skipped (or a fit cut by its timeout) measures nothing."""
+    return {4: EST["hf"], 5: EST["lora"], 6: EST["fit"] + EST["bare"]}[sec]
+
+
+def first_pass_reserve(sections) -> float:
+    """Seconds kept free for sections 4 and 5 (cheap, each a goal of its own) while section 2 and the first grid
+    rows run. Section 6 (a fit subprocess and a bare step, ~3 min) is not reserved for: the first grid rows come
+    before it (they give the MFU and the best setting that sections 4 and 6 use), as the priority order says."""
+    return sum(section_estimate(sec) for sec in (4, 5) if sec in sections)
 
 
 # ----------------------------------------------------------------------------------------------------------- output
@@ -182,8 +197,23 @@ def apply_fused(model, name: str) -> None:
     setter(name)
 
 
+# What the correctness gate (section 1) found wrong, as {("attention" | "fused", name): why}; settings that use a wrong
+# backend or kernel set are not timed (rows say so), the others are. A wrong eager or sdpa (the baselines) stops all.
+GATE_FAILED: dict[tuple[str, str], str] = {}
+GATE_FATAL = (("attention", "eager"), ("attention", "sdpa"))
+
+
+def gate_failure(attn: str, fused: str = "none") -> str | None:
+    """Why the correctness gate excludes this attention backend / fused-kernel set, or None."""
+    why = GATE_FAILED.get(("attention", attn)) or (GATE_FAILED.get(("fused", fused)) if fused != "none" else None)
+    return f"failed the correctness gate ({why})" if why else None
+
+
 def setting_unavailable(s: Setting, device: torch.device, dtype: torch.dtype) -> str | None:
     """Why ``s`` cannot be timed here, or None."""
+    failed = gate_failure(s.attn, s.fused)
+    if failed:
+        return failed
     ok, why = backend_available(s.attn, device, dtype)
     if not ok:
         return why
@@ -439,6 +469,11 @@ def correctness(args, rep: Report, device, cuda: bool) -> bool:
     rows = [(a, "none") for a in ("eager", "sdpa", "flex", "flash_attention_2")]
     rows += [("sdpa", f) for f in FUSED if f != "none"]
     all_ok = True
+    GATE_FAILED.clear()
+
+    def record(why: str) -> None:
+        GATE_FAILED[("fused", fused) if fused != "none" else ("attention", attn)] = why
+
     for attn, fused in rows:
         ok, why = backend_available(attn, device, dtype)
         if ok and fused != "none":
@@ -471,11 +506,14 @@ def correctness(args, rep: Report, device, cuda: bool) -> bool:
                 e_pad = rel_err(m(x_pad, attention_mask=mask).logits[real], ref_pad[real])
             good = e_packed < tol and e_pad < tol and e_grad < 2 * tol  # grads: norm error, whole model
             all_ok &= good
+            if not good:
+                record(f"errors {e_packed:.1e} / {e_pad:.1e} / {e_grad:.1e} vs tolerance {tol:g}")
             grad_cell = grad_txt or f"{e_grad:.2e}"
             rep.log(1, f"| {attn} | {fused} | {e_packed:.2e} | {e_pad:.2e} | {grad_cell} | {'yes' if good else 'NO'} |")
             del m, o
         except Exception as e:
             all_ok = False
+            record(short(e))
             rep.log(1, f"| {attn} | {fused} | FAILED: {short(e)} | | | NO |")
         reset_dynamo()
         free_memory()
@@ -561,6 +599,8 @@ def attention_alone(args, rep: Report, device, cuda: bool, budget: Budget, reser
             rep.log(2, f"| {name} | {kernel or ''} | skipped: time budget | | | | |")
             continue
         ok, why = backend_available(name, device, dtype)
+        if ok and gate_failure(name):
+            ok, why = False, gate_failure(name)
         if ok and name == "flex" and not cuda:
             ok, why = False, f"flex_attention has no backward on {device.type}"
         if not ok:
@@ -631,7 +671,8 @@ def grid_row(args, s: Setting, rep: Report, device, cuda: bool, peak: float, res
 
 
 def row_estimate(s: Setting, results: dict) -> float:
-    walls = [r["wall"] for k, r in results.items() if k.compiled == s.compiled and "failed" not in r]
+    # rows that ran to the end (an unavailable or skipped row has no wall time; a failed one stopped early)
+    walls = [r["wall"] for k, r in results.items() if k.compiled == s.compiled and "tok_s" in r]
     return max(walls) if walls else EST["compile_row" if s.compiled else "eager_row"]
 
 
@@ -642,7 +683,11 @@ def best_setting(results: dict, compiled: bool | None = None) -> Setting | None:
     return max(done, key=lambda x: x[0])[1] if done else None
 
 
-def run_grid(args, settings, rep, device, cuda, peak, results, budget: Budget, reserve: float) -> None:
+def run_grid(
+    args, settings, rep, device, cuda, peak, results, budget: Budget, reserve: float, defer: bool = False
+) -> None:
+    """Time ``settings`` in order while each fits the budget (``reserve`` s kept free). With ``defer`` a row that
+    does not fit is only marked ``deferred`` (no table line): main() tries it again after sections 4-6."""
     dtype = torch.bfloat16 if cuda else torch.float32
     for s in settings:
         why = setting_unavailable(s, device, dtype)
@@ -651,6 +696,9 @@ def run_grid(args, settings, rep, device, cuda, peak, results, budget: Budget, r
             rep.log(3, f"| {s.label} | unavailable: {why} | | | | | | |")
             continue
         if not budget.fits(row_estimate(s, results), reserve):
+            if defer:
+                results[s] = {"deferred": True}
+                continue
             results[s] = {"skipped": True}
             rep.log(3, f"| {s.label} | skipped: time budget ({budget.left():.0f} s left) | | | | | | |")
             continue
@@ -1010,10 +1058,14 @@ def main(argv=None) -> int:
     print(title, flush=True)
     peak = environment(args, rep, device, cuda)
     rep.write(title)
-    if not correctness(args, rep, device, cuda):
-        rep.log(1, "\nCORRECTNESS FAILED: nothing is timed")
+    gate_ok = correctness(args, rep, device, cuda)
+    if any(k in GATE_FAILED for k in GATE_FATAL):
+        rep.log(1, "\nCORRECTNESS FAILED for a baseline backend (eager / sdpa): nothing is timed")
         rep.write(title)
         return 1
+    if not gate_ok:
+        wrong = ", ".join(f"{kind} {name}" for kind, name in GATE_FAILED)
+        rep.log(1, f"\nCORRECTNESS FAILED for {wrong}: the settings using them are not timed; the others are")
     rep.write(title)
     if not cuda and not args.smoke:
         rep.log(1, "\nno CUDA device: correctness checked on CPU; timing skipped (--smoke runs every section tiny)")
@@ -1024,8 +1076,7 @@ def main(argv=None) -> int:
     fused = tuple(f for f in args.fused.split(",") if f)
     settings = grid_order(attns, compiles, fused) if 3 in sections else []
     results: dict = {}
-    # what sections 4-6 need, kept free while sections 2-3 run
-    later = sum(EST[k] for k, sec in (("hf", 4), ("lora", 5), ("fit", 6), ("bare", 6)) if sec in sections)
+    later = first_pass_reserve(sections)
     if 2 in sections:
         if budget.fits(EST["attention"] * 0.5, later):
             attention_alone(args, rep, device, cuda, budget, later)
@@ -1054,13 +1105,14 @@ def main(argv=None) -> int:
             results,
             budget,
             later,
+            defer=True,
         )
         rep.write(title)
     for sec, fn in ((4, hf_side_by_side), (5, lora_rows), (6, lightning_path)):
         if sec not in sections:
             continue
         rep.header(sec)
-        est = {4: EST["hf"], 5: EST["lora"], 6: EST["fit"]}[sec] if cuda else 0.0
+        est = section_estimate(sec) if cuda else 0.0
         if not budget.fits(est):
             rep.log(sec, f"skipped: time budget ({budget.left():.0f} s left)")
             continue
@@ -1075,7 +1127,8 @@ def main(argv=None) -> int:
             rep.log(sec, f"FAILED: {short(e)}")
         rep.write(title)
     if settings:
-        rest = [s for s in settings if s not in results]
+        # the first rows that did not fit before sections 4-6 (in their priority order), then the rest
+        rest = [s for s in settings if s not in results or "deferred" in results[s]]
         if rest:
             rep.log(3, "| *rows below ran after sections 4-6* | | | | | | | | | |")
             run_grid(args, rest, rep, device, cuda, peak, results, budget, 0.0)
@@ -1091,7 +1144,7 @@ def main(argv=None) -> int:
             rep.log(3, f"skipped for the time budget: {len(skipped)} rows")
     rep.log(6, f"\ntotal wall time {budget.elapsed():.0f} s (budget {args.budget_s:.0f} s)")
     rep.write(title)
-    return 0
+    return 0 if gate_ok else 1
 
 
 if __name__ == "__main__":

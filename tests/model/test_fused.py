@@ -220,7 +220,17 @@ def test_swiglu_kernels_refuse_a_gelu_model():
 
 
 # ---------------------------------------------------------------------------------------------------- liger (GPU)
+@pytest.fixture()
+def triton_fp32_tol(monkeypatch):
+    """fp32 tolerance of a Triton kernel against the eager module: 1e-5 instead of the CPU sets' 1e-6. A correctly
+    rounded kernel (fp64 inside) already uses up to a third of 1e-6 on these cases (the eager side's own rounding),
+    and Triton's exp / rsqrt approximations and block reductions add as much again; a semantic error (wrong half,
+    missing cast, wrong rotary dims) is off by O(1e-1) and still fails."""
+    monkeypatch.setitem(TOL, torch.float32, dict(rtol=1e-5, atol=1e-5))
+
+
 needs_liger = [
+    pytest.mark.usefixtures("triton_fp32_tol"),
     pytest.mark.gpu,
     pytest.mark.skipif(not HAS_CUDA, reason="liger kernels need a CUDA GPU"),
     pytest.mark.skipif(not HAS_LIGER, reason="liger-kernel is not installed (pip install 'phi3_lightning[liger]')"),
