@@ -173,6 +173,7 @@ def test_flops_per_token_and_peak():
         ("NVIDIA H200", "bf16-true", 989.0),  # Lightning's table has no match for this name (and a sparse figure)
         ("NVIDIA H100 80GB HBM3", "bf16-mixed", 989.0),
         ("NVIDIA H100 PCIe", "16-mixed", 756.0),
+        ("NVIDIA H200 NVL", "bf16-true", 835.0),
         ("NVIDIA A100-SXM4-80GB", "bf16-true", 312.0),
         ("NVIDIA L4", "bf16-mixed", 121.0),
     ],
