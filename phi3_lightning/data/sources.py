@@ -27,6 +27,7 @@ __all__ = [
     "read_records",
     "load_source",
     "describe_source",
+    "check_streaming",
     "split_by_hash",
     "stable_fraction",
     "resolve_splits",
@@ -284,8 +285,45 @@ def describe_source(source: Any) -> str:
     return f"<{type(source).__module__}.{type(source).__name__}>"
 
 
-def _load_dataset(datasets, name: str, config: str | None):
-    """``datasets.load_dataset(name, config)`` that never runs a dataset script (remote or local code).
+def check_streaming(source: Any, limit: int | None, limit_option: str = "limit") -> None:
+    """Refuse ``streaming=True`` where it cannot apply: a ``source`` that is not ``hf:NAME[:CONFIG]``, or no record
+    ``limit`` (a stream may be endless); ``limit_option`` is how the caller names its limit in the message (the
+    DataModules: ``max_documents``)."""
+    if not (isinstance(source, str) and source.startswith("hf:")):
+        if not isinstance(source, str):
+            what = f"a datasets object ({describe_source(source)})"
+            fix = (
+                "drop streaming: pass a stream itself as source (load_dataset(..., streaming=True) or "
+                f"ds.to_iterable_dataset()) with {limit_option}=N"
+            )
+        elif source == "embedded" or source in ("", "files"):
+            what = "the embedded data" if source == "embedded" else "train_file/val_file/test_file"
+            fix = f"drop streaming (use {limit_option}=N to read fewer records), or use source: hf:NAME to stream"
+        else:
+            path = Path(source).expanduser()
+            if path.is_dir():
+                what = "a saved datasets directory" if _is_saved_dataset_dir(path) else "a local directory"
+            else:
+                what = "a local file" if path.is_file() else "not an hf:NAME source"
+            fix = (
+                f"drop streaming: local data is read directly (use {limit_option}=N to read only the first N records "
+                "per split), or name a directory of parquet/json/csv files as hf:/path/to/dir to stream it"
+            )
+        raise ValueError(
+            f"streaming=True with source={describe_source(source)!r} ({what}): streaming applies to hf:NAME[:CONFIG] "
+            f"sources only; {fix}"
+        )
+    if limit is None:
+        raise ValueError(
+            f"streaming=True with source={source!r} and no {limit_option}: a stream has no length (it may be "
+            f"endless); set {limit_option}=N to read the first N records of each split in stream order, or drop "
+            "streaming to load the whole dataset"
+        )
+
+
+def _load_dataset(datasets, name: str, config: str | None, streaming: bool = False):
+    """``datasets.load_dataset(name, config)`` that never runs a dataset script (remote or local code); with
+    ``streaming`` the dataset is opened as a stream (``IterableDatasetDict``) instead of downloaded and prepared.
 
     ``datasets`` >= 4 has no script loading at all (it raises on a dataset made of a ``.py`` script); older
     versions would run one when ``trust_remote_code`` (or ``HF_DATASETS_TRUST_REMOTE_CODE``) allows it, so they get
@@ -294,6 +332,8 @@ def _load_dataset(datasets, name: str, config: str | None):
     kwargs: dict[str, Any] = {}
     if int(datasets.__version__.split(".")[0]) < 4:
         kwargs["trust_remote_code"] = False
+    if streaming:
+        kwargs["streaming"] = True
     try:
         return datasets.load_dataset(name, config, **kwargs)
     except Exception as e:  # rewritten only when it is the refused-script error; anything else as it is
@@ -307,12 +347,13 @@ def _load_dataset(datasets, name: str, config: str | None):
         raise
 
 
-def _load_hf(source: str, limit: int | None) -> dict[str, list[Record]]:
-    """``hf:NAME`` / ``hf:NAME:CONFIG`` (from the hub or the local HF cache) or a ``save_to_disk`` directory."""
+def _load_hf(source: str, limit: int | None, streaming: bool = False) -> dict[str, list[Record]]:
+    """``hf:NAME`` / ``hf:NAME:CONFIG`` (from the hub or the local HF cache; streamed with ``streaming``: only the
+    first ``limit`` records of each split are read) or a ``save_to_disk`` directory."""
     datasets = _import_datasets(source)
     if source.startswith("hf:"):
         name, _, config = source[3:].partition(":")
-        loaded = _load_dataset(datasets, name, config or None)
+        loaded = _load_dataset(datasets, name, config or None, streaming=streaming)
     else:
         loaded = datasets.load_from_disk(source)
     return _datasets_splits(loaded, source, limit)
@@ -425,6 +466,7 @@ def load_source(
     text_field: str = "text",
     text_unit: str = "paragraph",
     limit: int | None = None,
+    streaming: bool = False,
 ) -> dict[str, list[Record]]:
     """The splits a (non-embedded) source provides as given, before any split is carved out of train.
 
@@ -440,7 +482,13 @@ def load_source(
     * ``""`` / ``"files"`` when only ``train_file`` (and ``val_file``, ``test_file``) are given.
 
     ``train_file``/``val_file``/``test_file`` override the split of the same name.
+
+    ``streaming=True`` (``hf:NAME[:CONFIG]`` only, and it needs ``limit``) opens the dataset with
+    ``load_dataset(..., streaming=True)`` instead of downloading and preparing all of it, and reads the first
+    ``limit`` records of each split in stream order.
     """
+    if streaming:
+        check_streaming(source, limit)
     splits: dict[str, list[Record]] = {}
     files: dict[str, Path] = {}
     if not isinstance(source, str):
@@ -453,7 +501,7 @@ def load_source(
         splits.update(_datasets_splits(source, describe_source(source), limit))
     elif source and source not in ("files",):
         if source.startswith("hf:"):
-            splits.update(_load_hf(source, limit))
+            splits.update(_load_hf(source, limit, streaming=streaming))
         else:
             path = Path(source).expanduser()
             if path.is_file():

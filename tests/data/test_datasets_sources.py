@@ -302,3 +302,111 @@ def test_fit_on_a_stream_writes_a_checkpoint_the_safe_reader_loads(tmp_path):
     trainer.save_checkpoint(tmp_path / "c.ckpt")
     ckpt = load_checkpoint_file(tmp_path / "c.ckpt")  # weights_only: a datasets object in it would be refused
     assert ckpt["datamodule_hyper_parameters"]["source"] == "<streamed datasets.IterableDataset>"
+
+
+# ------------------------------------------------------------------------------------------------ hf: with streaming
+
+
+def _hf_repo(tmp_path, train=DOCS, validation=None):
+    """A local dataset repository (``data/train.parquet`` [+ ``validation.parquet``]) that ``hf:<dir>`` loads."""
+    d = tmp_path / "repo" / "data"
+    d.mkdir(parents=True)
+    pq.write_table(pa.table({"text": train}), d / "train.parquet")
+    if validation is not None:
+        pq.write_table(pa.table({"text": validation}), d / "validation.parquet")
+    return f"hf:{tmp_path / 'repo'}"
+
+
+@pytest.fixture
+def load_calls(monkeypatch):
+    """datasets.load_dataset as it is, recording (streaming kwarg, type of what it returned) per call."""
+    calls = []
+    real = datasets.load_dataset
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append((kwargs.get("streaming", False), type(out).__name__))
+        return out
+
+    monkeypatch.setattr(datasets, "load_dataset", spy)
+    return calls
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_hf_streaming_reads_the_first_records_and_batches_like_the_prepared_source(tmp_path, load_calls, pack):
+    source = _hf_repo(tmp_path, train=DOCS, validation=[t.upper() for t in DOCS])
+    kw = dict(max_documents=7, pack=pack, val_fraction=0.0, max_length=16, batch_size=3)
+    streamed = _dm(source, streaming=True, **kw)
+    streamed.setup()
+    assert load_calls == [(True, "IterableDatasetDict")]  # opened as a stream, not prepared
+    assert not list((tmp_path / "hf_cache").rglob("*.arrow"))  # nothing written to the datasets cache
+    # exactly the first 7 records of each split, in stream order
+    assert [r["text"] for r in streamed.records()["train"]] == DOCS[:7]
+    assert [r["text"] for r in streamed.records()["val"]] == [t.upper() for t in DOCS[:7]]
+    assert streamed.hparams["streaming"] is True
+
+    prepared = _dm(source, **kw)  # the same source downloaded/prepared whole, same limit (keeps file order)
+    prepared.setup()
+    assert load_calls[1] == (False, "DatasetDict")
+    for split, a, b in (
+        ("train", list(streamed.train_dataloader()), list(prepared.train_dataloader())),
+        ("val", list(streamed.val_dataloader()), list(prepared.val_dataloader())),
+    ):
+        assert len(a) == len(b) >= 2, split
+        for x, y in zip(a, b):
+            assert x.keys() == y.keys()
+            assert all(torch.equal(x[k], y[k]) for k in x), split
+
+
+@pytest.mark.parametrize(
+    "module", ["CausalLMDataModule", "SequenceClassificationDataModule", "TokenClassificationDataModule"]
+)
+def test_hf_streaming_without_max_documents_names_the_option(tmp_path, module):
+    import phi3_lightning.data as data
+
+    source = _hf_repo(tmp_path)
+    with pytest.raises(
+        ValueError, match=r"streaming=True with source='hf:.*' and no max_documents: .*set max_documents=N"
+    ):
+        getattr(data, module)(source=source, streaming=True)
+
+
+def test_streaming_with_a_source_that_is_not_hf_is_refused(tmp_path):
+    source = _hf_repo(tmp_path)
+    parquet = str(tmp_path / "repo" / "data" / "train.parquet")
+    datasets.Dataset.from_dict({"text": DOCS}).save_to_disk(str(tmp_path / "saved"))
+    cases = {
+        "embedded": "the embedded data",
+        parquet: "a local file",
+        str(tmp_path / "repo" / "data"): "a local directory",
+        str(tmp_path / "saved"): "a saved datasets directory",
+    }
+    for src, what in cases.items():
+        with pytest.raises(
+            ValueError, match=rf"\({what}\): streaming applies to hf:NAME\[:CONFIG\] sources only; drop"
+        ):
+            _dm(src, streaming=True, max_documents=5)
+    with pytest.raises(ValueError, match=r"\(train_file/val_file/test_file\): streaming applies to hf:NAME"):
+        _dm("embedded", train_file=parquet, streaming=True, max_documents=5)
+    with pytest.raises(ValueError, match=r"\(a datasets object .*\): streaming applies .*pass a stream itself"):
+        _dm(datasets.Dataset.from_dict({"text": DOCS}), streaming=True, max_documents=5)
+    with pytest.raises(ValueError, match=r"\(a local file\): streaming applies to hf:NAME.*use limit=N"):
+        load_source(parquet, limit=5, streaming=True)  # the function itself checks too
+    assert [r["text"] for r in load_source(source, limit=3, streaming=True)["train"]] == DOCS[:3]
+
+
+def test_cli_fit_streams_an_hf_source(tmp_path):
+    from ..modules.helpers import run_main, small_args
+
+    source = _hf_repo(tmp_path, train=DOCS * 3)
+    logs, cache = tmp_path / "logs", tmp_path / "cache"
+    args = [*small_args("causal_lm", logs, cache, steps=2, val_every=2), "--data.init_args.source", source]
+    args += ["--data.init_args.streaming", "true"]
+    rc, _, err = run_main("fit", *args)  # no max_documents: a clear error, no traceback
+    assert rc == 1 and "error: " in err and "set max_documents=N" in err and "Traceback" not in err
+    rc, _, err = run_main("fit", *args, "--data.init_args.max_documents", "30")
+    assert rc == 0, err[-3000:]
+    run = logs / "causal_lm" / "sdpa" / "version_0"
+    assert "last.ckpt" in {p.name for p in (run / "checkpoints").iterdir()}
+    hparams = (run / "hparams.yaml").read_text()
+    assert "streaming: true" in hparams and "max_documents: 30" in hparams

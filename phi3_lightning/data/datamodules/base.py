@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, SequentialSampler
 from ..collate import LengthGroupedSampler, PaddingCollator, padding_efficiency
 from ..embedded import embedded_splits, load_embedded
 from ..sampling import EpochSampler, ResumableDataLoader, rank_state, rng_states
-from ..sources import SPLITS, Record, describe_source, load_source, resolve_splits
+from ..sources import SPLITS, Record, check_streaming, describe_source, load_source, resolve_splits
 from ..tokenizer import load_tokenizer
 
 
@@ -73,6 +73,7 @@ class _BaseDataModule(pl.LightningDataModule):
         progress: bool,
         text_field: str = "text",
         text_unit: str = "paragraph",
+        streaming: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("max_length", max_length), ("batch_size", batch_size)):
@@ -92,6 +93,10 @@ class _BaseDataModule(pl.LightningDataModule):
                 f"val_file={val_file!r} / test_file={test_file!r} given without a train_file while source='embedded'; "
                 "pass train_file (or a source) for your own data, or drop val_file/test_file to use the embedded data"
             )
+        if streaming:  # before the tokenizer loads: a wrong combination fails at once, naming the option to set
+            own_files = isinstance(source, str) and source == "embedded" and train_file
+            check_streaming("files" if own_files else source, max_documents, "max_documents")
+        self.streaming = streaming
         self.tokenizer_spec = tokenizer
         self.tokenizer = load_tokenizer(tokenizer)
         self.source = source
@@ -169,6 +174,7 @@ class _BaseDataModule(pl.LightningDataModule):
                     text_field=self.text_field,
                     text_unit=self.text_unit,
                     limit=self.max_documents,
+                    streaming=self.streaming,
                 )
                 self._records = resolve_splits(given, self.val_fraction, self.test_fraction, self.seed)
         return self._records

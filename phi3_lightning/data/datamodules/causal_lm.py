@@ -30,8 +30,10 @@ class CausalLMDataModule(_BaseDataModule):
     any other source (val / test carved out by content hash when the stream has no such split, packed into rows,
     shuffled per epoch). Training therefore sees a fixed, map-style set of rows and a resumed run continues exactly
     where it stopped, provided the stream yields the same first records again (local data, a pinned hub revision,
-    a seeded ``.shuffle``). From YAML use a path instead: a ``save_to_disk`` directory, a parquet file, or
-    ``hf:NAME``. Dataset loading scripts are never run.
+    a seeded ``.shuffle``). From YAML / the command line, ``source: hf:NAME[:CONFIG]`` with ``streaming: true`` and
+    ``max_documents: N`` does the same (``load_dataset(NAME, CONFIG, streaming=True)``: nothing but those records is
+    downloaded); otherwise use a path: a ``save_to_disk`` directory, a parquet file, or ``hf:NAME`` (downloaded and
+    prepared whole). Dataset loading scripts are never run.
 
     Args:
         tokenizer: ``"byte"`` (built in, 262 ids) or a checkpoint directory holding ``tokenizer.json``.
@@ -63,7 +65,12 @@ class CausalLMDataModule(_BaseDataModule):
         test_fraction: fraction of train carved out as the test split when no test split is given (0: test = val).
         max_files: embedded corpus: number of stdlib files (documents).
         max_documents: read at most this many records per split (all sources); required for a streamed
-            ``datasets.IterableDataset``, whose first ``max_documents`` records per split are held in memory.
+            ``datasets.IterableDataset`` and with ``streaming``, whose first ``max_documents`` records per split are
+            held in memory.
+        streaming: open an ``hf:NAME[:CONFIG]`` source as a stream (``load_dataset(..., streaming=True)``) and read
+            only the first ``max_documents`` records of each split, in stream order, instead of downloading and
+            preparing the whole dataset; needs ``max_documents``, and applies to ``hf:`` sources only. Resuming
+            exactly needs the same first records again: pin the revision or use local data.
         text_unit: how ``.txt`` files are cut into documents: ``"paragraph"``, ``"line"`` or ``"file"``.
         cache_dir: where the embedded corpus is cached; default ``$PHI3_LIGHTNING_CACHE`` or
             ``~/.cache/phi3_lightning``.
@@ -100,6 +107,7 @@ class CausalLMDataModule(_BaseDataModule):
         test_fraction: float = 0.1,
         max_files: int | None = 100,
         max_documents: int | None = None,
+        streaming: bool = False,
         text_unit: str = "paragraph",
         cache_dir: str | None = None,
         seed: int = 0,
@@ -121,6 +129,7 @@ class CausalLMDataModule(_BaseDataModule):
             pad_to_multiple_of=pad_to_multiple_of,
             group_by_length=group_by_length,
             max_documents=max_documents,
+            streaming=streaming,
             cache_dir=cache_dir,
             seed=seed,
             progress=progress,

@@ -48,7 +48,11 @@ class SequenceClassificationDataModule(_LabelMixin, _BaseDataModule):
         group_by_length: batch examples of similar length together.
         val_fraction: fraction of train carved out as val when no val split is given.
         test_fraction: fraction of train carved out as test when no test split is given (0: test = val).
-        max_documents: read at most this many records per split file.
+        max_documents: read at most this many records per split (all sources); required with ``streaming``.
+        streaming: open an ``hf:NAME[:CONFIG]`` source as a stream (``load_dataset(..., streaming=True)``) and read
+            only the first ``max_documents`` records of each split, in stream order, instead of downloading and
+            preparing the whole dataset; needs ``max_documents``, and applies to ``hf:`` sources only. Resuming
+            exactly needs the same first records again: pin the revision or use local data.
         packages: embedded data: the stdlib packages that are the classes (those present are used).
         snippet_lines: embedded data: lines per snippet.
         max_per_class: embedded data: snippets per package.
@@ -83,6 +87,7 @@ class SequenceClassificationDataModule(_LabelMixin, _BaseDataModule):
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         max_documents: int | None = None,
+        streaming: bool = False,
         packages: list[str] = list(DEFAULT_PACKAGES),  # noqa: B006 - shown by --help; copied in __init__
         snippet_lines: int = 8,
         max_per_class: int | None = 200,
@@ -106,6 +111,7 @@ class SequenceClassificationDataModule(_LabelMixin, _BaseDataModule):
             pad_to_multiple_of=pad_to_multiple_of,
             group_by_length=group_by_length,
             max_documents=max_documents,
+            streaming=streaming,
             cache_dir=cache_dir,
             seed=seed,
             progress=progress,

@@ -47,7 +47,11 @@ class TokenClassificationDataModule(_LabelMixin, _BaseDataModule):
         group_by_length: batch examples of similar length together.
         val_fraction: fraction of train carved out as val when no val split is given.
         test_fraction: fraction of train carved out as test when no test split is given (0: test = val).
-        max_documents: read at most this many records per split file.
+        max_documents: read at most this many records per split (all sources); required with ``streaming``.
+        streaming: open an ``hf:NAME[:CONFIG]`` source as a stream (``load_dataset(..., streaming=True)``) and read
+            only the first ``max_documents`` records of each split, in stream order, instead of downloading and
+            preparing the whole dataset; needs ``max_documents``, and applies to ``hf:`` sources only. Resuming
+            exactly needs the same first records again: pin the revision or use local data.
         max_files: embedded data: stdlib files to read.
         max_examples: embedded data: examples in all.
         lines_per_example: embedded data: lines of code per example.
@@ -81,6 +85,7 @@ class TokenClassificationDataModule(_LabelMixin, _BaseDataModule):
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         max_documents: int | None = None,
+        streaming: bool = False,
         max_files: int | None = 40,
         max_examples: int | None = 3000,
         lines_per_example: int = 4,
@@ -104,6 +109,7 @@ class TokenClassificationDataModule(_LabelMixin, _BaseDataModule):
             pad_to_multiple_of=pad_to_multiple_of,
             group_by_length=group_by_length,
             max_documents=max_documents,
+            streaming=streaming,
             cache_dir=cache_dir,
             seed=seed,
             progress=progress,
