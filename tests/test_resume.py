@@ -53,24 +53,28 @@ def _optimizer(params):
     return torch.optim.AdamW(params, lr=1e-2)
 
 
-def _fit(kind, cache, root, max_steps, max_epochs, checkpoint, ckpt_path=None):
-    pl.seed_everything(0, verbose=False)
-    dm = _data(kind, cache)
-    module = _module(kind, dm)
-    trainer = pl.Trainer(
+def _trainer(root, max_steps, max_epochs, callbacks, limit_val_batches=1) -> pl.Trainer:
+    return pl.Trainer(
         accelerator="cpu",
         devices=1,
         max_steps=max_steps,
         max_epochs=max_epochs,
         limit_train_batches=BATCHES,
-        limit_val_batches=1,
+        limit_val_batches=limit_val_batches,
         num_sanity_val_steps=0,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[checkpoint],
+        callbacks=callbacks,
         default_root_dir=root,
     )
+
+
+def _fit(kind, cache, root, max_steps, max_epochs, checkpoint, ckpt_path=None):
+    pl.seed_everything(0, verbose=False)
+    dm = _data(kind, cache)
+    module = _module(kind, dm)
+    trainer = _trainer(root, max_steps, max_epochs, [checkpoint])
     trainer.fit(module, dm, ckpt_path=ckpt_path)
     return {k: v.detach().clone() for k, v in module.state_dict().items()}, trainer
 
@@ -225,18 +229,8 @@ def test_sigterm_during_validation_saves_and_resumes_exactly(cache, tmp_path):
     dm = _data("causal_packed", cache)
     module = _module("causal_packed", dm)
     last = ModelCheckpoint(dirpath=tmp_path / "b", save_top_k=0, save_last=True)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=8,
-        limit_train_batches=BATCHES,
-        limit_val_batches=2,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[last, PreemptionCheckpoint(), _SigtermInValidation(BATCHES)],
-        default_root_dir=tmp_path,
+    trainer = _trainer(
+        tmp_path, 8, -1, [last, PreemptionCheckpoint(), _SigtermInValidation(BATCHES)], limit_val_batches=2
     )
     with pytest.raises(SIGTERMException):
         trainer.fit(module, dm)
