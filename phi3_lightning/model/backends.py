@@ -308,17 +308,24 @@ def flash_attention(q, k, v, ctx: AttentionContext, scale: float, dropout_p: flo
     func, varlen_func = kernel.fns
     if ctx.key_padding is None and ctx.doc_ids is None:
         return func(q, k, v, dropout_p=dropout_p, softmax_scale=scale, causal=True, window_size=_window(ctx))
-    b, t, h, d = q.shape
     meta = varlen_metadata(ctx)
     idx, cu, mx = meta["indices"], meta["cu_seqlens"], meta["max_seqlen"]
-    q_u = q.reshape(b * t, h, d).index_select(0, idx)  # (N, H, D)
-    k_u = k.reshape(b * t, k.shape[2], d).index_select(0, idx)
-    v_u = v.reshape(b * t, v.shape[2], d).index_select(0, idx)
+    q_u, k_u, v_u = _unpad(q, k, v, idx)
     out_u = varlen_func(
         q_u, k_u, v_u, cu, cu, mx, mx, dropout_p=dropout_p, softmax_scale=scale, causal=True, window_size=_window(ctx)
     )
-    out = out_u.new_zeros(b * t, h, d).index_copy(0, idx, out_u)
-    return out.view(b, t, h, d)
+    return _pad_back(out_u, idx, q.shape)
+
+
+def _unpad(q, k, v, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q (B, T, H, D), k/v (B, T, Hkv, D) -> their real tokens ``idx`` of the (B * T) layout: (N, H|Hkv, D)."""
+    return tuple(x.reshape(-1, x.shape[2], x.shape[3]).index_select(0, idx) for x in (q, k, v))
+
+
+def _pad_back(out_u: torch.Tensor, idx: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """(N, H, D) outputs of the real tokens -> (B, T, H, D), zeros at the padding."""
+    b, t, h, d = shape
+    return out_u.new_zeros(b * t, h, d).index_copy(0, idx, out_u).view(b, t, h, d)
 
 
 def _uniform_cu_seqlens(ctx: AttentionContext) -> torch.Tensor:
@@ -351,9 +358,7 @@ def _torch_varlen_attention(kernel: _FlashKernel, q, k, v, ctx: AttentionContext
     else:
         meta = varlen_metadata(ctx)
         idx, cu, mx = meta["indices"], meta["cu_seqlens"], meta["max_seqlen"]
-        q_u = q.reshape(b * t, h, d).index_select(0, idx)  # (N, H, D)
-        k_u = k.reshape(b * t, hkv, d).index_select(0, idx)  # (N, Hkv, D)
-        v_u = v.reshape(b * t, hkv, d).index_select(0, idx)
+        q_u, k_u, v_u = _unpad(q, k, v, idx)  # (N, H|Hkv, D)
     w = ctx.sliding_window
     bites = w is not None and w < mx  # a window as long as the longest sequence changes nothing
     kwargs: dict = {}
@@ -384,7 +389,7 @@ def _torch_varlen_attention(kernel: _FlashKernel, q, k, v, ctx: AttentionContext
     out_u = fn(q_u, k_u, v_u, cu, cu, mx, mx, **kwargs)  # (N, H, D)
     if idx is None:
         return out_u.view(b, t, h, d)
-    return out_u.new_zeros(b * t, h, d).index_copy(0, idx, out_u).view(b, t, h, d)
+    return _pad_back(out_u, idx, q.shape)
 
 
 # ----------------------------------------------------------------------------- flex
