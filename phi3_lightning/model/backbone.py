@@ -40,6 +40,7 @@ class Phi3Model(nn.Module):
         self.norm = Phi3RMSNorm(config.hidden_size, config.rms_norm_eps, device=device)
         self.rotary_emb = Phi3RotaryEmbedding(config, device=device)
         self.gradient_checkpointing = False
+        self.checkpoint_every = 1  # with gradient_checkpointing: recompute layers 0, n, 2n, ... (1 = every layer)
         self.attn_implementation = DEFAULT_BACKEND
         self.set_attn_implementation(attn_implementation)
         self.fused_kernels: str | None = None
@@ -109,8 +110,9 @@ class Phi3Model(nn.Module):
         ctx.attend = backend.attend
         rope = self.rotary_emb(position_ids, inputs_embeds.dtype)  # (B, T, R) each
         h = inputs_embeds
-        for layer in self.layers:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for i, layer in enumerate(self.layers):
+            if recompute and i % self.checkpoint_every == 0:
                 h = checkpoint(layer, h, rope, ctx, cache, use_reentrant=False)
             else:
                 h = layer(h, rope, ctx, cache)

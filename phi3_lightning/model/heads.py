@@ -85,9 +85,17 @@ class Phi3PreTrainedHead(PretrainedMixin, nn.Module):
         :mod:`~phi3_lightning.model.fused`."""
         self.model.set_fused_kernels(name)
 
-    def gradient_checkpointing_enable(self) -> None:
-        """Recompute each decoder layer in backward (non-reentrant); trades ~1/3 more compute for activations."""
+    def gradient_checkpointing_enable(self, every: int = 1) -> None:
+        """Recompute decoder layers in backward (non-reentrant) instead of keeping their activations: every layer
+        (``every=1``: ~1/3 more compute, each layer keeps only its input), or layers 0, n, 2n, ... (``every=n``:
+        about 1/n of both the saving and the extra compute)."""
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(
+                f"gradient checkpointing every={every!r}: give a whole number >= 1 (1 = every decoder layer, "
+                "2 = every other layer, ...)"
+            )
         self.model.gradient_checkpointing = True
+        self.model.checkpoint_every = every
 
     def gradient_checkpointing_disable(self) -> None:
         self.model.gradient_checkpointing = False

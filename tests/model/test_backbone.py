@@ -1,5 +1,6 @@
 """Backbone-wide behaviour: meta-device init with reset_parameters, gradient checkpointing. (Each component in isolation, against transformers' own component or the formula.)"""
 
+import pytest
 import torch
 
 from phi3_lightning.model.backbone import Phi3Model
@@ -30,3 +31,47 @@ def test_gradient_checkpointing_same_gradients():
     model.train()
     g2 = torch.autograd.grad(model(x, labels=x).loss, model.model.layers[0].mlp.down_proj.weight)[0]
     assert torch.allclose(g1, g2, atol=1e-7)
+
+
+def _saved_bytes_and_grads(model, x, every):
+    """Bytes autograd keeps for backward after one forward, and the weight gradients of that forward."""
+    model.zero_grad(set_to_none=True)
+    if every:
+        model.gradient_checkpointing_enable(every)
+    else:
+        model.gradient_checkpointing_disable()
+    saved = {}  # storage -> bytes (tensors sharing a storage counted once)
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(x, labels=x, return_logits=False).loss
+    loss.backward()
+    return sum(saved.values()), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_checkpointing_every_nth_layer_saves_that_share_with_the_same_gradients():
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(config("mini-4k", num_hidden_layers=4)).train()
+    x = torch.randint(3, 97, (2, 12))
+    none, g_none = _saved_bytes_and_grads(model, x, 0)
+    every, g_every = _saved_bytes_and_grads(model, x, 1)
+    half, g_half = _saved_bytes_and_grads(model, x, 2)
+    quarter, g_quarter = _saved_bytes_and_grads(model, x, 4)
+    # four identical layers: recomputing layers 0 and 2 saves half of what recomputing all four saves, layer 0 alone
+    # a quarter (up to the few small tensors shared across layers)
+    assert none > quarter > half > every
+    assert abs((none - half) / (none - every) - 1 / 2) < 0.02
+    assert abs((none - quarter) / (none - every) - 1 / 4) < 0.02
+    for grads in (g_every, g_half, g_quarter):
+        for n, g in g_none.items():
+            torch.testing.assert_close(grads[n], g, rtol=0, atol=1e-7, msg=n)
+
+
+def test_checkpointing_every_must_be_a_whole_number_from_1():
+    model = Phi3ForCausalLM(config("mini-4k"))
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="whole number >= 1"):
+            model.gradient_checkpointing_enable(bad)
