@@ -527,6 +527,15 @@ def _report(e: BaseException) -> None:
     print(f"error: {_cause(str(e))}{where}\n(set PHI3_LIGHTNING_TRACEBACK=1 for the full traceback)", file=sys.stderr)
 
 
+def _is_misconfiguration(e: BaseException) -> bool:
+    """Lightning's ``MisconfigurationException``: a setting it refuses (``--trainer.max_steps -5``), a user error
+    (checked by name so that this module does not import Lightning for every command)."""
+    return any(
+        c.__name__ == "MisconfigurationException" and c.__module__.startswith(("lightning", "pytorch_lightning"))
+        for c in type(e).__mro__
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m phi3_lightning`` and the ``phi3-lightning`` script; returns the exit code."""
     from_sys = argv is None
@@ -558,6 +567,11 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted (Ctrl-C)", file=sys.stderr)
         return 130
     except (UsageError, ValueError, FileNotFoundError, FileExistsError) as e:
+        _report(e)
+        return 1
+    except Exception as e:
+        if not _is_misconfiguration(e):
+            raise
         _report(e)
         return 1
     print(f"error: unknown command {command!r}\n\n{TOP_HELP}", file=sys.stderr)

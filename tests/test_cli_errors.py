@@ -154,3 +154,11 @@ def test_config_override_typo_and_bad_value_via_fit(tmp_path):
     rc, _, err = run_main("fit", *args, "--model.init_args.config_overrides", "{rms_norm_eps: 0}")
     _error_line(rc, err)
     assert "rms_norm_eps=0 must be a finite number > 0" in err
+
+
+def test_trainer_settings_lightning_refuses_are_one_line_errors(tmp_path):
+    """Lightning's MisconfigurationException (a user setting it refuses) escaped cli.main as a traceback."""
+    args = small_args("causal_lm", tmp_path / "logs", tmp_path / "cache", steps=1)
+    rc, _, err = run_main("fit", *args, "--trainer.max_steps", "-5")
+    assert _error_line(rc, err).startswith("error: `max_steps` must be a non-negative integer or -1")
+    assert "-5" in _error_line(rc, err)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -18,6 +20,48 @@ from .norm import Phi3RMSNorm
 from .rope import Phi3RotaryEmbedding
 
 
+def device_memory(device: torch.device) -> int | None:
+    """Bytes a model can ever occupy on ``device``: physical memory + swap for the CPU, the GPU's total memory;
+    None when unknown (then nothing is refused)."""
+    try:
+        if device.type == "cpu":
+            total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            try:
+                with open("/proc/meminfo") as f:
+                    swap = next((int(line.split()[1]) * 1024 for line in f if line.startswith("SwapTotal:")), 0)
+            except OSError:
+                swap = 0
+            return total + swap
+        if device.type == "cuda" and torch.cuda.is_available():
+            return torch.cuda.get_device_properties(device.index or 0).total_memory
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        return None
+    return None
+
+
+def check_fits_on_device(config: Phi3Config, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse, before anything is allocated, a config whose weights alone exceed all the memory of ``device`` (a
+    crafted or mistyped config.json would otherwise end in an allocator error or the OOM killer). The meta device
+    allocates nothing and is never refused (FSDP2 shards such a model before materialising it)."""
+    if device.type == "meta":
+        return
+    available = device_memory(device)
+    if available is None:
+        return
+    h = config.hidden_size
+    n = config.num_parameters(include_embeddings=False) + config.vocab_size * h
+    need = n * dtype.itemsize
+    if need <= available:
+        return
+    raise ValueError(
+        f"this config has {n / 1e9:,.1f}B parameters: {need / 2**30:,.0f} GiB of {str(dtype).replace('torch.', '')} "
+        f"weights, more than all {available / 2**30:,.0f} GiB of memory of {device} (hidden_size={h}, "
+        f"intermediate_size={config.intermediate_size}, num_hidden_layers={config.num_hidden_layers}, "
+        f"vocab_size={config.vocab_size}); check config.json / config_overrides for a wrong size, or build the "
+        "model on the meta device and shard it (FSDP2) across devices"
+    )
+
+
 class Phi3Model(nn.Module):
     """Backbone: ``forward(input_ids, attention_mask, position_ids, cache) -> (B, T, hidden)`` final-normed states."""
 
@@ -29,6 +73,8 @@ class Phi3Model(nn.Module):
         fused_kernels: str | None = None,
     ):
         super().__init__()
+        # (device None: the default device, which a `with torch.device("meta")` block sets)
+        check_fits_on_device(config, torch.empty(0, device=device).device, torch.get_default_dtype())
         self.config = config
         pad = (
             config.pad_token_id if config.pad_token_id is not None and config.pad_token_id < config.vocab_size else None

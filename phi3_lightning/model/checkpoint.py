@@ -102,6 +102,25 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return names[key]
 
 
+def safetensors_keys(file: Path) -> list[str]:
+    """The tensor names of a safetensors file; a file whose header the reader refuses (corrupt, truncated, crafted
+    offsets or lengths) is a ``ValueError`` naming it (the reader's ``SafetensorError`` is no ``ValueError``)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(file, framework="pt") as f:
+            return list(f.keys())
+    except SafetensorError as e:
+        raise unreadable_safetensors(file, e) from None
+
+
+def unreadable_safetensors(file: Path, error: Exception) -> ValueError:
+    return ValueError(
+        f"{file} is not a readable safetensors file ({error}); it is truncated, corrupt or not a safetensors file: "
+        "save or download it again"
+    )
+
+
 def checkpoint_files(path: Path) -> dict[str, list[str]]:
     """{shard file -> [tensor names]} of a checkpoint directory (single file or index)."""
     if not path.is_dir():
@@ -123,11 +142,8 @@ def checkpoint_files(path: Path) -> dict[str, list[str]]:
                 f"{index.name} lists shard(s) {', '.join(missing)} that are missing from {path}; "
                 "download every shard of the checkpoint"
             )
-        from safetensors import safe_open
-
         for file, names in shards.items():
-            with safe_open(path / file, framework="pt") as f:
-                present = set(f.keys())
+            present = set(safetensors_keys(path / file))
             absent = [n for n in names if n not in present]
             if absent:
                 shown = ", ".join(absent[:3]) + (" ..." if len(absent) > 3 else "")
@@ -139,10 +155,7 @@ def checkpoint_files(path: Path) -> dict[str, list[str]]:
         return dict(shards)
     single = path / SAFE_SINGLE
     if single.is_file():
-        from safetensors import safe_open
-
-        with safe_open(single, framework="pt") as f:
-            return {SAFE_SINGLE: list(f.keys())}
+        return {SAFE_SINGLE: safetensors_keys(single)}
     others = sorted(p.name for p in path.glob("*.safetensors"))
     if others:
         raise FileNotFoundError(f"{path} has {others} but neither {SAFE_SINGLE} nor {SAFE_INDEX}; add the index file")

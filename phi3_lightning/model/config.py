@@ -295,6 +295,19 @@ class Phi3Config:
                     f"rope_scaling[{key!r}] holds {bad[:3]}: every LongRoPE factor must be a finite "
                     "number > 0; use the factors from the checkpoint's config.json",
                 )
+            for key in ("attention_factor", "factor"):
+                v = self.rope_scaling.get(key)
+                need(
+                    v is None or (is_num(v) and v > 0),
+                    f"rope_scaling[{key!r}]={v!r} must be a finite number > 0 or absent (it scales cos/sin of "
+                    "LongRoPE; NaN, inf or 0 would give NaN or meaningless logits); use the checkpoint's value",
+                )
+            need(
+                self.original_max_position_embeddings > 1,
+                f"original_max_position_embeddings={self.original_max_position_embeddings} with LongRoPE: the "
+                "attention scale sqrt(1 + ln(max/orig) / ln(orig)) needs orig >= 2; use the checkpoint's "
+                "pre-training context (4096 for Phi-3)",
+            )
 
     # ------------------------------------------------------------------ I/O
     @classmethod

@@ -110,8 +110,13 @@ class LoRAConfig:
     def validate(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"LoRA rank r={self.r!r} must be a positive integer (e.g. 8, 16, 64)")
-        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or self.alpha <= 0:
-            raise ValueError(f"LoRA alpha={self.alpha!r} must be a positive number (scaling = alpha / r)")
+        if (
+            not isinstance(self.alpha, (int, float))
+            or isinstance(self.alpha, bool)
+            or not math.isfinite(self.alpha)
+            or self.alpha <= 0
+        ):
+            raise ValueError(f"LoRA alpha={self.alpha!r} must be a finite positive number (scaling = alpha / r)")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"LoRA dropout={self.dropout!r} must be in [0, 1)")
         if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
@@ -129,7 +134,7 @@ class LoRAConfig:
                     re.compile(key)
                 except (re.error, TypeError) as e:
                     raise ValueError(f"LoRA {attr} key {key!r} is not a valid regular expression: {e}") from None
-                if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+                if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or value <= 0:
                     what = "a positive integer rank" if attr == "rank_pattern" else "a positive alpha"
                     raise ValueError(f"LoRA {attr}[{key!r}]={value!r} must be {what}")
 

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from ..atomic import staged_directory
+from .checkpoint import unreadable_safetensors
 from .lora import (
     HEAD_MODULES,
     LoRAConfig,
@@ -401,9 +402,13 @@ def load_adapter(model: nn.Module, directory: str | Path, weights: bool = True) 
 def _read_weights(model: nn.Module, cfg: LoRAConfig, file: Path, peft: bool) -> dict[str, torch.Tensor]:
     """The adapter file's tensors under the adapted model's state-dict keys, each checked against the shape that
     ``model`` adapted with ``cfg`` will have (before anything is changed)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    raw = load_file(str(file))
+    try:
+        raw = load_file(str(file))
+    except SafetensorError as e:
+        raise unreadable_safetensors(file, e) from None
     state: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
     for key, value in raw.items():

@@ -29,6 +29,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from torchmetrics import MeanMetric
 
 from ..model import DEFAULT_BACKEND, Phi3Config, check_backend, resolve_model
 from ..model.fused import check_fused_kernels
@@ -41,6 +42,21 @@ COMPILE_SCOPES = ("layers", "model")
 CHECKPOINT_KEY = "phi3_lightning"
 # Wrapper segments that FSDP1 / compile / checkpoint wrappers insert into parameter names.
 _WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+class LossMean(MeanMetric):
+    """Weighted mean of per-batch mean losses that keeps NaN/inf: one non-finite batch makes the epoch's value NaN.
+
+    torchmetrics' ``MeanMetric`` drops NaN values with a warning by default (and its ``nan_strategy="disable"``
+    ignores the weights), so a model that gives NaN on part of the validation set would report the mean of the other
+    batches and could be kept as the best checkpoint. A batch with weight 0 (no counted target: its mean loss is 0/0)
+    adds nothing."""
+
+    def update(self, value: Any, weight: Any = 1.0) -> None:
+        value = torch.as_tensor(value, dtype=self.dtype, device=self.device).flatten()
+        weight = torch.broadcast_to(torch.as_tensor(weight, dtype=self.dtype, device=self.device), value.shape)
+        self.mean_value += (torch.where(weight == 0, torch.zeros_like(value), value) * weight).sum()
+        self.weight += weight.sum()
 
 
 def clean_param_name(name: str) -> str:

@@ -6,13 +6,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchmetrics import MeanMetric
 
 from ..model.loss import IGNORE_INDEX, shift_labels
-from .base import Phi3LightningModule
+from .base import LossMean, Phi3LightningModule
 
 
-class PerplexityFromLoss(MeanMetric):
+class PerplexityFromLoss(LossMean):
     """exp(token-weighted mean loss): update with (mean loss of a batch, its number of target tokens)."""
 
     def compute(self) -> torch.Tensor:
@@ -20,7 +19,7 @@ class PerplexityFromLoss(MeanMetric):
 
 
 def _stage_metrics() -> nn.ModuleDict:
-    return nn.ModuleDict({"loss": MeanMetric(), "perplexity": PerplexityFromLoss()})
+    return nn.ModuleDict({"loss": LossMean(), "perplexity": PerplexityFromLoss()})
 
 
 class CausalLMModule(Phi3LightningModule):

@@ -6,12 +6,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchmetrics import MeanMetric, MeanSquaredError
+from torchmetrics import MeanSquaredError
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MultilabelAccuracy, MultilabelF1Score
 
 from ..conventions import PROBLEM_TYPES
 from ..model.loss import infer_problem_type
-from .base import Phi3LightningModule
+from .base import LossMean, Phi3LightningModule
 
 
 def label_overrides(num_labels: int | None, label_names: list[str] | None) -> dict[str, Any]:
@@ -82,7 +82,7 @@ class SequenceClassificationModule(Phi3LightningModule):
 
     def _make_metrics(self) -> nn.ModuleDict:
         n = self.config.num_labels
-        m: dict[str, nn.Module] = {"loss": MeanMetric()}
+        m: dict[str, nn.Module] = {"loss": LossMean()}
         if self.problem_type == "regression":
             m["mse"] = MeanSquaredError()
         elif self.problem_type == "multi_label_classification":

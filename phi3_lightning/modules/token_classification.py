@@ -6,11 +6,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from ..model.loss import IGNORE_INDEX
-from .base import Phi3LightningModule
+from .base import LossMean, Phi3LightningModule
 from .sequence_classification import label_overrides
 
 
@@ -34,7 +33,7 @@ class TokenClassificationModule(Phi3LightningModule):
         self._register_metrics(
             lambda: nn.ModuleDict(
                 {
-                    "loss": MeanMetric(),
+                    "loss": LossMean(),
                     "accuracy": MulticlassAccuracy(num_classes=n, average="micro", ignore_index=IGNORE_INDEX),
                     "f1": MulticlassF1Score(num_classes=n, average="macro", ignore_index=IGNORE_INDEX),
                 }

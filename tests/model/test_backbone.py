@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from phi3_lightning.model import get_preset
 from phi3_lightning.model.backbone import Phi3Model
 from phi3_lightning.model.heads import Phi3ForCausalLM
 
@@ -75,3 +76,19 @@ def test_checkpointing_every_must_be_a_whole_number_from_1():
     for bad in (0, -2, 1.5, True):
         with pytest.raises(ValueError, match="whole number >= 1"):
             model.gradient_checkpointing_enable(bad)
+
+
+def test_a_config_too_large_for_the_device_is_refused_before_allocation():
+    """A crafted or mistyped config.json (here ~4 * 10^12 parameters, 17 TB in fp32) is an error naming the sizes
+    before any layer is allocated (it was an allocator failure, or with many mid-sized layers the OOM killer); on
+    the meta device, which allocates nothing, it still builds."""
+    huge = get_preset(
+        "tiny", hidden_size=2**18, intermediate_size=2**20, num_attention_heads=2048, num_key_value_heads=2048
+    )
+    with pytest.raises(ValueError) as e:
+        Phi3ForCausalLM(huge)
+    msg = str(e.value)
+    assert "hidden_size=262144" in msg and "num_hidden_layers=2" in msg and "GiB" in msg and "meta" in msg
+    with torch.device("meta"):
+        assert Phi3ForCausalLM(huge).model.layers[0].mlp.down_proj.weight.is_meta
+    Phi3ForCausalLM(get_preset("tiny"))  # a model that fits is built as before

@@ -95,6 +95,50 @@ def test_no_weights_and_pickle_refused(tmp_path):
         Phi3ForCausalLM.from_pretrained(tmp_path)
 
 
+def _crafted_headers(file):
+    """Bytes of ``file`` (a safetensors file) with a corrupt header: each the way a hostile or broken file is."""
+    import struct
+
+    raw = file.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    first = next(k for k in header if k != "__metadata__")
+
+    def with_header(h):
+        text = json.dumps(h).encode()
+        text += b" " * (-len(text) % 8)
+        return struct.pack("<Q", len(text)) + text + raw[8 + n :]
+
+    out_of_range = json.loads(json.dumps(header))
+    out_of_range[first]["data_offsets"][1] += 10**9
+    return {
+        "huge header length": struct.pack("<Q", 2**62) + raw[8:],
+        "header beyond the file": struct.pack("<Q", len(raw) + 8) + raw[8:],
+        "truncated": raw[: len(raw) // 2],
+        "offsets out of range": with_header(out_of_range),
+    }
+
+
+def test_crafted_safetensors_headers_are_one_line_errors_naming_the_file(tmp_path):
+    """The safetensors reader refuses these (no read outside the file); its SafetensorError is not a ValueError,
+    so it reached the user as a traceback from every command that loads a directory."""
+    from tests.modules.helpers import run_main
+
+    good = tmp_path / "good"
+    Phi3ForCausalLM(config("mini-4k")).save_pretrained(good)
+    for i, (what, data) in enumerate(_crafted_headers(good / "model.safetensors").items()):
+        bad = tmp_path / f"bad{i}"
+        bad.mkdir()
+        (bad / "config.json").write_bytes((good / "config.json").read_bytes())
+        (bad / "model.safetensors").write_bytes(data)
+        with pytest.raises(ValueError, match=rf"{bad / 'model.safetensors'} is not a readable safetensors file"):
+            Phi3ForCausalLM.from_pretrained(bad)
+        rc, _, err = run_main("generate", "--checkpoint", bad, "--tokenizer", "byte", "--prompt", "x")
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert rc == 1 and "Traceback" not in err and len(lines) == 1, (what, err[-2000:])
+        assert "model.safetensors is not a readable safetensors file" in lines[0], what
+
+
 def test_mismatched_shapes_are_named(tmp_path):
     Phi3ForCausalLM(config("mini-4k")).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"weight has shape \(97, 64\) but the model expects \(120, 64\).*vocab_size"):

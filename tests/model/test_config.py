@@ -207,6 +207,48 @@ def test_values_that_cannot_work_are_refused_at_config_time(override, message):
         get_preset("tiny", **override)
 
 
+def _longrope(**scaling):
+    half = get_preset("tiny").rotary_dim // 2
+    return {"rope_type": "longrope", "short_factor": [1.0] * half, "long_factor": [1.0] * half, **scaling}
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        # a NaN/inf scale gives NaN logits, 0 zeroes cos/sin (every attention score 0): silently wrong numbers
+        (
+            dict(rope_scaling=_longrope(attention_factor=float("nan"))),
+            r"rope_scaling\['attention_factor'\]=nan must be a finite number > 0",
+        ),
+        (
+            dict(rope_scaling=_longrope(attention_factor=float("inf"))),
+            r"rope_scaling\['attention_factor'\]=inf must be a finite number > 0",
+        ),
+        (
+            dict(rope_scaling=_longrope(attention_factor=0.0)),
+            r"rope_scaling\['attention_factor'\]=0.0 must be a finite number > 0",
+        ),
+        (
+            dict(rope_scaling=_longrope(attention_factor="x")),
+            r"rope_scaling\['attention_factor'\]='x' must be a finite number > 0",
+        ),
+        (
+            dict(rope_scaling=_longrope(factor=float("nan"))),
+            r"rope_scaling\['factor'\]=nan must be a finite number > 0",
+        ),
+        (dict(rope_scaling=_longrope(factor=-2.0)), r"rope_scaling\['factor'\]=-2.0 must be a finite number > 0"),
+        # sqrt(1 + ln(max/orig) / ln(orig)) divides by ln(1) = 0 (was a ZeroDivisionError traceback)
+        (
+            dict(rope_scaling=_longrope(), original_max_position_embeddings=1),
+            r"original_max_position_embeddings=1 .* LongRoPE",
+        ),
+    ],
+)
+def test_longrope_scales_that_cannot_work_are_refused(override, message):
+    with pytest.raises(ValueError, match=message):
+        get_preset("tiny", **override)
+
+
 def test_valid_ids_and_nulls_are_accepted():
     cfg = get_preset("tiny", pad_token_id=None, bos_token_id=None, eos_token_id=[256, 511], classifier_dropout=None)
     assert cfg.eos_token_ids == [256, 511] and cfg.pad_token_id is None

@@ -250,6 +250,10 @@ def test_bad_targets_name_them_and_list_linears():
         (dict(r=2.5), "rank r=2.5"),
         (dict(r=True), "rank"),
         (dict(alpha=0), "alpha=0"),
+        (dict(alpha=float("nan")), "alpha=nan"),  # NaN / inf scale: NaN outputs (a PEFT JSON may hold NaN)
+        (dict(alpha=float("inf")), "alpha=inf"),
+        (dict(alpha_pattern={"qkv_proj": float("nan")}), r"alpha_pattern\['qkv_proj'\]=nan"),
+        (dict(dropout=float("nan")), "dropout=nan"),
         (dict(dropout=1.0), "dropout=1.0"),
         (dict(target_modules=[]), "target_modules"),
     ],

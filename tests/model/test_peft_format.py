@@ -235,3 +235,17 @@ def test_refuses_foreign_tensors(base, peft_dir):
     save_file(state, str(peft_dir / "adapter_model.safetensors"))
     with pytest.raises(ValueError, match="lora_embedding_A"):
         load_adapter(Phi3ForCausalLM.from_pretrained(base), peft_dir)
+
+
+def test_refuses_a_corrupt_adapter_file_naming_it(base, peft_dir):
+    """A truncated (or crafted) adapter_model.safetensors: a ValueError naming the file, not the reader's own
+    SafetensorError (no ValueError, so a traceback from the CLI); NaN alpha from the JSON is refused too."""
+    weights = peft_dir / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match=rf"{weights} is not a readable safetensors file"):
+        load_adapter(Phi3ForCausalLM.from_pretrained(base), peft_dir)
+    (peft_dir / "adapter_config.json").write_text(
+        (peft_dir / "adapter_config.json").read_text().replace('"lora_alpha": 8', '"lora_alpha": NaN')
+    )
+    with pytest.raises(ValueError, match="alpha=nan must be a finite positive number"):
+        load_adapter(Phi3ForCausalLM.from_pretrained(base), peft_dir)

@@ -291,3 +291,43 @@ def test_row_length_is_checked_against_the_model_once_in_setup(tmp_path):
     with pytest.raises(ValueError, match=r"max_length=96 .*max_position_embeddings=64.*lower --data.max_length"):
         trainer.fit(model, dm)
     assert model.head is None  # refused before the model is built
+
+
+# ------------------------------------------------------------------------------------------- non-finite validation
+@pytest.mark.parametrize("module_cls", [CausalLMModule, SequenceClassificationModule, TokenClassificationModule])
+def test_a_nan_validation_batch_makes_the_epoch_loss_nan_not_the_mean_of_the_others(module_cls):
+    """torchmetrics' MeanMetric drops NaN values with a warning by default: a model that gives NaN on part of the
+    validation set would report the mean of the other batches, look fine, and could be kept as the best checkpoint.
+    The epoch loss must be NaN instead; a batch without any counted target (loss 0/0, weight 0) adds nothing."""
+    torch.manual_seed(0)
+    kwargs = {} if module_cls is CausalLMModule else {"num_labels": 3}
+    module = built(module_cls(model="tiny", **kwargs))
+    module.eval()
+    with torch.no_grad():
+        module.head.model.embed_tokens.weight[300] = float("nan")  # only a batch holding token 300 is NaN
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(1))
+    if module_cls is CausalLMModule:
+        labels = ids.clone()
+    elif module_cls is SequenceClassificationModule:
+        labels = torch.tensor([0, 2])
+    else:
+        labels = torch.randint(0, 3, (2, 8), generator=torch.Generator().manual_seed(2))
+    ignored = torch.full_like(labels, -100)
+    loss = module.stage_metrics("val")["loss"]
+
+    def step(input_ids, labels):
+        with torch.no_grad():
+            module.validation_step(
+                {"input_ids": input_ids, "attention_mask": torch.ones_like(ids), "labels": labels}, 0
+            )
+
+    step(ids, labels)
+    good = float(loss.compute())
+    assert math.isfinite(good)
+    if module_cls is not SequenceClassificationModule:  # (its loss is a mean over the batch, weighted by rows)
+        step(ids, ignored)  # no target: NaN mean with weight 0
+        assert float(loss.compute()) == pytest.approx(good)
+    nan_ids = ids.clone()
+    nan_ids[1, 3] = 300
+    step(nan_ids, labels)
+    assert math.isnan(float(loss.compute())), "the NaN batch was dropped from the validation loss"
