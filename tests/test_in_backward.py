@@ -21,7 +21,7 @@ from phi3_lightning.modules.in_backward import InBackwardOptimizer
 from phi3_lightning.modules.schedulers import WarmupDecayLR
 
 from .modules.helpers import CONFIGS, run_main, small_args
-from .test_guards import _Toy, _all_finite, _checkpoints
+from .test_guards import _all_finite, _checkpoints, _Toy
 from .test_resume import _assert_same, _data, _trainer
 
 STEPS = 4
@@ -380,5 +380,7 @@ def test_cli_fit_resume_switch_and_huge_lr(tmp_path, cache):
     assert last.read_bytes() == good
     assert all(_all_finite(p) for p in _checkpoints(logs))
     # causal_lm.yaml's gradient clipping with the switch alone: refused through the CLI, naming the setting
-    rc, _, err = run_main("fit", *_cli_args(tmp_path / "logs2", cache, "--model.init_args.optimizer_in_backward", "true"))
+    rc, _, err = run_main(
+        "fit", *_cli_args(tmp_path / "logs2", cache, "--model.init_args.optimizer_in_backward", "true")
+    )
     assert rc == 1 and "gradient_clip_val=1.0" in err and "optimizer_in_backward" in err, err[-2000:]
