@@ -32,7 +32,7 @@ name is ``--run_name NAME``, by default ``<config stems joined by +>/<attn backe
   config_overrides, lora, the head class and its options, the tokenizer, the data's labels) and, for ``fit``, on the
   optimizer and LR scheduler, whose state resumes from the checkpoint. A difference is refused naming the setting
   and both values. Execution choices (attn_implementation, activation_checkpointing, torch_compile, compile_mode,
-  fused_kernels, meta_init, strict_head) are taken from the command line. The saved ``config.yaml`` is what ran.
+  fused_kernels, optimizer_in_backward, meta_init, strict_head) are taken from the command line. The saved ``config.yaml`` is what ran.
 """
 
 from __future__ import annotations

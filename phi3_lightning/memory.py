@@ -3,6 +3,7 @@
 ```
 python -m phi3_lightning.memory --preset phi-3-mini-4k --method lora --precision bf16-true --seq-len 4096 --batch-size 1
 python -m phi3_lightning.memory --preset tiny --precision 32-true --measure     # estimate vs. measured on this CPU
+python -m phi3_lightning.memory --preset phi-3-mini-4k --method full --precision bf16-true --optimizer-in-backward
 ```
 
 What is counted (bytes per GPU; ``P`` parameters, ``P_t`` trainable ones):
@@ -18,6 +19,14 @@ What is counted (bytes per GPU; ``P`` parameters, ``P_t`` trainable ones):
   fused loss's vocabulary-sized buffers (with checkpointing: the recomputed layer and its backward), FSDP2's
   all-gathered layers. DDP's gradient buckets (a persistent second copy of the gradients) are counted apart.
 - step temporaries: AdamW's foreach temporaries inside ``optimizer.step()``, about one copy of the trained params.
+
+- with ``--optimizer-in-backward`` (``model.init_args.optimizer_in_backward``: each parameter is updated inside
+  backward as soon as its gradient is complete, and that gradient freed): gradients = the largest single trained
+  parameter's gradient and step temporaries = that parameter's share of the optimizer's temporaries, both counted
+  in the forward/backward phase (they now exist while activations are still alive) and nothing in the step phase.
+  An upper bound: one gradient lives at a time (the hook frees it before autograd goes on), the largest is not
+  necessarily alive at the activation peak, and lm_head's gradient is already partly counted in the fused loss's
+  saved gradient. Single GPU only, no gradient accumulation (as the module refuses). Not yet measured on a GPU.
 
 ``total`` is the peak of the two phases: ``weights + optimizer + max(activations + other, gradients + step
 temporaries)`` (gradients are set to None between steps, so they build up while the activations are freed; with
@@ -133,17 +142,20 @@ class MemoryEstimate:
     trainable_params: int
     comm_buffers: int = 0
     grads_during_forward: bool = False
+    in_backward: bool = False  # optimizer_in_backward: gradients + step temporaries live during backward
     settings: dict[str, Any] = field(default_factory=dict)
     details: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     @property
     def forward_backward_peak(self) -> int:
+        if self.in_backward:
+            return self.activations + self.other + self.gradients + self.step_temporaries
         return self.activations + self.other + (self.gradients if self.grads_during_forward else 0)
 
     @property
     def optimizer_step_peak(self) -> int:
-        return self.gradients + self.step_temporaries
+        return 0 if self.in_backward else self.gradients + self.step_temporaries
 
     @property
     def total(self) -> int:
@@ -166,6 +178,7 @@ class MemoryEstimate:
         what = "LoRA (r={}) fine-tuning".format(s["lora_rank"]) if s["method"] == "lora" else "full fine-tuning"
         where = "1 GPU" if s["strategy"] == "single" else f"{s['strategy']} x {s['world_size']} GPUs"
         ckpt = ", activation checkpointing" if s["activation_checkpointing"] else ""
+        ckpt += ", optimizer step in backward" if s.get("optimizer_in_backward") else ""
         return (
             f"{what} of {s['model']} ({self.params / 1e9:.2f}B params, {self.trainable_params / 1e6:.1f}M trained) "
             f"in {s['precision']} on {where}, batch {s['batch_size']} x {s['seq_len']} tokens{ckpt}"
@@ -184,11 +197,15 @@ class MemoryEstimate:
         lines = [self.summary(), "", f"{'per GPU':<30}{'GiB':>10}", "-" * 40]
         lines += [f"{name:<30}{b / GiB:>10.2f}" for name, b in rows]
         grads = " + gradients" if self.grads_during_forward else ""
+        rule = (
+            "(activations + other + one parameter's gradient and step temporaries): the optimizer steps in backward"
+            if self.in_backward
+            else f"the larger of (activations + other{grads}) and (gradients + step temporaries)"
+        )
         lines += [
             "-" * 40,
             f"{'total (peak: ' + self.peak_phase + ')':<30}{self.total / GiB:>10.2f}",
-            f"total = weights + optimizer state{' + buckets' if self.comm_buffers else ''} + the larger of "
-            f"(activations + other{grads}) and (gradients + step temporaries)",
+            f"total = weights + optimizer state{' + buckets' if self.comm_buffers else ''} + {rule}",
         ]
         if self.details:
             lines += ["", "breakdown:"]
@@ -210,6 +227,16 @@ def _head_params(c: Phi3Config, head: str) -> int:
 def _count_params(c: Phi3Config, head: str) -> int:
     lm = 0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size
     return c.num_parameters() - lm + _head_params(c, head)
+
+
+def largest_trained_param(c: Phi3Config, method: str, head: str, lora_rank: int) -> int:
+    """Elements of the largest trained parameter (what one in-backward gradient can be at most)."""
+    shapes = c.linear_shapes().values()
+    if method == "lora":  # A (r x in) and B (out x r) of the adapted projections, and a trained classifier head
+        sizes = [lora_rank * max(o, i) for o, i in shapes]
+        return max(sizes + ([_head_params(c, head)] if head != "causal_lm" else []))
+    sizes = [o * i for o, i in shapes] + [c.vocab_size * c.hidden_size]  # the embedding
+    return max(sizes + [_head_params(c, head)])
 
 
 # ----------------------------------------------------------------------------- activations
@@ -340,12 +367,15 @@ def estimate_memory(
     attn_implementation: str = DEFAULT_BACKEND,
     masked: bool = False,
     accumulate_grad_batches: int = 1,
+    optimizer_in_backward: bool = False,
 ) -> MemoryEstimate:
     """Per-GPU memory of one training step (micro-batch ``batch_size`` x ``seq_len`` on each GPU).
 
     ``config_or_preset``: a :class:`Phi3Config`, a preset name or a checkpoint directory. ``masked``: batches carry
     padding or packed documents (SDPA then runs document by document: no dense mask; on full rows the sliding
     window of the 4k checkpoints adds a dense one above 2047 tokens). ``accumulate_grad_batches > 1`` keeps gradients alive through the forward.
+    ``optimizer_in_backward``: each parameter is stepped in backward (one gradient alive at a time; see the module
+    docstring); single GPU, no accumulation.
     """
     c, name = _resolve_config(config_or_preset)
     checks = [
@@ -370,6 +400,16 @@ def estimate_memory(
             raise ValueError(f"{what}={value!r} must be a positive integer")
     if strategy == "single" and world_size != 1:
         raise ValueError(f"strategy='single' runs on one GPU but world_size={world_size}; use ddp or fsdp2")
+    if optimizer_in_backward and strategy != "single":
+        raise ValueError(
+            f"optimizer_in_backward runs on one GPU only, not with strategy={strategy!r} (DDP reduces and FSDP2 "
+            "shards the gradients after the per-parameter hooks would fire); use strategy single or drop it"
+        )
+    if optimizer_in_backward and accumulate_grad_batches > 1:
+        raise ValueError(
+            f"optimizer_in_backward cannot be combined with accumulate_grad_batches={accumulate_grad_batches}: "
+            "the micro-batches' gradients would have to stay alive; use a larger micro-batch or drop it"
+        )
     if seq_len > c.max_position_embeddings:
         raise ValueError(f"seq_len={seq_len} exceeds max_position_embeddings={c.max_position_embeddings} of {name}")
 
@@ -385,6 +425,9 @@ def estimate_memory(
 
     weights = math.ceil(total_params * w / shard)
     gradients = math.ceil(trainable * w / shard)
+    largest = largest_trained_param(c, method, head, lora_rank)
+    if optimizer_in_backward:
+        gradients = largest * w
     optim = math.ceil(trainable * OPTIMIZERS[optimizer] * w / shard)
 
     parts = _activation_parts(
@@ -475,9 +518,11 @@ def estimate_memory(
         attn_implementation=attn_implementation,
         masked=masked,
         accumulate_grad_batches=accumulate_grad_batches,
+        optimizer_in_backward=optimizer_in_backward,
     )
-    # AdamW (foreach) builds parameter-sized temporaries: one extra copy at its peak (measured on the H200).
-    step = math.ceil(trainable * w / shard) if OPTIMIZERS[optimizer] else 0
+    # AdamW (foreach) builds parameter-sized temporaries: one extra copy at its peak (measured on the H200); stepped
+    # in backward, one parameter at a time: the largest parameter's copy.
+    step = math.ceil((largest if optimizer_in_backward else trainable) * w / shard) if OPTIMIZERS[optimizer] else 0
     details = {f"activations: {k}": v for k, v in parts.items()}
     details.update({f"other: {k}": v for k, v in other.items()})
     if comm:
@@ -491,6 +536,7 @@ def estimate_memory(
         step_temporaries=step,
         comm_buffers=comm,
         grads_during_forward=accumulate_grad_batches > 1,
+        in_backward=optimizer_in_backward,
         params=total_params,
         trainable_params=trainable,
         settings=settings,
@@ -526,6 +572,9 @@ def explain_oom(config_or_preset: Phi3Config | str, device_bytes: int | None = N
         candidates.append(("batch_size 1 with gradient accumulation", dict(batch_size=1)))
     if s["precision"] in ("bf16-mixed", "16-mixed", "32-true"):
         candidates.append(("precision bf16-true", dict(precision="bf16-true")))
+    if s["method"] == "full" and s["strategy"] == "single" and not s.get("optimizer_in_backward"):
+        if s.get("accumulate_grad_batches", 1) == 1:
+            candidates.append(("optimizer step in backward", dict(optimizer_in_backward=True)))
     if s["method"] == "full":
         candidates.append((f"LoRA (r={s['lora_rank']})", dict(method="lora")))
         if ckpt:
@@ -536,11 +585,10 @@ def explain_oom(config_or_preset: Phi3Config | str, device_bytes: int | None = N
         for world in (2, 4, 8, 16, 32, 64, 128, 256):
             if s["strategy"] == "fsdp2" and world <= s["world_size"]:
                 continue
-            alt = estimate_memory(config_or_preset, **{**base, **extra, "strategy": "fsdp2", "world_size": world})
+            fsdp = {**extra, "strategy": "fsdp2", "world_size": world, "optimizer_in_backward": False}
+            alt = estimate_memory(config_or_preset, **{**base, **fsdp})
             if budget is None or alt.total <= budget:
-                candidates.append(
-                    (f"fsdp2 with {world} GPUs{extra_label}", {**extra, "strategy": "fsdp2", "world_size": world})
-                )
+                candidates.append((f"fsdp2 with {world} GPUs{extra_label}", fsdp))
                 break
     tips = []
     for label, change in candidates:
@@ -566,12 +614,16 @@ def measure(
     attn_implementation: str = DEFAULT_BACKEND,
     activation_checkpointing: bool = False,
     masked: bool = False,
+    optimizer_in_backward: bool = False,
 ) -> dict[str, int]:
     """Run one AdamW training step on CPU and measure what :func:`estimate_memory` predicts.
 
     weights / gradients / optimizer: exact tensor sizes. activations: bytes of the distinct storages autograd
     saves during the forward (``saved_tensors_hooks``, parameters excluded) -- the quantity the formula models.
     ``peak_rss_delta``: growth of the process's peak RSS over the step (allocator-dependent, indicative only).
+    With ``optimizer_in_backward`` the step runs through :class:`~phi3_lightning.modules.in_backward.InBackwardOptimizer`
+    and ``gradients`` is the most gradient bytes alive at once during backward (counted by a hook on every parameter
+    that runs before the optimizer's), the quantity the estimate bounds by the largest parameter.
     ``masked``: packed rows of two documents of ``seq_len / 2`` tokens each (position_ids restarting), the layout
     the formula counts exactly for a backend that runs document by document.
     """
@@ -643,8 +695,23 @@ def measure(
     loss = out.loss
     del out
     activations = sum(saved.values())
-    loss.backward()
-    opt.step()
+    live_peak = 0
+    if optimizer_in_backward:
+        from .modules.in_backward import InBackwardOptimizer
+
+        trained = [q for q in model.parameters() if q.requires_grad]
+
+        def probe(_p: torch.Tensor) -> None:  # registered first: sees the fresh gradient before the update frees it
+            nonlocal live_peak
+            live_peak = max(live_peak, sum(q.grad.nbytes for q in trained if q.grad is not None))
+
+        for q in trained:
+            q.register_post_accumulate_grad_hook(probe)
+        opt = InBackwardOptimizer(lambda ps: torch.optim.AdamW(ps, lr=1e-4), trained)
+        opt.step(loss.backward)
+    else:
+        loss.backward()
+        opt.step()
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     def nbytes(ts) -> int:
@@ -653,7 +720,7 @@ def measure(
     uniq = {id(q): q for q in model.parameters()}.values()
     return {
         "weights": nbytes(uniq),
-        "gradients": nbytes(q.grad for q in uniq if q.grad is not None),
+        "gradients": live_peak if optimizer_in_backward else nbytes(q.grad for q in uniq if q.grad is not None),
         "optimizer": nbytes(t for st in opt.state.values() for t in st.values() if torch.is_tensor(t) and t.dim() > 0),
         "activations": activations,
         "peak_rss_delta": rss1 - rss0,
@@ -721,6 +788,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="recompute each decoder layer in backward (keeps only layer inputs)",
     )
+    ap.add_argument(
+        "--optimizer-in-backward",
+        action="store_true",
+        help="update each parameter inside backward and free its gradient (model.init_args.optimizer_in_backward): "
+        "one gradient alive at a time, no optimizer-step phase; one GPU, no gradient accumulation",
+    )
     ap.add_argument("--lora-rank", type=int, default=16, help="adapter rank r with --method lora")
     ap.add_argument(
         "--optimizer",
@@ -765,6 +838,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         head=args.head,
         attn_implementation=args.attn_implementation,
         masked=args.masked,
+        optimizer_in_backward=args.optimizer_in_backward,
     )
     try:
         est = estimate_memory(cfg, **kwargs)
@@ -788,6 +862,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             attn_implementation=args.attn_implementation,
             activation_checkpointing=args.activation_checkpointing,
             masked=args.masked,
+            optimizer_in_backward=args.optimizer_in_backward,
         )
         print()
         print(compare_table(est, m))

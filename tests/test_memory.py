@@ -254,3 +254,51 @@ def test_planner_default_seq_len_fits_small_presets(capsys):
     assert "batch 1 x 1024 tokens" in out
     assert main(["--preset", "phi-3-mini-4k"]) == 0
     assert "batch 1 x 4096 tokens" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# optimizer_in_backward
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_optimizer_in_backward_keeps_one_gradient_and_no_step_phase():
+    from phi3_lightning.model import Phi3ForCausalLM, resolve_model
+
+    kw = dict(method="full", precision="bf16-true", seq_len=4096, activation_checkpointing=True)
+    plain = estimate_memory("phi-3-mini-4k", **kw)
+    ib = estimate_memory("phi-3-mini-4k", optimizer_in_backward=True, **kw)
+    c = resolve_model("phi-3-mini-4k")[0]
+    largest = c.vocab_size * c.hidden_size  # the embedding / lm_head is phi-3-mini's largest matrix
+    assert all(o * i < largest for o, i in c.linear_shapes().values())
+    assert ib.gradients == largest * 2 and ib.step_temporaries == largest * 2  # bf16: 2 bytes
+    assert plain.gradients == plain.trainable_params * 2 and plain.peak_phase == "optimizer step"
+    # the same weights / state / activations; the gradients and step temporaries move into backward, bounded by one
+    for k in ("weights", "optimizer", "activations", "other"):
+        assert getattr(ib, k) == getattr(plain, k)
+    assert ib.total == ib.weights + ib.optimizer + ib.activations + ib.other + ib.gradients + ib.step_temporaries
+    assert ib.peak_phase == "forward/backward" and ib.optimizer_step_peak == 0
+    fwd_bwd = plain.activations + plain.other
+    saved = max(fwd_bwd, plain.gradients + plain.step_temporaries) - (fwd_bwd + ib.gradients + ib.step_temporaries)
+    assert plain.total - ib.total == saved > 10 * GiB  # with checkpointing the step phase was the peak
+    # tiny preset: the bound is the largest parameter of the built model
+    tiny = Phi3ForCausalLM(resolve_model("tiny")[0])
+    est = estimate_memory("tiny", precision="32-true", seq_len=64, optimizer_in_backward=True)
+    assert est.gradients == max(p.numel() for p in tiny.parameters()) * 4
+    with pytest.raises(ValueError, match="optimizer_in_backward runs on one GPU only"):
+        estimate_memory("tiny", strategy="ddp", world_size=2, optimizer_in_backward=True)
+    with pytest.raises(ValueError, match="accumulate_grad_batches=2"):
+        estimate_memory("tiny", accumulate_grad_batches=2, optimizer_in_backward=True)
+
+
+def test_optimizer_in_backward_measured_live_gradients_equal_the_bound():
+    est = estimate_memory("tiny", precision="32-true", seq_len=32, batch_size=2, optimizer_in_backward=True)
+    m = measure("tiny", precision="32-true", seq_len=32, batch_size=2, optimizer_in_backward=True)
+    plain = measure("tiny", precision="32-true", seq_len=32, batch_size=2)
+    assert m["gradients"] == est.gradients  # one gradient at a time, the largest (the embedding) at some moment
+    assert plain["gradients"] == est.trainable_params * 4 > 4 * m["gradients"]
+
+
+def test_planner_cli_optimizer_in_backward(capsys):
+    assert main(["--preset", "phi-3-mini-4k", "--precision", "bf16-true", "--optimizer-in-backward"]) == 0
+    out = capsys.readouterr().out
+    assert "optimizer step in backward" in out and "the optimizer steps in backward" in out

@@ -24,6 +24,7 @@ EXECUTION_SETTINGS = (
     "torch_compile",
     "compile_mode",
     "fused_kernels",
+    "optimizer_in_backward",
     "meta_init",
     "strict_head",
 )

@@ -101,6 +101,10 @@ class Phi3LightningModule(pl.LightningModule):
             ``torch.compile``; CPU and CUDA), ``liger`` (Liger Kernel's Triton ops; CUDA, ``pip install
             'phi3_lightning[liger]'``) or null (the eager modules). Same numbers within rounding; weights and
             checkpoints are unaffected.
+        optimizer_in_backward: update each parameter inside backward as soon as its gradient is complete, then
+            free that gradient (:mod:`.in_backward`): removes the gradients and the optimizer-step temporaries from
+            the peak memory, same numbers and the same checkpoint format as the plain optimizer (a run may switch it
+            on resume). One device only; not with gradient clipping, gradient accumulation or 16-mixed.
         meta_init: under FSDP2, build on the meta device and initialise each shard in place (null = on GPU yes,
             on CPU no: CPU builds the full model on every rank so the init equals a single-process one).
         strict_head: a checkpoint head (``lm_head``/``score``) of another shape is an error (true) or is
@@ -141,6 +145,7 @@ class Phi3LightningModule(pl.LightningModule):
         torch_compile: str | None = None,
         compile_mode: str | None = None,
         fused_kernels: str | None = None,
+        optimizer_in_backward: bool = False,
         meta_init: bool | None = None,
         strict_head: bool = True,
         lora: LoRAConfig | None = None,
@@ -162,6 +167,7 @@ class Phi3LightningModule(pl.LightningModule):
         self.torch_compile = torch_compile
         self.compile_mode = compile_mode
         self.fused_kernels = fused_kernels
+        self.optimizer_in_backward = bool(optimizer_in_backward)
         self.meta_init = meta_init
         self.strict_head = strict_head
         self.lora = as_lora_config(lora)
@@ -425,7 +431,14 @@ class Phi3LightningModule(pl.LightningModule):
                 continue
             (no_decay if clean_param_name(name) in self._no_decay else decay).append(p)
         groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = self.optimizer_factory([g for g in groups if g["params"]])
+        groups = [g for g in groups if g["params"]]
+        if self.optimizer_in_backward:
+            from .in_backward import InBackwardOptimizer, check_in_backward_trainer
+
+            check_in_backward_trainer(self.trainer, self.automatic_optimization)
+            optimizer = InBackwardOptimizer(self.optimizer_factory, groups)
+        else:
+            optimizer = self.optimizer_factory(groups)
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)

@@ -10,6 +10,12 @@ Both callbacks are installed by every Phi-3 LightningModule (``configure_callbac
   one extra all-reduce of that boolean with several processes. A failure raises :class:`NonFiniteError` naming the
   global step, the value and the likely causes, before the optimizer touches the weights. Every checkpoint save is
   checked too (``on_save_checkpoint`` raises), so a non-finite model is never written over a good file.
+  With ``optimizer_in_backward`` (:mod:`.in_backward`) the updates happen during backward, before
+  ``on_before_optimizer_step``: the loss is then checked in ``on_before_backward`` (a second host sync per step), so
+  a non-finite loss still stops the run before any update; the gradients are freed by then, so their finiteness
+  comes from the flags the optimizer recorded on the device before each update, and a non-finite gradient of a
+  finite loss stops the run at its step *after* that step's update was applied (the weights in memory may then be
+  non-finite; no checkpoint of them is written).
 * :class:`PreemptionCheckpoint`: SIGTERM (Lightning stops at the end of the current batch and raises its
   ``SIGTERMException``) and SIGINT (handled the same way during training: the first Ctrl-C asks for a stop at the
   end of the batch, later ones are ignored while the checkpoint is written) save a resumable checkpoint at the
@@ -110,6 +116,18 @@ def non_finite_tensor(trainer: pl.Trainer, state: dict[str, Any]) -> str | None:
     return first_non_finite(named) or "(a tensor on another process)"
 
 
+def _grad_flags(optimizer: Any) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """The gradient finiteness flags an in-backward optimizer recorded this step (None for any other one)."""
+    from .in_backward import InBackwardOptimizer
+
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps the real one
+    return optimizer.grad_finite_flags() if isinstance(optimizer, InBackwardOptimizer) else None
+
+
+def _in_backward(trainer: pl.Trainer) -> bool:
+    return any(_grad_flags(o) is not None for o in getattr(trainer, "optimizers", None) or [])
+
+
 class NonFiniteGuard(Callback):
     """Stop fit at the first non-finite training loss, gradient or weight, before it reaches the weights; refuse to
     save a checkpoint whose model tensors are non-finite.
@@ -118,6 +136,12 @@ class NonFiniteGuard(Callback):
     passes, small next to the optimizer's own), computed on the device, and one host sync to read the verdict.
     Under a loss scaler (``16-mixed``) non-finite gradients are the scaler's business (it skips those steps), so
     only the loss and the weights are checked.
+
+    With ``optimizer_in_backward`` (updates inside backward): the loss is checked before backward (a second host
+    sync), so a non-finite loss still stops the run before any update; gradients are checked through the flags the
+    optimizer recorded before each update, so a non-finite gradient of a finite loss stops the run at its step but
+    *after* that step's update (then no longer "before it reaches the weights"; still never checkpointed); the
+    weights checked are those after this step's update.
     """
 
     def __init__(self) -> None:
@@ -129,6 +153,17 @@ class NonFiniteGuard(Callback):
         self._losses = []
 
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
+        if _in_backward(trainer):
+            # the updates run inside this backward: check the loss now (a host sync), before any update
+            value = loss.detach().float().reshape(())
+            if not bool(torch.isfinite(value)):
+                raise NonFiniteError(
+                    f"the training loss is {_fmt(float(value))} at global step {trainer.global_step} (epoch "
+                    f"{trainer.current_epoch}); the run stopped before backward, so no update of this step was "
+                    f"applied (optimizer_in_backward) and the weights are still finite; nothing of this step is "
+                    f"saved. {CAUSES.format(**_settings(trainer))}"
+                )
+            return
         self._losses.append(loss.detach())
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
@@ -138,6 +173,11 @@ class NonFiniteGuard(Callback):
         grads = [] if scaler is not None else [_local(p.grad) for p in params if p.grad is not None]
         weights = [_local(p.detach()) for p in params]
         flags = []
+        grad_flags = _grad_flags(optimizer)
+        if grad_flags is not None:  # optimizer_in_backward: updated and freed already; the flags it recorded
+            grads = []
+            if grad_flags:
+                flags.append(torch.stack([f.to(grad_flags[0][1].device) for _, f in grad_flags]).all())
         if losses:
             flags.append(torch.isfinite(torch.stack(losses)).all())
         if grads or weights:
@@ -147,9 +187,32 @@ class NonFiniteGuard(Callback):
         if trainer.world_size > 1:
             bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
         if bad:
-            raise NonFiniteError(self._diagnose(trainer, pl_module, optimizer, losses, scaler is None))
+            if grad_flags and not all(bool(f) for _, f in grad_flags):
+                raise NonFiniteError(self._diagnose_in_backward(trainer, pl_module, grad_flags))
+            raise NonFiniteError(
+                self._diagnose(trainer, pl_module, optimizer, losses, scaler is None, grad_flags is not None)
+            )
 
-    def _diagnose(self, trainer, pl_module, optimizer, losses: list[torch.Tensor], check_grads: bool) -> str:
+    def _diagnose_in_backward(self, trainer, pl_module, grad_flags) -> str:
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        bad = next((names.get(id(p), "?") for p, f in grad_flags if not bool(f)), "?")
+        return (
+            f"the gradient norm is non-finite at global step {trainer.global_step} (epoch {trainer.current_epoch}; "
+            f"first non-finite gradient: {bad}) although the loss was finite. With optimizer_in_backward the "
+            "parameters are updated during backward, so this step's update was already applied when it was found: "
+            "the weights in memory may be non-finite; the run stopped and nothing of this step is saved (the last "
+            f"checkpoint is the good one). {CAUSES.format(**_settings(trainer))}"
+        )
+
+    def _diagnose(
+        self,
+        trainer,
+        pl_module,
+        optimizer,
+        losses: list[torch.Tensor],
+        check_grads: bool,
+        in_backward: bool = False,
+    ) -> str:
         step = trainer.global_step
         where = f"global step {step} (epoch {trainer.current_epoch})"
         names = {id(p): n for n, p in pl_module.named_parameters()}
@@ -157,7 +220,10 @@ class NonFiniteGuard(Callback):
         causes = CAUSES.format(**_settings(trainer))
         weight = first_non_finite([(n, _local(p.detach())) for n, p in params])
         if weight is not None:
-            when = f"the optimizer update of global step {step - 1}" if step > 0 else "before the first update"
+            if in_backward:  # this step's update ran in its backward, before this check
+                when = f"the optimizer update of global step {step} (applied during backward: optimizer_in_backward)"
+            else:
+                when = f"the optimizer update of global step {step - 1}" if step > 0 else "before the first update"
             return (
                 f"the model weights became non-finite in {when} (first: {weight}) although that step's loss and "
                 f"gradients were finite; stopped at {where}; no checkpoint of them is written. Likely causes: float16 "
