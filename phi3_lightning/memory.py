@@ -177,7 +177,9 @@ class MemoryEstimate:
         s = self.settings
         what = "LoRA (r={}) fine-tuning".format(s["lora_rank"]) if s["method"] == "lora" else "full fine-tuning"
         where = "1 GPU" if s["strategy"] == "single" else f"{s['strategy']} x {s['world_size']} GPUs"
-        ckpt = ", activation checkpointing" if s["activation_checkpointing"] else ""
+        every = s["activation_checkpointing"]
+        ckpt = ", activation checkpointing" if every else ""
+        ckpt += f" of every {ordinal(every)} layer" if every > 1 else ""
         ckpt += ", optimizer step in backward" if s.get("optimizer_in_backward") else ""
         return (
             f"{what} of {s['model']} ({self.params / 1e9:.2f}B params, {self.trainable_params / 1e6:.1f}M trained) "
@@ -298,6 +300,30 @@ def layer_activation_bytes(
     return total
 
 
+def checkpointed_layers(num_layers: int, every: int) -> int:
+    """How many of ``num_layers`` decoder layers activation checkpointing recomputes when it takes every
+    ``every``-th one (layers 0, every, 2*every, ...; 0 = none)."""
+    return 0 if not every else -(-num_layers // every)
+
+
+def ordinal(n: int) -> str:
+    """2 -> '2nd', 3 -> '3rd', 11 -> '11th'."""
+    suffix = "th" if n % 100 in (11, 12, 13) else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def as_checkpoint_every(value: bool | int) -> int:
+    """``activation_checkpointing`` as a number: False/0 -> 0 (off), True/1 -> 1 (every layer), n -> every n-th."""
+    if value is True or value is False:
+        return int(value)
+    if not isinstance(value, int) or value < 0:
+        raise ValueError(
+            f"activation_checkpointing={value!r}: give true (every decoder layer), false, or a whole number n >= 1 "
+            "(recompute every n-th layer: 2 = half of them)"
+        )
+    return value
+
+
 def _activation_parts(
     c: Phi3Config,
     precision: str,
@@ -305,7 +331,7 @@ def _activation_parts(
     head: str,
     batch_size: int,
     seq_len: int,
-    checkpointing: bool,
+    checkpointing: int,
     lora_rank: int,
     attn_implementation: str,
     masked: bool,
@@ -322,8 +348,12 @@ def _activation_parts(
     first = layer_activation_bytes(c, precision, tokens, seq_len, first_layer=True, **kw)
     parts: dict[str, int] = {}
     if checkpointing:  # the layer being recomputed in backward is counted under "other"
-        parts["checkpointed layer inputs"] = L * r * h * tokens
-        parts["checkpoint RNG states"] = L * _RNG_STATE_BYTES
+        # layers 0, n, 2n, ... are recomputed (n = 1: all); the others keep their activations as without checkpointing
+        kept = checkpointed_layers(L, checkpointing)
+        parts["checkpointed layer inputs"] = kept * r * h * tokens
+        parts["checkpoint RNG states"] = kept * _RNG_STATE_BYTES
+        if kept < L:
+            parts["decoder layers not checkpointed"] = (L - kept) * layer
         dense = (kind == "scores" and masked) or (kind == "repeated_kv" and window_mask and not masked)
         if dense:  # the shared bool mask stays referenced
             parts["attention mask (bool, shared)"] = batch_size * seq_len * seq_len
@@ -360,7 +390,7 @@ def estimate_memory(
     world_size: int = 1,
     seq_len: int = 4096,
     batch_size: int = 1,
-    activation_checkpointing: bool = False,
+    activation_checkpointing: bool | int = False,
     lora_rank: int = 16,
     optimizer: str = "adamw",
     head: str = "causal_lm",
@@ -375,9 +405,11 @@ def estimate_memory(
     padding or packed documents (SDPA then runs document by document: no dense mask; on full rows the sliding
     window of the 4k checkpoints adds a dense one above 2047 tokens). ``accumulate_grad_batches > 1`` keeps gradients alive through the forward.
     ``optimizer_in_backward``: each parameter is stepped in backward (one gradient alive at a time; see the module
-    docstring); single GPU, no accumulation.
+    docstring); single GPU, no accumulation. ``activation_checkpointing``: True (every decoder layer) or n (layers
+    0, n, 2n, ... are recomputed; the others keep their activations).
     """
     c, name = _resolve_config(config_or_preset)
+    activation_checkpointing = as_checkpoint_every(activation_checkpointing)
     checks = [
         (method, METHODS, "method"),
         (precision, PRECISIONS, "precision"),
@@ -564,8 +596,10 @@ def explain_oom(config_or_preset: Phi3Config | str, device_bytes: int | None = N
         msg += f" but the GPU has {device_bytes / GiB:.1f} GiB"
     budget = 0.9 * device_bytes if device_bytes else None
     base = {k: v for k, v in s.items() if k != "model"}
-    ckpt = not s["activation_checkpointing"]
+    ckpt = s["activation_checkpointing"] != 1  # not every layer recomputed yet
     candidates: list[tuple[str, dict]] = []
+    if not s["activation_checkpointing"]:  # half the recompute cost first
+        candidates.append(("activation checkpointing of every 2nd layer", dict(activation_checkpointing=2)))
     if ckpt:
         candidates.append(("activation checkpointing", dict(activation_checkpointing=True)))
     if s["batch_size"] > 1:
@@ -612,7 +646,7 @@ def measure(
     batch_size: int = 2,
     lora_rank: int = 16,
     attn_implementation: str = DEFAULT_BACKEND,
-    activation_checkpointing: bool = False,
+    activation_checkpointing: bool | int = False,
     masked: bool = False,
     optimizer_in_backward: bool = False,
 ) -> dict[str, int]:
@@ -643,8 +677,9 @@ def measure(
     model = Phi3ForCausalLM(c, attn_implementation=attn_implementation).to(dtype).train()
     if method == "lora":
         apply_lora(model, LoRAConfig(r=lora_rank))
+    activation_checkpointing = as_checkpoint_every(activation_checkpointing)
     if activation_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(activation_checkpointing)
     params = {p_.untyped_storage().data_ptr() for p_ in model.parameters()}
     ids = torch.randint(0, c.vocab_size, (batch_size, seq_len))
     position_ids = None
@@ -684,6 +719,12 @@ def measure(
         # Checkpointing keeps non-differentiable layer inputs (rope cos/sin, the mask) as plain references, which
         # the hooks do not see: add every tensor that appeared during the forward and is not a parameter or output.
         skip = params | before | {t.untyped_storage().data_ptr() for t in (out.loss, out.hidden_states)}
+        # the fused loss's cached CPU workspace (created by the first call in a process) is working memory ("other")
+        from .model.loss import _cpu_workspace
+
+        workspace = getattr(_cpu_workspace, "buf", None)
+        if workspace is not None:
+            skip.add(workspace.untyped_storage().data_ptr())
         for t in live_tensors():
             if t.untyped_storage().data_ptr() not in skip:
                 pack(t)
@@ -785,8 +826,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=1, help="micro-batch per GPU")
     ap.add_argument(
         "--activation-checkpointing",
-        action="store_true",
-        help="recompute each decoder layer in backward (keeps only layer inputs)",
+        nargs="?",
+        type=int,
+        const=1,
+        default=0,
+        metavar="N",
+        help="recompute decoder layers in backward, keeping only their inputs: every layer, or with N every N-th "
+        "one (2 = half of them: about half the saving for half the extra compute)",
     )
     ap.add_argument(
         "--optimizer-in-backward",

@@ -97,6 +97,22 @@ def test_activation_checkpointing_keeps_layer_inputs_only():
     assert layer == tokens * (2 * (8 * h + 4) + 2 * 6 * h + 4 * 32 + 8 * i_sz)
 
 
+def test_partial_checkpointing_keeps_the_other_layers_activations():
+    kw = dict(precision="bf16-true", seq_len=2048, batch_size=1, method="full")
+    cfg = get_preset("phi-3-mini-4k", sliding_window=None)
+    tokens = 2048
+    layer = layer_activation_bytes(cfg, "bf16-true", tokens, 2048)
+    every = {n: estimate_memory(cfg, activation_checkpointing=n, **kw) for n in (1, 2, 3)}
+    for n, kept in ((1, 32), (2, 16), (3, 11)):  # layers 0, n, 2n, ... of 32
+        d = every[n].details
+        assert d["activations: checkpointed layer inputs"] == kept * 2 * 3072 * tokens
+        assert d.get("activations: decoder layers not checkpointed", 0) == (32 - kept) * layer
+    assert every[1].activations < every[3].activations < every[2].activations + 6 * layer
+    assert estimate_memory(cfg, activation_checkpointing=True, **kw).total == every[1].total
+    with pytest.raises(ValueError, match="whole number n >= 1"):
+        estimate_memory(cfg, activation_checkpointing=-2, **kw)
+
+
 # The formula vs what autograd really saves (unique storages seen by saved_tensors_hooks, parameters excluded).
 @pytest.mark.parametrize(
     "preset, method, precision, attn, ckpt",
@@ -107,6 +123,8 @@ def test_activation_checkpointing_keeps_layer_inputs_only():
         ("tiny-gqa", "lora", "bf16-true", "sdpa", False),
         ("tiny", "full", "32-true", "sdpa", True),
         ("tiny-gqa", "lora", "bf16-mixed", "sdpa", True),
+        ("tiny", "full", "32-true", "sdpa", 2),  # partial: layer 0 recomputed, layer 1 keeps its activations
+        ("tiny-gqa", "lora", "bf16-true", "sdpa", 2),
     ],
 )
 def test_estimate_matches_measured_bytes(preset, method, precision, attn, ckpt):

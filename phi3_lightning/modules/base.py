@@ -92,8 +92,9 @@ class Phi3LightningModule(pl.LightningModule):
             only (norm weights and biases get 0).
         lr_scheduler: LR scheduler (e.g. ``phi3_lightning.modules.WarmupDecayLR``: warmup + cosine/linear decay),
             stepped every optimizer step; null = constant learning rate.
-        activation_checkpointing: recompute each decoder layer in backward (saves activation memory, ~30% more
-            compute).
+        activation_checkpointing: recompute decoder layers in backward instead of keeping their activations:
+            true = every layer (~30% more compute), n = every n-th layer (layers 0, n, 2n, ...: about 1/n of the
+            saving for 1/n of the extra compute), false = none.
         torch_compile: ``layers`` (compile each decoder layer; works with FSDP2), ``model`` (the whole head) or
             null (eager).
         compile_mode: ``torch.compile`` mode (``default``, ``reduce-overhead``, ``max-autotune``).
@@ -141,7 +142,7 @@ class Phi3LightningModule(pl.LightningModule):
         attn_implementation: str = DEFAULT_BACKEND,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
-        activation_checkpointing: bool = False,
+        activation_checkpointing: bool | int = False,
         torch_compile: str | None = None,
         compile_mode: str | None = None,
         fused_kernels: str | None = None,
@@ -163,6 +164,12 @@ class Phi3LightningModule(pl.LightningModule):
         self.attn_implementation = attn_implementation
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
+        if not isinstance(activation_checkpointing, int) or activation_checkpointing < 0:
+            raise ValueError(
+                f"activation_checkpointing={activation_checkpointing!r}: give true (recompute every decoder layer), "
+                "false, or a whole number n >= 1 (recompute every n-th layer: 2 = half of them, for about half the "
+                "saving and half the extra compute)"
+            )
         self.activation_checkpointing = activation_checkpointing
         self.torch_compile = torch_compile
         self.compile_mode = compile_mode
@@ -302,7 +309,7 @@ class Phi3LightningModule(pl.LightningModule):
             check_fused_kernels(self.fused_kernels, device=device)  # liger on a CPU run: said before any step
             head.set_fused_kernels(self.fused_kernels)  # before compile: the compiled layers trace the fused path
         if self.activation_checkpointing:
-            head.gradient_checkpointing_enable()
+            head.gradient_checkpointing_enable(int(self.activation_checkpointing))
         if self.torch_compile == "layers":
             for layer in head.model.layers:
                 layer.compile(mode=self.compile_mode)

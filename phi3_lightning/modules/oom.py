@@ -78,7 +78,7 @@ def oom_settings(
         world_size=world,
         seq_len=min(seq_len, module.config.max_position_embeddings),
         batch_size=batch_size,
-        activation_checkpointing=bool(getattr(module, "activation_checkpointing", False)),
+        activation_checkpointing=int(getattr(module, "activation_checkpointing", False) or 0),
         lora_rank=lora.r if lora is not None else 16,
         optimizer=_optimizer_name(trainer),
         head=module.task,
@@ -107,6 +107,8 @@ def planner_command(source: list[str], settings: dict[str, Any]) -> str:
         parts += ["--strategy", s["strategy"], "--devices", str(s["world_size"])]
     if s["activation_checkpointing"]:
         parts.append("--activation-checkpointing")
+        if s["activation_checkpointing"] > 1:
+            parts.append(str(s["activation_checkpointing"]))
     if s["method"] == "lora" and s["lora_rank"] != 16:
         parts += ["--lora-rank", str(s["lora_rank"])]
     if s["head"] != "causal_lm":

@@ -120,6 +120,13 @@ def test_activation_checkpointing_and_compile_settings(monkeypatch):
     compiled.clear()
     built(CausalLMModule(torch_compile="model"))
     assert compiled == [("Phi3ForCausalLM", {"mode": None})]
+    assert built(CausalLMModule(activation_checkpointing=True)).head.model.checkpoint_every == 1
+    half = built(CausalLMModule(activation_checkpointing=2)).head.model
+    assert half.gradient_checkpointing and half.checkpoint_every == 2
+    assert not built(CausalLMModule(activation_checkpointing=False)).head.model.gradient_checkpointing
+    for bad in (-1, 1.5, "2"):
+        with pytest.raises(ValueError, match="whole number n >= 1"):
+            CausalLMModule(activation_checkpointing=bad)
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
