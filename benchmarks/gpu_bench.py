@@ -13,7 +13,9 @@ Sections (the markdown table file and the console carry all of them, in this ord
      preparation (flex: the block-mask build) timed separately.
   3. Training-step grid: full-size model (random init on the meta device), bf16 weights + fused AdamW state, packed
      rows, fused cross-entropy: attention x compile (per layer) x fused kernels, most informative rows first.
-  4. transformers' Phi3ForCausalLM vs ours on the same unpacked rows (sdpa, no compile), and our best setting there.
+  4. transformers' Phi3ForCausalLM vs ours on the same unpacked rows (sdpa, no compile), and our best setting there;
+     when that misses 0.7x transformers' peak memory, a memory-lean row of it: the optimizer step in backward plus
+     activation checkpointing of every n-th layer, n the largest the memory planner predicts to reach 0.7x.
   5. LoRA r=16 on every linear layer of the decoder, frozen bf16 base: peak memory and tokens/s.
   6. The Lightning path: ``python -m phi3_lightning fit`` (bf16-true + compile + FSDP2, one device,
      configs/bench/gpu_fit.yaml) vs the bare step of the same setting on the same data.
@@ -47,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from phi3_lightning import Phi3ForCausalLM, get_preset
+from phi3_lightning.memory import ordinal
 from phi3_lightning.model import backends as B
 from phi3_lightning.model.backends import BACKENDS, backend_available
 from phi3_lightning.model.masking import build_context
@@ -71,7 +74,7 @@ FLOPS_NOTE = (
 )
 
 # time estimates (s) used to plan the budget before anything has been measured; measured walls replace them
-EST = {"eager_row": 20.0, "compile_row": 60.0, "attention": 40.0, "hf": 45.0, "lora": 20.0, "fit": 120.0, "bare": 45.0}
+EST = {"eager_row": 20.0, "compile_row": 60.0, "attention": 40.0, "hf": 90.0, "lora": 20.0, "fit": 120.0, "bare": 45.0}
 
 
 def section_estimate(sec: int) -> float:
@@ -301,20 +304,40 @@ def reset_dynamo() -> None:
         pass
 
 
-def train_steps(args, model, batches, loss_fn, cuda: bool, tokens_per_step: float | None = None) -> dict:
+def train_steps(
+    args, model, batches, loss_fn, cuda: bool, tokens_per_step: float | None = None, in_backward: bool = False
+) -> dict:
     """Time ``loss.backward() + AdamW.step()`` (fused on CUDA) over the rotating ``batches``; the model and the
-    optimizer state stay alive only inside this call. Raises on a non-finite loss."""
+    optimizer state stay alive only inside this call. Raises on a non-finite loss. ``in_backward``: the package's
+    InBackwardOptimizer steps each parameter inside backward (``optimizer_in_backward``), same AdamW."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, fused=True) if cuda else torch.optim.AdamW(params, lr=1e-5)
+
+    def adamw(groups):
+        return torch.optim.AdamW(groups, lr=1e-5, fused=True) if cuda else torch.optim.AdamW(groups, lr=1e-5)
+
+    if in_backward:
+        from phi3_lightning.modules.in_backward import InBackwardOptimizer
+
+        opt = InBackwardOptimizer(adamw, params)
+    else:
+        opt = adamw(params)
     model.train()
     state = {"i": 0, "losses": []}
 
     def step():
         b = batches[state["i"] % len(batches)]
         state["i"] += 1
-        loss = loss_fn(b)
-        loss.backward()
-        opt.step()
+
+        def closure():
+            loss = loss_fn(b)
+            loss.backward()
+            return loss
+
+        if in_backward:
+            loss = opt.step(closure)  # the updates happen inside its backward
+        else:
+            loss = closure()
+            opt.step()
         opt.zero_grad(set_to_none=True)
         state["losses"].append(loss.detach())
 
@@ -337,14 +360,17 @@ def causal_loss(model):
     return lambda b: model(**b, return_logits=False).loss
 
 
-def build_model(cfg, attn: str, device, dtype, fused: str = "none", compiled: bool = False):
-    """Random-init model as a large run builds it: on the meta device, materialised in place on ``device``."""
+def build_model(cfg, attn: str, device, dtype, fused: str = "none", compiled: bool = False, checkpoint_every: int = 0):
+    """Random-init model as a large run builds it: on the meta device, materialised in place on ``device``.
+    ``checkpoint_every``: activation checkpointing of every n-th decoder layer (0: none)."""
     with torch.device("meta"):
         model = Phi3ForCausalLM(cfg, attn_implementation=attn, device=torch.device("meta"))
     model.to_empty(device=device)
     model.reset_parameters()
     model = model.to(dtype)
     apply_fused(model, fused)
+    if checkpoint_every:
+        model.gradient_checkpointing_enable(checkpoint_every)
     if compiled:
         for layer in model.model.layers:
             layer.compile()
@@ -722,11 +748,11 @@ def hf_side_by_side(args, rep: Report, device, cuda: bool, peak: float, results:
     flops = cfg.flops_per_token(args.seq)
     got = {}
 
-    def row(label, build, loss_fn):
+    def row(label, build, loss_fn, in_backward=False):
         reset_dynamo()
         try:
             model = build()
-            r = train_steps(args, model, batches, lambda b: loss_fn(model, b), cuda)
+            r = train_steps(args, model, batches, lambda b: loss_fn(model, b), cuda, in_backward=in_backward)
             got[label] = r
             mfu = r["tok_s"] * flops / (peak * 1e12)
             rep.log(4, f"| {label} | {r['tok_s']:,.0f} | {mfu * 100:.1f}% | {r['peak']} | {r['sec'] * 1e3:.0f} |")
@@ -761,13 +787,22 @@ def hf_side_by_side(args, rep: Report, device, cuda: bool, peak: float, results:
     base = Setting("sdpa", False, "none")
     row(f"ours | {base.label}", lambda: build_model(cfg, "sdpa", device, dtype), ours)
     best = best_setting(results)
+    fastest = f"ours | {base.label}"
     if best is not None and best != base:
-        row(
-            f"ours (best grid setting) | {best.label}",
-            lambda: build_model(cfg, best.attn, device, dtype, best.fused, best.compiled),
-            ours,
-        )
+        fastest = f"ours (best grid setting) | {best.label}"
+        row(fastest, lambda: build_model(cfg, best.attn, device, dtype, best.fused, best.compiled), ours)
     hf = got.get("transformers | sdpa | off | none")
+    lean = best if best is not None else base
+    every, why = lean_checkpointing(args, cfg, lean, hf, got.get(fastest), cuda)
+    if every:
+        row(
+            f"ours (memory-lean: optimizer in backward + checkpointing {every_layer(every)}) | {lean.label}",
+            lambda: build_model(cfg, lean.attn, device, dtype, lean.fused, lean.compiled, checkpoint_every=every),
+            ours,
+            in_backward=True,
+        )
+    if why:
+        rep.log(4, f"\nmemory-lean row: {why}")
     if hf:
         rep.log(4, "")
         for label, r in got.items():
@@ -783,6 +818,41 @@ def hf_side_by_side(args, rep: Report, device, cuda: bool, peak: float, results:
                     4,
                     f"- {label}: {speed:.2f}x transformers' tokens/s at {mem_txt} (goal >= 1.5x at <= 0.7x: {met})",
                 )
+
+
+def every_layer(n: int) -> str:
+    return "every layer" if n == 1 else f"every {ordinal(n)} layer"
+
+
+def lean_checkpointing(args, cfg, s: Setting, hf: dict | None, fastest: dict | None, cuda: bool):
+    """(n, why): the memory-lean row of section 4 -- the optimizer step in backward plus activation checkpointing of
+    every n-th layer, the fewest recomputed layers the planner predicts to reach <= 0.7x transformers' measured peak
+    -- or (None, why) when no such row is needed or it cannot be judged. The prediction scales what the fastest row
+    measured beyond weights + AdamW state (its activations and working memory) by the planner's ratio for n."""
+    if not cuda:
+        return 2, "CPU smoke: every 2nd layer, to run the path (peak memory is not measured on CPU)"
+    if not hf or not fastest or hf.get("peak") in (None, "-") or fastest.get("peak") in (None, "-"):
+        return None, "not run: transformers' or our fastest row has no measured peak"
+    target = 0.7 * float(hf["peak"])
+    measured = float(fastest["peak"])
+    if measured <= target:
+        return None, f"not needed: the fastest row's {measured:.1f} GiB is within 0.7x transformers' ({target:.1f} GiB)"
+    from phi3_lightning.memory import estimate_memory
+
+    kw = dict(method="full", precision="bf16-true", seq_len=args.seq, batch_size=args.batch, attn_implementation="sdpa")
+    base = estimate_memory(cfg, optimizer_in_backward=True, **kw)
+    fixed = (base.weights + base.optimizer) / 2**30
+    working = max(measured - fixed, 0.0)  # measured activations + working memory (+ gradients, if they were the peak)
+    for n in (8, 4, 2, 1):
+        e = estimate_memory(cfg, activation_checkpointing=n, optimizer_in_backward=True, **kw)
+        ratio = (e.activations + e.other) / (base.activations + base.other)
+        predicted = fixed + working * ratio + (e.gradients + e.step_temporaries) / 2**30
+        if predicted <= 0.97 * target or n == 1:
+            return n, (
+                f"{every_layer(n)} recomputed, predicted {predicted:.1f} GiB against 0.7x transformers' "
+                f"peak = {target:.1f} GiB (the fastest row measured {measured:.1f} GiB)"
+            )
+    return None, ""  # unreachable: n == 1 always returns
 
 
 # ------------------------------------------------------------------------------------------------------ section 5

@@ -168,3 +168,28 @@ def test_a_wrong_baseline_stops_everything(bench, monkeypatch, tmp_path, baselin
     assert bench.main(["--budget-s", "2000", "--out", str(tmp_path / "t.md")]) == 1
     assert ran == ["env", "gate"]
     assert "nothing is timed" in (tmp_path / "t.md").read_text()
+
+
+def test_memory_lean_row_recomputes_the_fewest_layers_that_reach_the_goal(bench):
+    """Section 4's memory-lean row: optimizer in backward + checkpointing every n-th layer, n as large as the planner
+    allows for <= 0.7x transformers' measured peak; none when the fastest row already meets it."""
+    cfg = bench.get_preset("phi-3-mini-4k")
+    args = SimpleNamespace(seq=4096, batch=1)
+    s = bench.Setting("flash_attention_2", True, "liger")
+
+    def choose(hf_peak, ours_peak):
+        return bench.lean_checkpointing(args, cfg, s, {"peak": f"{hf_peak:.1f}"}, {"peak": f"{ours_peak:.1f}"}, True)
+
+    n, why = choose(50.0, 34.0)
+    assert n is None and "not needed" in why
+    chosen = {}
+    for hf_peak in (30.0, 40.0, 46.0, 52.0, 57.0):
+        n, why = choose(hf_peak, 42.0)
+        predicted = float(re.search(r"predicted ([\d.]+) GiB", why).group(1))
+        assert n == 1 or predicted <= 0.97 * 0.7 * hf_peak, why
+        chosen[hf_peak] = n
+    # a looser goal never needs more recomputation; a goal out of reach falls back to every layer
+    assert [chosen[k] for k in sorted(chosen)] == sorted(chosen.values())
+    assert chosen[30.0] == 1 and chosen[57.0] > 1
+    assert bench.lean_checkpointing(args, cfg, s, None, {"peak": "42.0"}, True)[0] is None
+    assert bench.lean_checkpointing(args, cfg, s, {"peak": "-"}, {"peak": "42.0"}, True)[0] is None
