@@ -384,3 +384,44 @@ def test_cli_fit_resume_switch_and_huge_lr(tmp_path, cache):
         "fit", *_cli_args(tmp_path / "logs2", cache, "--model.init_args.optimizer_in_backward", "true")
     )
     assert rc == 1 and "gradient_clip_val=1.0" in err and "optimizer_in_backward" in err, err[-2000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused / foreach CUDA AdamW kernels need a CUDA GPU")
+@pytest.mark.parametrize("impl", ["fused", "foreach"])
+def test_cuda_adamw_in_backward_equals_the_plain_multi_tensor_step(impl):
+    """On CUDA the plain AdamW updates all parameters in one multi-tensor (foreach) or fused kernel; in backward
+    each parameter gets its own. The per-element arithmetic is the same, so the weights and state must be equal bit
+    for bit. The gradients come from an elementwise loss (deterministic on the GPU, unlike a model's backward)."""
+    factory = functools.partial(FACTORY, **{impl: True})
+    g = torch.Generator().manual_seed(0)
+    shapes = [(96, 64), (64,), (3, 32, 16), (1000, 8)]
+    init = [torch.randn(s, generator=g).cuda().bfloat16() for s in shapes]
+    targets = [torch.randn(s, generator=g).cuda().bfloat16() for s in shapes]
+
+    def run(in_backward):
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        groups = [{"params": params[::2]}, {"params": params[1::2], "weight_decay": 0.0}]
+        opt = InBackwardOptimizer(factory, groups) if in_backward else factory(groups)
+        sched = _scheduler(opt)
+        for step in range(STEPS):
+
+            def closure(step=step):
+                loss = sum(((p - (step + 1) * t) ** 2).sum() for p, t in zip(params, targets))
+                loss.backward()
+                return loss
+
+            if in_backward:
+                opt.step(closure)
+            else:
+                closure()
+                opt.step()
+                opt.zero_grad()
+            sched.step()
+        return params, opt.state_dict()
+
+    (plain, plain_state), (ib, ib_state) = run(False), run(True)
+    for i, (a, b) in enumerate(zip(plain, ib)):
+        assert not torch.equal(a, init[i])  # it trained
+        assert torch.equal(a, b), shapes[i]
+    _assert_state_equal(plain_state, ib_state)
