@@ -342,6 +342,12 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     path = Path(path)
     try:
         if path.is_dir():
+            if not any(path.glob("*.metadata")):
+                raise UsageError(
+                    f"{path} is a directory but not a distributed (FSDP2) checkpoint (it has no .metadata index); "
+                    "pass a .ckpt file written by fit (e.g. logs/<run>/<backend>/version_0/checkpoints/last.ckpt), "
+                    "or --ckpt_path last / best"
+                )
             verify_checkpoint(path)
             return {}
         ckpt = load_checkpoint_file(path, mmap=True)
