@@ -206,3 +206,39 @@ def test_unreadable_and_mismatched_checkpoints_are_one_line_errors(runs, tmp_pat
     rc, _, err = run_main("validate", *small_args("sequence_classification", logs, cache), "--ckpt_path", ckpt)
     assert rc == 1 and "Traceback" not in err
     assert "causal_lm" in err and "sequence_classification" in err and "configs/causal_lm.yaml" in err
+
+
+def test_a_directory_that_is_no_checkpoint_is_refused_before_a_log_version_is_made(runs, tmp_path):
+    # e.g. an export or a run directory given by mistake: it used to pass the checks (only FSDP2 directories are
+    # checkpoints), fail inside Lightning and leave a new, useless version_N behind
+    logs, _ = runs
+    not_ckpt = tmp_path / "export"
+    not_ckpt.mkdir()
+    (not_ckpt / "config.json").write_text("{}")
+
+    def versions():
+        return sorted(p for p in logs.rglob("version_*") if p.is_dir())
+
+    before = versions()
+    for command in ("fit", "validate"):
+        rc, _, err = run_main(command, *_args(runs, "--ckpt_path", not_ckpt))
+        assert rc == 1 and "Traceback" not in err, err[-3000:]
+        assert f"{not_ckpt} is a directory but not a distributed (FSDP2) checkpoint" in err
+        assert versions() == before
+
+
+@pytest.mark.parametrize(
+    "setting,value,old",
+    [("add_eos", "false", "True"), ("add_bos", "true", "False"), ("split_long", "false", "True")],
+)
+def test_fit_resume_with_data_settings_that_change_the_training_rows_is_refused(runs, setting, value, old):
+    # these change every packed row but (here) not their number, so the loader's own check let them through and
+    # the resumed epoch silently continued over other rows than the ones it had started
+    logs, _ = runs
+    ckpt = logs / "a" / "version_0" / "checkpoints" / "last.ckpt"
+    before = sorted(p for p in logs.rglob("version_*") if p.is_dir())
+    rc, _, err = run_main("fit", *_args(runs, "--ckpt_path", ckpt, f"--data.init_args.{setting}", value))
+    assert rc == 1 and "Traceback" not in err, err[-3000:]
+    assert f"data.init_args.{setting} is {value.capitalize()} here but {old} in the checkpoint" in err
+    assert "the same training rows" in err
+    assert sorted(p for p in logs.rglob("version_*") if p.is_dir()) == before

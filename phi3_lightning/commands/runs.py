@@ -30,6 +30,19 @@ EXECUTION_SETTINGS = (
 )
 # Settings whose state resumes from the checkpoint in fit (and that evaluation does not use).
 TRAINING_SETTINGS = ("optimizer", "lr_scheduler")
+# Data settings that do not change the training rows or their order: free to change when fit resumes. Every other
+# data setting must equal the checkpoint's (the loader's position means "batch k of these rows").
+DATA_EXECUTION_SETTINGS = (
+    "num_workers",
+    "progress",
+    "cache_dir",
+    "eval_batch_size",
+    "padding_side",
+    "pad_to_multiple_of",
+    "val_file",
+    "test_file",
+    "tokenizer",  # compared for every command below
+)
 # Linked from the data module at instantiation; checked against the checkpoint once the model exists.
 LABEL_FACTS = ("num_labels", "label_names", "problem_type", "id2label", "label2id")
 
@@ -343,6 +356,12 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     path = Path(path)
     try:
         if path.is_dir():
+            if not any(path.glob("*.metadata")):
+                raise UsageError(
+                    f"{path} is a directory but not a distributed (FSDP2) checkpoint (it has no .metadata index); "
+                    "pass a .ckpt file written by fit (e.g. logs/<run>/<backend>/version_0/checkpoints/last.ckpt), "
+                    "or --ckpt_path last / best"
+                )
             verify_checkpoint(path)
             return {}
         ckpt = load_checkpoint_file(path, mmap=True)
@@ -440,11 +459,26 @@ def check_ckpt_settings(cfg: Any, ckpt: dict[str, Any], subcommand: str, path: P
     tokenizer = getattr(getattr(cfg.get("data"), "init_args", None), "tokenizer", None)
     if info.get("tokenizer") is not None and tokenizer is not None and str(tokenizer) != str(info["tokenizer"]):
         problems.append(("data.init_args.tokenizer", info["tokenizer"], str(tokenizer), "tokenizer"))
+    data_hparams = dict(ckpt.get("datamodule_hyper_parameters") or {})
+    data_args = _plain(getattr(cfg.get("data"), "init_args", None) or {})
+    if subcommand == "fit" and data_args and data_hparams:
+        for key, ckpt_value in data_hparams.items():
+            if key.startswith("_") or key not in data_args or key in DATA_EXECUTION_SETTINGS:
+                continue
+            diff = _differences(_plain(ckpt_value), data_args[key], key)
+            problems += [(f"data.init_args.{k}", a, b, "data") for k, a, b in diff]
     if not problems:
         return
     name, old, new, key = problems[0]
     more = f" (also: {', '.join(p[0] for p in problems[1:])})" if len(problems) > 1 else ""
-    if key in TRAINING_SETTINGS:
+    if key == "data":
+        why = (
+            "fit resumes the checkpoint's epoch at its next batch, which needs the same training rows in the same "
+            "order; set it back to the checkpoint's value, or train on other data as a new run from the weights: "
+            f"python -m phi3_lightning export --checkpoint {path} --output DIR, then fit --model.init_args.model DIR "
+            "without --ckpt_path"
+        )
+    elif key in TRAINING_SETTINGS:
         why = (
             "the optimizer and LR-scheduler state resume from the checkpoint, so the new value would not be used; "
             "set it back to the checkpoint's value, or train on with other settings as a new run from the "

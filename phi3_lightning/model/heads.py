@@ -21,6 +21,7 @@ from .linear import Linear
 from .loss import (
     IGNORE_INDEX,
     causal_lm_loss,
+    check_causal_lm_labels,
     fused_linear_cross_entropy,
     sequence_classification_loss,
     shift_labels,
@@ -165,6 +166,8 @@ class Phi3ForCausalLM(Phi3PreTrainedHead):
         no (B, T, V) tensor is ever materialised, which is what training uses.
         """
         h = self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds)  # (B, T, H)
+        if labels is not None and labels.device.type == "cpu":
+            check_causal_lm_labels(labels, self.config.vocab_size)  # CUDA labels: checked on the host by the module
         if labels is not None and attention_mask is not None:
             labels = ignore_targets_after_padding(labels, attention_mask)
         if labels is not None and not return_logits:

@@ -132,6 +132,26 @@ def fused_linear_cross_entropy(
         return _LinearCrossEntropy.apply(h, weight, targets.index_select(0, keep), chunk_size)
 
 
+def check_causal_lm_labels(labels: torch.Tensor, vocab_size: int) -> None:
+    """Causal-LM labels must be token ids in [0, vocab_size) or -100; anything else is a ``ValueError`` naming the
+    first bad value and where it is (instead of cross-entropy's IndexError on CPU or a device-side assert on CUDA).
+
+    Reads the values, so the callers only run it on CPU tensors (free there): the causal-LM head for CPU labels and
+    :class:`~phi3_lightning.modules.CausalLMModule` on each batch while it is still on the host (no device sync)."""
+    if torch.compiler.is_compiling():
+        return
+    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))
+    if bool(bad.any()):
+        where = bad.nonzero()[0].tolist()
+        value = int(labels[tuple(where)])
+        pos = f"row {where[0]}, position {where[1]}" if len(where) == 2 else f"index {tuple(where)}"
+        raise ValueError(
+            f"labels hold {value} ({pos}), outside the vocabulary [0, vocab_size={vocab_size}); labels are the "
+            f"token ids to predict (the input_ids, unshifted): use ids below {vocab_size} and -100 for positions "
+            "without a target"
+        )
+
+
 def _check_label_range(labels: torch.Tensor, num_labels: int, what: str) -> None:
     """Class ids must lie in [0, num_labels) (or be -100); out-of-range ids would index garbage or crash."""
     if torch.compiler.is_compiling():

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..model.loss import IGNORE_INDEX, shift_labels
+from ..model.loss import IGNORE_INDEX, check_causal_lm_labels, shift_labels
 from .base import LossMean, Phi3LightningModule
 
 
@@ -34,6 +34,14 @@ class CausalLMModule(Phi3LightningModule):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._register_metrics(_stage_metrics)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Labels outside the vocabulary are refused here, while the batch is still on the host: on a GPU the check
+        costs no device sync and the run never reaches cross-entropy's device-side assert."""
+        labels = batch.get("labels") if isinstance(batch, dict) else None
+        if isinstance(labels, torch.Tensor) and labels.device.type == "cpu":
+            check_causal_lm_labels(labels, self.config.vocab_size)
+        return batch
 
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         out = self(batch, return_logits=False)

@@ -355,3 +355,22 @@ def test_token_cls_truncation_cuts_ids_labels_and_word_ids_together(tmp_path, wr
     assert ex["labels"] == [0, -100, -100, 1, -100] and ex["word_ids"] == [0, 0, 0, 1, 1]
     with pytest.raises(ValueError, match=r"line 1: 8 tokens, more than max_length=5; raise max_length or set truncate"):
         TokenClassificationDataModule(**kw, truncate=False).setup()
+
+
+def test_truncation_is_counted_and_reported_per_split(tmp_path, write_jsonl):
+    """Examples cut to max_length lose tokens (a classifier's eos, the words at the end): say how many, per split."""
+    rows = [{"words": ["abc", "de", "f"], "labels": ["A", "B", "C"]}, {"words": ["ab"], "labels": ["A"]}]
+    write_jsonl(tmp_path / "t.jsonl", rows)
+    kw = dict(train_file=str(tmp_path / "t.jsonl"), val_fraction=0.0, test_fraction=0.0)
+    with pytest.warns(UserWarning, match=r"train: cut 1 of 2 examples longer than max_length=5 \(3 tokens dropped"):
+        TokenClassificationDataModule(**kw, max_length=5).setup()
+    texts = [{"text": "x" * 10, "label": "a"}, {"text": "y" * 3, "label": "b"}, {"text": "z" * 7, "label": "a"}]
+    write_jsonl(tmp_path / "s.jsonl", texts)
+    skw = dict(train_file=str(tmp_path / "s.jsonl"), val_fraction=0.0, test_fraction=0.0, add_eos=True, max_length=6)
+    with pytest.warns(UserWarning, match=r"train: cut 2 of 3 examples longer than max_length=6 \(7 tokens dropped"):
+        SequenceClassificationDataModule(**skw).setup()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TokenClassificationDataModule(**kw, max_length=8).setup()  # nothing cut: no warning

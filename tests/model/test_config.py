@@ -286,3 +286,23 @@ def test_resolve_model_every_source(tmp_path):
         resolve_model("tiny", {"num_hiden_layers": 1})
     with pytest.raises(TypeError, match="model=3: pass a preset name"):
         resolve_model(3)
+
+
+@pytest.mark.parametrize("name", ["tie_word_embeddings", "use_cache", "attention_bias"])
+@pytest.mark.parametrize("value", ["false", "False", 0, 1, None])
+def test_boolean_fields_refuse_non_bool_values(name, value):
+    # "false" (a string, e.g. quoted in YAML or config.json) is truthy: tie_word_embeddings="false" tied the
+    # lm_head to the embedding, a different model with no error.
+    with pytest.raises(ValueError, match=rf"{name}={value!r} must be true or false"):
+        get_preset("tiny", **{name: value})
+
+
+def test_tie_word_embeddings_string_in_a_checkpoint_config_is_refused(tmp_path):
+    d = get_preset("tiny").to_dict()
+    d["tie_word_embeddings"] = "false"
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="tie_word_embeddings='false' must be true or false"):
+        Phi3Config.from_pretrained(tmp_path)
+    d["tie_word_embeddings"] = False
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    assert Phi3Config.from_pretrained(tmp_path).tie_word_embeddings is False

@@ -80,3 +80,19 @@ def test_fused_loss_scales_by_upstream_grad_and_refuses_a_second_backward():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         loss.backward()
+
+
+@pytest.mark.parametrize("bad", [512, -5, 10**6])
+@pytest.mark.parametrize("return_logits", [True, False])
+def test_causal_lm_labels_outside_the_vocabulary_are_a_clear_error(bad, return_logits):
+    # was IndexError "Target 512 is out of bounds" on CPU (a device-side assert on CUDA)
+    model = Phi3ForCausalLM(config("phi-4", vocab_size=512))
+    x = torch.randint(0, 512, (2, 8))
+    labels = x.clone()
+    labels[0, :2] = -100  # the ignore index stays allowed
+    labels[1, 5] = bad
+    with pytest.raises(ValueError, match=rf"labels hold {bad} \(row 1, position 5\), outside the vocabulary "
+                       r"\[0, vocab_size=512\); .*-100"):
+        model(x, labels=labels, return_logits=return_logits)
+    labels[1, 5] = 511
+    assert torch.isfinite(model(x, labels=labels, return_logits=return_logits).loss)

@@ -65,3 +65,21 @@ def test_cli_fit_with_fused_compile_kernels_trains_and_records_the_setting(tmp_p
     rc, _, err = run_main("fit", *args, "--model.init_args.fused_kernels", "ligr")
     assert rc == 1 and "unknown fused_kernels='ligr'" in err and "did you mean liger" in err
     assert "Traceback" not in err
+
+
+def test_out_of_vocabulary_labels_are_refused_on_the_host_before_transfer():
+    """A DataModule of the user's own with labels >= vocab_size: a clear error while the batch is still on the CPU
+    (on_before_batch_transfer), so a GPU run needs no per-step device sync for the check and never hits a device
+    assert; the ignore index -100 is allowed."""
+    module = CausalLMModule(model="tiny")
+    vocab = module.config.vocab_size
+    ids = torch.randint(0, vocab, (2, 6))
+    labels = ids.clone()
+    labels[:, 0] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    assert module.on_before_batch_transfer(batch, 0) is batch
+    labels[0, 4] = vocab
+    import pytest
+
+    with pytest.raises(ValueError, match=rf"labels hold {vocab} \(row 0, position 4\), outside the vocabulary"):
+        module.on_before_batch_transfer(batch, 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -208,7 +209,15 @@ class _BaseDataModule(pl.LightningDataModule):
                 if "val" in self.efficiency:
                     self.efficiency["test"] = self.efficiency["val"]
                 continue
+            self._cut = [0, 0]  # examples cut to max_length, tokens dropped (_cut_to_max_length counts them)
             self.datasets[split] = self._build_split(split, recs)
+            if self._cut[0]:
+                warnings.warn(
+                    f"{split}: cut {self._cut[0]} of {len(self.datasets[split])} examples longer than max_length="
+                    f"{self.max_length} ({self._cut[1]} tokens dropped from their ends); raise max_length to keep "
+                    "them, or truncate=False to make this an error",
+                    stacklevel=2,
+                )
         parts = [f"{s}={len(d)}" for s, d in self.datasets.items()]  # type: ignore[arg-type]
         eff = ", ".join(f"{s} {e:.1%}" for s, e in self.efficiency.items())
         rank_zero_info(f"{type(self).__name__}: {', '.join(parts)} examples; real-token fraction: {eff}")
@@ -227,6 +236,9 @@ class _BaseDataModule(pl.LightningDataModule):
                 f"{rec.where or 'a record'}: {n} tokens, more than max_length={self.max_length}; "
                 "raise max_length or set truncate=True"
             )
+        if hasattr(self, "_cut"):
+            self._cut[0] += 1
+            self._cut[1] += n - self.max_length
         return tuple(x[: self.max_length] for x in seqs)
 
     # ---------------------------------------------------------------- dataloaders
