@@ -245,7 +245,9 @@ class Phi3Config:
         for name in ("tie_word_embeddings", "use_cache", "attention_bias"):
             v = getattr(self, name)
             # a string "false" is truthy: tie_word_embeddings="false" would silently tie the weights
-            need(isinstance(v, bool), f"{name}={v!r} must be true or false (a JSON/YAML boolean, not a string or number)")
+            need(
+                isinstance(v, bool), f"{name}={v!r} must be true or false (a JSON/YAML boolean, not a string or number)"
+            )
         for name in ("max_position_embeddings", "original_max_position_embeddings"):
             v = getattr(self, name)
             need(

@@ -91,8 +91,11 @@ def test_causal_lm_labels_outside_the_vocabulary_are_a_clear_error(bad, return_l
     labels = x.clone()
     labels[0, :2] = -100  # the ignore index stays allowed
     labels[1, 5] = bad
-    with pytest.raises(ValueError, match=rf"labels hold {bad} \(row 1, position 5\), outside the vocabulary "
-                       r"\[0, vocab_size=512\); .*-100"):
+    with pytest.raises(
+        ValueError,
+        match=rf"labels hold {bad} \(row 1, position 5\), outside the vocabulary "
+        r"\[0, vocab_size=512\); .*-100",
+    ):
         model(x, labels=labels, return_logits=return_logits)
     labels[1, 5] = 511
     assert torch.isfinite(model(x, labels=labels, return_logits=return_logits).loss)
