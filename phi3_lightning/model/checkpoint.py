@@ -12,6 +12,7 @@ lists must be in the shard it names.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import posixpath
@@ -30,6 +31,7 @@ from .config import Phi3Config
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
+POOL_QUERY = "pool_query.weight"  # the learned query of attention pooling (sequence classification)
 # Keys older exports carry that hold no learned state.
 _IGNORED_KEYS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 # Files of an existing directory that a save replaces instead of carrying over: the old weights and index.
@@ -232,6 +234,25 @@ def _untie_if_head_differs(model: torch.nn.Module, loaded: set[str], path: Path)
     config.tie_word_embeddings = False
 
 
+def _pooling_from_checkpoint(cls: type, head_kwargs: dict[str, Any], shards: dict[str, list[str]], path: Path) -> None:
+    """A sequence classifier trained with attention pooling holds ``pool_query.weight``: load it with that pooling
+    (the default would be last-token pooling, which ignores the tensor and gives other logits), and refuse an
+    explicit ``pooling="last"`` over it."""
+    if "pooling" not in inspect.signature(cls.__init__).parameters:
+        return
+    if not any(POOL_QUERY in names for names in shards.values()):
+        return
+    asked = head_kwargs.get("pooling")
+    if asked is None:
+        head_kwargs["pooling"] = "attention"
+    elif asked != "attention":
+        raise ValueError(
+            f"{path} was trained with attention pooling (it holds {POOL_QUERY}), but pooling={asked!r} was asked "
+            "for, which would ignore that tensor and give other logits; load it with pooling='attention' (or leave "
+            "pooling out: it is read from the checkpoint)"
+        )
+
+
 class PretrainedMixin:
     """``from_pretrained`` / ``save_pretrained`` for the heads (needs ``config``, ``model``, ``architecture``)."""
 
@@ -284,6 +305,7 @@ class PretrainedMixin:
         head_kwargs = {k: config_overrides.pop(k) for k in ("pooling", "fused_kernels") if k in config_overrides}
         config = Phi3Config.from_pretrained(path, **config_overrides)
         shards = checkpoint_files(path)
+        _pooling_from_checkpoint(cls, head_kwargs, shards, path)
         dtype = resolve_dtype(dtype) or torch.float32
         device = torch.device(device) if device is not None else torch.device("cpu")
         with torch.device("meta"):

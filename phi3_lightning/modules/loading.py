@@ -270,7 +270,7 @@ def export_checkpoint(
         warnings.warn(
             f"{checkpoint} pools with pooling={loaded.head.pooling!r}, which transformers' Phi3ForSequenceClassification "
             "does not have: it will ignore pool_query.weight and pool the last token. phi3_lightning's "
-            "from_pretrained(..., pooling='attention') loads it as trained.",
+            "from_pretrained reads the pooling from the export and loads it as trained.",
             stacklevel=2,
         )
     with staged_directory(out, carry=lambda name: name not in owned) as tmp:

@@ -278,3 +278,27 @@ def test_tied_config_with_an_equal_stored_head_ties(tmp_path, recwarn):
     back = Phi3ForCausalLM.from_pretrained(tmp_path)
     assert back.lm_head.weight is back.model.embed_tokens.weight and back.config.tie_word_embeddings
     assert not [w for w in recwarn if "tie_word_embeddings" in str(w.message)]
+
+
+def test_attention_pooling_is_read_from_the_checkpoint_not_silently_replaced(tmp_path):
+    """A sequence classifier saved with pooling="attention" (it holds pool_query.weight) loads with that pooling by
+    default (same logits); asking for pooling="last" over it is an error, not last-token logits with a warning."""
+    torch.manual_seed(0)
+    cfg = config("mini-4k", num_labels=3)
+    model = Phi3ForSequenceClassification(cfg, pooling="attention").eval()
+    model.save_pretrained(tmp_path)
+    x = torch.randint(3, 97, (2, 9))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing ignored, nothing re-initialised
+        again = Phi3ForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert again.pooling == "attention"
+    assert torch.equal(again(x).logits, model(x).logits)
+    with pytest.raises(ValueError, match="pool_query.weight.*pooling='attention'"):
+        Phi3ForSequenceClassification.from_pretrained(tmp_path, pooling="last")
+    # a checkpoint without a pooling query (a causal LM, a last-token classifier) still takes either pooling
+    Phi3ForCausalLM(config("mini-4k")).save_pretrained(tmp_path / "lm")
+    with pytest.warns(UserWarning, match="initialised new head weights"):
+        fresh = Phi3ForSequenceClassification.from_pretrained(tmp_path / "lm", num_labels=3, pooling="attention")
+    assert fresh.pooling == "attention"
+    with pytest.warns(UserWarning, match="initialised new head weights"):
+        assert Phi3ForSequenceClassification.from_pretrained(tmp_path / "lm", num_labels=3).pooling == "last"
