@@ -127,6 +127,7 @@ def test_generate_rejects_sampling_settings_that_cannot_work(tmp_path):
         (["2", "--do_sample", "--temperature", "1e999"], "temperature=inf must be a finite number > 0 when sampling"),
         (["2", "--do_sample", "--top_p", "-0.5"], "top_p=-0.5 must be in (0, 1]"),
         (["2", "--do_sample", "--top_k", "0"], "top_k=0 must be an integer >= 1"),
+        (["2", "--temperature", "0.7"], "temperature=0.7 only apply when sampling, but do_sample is off"),
     ]
     for extra, message in cases:
         rc, _, err = run_main(*base, *extra)

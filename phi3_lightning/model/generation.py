@@ -33,6 +33,22 @@ def check_generation_args(
         raise ValueError(f"top_k={top_k!r} must be an integer >= 1; use None to sample from the whole vocabulary")
     if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p={top_p!r} must be in (0, 1] (the probability mass kept); use None or 1.0 to keep all")
+    if not do_sample:
+        # greedy decoding takes the argmax: a sampling setting would be silently ignored
+        unused = [
+            f"{name}={value!r}"
+            for name, value, neutral in (
+                ("temperature", temperature, (1.0,)),
+                ("top_k", top_k, (None,)),
+                ("top_p", top_p, (None, 1.0)),
+            )
+            if value not in neutral
+        ]
+        if unused:
+            raise ValueError(
+                f"{', '.join(unused)} only apply when sampling, but do_sample is off (greedy decoding picks the most "
+                "likely token); add do_sample=True (--do_sample), or drop them for greedy decoding"
+            )
     if do_sample and not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(
             f"temperature={temperature!r} must be a finite number > 0 when sampling (1.0 = the model's "

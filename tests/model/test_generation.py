@@ -100,6 +100,9 @@ def test_generate_rejects_too_long():
         (dict(do_sample=True, top_p=1.5), r"top_p=1.5 must be in \(0, 1\]"),
         (dict(do_sample=True, top_k=0), r"top_k=0 must be an integer >= 1; use None"),
         (dict(do_sample=True, top_k=-3), r"top_k=-3 must be an integer >= 1"),
+        # greedy decoding would silently ignore them
+        (dict(temperature=0.7), r"temperature=0.7 only apply when sampling, but do_sample is off.*do_sample=True"),
+        (dict(top_k=5, top_p=0.9), r"top_k=5, top_p=0.9 only apply when sampling"),
     ],
 )
 def test_generate_rejects_settings_that_cannot_work(kwargs, message):
