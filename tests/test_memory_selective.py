@@ -75,3 +75,16 @@ def test_cli_option_takes_nothing_n_or_selective(capsys):
     with pytest.raises(SystemExit):
         main([*base, "--activation-checkpointing", "selectiv"])
     assert "neither a whole number N" in capsys.readouterr().err
+
+
+def test_oom_advice_command_replays_selective():
+    """The planner command an OOM prints for a selective run asks the planner for the same estimate."""
+    import shlex
+
+    from phi3_lightning.modules.oom import planner_command
+
+    est = estimate_memory("tiny", precision="bf16-true", seq_len=64, activation_checkpointing="selective")
+    cmd = planner_command(["--preset", "tiny"], est.settings)
+    assert "--activation-checkpointing selective" in cmd
+    argv = shlex.split(cmd)[3:]  # after "python -m phi3_lightning.memory"
+    assert main(argv) == 0
