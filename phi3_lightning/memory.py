@@ -317,8 +317,10 @@ def selective_layer_bytes(
     """Bytes one decoder layer keeps under selective activation checkpointing besides its input: the outputs of the
     ops the policy saves (``model/selective_checkpoint.py``), per token, all in the compute dtype ``a``:
 
-        matmuls     qkv_proj (H + 2 Hkv) d, o_proj h, gate_up_proj 2I, down_proj h; LoRA: x @ A^T (r) and
-                    (x @ A^T) @ B^T (the projection's output width) per adapted projection
+        matmuls     qkv_proj (H + 2 Hkv) d, o_proj h, gate_up_proj 2I (down_proj's output is not kept: only the
+                    residual add reads it, and backward does not; kept only if H d == I, where o_proj and down_proj
+                    have the same shapes); LoRA: x @ A^T (r) and (x @ A^T) @ B^T (the projection's output width)
+                    per adapted projection
         attention   fused kernels (sdpa's flash / efficient, flash, flex): the output H d + 4H (fp32 logsumexp);
                     on padded / packed rows sdpa's per-document calls cover the same tokens (each length group
                     padded to its longest document, counted as filled); eager: its two bmm outputs, the
@@ -330,7 +332,9 @@ def selective_layer_bytes(
     a = p.compute
     h, i_sz, d = c.hidden_size, c.intermediate_size, c.head_size
     nh, nkv = c.num_attention_heads, c.num_key_value_heads
-    per_token = a * ((nh + 2 * nkv) * d + h + 2 * i_sz + h)
+    # down_proj's output is left out when it cannot be taken for o_proj's (same shapes): nothing reads it backward
+    down = h if nh * d == i_sz else 0
+    per_token = a * ((nh + 2 * nkv) * d + h + 2 * i_sz + down)
     per_layer = 0
     if check_backend(attn_implementation, runnable=False).activations == "scores":
         per_token += a * (nh * kv_len + nh * d)

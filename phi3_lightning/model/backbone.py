@@ -19,7 +19,7 @@ from .masking import build_context
 from .mlp import Phi3MLP
 from .norm import Phi3RMSNorm
 from .rope import Phi3RotaryEmbedding
-from .selective_checkpoint import selective_context
+from .selective_checkpoint import selective_context_fn
 
 
 def device_memory(device: torch.device) -> int | None:
@@ -64,9 +64,9 @@ def check_fits_on_device(config: Phi3Config, device: torch.device, dtype: torch.
     )
 
 
-def _selective_layer_call(layer: nn.Module, h, rope, ctx, cache) -> torch.Tensor:
+def _selective_layer_call(layer: nn.Module, h, rope, ctx, cache, context_fn) -> torch.Tensor:
     """One decoder layer under selective activation checkpointing (matmul / attention outputs kept)."""
-    return checkpoint(layer, h, rope, ctx, cache, use_reentrant=False, context_fn=selective_context)
+    return checkpoint(layer, h, rope, ctx, cache, use_reentrant=False, context_fn=context_fn)
 
 
 def _layer_call(layer: nn.Module, h, rope, ctx, cache) -> torch.Tensor:
@@ -107,6 +107,9 @@ class Phi3Model(nn.Module):
         self._compiled_checkpointed = None
         self._compiled_layer = None
         self._warned_eager_fallback = False
+        self._selective_context = selective_context_fn(
+            config.intermediate_size, config.hidden_size, config.num_attention_heads * config.head_size
+        )
         self.attn_implementation = DEFAULT_BACKEND
         self.set_attn_implementation(attn_implementation)
         self.fused_kernels: str | None = None
@@ -191,9 +194,9 @@ class Phi3Model(nn.Module):
         for i, layer in enumerate(self.layers):
             if recompute and self.checkpoint_selective:
                 if self._compiled_checkpointed is not None and not eager_only:
-                    h = self._compiled_checkpointed(layer, h, rope, ctx, cache)
+                    h = self._compiled_checkpointed(layer, h, rope, ctx, cache, self._selective_context)
                 else:
-                    h = _selective_layer_call(layer, h, rope, ctx, cache)
+                    h = _selective_layer_call(layer, h, rope, ctx, cache, self._selective_context)
             elif self._compiled_layer is not None and not recompute:
                 h = self._compiled_layer(layer, h, rope, ctx, cache)
             elif recompute and i % self.checkpoint_every == 0:
