@@ -74,7 +74,9 @@ Activation formula for one of our Phi-3 decoder layers, bytes per token (read of
 Once per model: token ids 8, rope cos+sin 2*rotary_dim*r, the final norm (as above, without the output term),
 and the fused linear cross-entropy's saved gradients: a*h per token plus ``vocab x h x w`` for lm_head (computed
 even when lm_head is frozen). With activation checkpointing each layer keeps only its input, r*h per token, and
-one layer's full activations exist again during its recomputation.
+one layer's full activations exist again during its recomputation. Selective checkpointing
+(``--activation-checkpointing selective``) keeps per layer its input and the outputs of its matmuls and attention
+kernel (:func:`selective_layer_bytes`); the recomputation's working memory is counted as for full checkpointing.
 
 Numbers for the GPU side (CUDA flash / efficient SDPA kernels save the same q, k, v, out, logsumexp) are the same
 formula; only the CPU-measurable parts are checked exactly in the tests.
