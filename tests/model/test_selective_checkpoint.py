@@ -92,6 +92,25 @@ def test_same_gradients_as_no_checkpointing_and_no_matmul_recomputed(attn, layou
     assert bwd_sel == bwd_none
 
 
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_flash_varlen_glue_under_selective_checkpointing(layout):
+    """flash_attention_2 through torch's varlen path (a pure-torch stand-in of varlen_attn on CPU): the unpad /
+    cu_seqlens glue recomputes cleanly, same gradients, no matmul re-run (the stand-in's own matmuls included)."""
+    from phi3_lightning.model.backends import set_flash_kernels
+
+    from .reference_kernels import reference_torch_varlen_attn
+
+    set_flash_kernels(torch_varlen=reference_torch_varlen_attn)
+    try:
+        g_none, _, bwd_none = _run("none", "flash_attention_2", layout)
+        g_sel, _, bwd_sel = _run("selective", "flash_attention_2", layout)
+    finally:
+        set_flash_kernels(None)
+    for n, g in g_none.items():
+        assert torch.equal(g_sel[n], g), n
+    assert bwd_sel == bwd_none
+
+
 def test_same_gradients_with_compiled_fused_kernels():
     """``fused_kernels: compile``: the compiled norm / SwiGLU / RoPE regions are recomputed (they hold no matmul);
     the numbers equal the same model without checkpointing."""
