@@ -181,7 +181,8 @@ def test_selective_refuses_every_n_and_non_bool():
 def test_compiled_selective_layers_equal_compiled_layers_and_keep_less():
     """``torch_compile: layers`` + selective: the checkpointed call is compiled (dynamo traces checkpoint with the
     policy; one graph for all layers). Same gradients as compiled layers without checkpointing, and the bytes
-    autograd keeps lie between full checkpointing of compiled layers and none. Packed rows under SDPA (which break
+    autograd keeps (parameters included: the compiled graphs save them) lie between full checkpointing of compiled
+    layers and none. Packed rows under SDPA (which break
     the graph inside the checkpoint) run the eager selective checkpoint, with a warning, and still match."""
     torch.manual_seed(0)
     model = Phi3ForCausalLM(get_preset("tiny")).train()
@@ -200,14 +201,14 @@ def test_compiled_selective_layers_equal_compiled_layers_and_keep_less():
         loss.backward()
         return sum(saved.values()), {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    plain = [layer.forward for layer in model.model.layers]
     for layer in model.model.layers:
         layer.compile()
     none_bytes, g_none = step()
     model.gradient_checkpointing_enable()
     full_bytes, _ = step()
-    _, g_none_packed = (model.gradient_checkpointing_disable(), step(pos))[1]
-    for layer, fwd in zip(model.model.layers, plain):  # back to plain modules, then the selective compile
+    model.gradient_checkpointing_disable()
+    _, g_none_packed = step(pos)
+    for layer in model.model.layers:  # back to plain modules, then the selective compile
         layer._compiled_call_impl = None
     model.gradient_checkpointing_enable(selective=True)
     model.model.compile_selective_layers()
