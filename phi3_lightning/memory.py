@@ -416,8 +416,10 @@ def _activation_parts(
         dense = (kind == "scores" and masked) or (kind == "repeated_kv" and window_mask and not masked)
         if dense:  # the shared bool mask stays referenced
             parts["attention mask (bool, shared)"] = batch_size * seq_len * seq_len
-        elif kind == "scores" and not window_mask:  # eager, full rows (with a window < T: not measured): the shared (1, 1, T, T) additive causal mask stays referenced,
-            # built in the residual dtype before the layers (+ under autocast its copy in the compute dtype)
+        elif kind == "scores" and not window_mask:
+            # eager, full rows: the shared (1, 1, T, T) additive causal mask stays referenced, built in the residual
+            # dtype before the layers (+ under autocast its copy in the compute dtype); with a window < T (a
+            # per-row mask) not measured, left out
             parts["attention mask (additive, shared)"] = (r + (a if a != r else 0)) * seq_len * seq_len
     else:
         parts["decoder layers"] = first + (L - 1) * layer

@@ -148,9 +148,20 @@ def test_saved_bytes_lie_between_full_checkpointing_and_none():
 
 def test_policy_saves_matmuls_and_attention_only():
     aten = torch.ops.aten
-    for op in (aten.mm.default, aten.addmm.default, aten.bmm.default, aten._scaled_dot_product_flash_attention_for_cpu.default):
+    for op in (
+        aten.mm.default,
+        aten.addmm.default,
+        aten.bmm.default,
+        aten._scaled_dot_product_flash_attention_for_cpu.default,
+    ):
         assert saves(op), op
-    for op in (aten.mul.Tensor, aten.rsqrt.default, aten.silu.default, aten._to_copy.default, aten.index_select.default):
+    for op in (
+        aten.mul.Tensor,
+        aten.rsqrt.default,
+        aten.silu.default,
+        aten._to_copy.default,
+        aten.index_select.default,
+    ):
         assert not saves(op), op
         assert policy(None, op).name == "PREFER_RECOMPUTE"
 
