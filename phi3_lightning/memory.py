@@ -74,7 +74,9 @@ Activation formula for one of our Phi-3 decoder layers, bytes per token (read of
 Once per model: token ids 8, rope cos+sin 2*rotary_dim*r, the final norm (as above, without the output term),
 and the fused linear cross-entropy's saved gradients: a*h per token plus ``vocab x h x w`` for lm_head (computed
 even when lm_head is frozen). With activation checkpointing each layer keeps only its input, r*h per token, and
-one layer's full activations exist again during its recomputation.
+one layer's full activations exist again during its recomputation. Selective checkpointing
+(``--activation-checkpointing selective``) keeps per layer its input and the outputs of its matmuls and attention
+kernel (:func:`selective_layer_bytes`); the recomputation's working memory is counted as for full checkpointing.
 
 Numbers for the GPU side (CUDA flash / efficient SDPA kernels save the same q, k, v, out, logsumexp) are the same
 formula; only the CPU-measurable parts are checked exactly in the tests.
@@ -99,6 +101,7 @@ GiB = 1024**3
 METHODS = ("full", "lora")
 STRATEGIES = ("single", "ddp", "fsdp2")
 OPTIMIZERS = {"adamw": 2, "adam": 2, "sgd": 1, "sgd-nomomentum": 0}
+SELECTIVE = "selective"  # activation_checkpointing: op-level, matmul / attention outputs kept
 _RNG_STATE_BYTES = 5056  # torch's CPU generator state, stored by every checkpointed layer (preserve_rng_state)
 
 
@@ -179,7 +182,10 @@ class MemoryEstimate:
         where = "1 GPU" if s["strategy"] == "single" else f"{s['strategy']} x {s['world_size']} GPUs"
         every = s["activation_checkpointing"]
         ckpt = ", activation checkpointing" if every else ""
-        ckpt += f" of every {ordinal(every)} layer" if every > 1 else ""
+        if every == SELECTIVE:
+            ckpt = ", selective activation checkpointing"
+        elif every > 1:
+            ckpt += f" of every {ordinal(every)} layer"
         ckpt += ", optimizer step in backward" if s.get("optimizer_in_backward") else ""
         return (
             f"{what} of {s['model']} ({self.params / 1e9:.2f}B params, {self.trainable_params / 1e6:.1f}M trained) "
@@ -300,6 +306,50 @@ def layer_activation_bytes(
     return total
 
 
+def selective_layer_bytes(
+    c: Phi3Config,
+    precision: str,
+    tokens: int,
+    kv_len: int,
+    *,
+    method: str = "full",
+    lora_rank: int = 16,
+    attn_implementation: str = DEFAULT_BACKEND,
+) -> int:
+    """Bytes one decoder layer keeps under selective activation checkpointing besides its input: the outputs of the
+    ops the policy saves (``model/selective_checkpoint.py``), per token, all in the compute dtype ``a``:
+
+        matmuls     qkv_proj (H + 2 Hkv) d, o_proj h, gate_up_proj 2I (down_proj's output is not kept: only the
+                    residual add reads it, and backward does not; kept only if H d == I, where o_proj and down_proj
+                    have the same shapes); LoRA: x @ A^T (r) and (x @ A^T) @ B^T (the projection's output width)
+                    per adapted projection
+        attention   fused kernels (sdpa's flash / efficient, flash, flex): the output H d + 4H (fp32 logsumexp);
+                    on padded / packed rows sdpa's per-document calls cover the same tokens (each length group
+                    padded to its longest document, counted as filled); eager: its two bmm outputs, the
+                    (H, Tk) scores and H d (+ 8 bytes per layer: the fp64 ``scale`` scalar)
+    per layer   LoRA: 8 bytes per adapted projection (the fp64 ``scaling`` scalar the recompute multiplies by)
+
+    Everything else (norms and their fp32 copies, RoPE, SiLU * up, casts, masks, gathers) is recomputed."""
+    p = PRECISIONS[precision]
+    a = p.compute
+    h, i_sz, d = c.hidden_size, c.intermediate_size, c.head_size
+    nh, nkv = c.num_attention_heads, c.num_key_value_heads
+    # down_proj's output is left out when it cannot be taken for o_proj's (same shapes): nothing reads it backward
+    down = h if nh * d == i_sz else 0
+    per_token = a * ((nh + 2 * nkv) * d + h + 2 * i_sz + down)
+    per_layer = 0
+    if check_backend(attn_implementation, runnable=False).activations == "scores":
+        per_token += a * (nh * kv_len + nh * d)
+        per_layer += 8  # the fp64 scalar of ``scores * scale``, kept by the checkpoint
+    else:
+        per_token += a * nh * d + 4 * nh
+    if method == "lora":
+        shapes = c.linear_shapes()  # {name: (out, in)}
+        per_token += a * sum(lora_rank + shapes[name][0] for name in DEFAULT_TARGETS)
+        per_layer += 8 * len(DEFAULT_TARGETS)  # the fp64 scalar of ``delta * scaling`` per adapted projection
+    return per_token * tokens + per_layer
+
+
 def checkpointed_layers(num_layers: int, every: int) -> int:
     """How many of ``num_layers`` decoder layers activation checkpointing recomputes when it takes every
     ``every``-th one (layers 0, every, 2*every, ...; 0 = none)."""
@@ -312,14 +362,18 @@ def ordinal(n: int) -> str:
     return f"{n}{suffix}"
 
 
-def as_checkpoint_every(value: bool | int) -> int:
-    """``activation_checkpointing`` as a number: False/0 -> 0 (off), True/1 -> 1 (every layer), n -> every n-th."""
+def as_checkpoint_every(value: bool | int | str) -> int | str:
+    """``activation_checkpointing`` as a number: False/0 -> 0 (off), True/1 -> 1 (every layer), n -> every n-th;
+    ``"selective"`` stays ``"selective"`` (every layer keeps its matmul / attention outputs)."""
+    if value == SELECTIVE:
+        return SELECTIVE
     if value is True or value is False:
         return int(value)
     if not isinstance(value, int) or value < 0:
         raise ValueError(
-            f"activation_checkpointing={value!r}: give true (every decoder layer), false, or a whole number n >= 1 "
-            "(recompute every n-th layer: 2 = half of them)"
+            f"activation_checkpointing={value!r}: give true (every decoder layer), false, a whole number n >= 1 "
+            "(recompute every n-th layer: 2 = half of them) or 'selective' (keep matmul and attention outputs, "
+            "recompute the elementwise ops)"
         )
     return value
 
@@ -331,7 +385,7 @@ def _activation_parts(
     head: str,
     batch_size: int,
     seq_len: int,
-    checkpointing: int,
+    checkpointing: int | str,
     lora_rank: int,
     attn_implementation: str,
     masked: bool,
@@ -349,14 +403,24 @@ def _activation_parts(
     parts: dict[str, int] = {}
     if checkpointing:  # the layer being recomputed in backward is counted under "other"
         # layers 0, n, 2n, ... are recomputed (n = 1: all); the others keep their activations as without checkpointing
-        kept = checkpointed_layers(L, checkpointing)
+        kept = L if checkpointing == SELECTIVE else checkpointed_layers(L, checkpointing)
         parts["checkpointed layer inputs"] = kept * r * h * tokens
         parts["checkpoint RNG states"] = kept * _RNG_STATE_BYTES
-        if kept < L:
+        if checkpointing == SELECTIVE:
+            kw_sel = dict(method=method, lora_rank=lora_rank, attn_implementation=attn_implementation)
+            parts["matmul + attention outputs kept (selective)"] = L * selective_layer_bytes(
+                c, precision, tokens, seq_len, **kw_sel
+            )
+        elif kept < L:
             parts["decoder layers not checkpointed"] = (L - kept) * layer
         dense = (kind == "scores" and masked) or (kind == "repeated_kv" and window_mask and not masked)
         if dense:  # the shared bool mask stays referenced
             parts["attention mask (bool, shared)"] = batch_size * seq_len * seq_len
+        elif kind == "scores" and not window_mask:
+            # eager, full rows: the shared (1, 1, T, T) additive causal mask stays referenced, built in the residual
+            # dtype before the layers (+ under autocast its copy in the compute dtype); with a window < T (a
+            # per-row mask) not measured, left out
+            parts["attention mask (additive, shared)"] = (r + (a if a != r else 0)) * seq_len * seq_len
     else:
         parts["decoder layers"] = first + (L - 1) * layer
     if masked and kind == "repeated_kv":  # document by document: gather/scatter indices, shared by the layers
@@ -390,7 +454,7 @@ def estimate_memory(
     world_size: int = 1,
     seq_len: int = 4096,
     batch_size: int = 1,
-    activation_checkpointing: bool | int = False,
+    activation_checkpointing: bool | int | str = False,
     lora_rank: int = 16,
     optimizer: str = "adamw",
     head: str = "causal_lm",
@@ -406,7 +470,8 @@ def estimate_memory(
     window of the 4k checkpoints adds a dense one above 2047 tokens). ``accumulate_grad_batches > 1`` keeps gradients alive through the forward.
     ``optimizer_in_backward``: each parameter is stepped in backward (one gradient alive at a time; see the module
     docstring); single GPU, no accumulation. ``activation_checkpointing``: True (every decoder layer) or n (layers
-    0, n, 2n, ... are recomputed; the others keep their activations).
+    0, n, 2n, ... are recomputed; the others keep their activations) or ``"selective"`` (every layer keeps its
+    matmul and attention outputs: :func:`selective_layer_bytes`).
     """
     c, name = _resolve_config(config_or_preset)
     activation_checkpointing = as_checkpoint_every(activation_checkpointing)
@@ -600,6 +665,7 @@ def explain_oom(config_or_preset: Phi3Config | str, device_bytes: int | None = N
     candidates: list[tuple[str, dict]] = []
     if not s["activation_checkpointing"]:  # half the recompute cost first
         candidates.append(("activation checkpointing of every 2nd layer", dict(activation_checkpointing=2)))
+        candidates.append(("selective activation checkpointing", dict(activation_checkpointing=SELECTIVE)))
     if ckpt:
         candidates.append(("activation checkpointing", dict(activation_checkpointing=True)))
     if s["batch_size"] > 1:
@@ -646,7 +712,7 @@ def measure(
     batch_size: int = 2,
     lora_rank: int = 16,
     attn_implementation: str = DEFAULT_BACKEND,
-    activation_checkpointing: bool | int = False,
+    activation_checkpointing: bool | int | str = False,
     masked: bool = False,
     optimizer_in_backward: bool = False,
 ) -> dict[str, int]:
@@ -678,7 +744,9 @@ def measure(
     if method == "lora":
         apply_lora(model, LoRAConfig(r=lora_rank))
     activation_checkpointing = as_checkpoint_every(activation_checkpointing)
-    if activation_checkpointing:
+    if activation_checkpointing == SELECTIVE:
+        model.gradient_checkpointing_enable(selective=True)
+    elif activation_checkpointing:
         model.gradient_checkpointing_enable(activation_checkpointing)
     params = {p_.untyped_storage().data_ptr() for p_ in model.parameters()}
     ids = torch.randint(0, c.vocab_size, (batch_size, seq_len))
@@ -717,7 +785,9 @@ def measure(
             out = model(ids, position_ids=position_ids, labels=ids, return_logits=False)
     if activation_checkpointing:
         # Checkpointing keeps non-differentiable layer inputs (rope cos/sin, the mask) as plain references, which
-        # the hooks do not see: add every tensor that appeared during the forward and is not a parameter or output.
+        # the hooks do not see: add every tensor that appeared during the forward and is not a parameter or output
+        # (selective checkpointing's cached matmul / attention outputs included: they are held by the checkpoint's
+        # cache, not by saved_tensors_hooks).
         skip = params | before | {t.untyped_storage().data_ptr() for t in (out.loss, out.hidden_states)}
         # the fused loss's cached CPU workspace (created by the first call in a process) is working memory ("other")
         from .model.loss import _cpu_workspace
@@ -782,6 +852,18 @@ def compare_table(est: MemoryEstimate, measured: dict[str, int]) -> str:
 
 
 # ----------------------------------------------------------------------------- CLI
+def _checkpointing_arg(text: str) -> int | str:
+    """``--activation-checkpointing`` value: a whole number N or ``selective``."""
+    if text.strip().lower() == SELECTIVE:
+        return SELECTIVE
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a whole number N (recompute every N-th layer) nor 'selective'"
+        ) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = StrictArgumentParser(
         prog="python -m phi3_lightning memory",
@@ -827,12 +909,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--activation-checkpointing",
         nargs="?",
-        type=int,
+        type=_checkpointing_arg,
         const=1,
         default=0,
-        metavar="N",
+        metavar="N|selective",
         help="recompute decoder layers in backward, keeping only their inputs: every layer, or with N every N-th "
-        "one (2 = half of them: about half the saving for half the extra compute)",
+        "one (2 = half of them: about half the saving for half the extra compute); 'selective': every layer keeps "
+        "its matmul and attention outputs and recomputes only the elementwise ops (no matmul runs twice)",
     )
     ap.add_argument(
         "--optimizer-in-backward",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from torch import nn
@@ -18,6 +19,7 @@ from .masking import build_context
 from .mlp import Phi3MLP
 from .norm import Phi3RMSNorm
 from .rope import Phi3RotaryEmbedding
+from .selective_checkpoint import selective_context_fn
 
 
 def device_memory(device: torch.device) -> int | None:
@@ -62,6 +64,15 @@ def check_fits_on_device(config: Phi3Config, device: torch.device, dtype: torch.
     )
 
 
+def _selective_layer_call(layer: nn.Module, h, rope, ctx, cache, context_fn) -> torch.Tensor:
+    """One decoder layer under selective activation checkpointing (matmul / attention outputs kept)."""
+    return checkpoint(layer, h, rope, ctx, cache, use_reentrant=False, context_fn=context_fn)
+
+
+def _layer_call(layer: nn.Module, h, rope, ctx, cache) -> torch.Tensor:
+    return layer(h, rope, ctx, cache)
+
+
 class Phi3Model(nn.Module):
     """Backbone: ``forward(input_ids, attention_mask, position_ids, cache) -> (B, T, hidden)`` final-normed states."""
 
@@ -87,6 +98,18 @@ class Phi3Model(nn.Module):
         self.rotary_emb = Phi3RotaryEmbedding(config, device=device)
         self.gradient_checkpointing = False
         self.checkpoint_every = 1  # with gradient_checkpointing: recompute layers 0, n, 2n, ... (1 = every layer)
+        # with gradient_checkpointing: keep the matmul / attention outputs of every layer and recompute only the
+        # elementwise ops (model/selective_checkpoint.py) instead of recomputing whole layers
+        self.checkpoint_selective = False
+        # torch_compile "layers" with selective checkpointing (compile_selective_layers): the checkpointed call
+        # compiled (dynamo traces checkpoint + the policy, inductor saves what it says), and the plain layer call
+        # compiled for forwards without recomputation (evaluation); plain attributes, not submodules
+        self._compiled_checkpointed = None
+        self._compiled_layer = None
+        self._warned_eager_fallback = False
+        self._selective_context = selective_context_fn(
+            config.intermediate_size, config.hidden_size, config.num_attention_heads * config.head_size
+        )
         self.attn_implementation = DEFAULT_BACKEND
         self.set_attn_implementation(attn_implementation)
         self.fused_kernels: str | None = None
@@ -157,14 +180,42 @@ class Phi3Model(nn.Module):
         rope = self.rotary_emb(position_ids, inputs_embeds.dtype)  # (B, T, R) each
         h = inputs_embeds
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        # the SDPA by-document path breaks the graph, which dynamo cannot do inside a checkpoint
+        eager_only = ctx.by_document and self.attn_implementation == "sdpa"
+        if recompute and self.checkpoint_selective and self._compiled_checkpointed is not None and eager_only:
+            if not self._warned_eager_fallback:
+                self._warned_eager_fallback = True
+                warnings.warn(
+                    "torch_compile='layers' with selective activation checkpointing: packed or padded rows under "
+                    "sdpa run their layers uncompiled (the by-document attention cannot be traced inside a "
+                    "checkpoint); use flash_attention_2 or flex for compiled packed rows, or full rows",
+                    stacklevel=2,
+                )
         for i, layer in enumerate(self.layers):
-            if recompute and i % self.checkpoint_every == 0:
+            if recompute and self.checkpoint_selective:
+                if self._compiled_checkpointed is not None and not eager_only:
+                    h = self._compiled_checkpointed(layer, h, rope, ctx, cache, self._selective_context)
+                else:
+                    h = _selective_layer_call(layer, h, rope, ctx, cache, self._selective_context)
+            elif self._compiled_layer is not None and not recompute:
+                h = self._compiled_layer(layer, h, rope, ctx, cache)
+            elif recompute and i % self.checkpoint_every == 0:
                 h = checkpoint(layer, h, rope, ctx, cache, use_reentrant=False)
             else:
                 h = layer(h, rope, ctx, cache)
         if cache is not None:
             cache.advance()
         return self.norm(h)
+
+    def compile_selective_layers(self, mode: str | None = None) -> None:
+        """``torch_compile: layers`` under selective checkpointing: compile the checkpointed layer call (one graph
+        shared by all layers) instead of each layer module. A compiled layer run inside an eager selective checkpoint
+        is one opaque region to the policy (its matmuls would be recomputed, or the cache refused); dynamo traced
+        through the checkpoint applies the policy to the ops inside. Packed or padded rows under SDPA (the
+        by-document path, which runs outside graphs) cannot be traced inside a checkpoint: those batches run the
+        eager selective checkpoint (same numbers, uncompiled), with a warning."""
+        self._compiled_checkpointed = torch.compile(_selective_layer_call, mode=mode)
+        self._compiled_layer = torch.compile(_layer_call, mode=mode)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -86,17 +86,27 @@ class Phi3PreTrainedHead(PretrainedMixin, nn.Module):
         :mod:`~phi3_lightning.model.fused`."""
         self.model.set_fused_kernels(name)
 
-    def gradient_checkpointing_enable(self, every: int = 1) -> None:
+    def gradient_checkpointing_enable(self, every: int = 1, selective: bool = False) -> None:
         """Recompute decoder layers in backward (non-reentrant) instead of keeping their activations: every layer
         (``every=1``: ~1/3 more compute, each layer keeps only its input), or layers 0, n, 2n, ... (``every=n``:
-        about 1/n of both the saving and the extra compute)."""
+        about 1/n of both the saving and the extra compute). ``selective=True``: every layer keeps the outputs of
+        its matmuls and attention kernel and recomputes only the elementwise ops (norms, RoPE, SiLU * up, casts):
+        no matmul runs twice (:mod:`~phi3_lightning.model.selective_checkpoint`); ``every`` must then be 1."""
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(
                 f"gradient checkpointing every={every!r}: give a whole number >= 1 (1 = every decoder layer, "
                 "2 = every other layer, ...)"
             )
+        if not isinstance(selective, bool):
+            raise ValueError(f"gradient checkpointing selective={selective!r}: give true or false")
+        if selective and every != 1:
+            raise ValueError(
+                f"selective checkpointing applies to every decoder layer, not every={every}: drop every (or use "
+                "every=n without selective to recompute whole layers 0, n, 2n, ...)"
+            )
         self.model.gradient_checkpointing = True
         self.model.checkpoint_every = every
+        self.model.checkpoint_selective = selective
 
     def gradient_checkpointing_disable(self) -> None:
         self.model.gradient_checkpointing = False

@@ -22,7 +22,7 @@ import dataclasses
 import inspect
 import math
 import warnings
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -94,7 +94,9 @@ class Phi3LightningModule(pl.LightningModule):
             stepped every optimizer step; null = constant learning rate.
         activation_checkpointing: recompute decoder layers in backward instead of keeping their activations:
             true = every layer (~30% more compute), n = every n-th layer (layers 0, n, 2n, ...: about 1/n of the
-            saving for 1/n of the extra compute), false = none.
+            saving for 1/n of the extra compute), ``selective`` = every layer keeps its matmul and attention outputs
+            and recomputes only the elementwise ops (norms, RoPE, SiLU * up: no matmul runs twice; keeps more than
+            true, far less than false; see ``model/selective_checkpoint.py``), false = none.
         torch_compile: ``layers`` (compile each decoder layer; works with FSDP2), ``model`` (the whole head) or
             null (eager).
         compile_mode: ``torch.compile`` mode (``default``, ``reduce-overhead``, ``max-autotune``).
@@ -142,7 +144,7 @@ class Phi3LightningModule(pl.LightningModule):
         attn_implementation: str = DEFAULT_BACKEND,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
-        activation_checkpointing: bool | int = False,
+        activation_checkpointing: bool | int | Literal["selective"] = False,
         torch_compile: str | None = None,
         compile_mode: str | None = None,
         fused_kernels: str | None = None,
@@ -164,11 +166,20 @@ class Phi3LightningModule(pl.LightningModule):
         self.attn_implementation = attn_implementation
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
-        if not isinstance(activation_checkpointing, int) or activation_checkpointing < 0:
+        if activation_checkpointing != "selective" and (
+            not isinstance(activation_checkpointing, int) or activation_checkpointing < 0
+        ):
             raise ValueError(
                 f"activation_checkpointing={activation_checkpointing!r}: give true (recompute every decoder layer), "
-                "false, or a whole number n >= 1 (recompute every n-th layer: 2 = half of them, for about half the "
-                "saving and half the extra compute)"
+                "false, a whole number n >= 1 (recompute every n-th layer: 2 = half of them, for about half the "
+                "saving and half the extra compute) or 'selective' (keep the matmul and attention outputs, "
+                "recompute only the elementwise ops)"
+            )
+        if activation_checkpointing == "selective" and torch_compile == "model":
+            raise ValueError(
+                "activation_checkpointing='selective' with torch_compile='model' is not supported (the whole-model "
+                "graph breaks inside the checkpointed layers, where the selective policy cannot be traced); use "
+                "torch_compile: layers (the checkpointed layer call is compiled) or activation_checkpointing: true"
             )
         self.activation_checkpointing = activation_checkpointing
         self.torch_compile = torch_compile
@@ -308,11 +319,17 @@ class Phi3LightningModule(pl.LightningModule):
         if self.fused_kernels is not None:
             check_fused_kernels(self.fused_kernels, device=device)  # liger on a CPU run: said before any step
             head.set_fused_kernels(self.fused_kernels)  # before compile: the compiled layers trace the fused path
-        if self.activation_checkpointing:
+        selective = self.activation_checkpointing == "selective"
+        if selective:
+            head.gradient_checkpointing_enable(selective=True)
+        elif self.activation_checkpointing:
             head.gradient_checkpointing_enable(int(self.activation_checkpointing))
         if self.torch_compile == "layers":
-            for layer in head.model.layers:
-                layer.compile(mode=self.compile_mode)
+            if selective:  # a compiled layer inside an eager selective checkpoint would be recomputed whole
+                head.model.compile_selective_layers(self.compile_mode)
+            else:
+                for layer in head.model.layers:
+                    layer.compile(mode=self.compile_mode)
         if mesh is not None:
             shard(head, mesh)
             if meta:

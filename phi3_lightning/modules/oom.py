@@ -78,7 +78,7 @@ def oom_settings(
         world_size=world,
         seq_len=min(seq_len, module.config.max_position_embeddings),
         batch_size=batch_size,
-        activation_checkpointing=int(getattr(module, "activation_checkpointing", False) or 0),
+        activation_checkpointing=_checkpointing(getattr(module, "activation_checkpointing", False)),
         lora_rank=lora.r if lora is not None else 16,
         optimizer=_optimizer_name(trainer),
         head=module.task,
@@ -86,6 +86,11 @@ def oom_settings(
         masked=masked,
         accumulate_grad_batches=max(int(getattr(trainer, "accumulate_grad_batches", 1) or 1), 1),
     )
+
+
+def _checkpointing(value) -> int | str:
+    """The module's ``activation_checkpointing`` as the planner takes it: 0, 1, n or ``"selective"``."""
+    return value if value == "selective" else int(value or 0)
 
 
 def planner_command(source: list[str], settings: dict[str, Any]) -> str:
@@ -107,7 +112,7 @@ def planner_command(source: list[str], settings: dict[str, Any]) -> str:
         parts += ["--strategy", s["strategy"], "--devices", str(s["world_size"])]
     if s["activation_checkpointing"]:
         parts.append("--activation-checkpointing")
-        if s["activation_checkpointing"] > 1:
+        if s["activation_checkpointing"] == "selective" or s["activation_checkpointing"] > 1:
             parts.append(str(s["activation_checkpointing"]))
     if s["method"] == "lora" and s["lora_rank"] != 16:
         parts += ["--lora-rank", str(s["lora_rank"])]
