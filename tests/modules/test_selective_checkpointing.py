@@ -94,3 +94,21 @@ def test_fit_with_selective_checkpointing_through_the_cli(tmp_path):
     assert rc == 0, err
     config = next((tmp_path / "logs").rglob("config.yaml")).read_text()
     assert "activation_checkpointing: selective" in config
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(torch_compile="model"), "torch_compile='model' cannot be combined with FSDP2"),
+        (
+            dict(torch_compile="layers", activation_checkpointing="selective"),
+            "'selective' with torch_compile='layers' is not supported under FSDP2",
+        ),
+    ],
+)
+def test_settings_not_offered_under_fsdp2_are_refused_before_the_model_is_built(kwargs, message):
+    m = CausalLMModule(**kwargs)
+    m._device_mesh = object()  # what ModelParallelStrategy sets; the refusal comes before the mesh is used
+    with pytest.raises(ValueError, match=message):
+        m.configure_model()
+    assert m.head is None
