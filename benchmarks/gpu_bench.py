@@ -15,7 +15,7 @@ Sections (the markdown table file and the console carry all of them, in this ord
      rows, fused cross-entropy: attention x compile (per layer) x fused kernels, most informative rows first.
   4. transformers' Phi3ForCausalLM vs ours on the same unpacked rows (sdpa, no compile), and our best setting there;
      when that misses 0.7x transformers' peak memory, a memory-lean row of it: the optimizer step in backward plus
-     activation checkpointing of every n-th layer, n the largest the memory planner predicts to reach 0.7x.
+     the cheapest activation checkpointing (selective, else every n-th layer) the memory planner predicts to reach it.
   5. LoRA r=16 on every linear layer of the decoder, frozen bf16 base: peak memory and tokens/s.
   6. The Lightning path: ``python -m phi3_lightning fit`` (bf16-true + compile + FSDP2, one device,
      configs/bench/gpu_fit.yaml) vs the bare step of the same setting on the same data.
@@ -360,18 +360,25 @@ def causal_loss(model):
     return lambda b: model(**b, return_logits=False).loss
 
 
-def build_model(cfg, attn: str, device, dtype, fused: str = "none", compiled: bool = False, checkpoint_every: int = 0):
+def build_model(
+    cfg, attn: str, device, dtype, fused: str = "none", compiled: bool = False, checkpointing: int | str = 0
+):
     """Random-init model as a large run builds it: on the meta device, materialised in place on ``device``.
-    ``checkpoint_every``: activation checkpointing of every n-th decoder layer (0: none)."""
+    ``checkpointing``: activation checkpointing of every n-th decoder layer, ``"selective"`` (every layer keeps its
+    matmul / attention outputs), or 0 (none)."""
     with torch.device("meta"):
         model = Phi3ForCausalLM(cfg, attn_implementation=attn, device=torch.device("meta"))
     model.to_empty(device=device)
     model.reset_parameters()
     model = model.to(dtype)
     apply_fused(model, fused)
-    if checkpoint_every:
-        model.gradient_checkpointing_enable(checkpoint_every)
-    if compiled:
+    if checkpointing == "selective":
+        model.gradient_checkpointing_enable(selective=True)
+    elif checkpointing:
+        model.gradient_checkpointing_enable(checkpointing)
+    if compiled and checkpointing == "selective":
+        model.model.compile_selective_layers()  # the checkpointed layer call compiled, as torch_compile: layers does
+    elif compiled:
         for layer in model.model.layers:
             layer.compile()
     return model
@@ -797,7 +804,7 @@ def hf_side_by_side(args, rep: Report, device, cuda: bool, peak: float, results:
     if every:
         row(
             f"ours (memory-lean: optimizer in backward + checkpointing {every_layer(every)}) | {lean.label}",
-            lambda: build_model(cfg, lean.attn, device, dtype, lean.fused, lean.compiled, checkpoint_every=every),
+            lambda: build_model(cfg, lean.attn, device, dtype, lean.fused, lean.compiled, checkpointing=every),
             ours,
             in_backward=True,
         )
@@ -820,17 +827,21 @@ def hf_side_by_side(args, rep: Report, device, cuda: bool, peak: float, results:
                 )
 
 
-def every_layer(n: int) -> str:
+def every_layer(n: int | str) -> str:
+    if n == "selective":
+        return "selective (matmul / attention outputs kept)"
     return "every layer" if n == 1 else f"every {ordinal(n)} layer"
 
 
 def lean_checkpointing(args, cfg, s: Setting, hf: dict | None, fastest: dict | None, cuda: bool):
-    """(n, why): the memory-lean row of section 4 -- the optimizer step in backward plus activation checkpointing of
-    every n-th layer, the fewest recomputed layers the planner predicts to reach <= 0.7x transformers' measured peak
-    -- or (None, why) when no such row is needed or it cannot be judged. The prediction scales what the fastest row
-    measured beyond weights + AdamW state (its activations and working memory) by the planner's ratio for n."""
+    """(choice, why): the memory-lean row of section 4 -- the optimizer step in backward plus the cheapest activation
+    checkpointing the planner predicts to reach <= 0.7x transformers' measured peak: ``"selective"`` (no matmul
+    recomputed) first, then whole layers, every n-th for n = 8, 4, 2, 1 -- or (None, why) when no such row is needed
+    or it cannot be judged. Selective: the planner's own bytes (what its policy keeps does not depend on compile).
+    Every n-th: what the fastest row measured beyond weights + AdamW state (its activations and working memory)
+    scaled by the planner's ratio for n."""
     if not cuda:
-        return 2, "CPU smoke: every 2nd layer, to run the path (peak memory is not measured on CPU)"
+        return "selective", "CPU smoke: selective, to run the path (peak memory is not measured on CPU)"
     if not hf or not fastest or hf.get("peak") in (None, "-") or fastest.get("peak") in (None, "-"):
         return None, "not run: transformers' or our fastest row has no measured peak"
     target = 0.7 * float(hf["peak"])
@@ -843,13 +854,16 @@ def lean_checkpointing(args, cfg, s: Setting, hf: dict | None, fastest: dict | N
     base = estimate_memory(cfg, optimizer_in_backward=True, **kw)
     fixed = (base.weights + base.optimizer) / 2**30
     working = max(measured - fixed, 0.0)  # measured activations + working memory (+ gradients, if they were the peak)
-    for n in (8, 4, 2, 1):
+    for n in ("selective", 8, 4, 2, 1):
         e = estimate_memory(cfg, activation_checkpointing=n, optimizer_in_backward=True, **kw)
-        ratio = (e.activations + e.other) / (base.activations + base.other)
-        predicted = fixed + working * ratio + (e.gradients + e.step_temporaries) / 2**30
+        if n == "selective":
+            predicted = fixed + (e.activations + e.other + e.gradients + e.step_temporaries) / 2**30
+        else:
+            ratio = (e.activations + e.other) / (base.activations + base.other)
+            predicted = fixed + working * ratio + (e.gradients + e.step_temporaries) / 2**30
         if predicted <= 0.97 * target or n == 1:
             return n, (
-                f"{every_layer(n)} recomputed, predicted {predicted:.1f} GiB against 0.7x transformers' "
+                f"checkpointing {every_layer(n)}, predicted {predicted:.1f} GiB against 0.7x transformers' "
                 f"peak = {target:.1f} GiB (the fastest row measured {measured:.1f} GiB)"
             )
     return None, ""  # unreachable: n == 1 always returns
