@@ -9,7 +9,7 @@ from phi3_lightning.memory import measure
 from phi3_lightning.model import get_preset
 from phi3_lightning.model.heads import Phi3ForCausalLM
 from phi3_lightning.model.lora import LoRAConfig, apply_lora
-from phi3_lightning.model.selective_checkpoint import layer_policy, policy, saves
+from phi3_lightning.model.selective_checkpoint import SAVED_OPS, layer_policy, policy, saves
 
 MATMULS = ("mm", "addmm", "bmm", "baddbmm")
 
@@ -231,3 +231,44 @@ def test_compiled_selective_layers_equal_compiled_layers_and_keep_less():
         _, g_sel_packed = step(pos)
     for n, g in g_none_packed.items():
         torch.testing.assert_close(g_sel_packed[n], g, rtol=1e-5, atol=1e-7, msg=n)
+
+
+class _CountSaved(_CountOps):
+    def saved_ops(self) -> int:
+        """Calls of ops the selective policy keeps (matmuls and attention kernels, custom varlen ops included)."""
+        names = {op.__name__ for op in SAVED_OPS}
+        return sum(n for name, n in self.calls.items() if name in names)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the real attention kernels)")
+@pytest.mark.parametrize("attn, layout", [("sdpa", "full"), ("flash_attention_2", "packed")])
+def test_cuda_attention_kernels_are_kept_not_recomputed(attn, layout):
+    """On the GPU the attention runs CUDA kernels (SDPA's flash / efficient, torch's varlen_attn or flash-attn) that
+    the CPU tests never see: under selective checkpointing none of them, and no matmul, may run again in backward;
+    bf16 gradients agree with no checkpointing (kernels with atomics in backward: not bit for bit)."""
+    from phi3_lightning.model.backends import backend_available
+
+    ok, why = backend_available(attn, torch.device("cuda"), torch.bfloat16)
+    if not ok:
+        pytest.skip(why)
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(get_preset("tiny"), attn_implementation=attn).cuda().bfloat16().train()
+    x, mask, pos = (t.cuda() if t is not None else None for t in _batch(layout))
+    results = {}
+    for mode in ("none", "selective"):
+        model.zero_grad(set_to_none=True)
+        if mode == "none":
+            model.gradient_checkpointing_disable()
+        else:
+            model.gradient_checkpointing_enable(selective=True)
+        bwd = _CountSaved()
+        loss = model(x, attention_mask=mask, position_ids=pos, labels=x, return_logits=False).loss
+        with bwd:
+            loss.backward()
+        grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
+        results[mode] = (grads, bwd.saved_ops(), dict(bwd.calls))
+    (g_none, saved_none, calls_none), (g_sel, saved_sel, calls_sel) = results["none"], results["selective"]
+    assert saved_sel == saved_none, (calls_none, calls_sel)
+    cos = torch.nn.functional.cosine_similarity(g_sel, g_none, dim=0).item()
+    assert cos > 0.999 and torch.allclose(g_sel.norm(), g_none.norm(), rtol=1e-2)
