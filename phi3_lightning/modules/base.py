@@ -386,10 +386,59 @@ class Phi3LightningModule(pl.LightningModule):
         return self._shared_step(batch, "train")
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, "val")
+        self._eval_step(batch, "val")
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, "test")
+        self._eval_step(batch, "test")
+
+    # ------------------------------------------------------------------ distributed evaluation
+    def on_validation_epoch_start(self) -> None:
+        self._eval_repeats = self._repeated_indices(self.trainer.val_dataloaders)
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_repeats = self._repeated_indices(self.trainer.test_dataloaders)
+
+    @staticmethod
+    def _repeated_indices(loader: Any) -> torch.Tensor | None:
+        """Dataset indices that this process sees only as the padding of a ``DistributedSampler``.
+
+        Lightning gives every process of a multi-process val / test run a ``DistributedSampler`` that pads the split
+        to a multiple of the process count by repeating examples, so that all processes run the same number of
+        batches (which sharded models need). The sampler lays positions out as ``rank, rank + W, rank + 2W, ...`` of
+        the padded list; a position at or past the dataset's length is a repeat. Its index occurs nowhere else on
+        this process (its own copy sits on another rank), so it can be recognised by the batch's ``index``."""
+        from torch.utils.data import DistributedSampler
+
+        if isinstance(loader, (list, tuple)):
+            loader = loader[0] if len(loader) == 1 else None
+        if loader is None:
+            return None
+        sampler = getattr(loader, "sampler", None)
+        if not isinstance(sampler, DistributedSampler):
+            sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
+        if not isinstance(sampler, DistributedSampler):
+            return None
+        n, world, rank = len(sampler.dataset), sampler.num_replicas, sampler.rank
+        repeats = [i for p, i in enumerate(sampler) if p * world + rank >= n]
+        return torch.tensor(repeats, dtype=torch.long) if repeats else None
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
+        """``_shared_step`` on the rows that count: a row repeated by the distributed sampler's padding (see
+        :meth:`_repeated_indices`) is left out of the metrics, so a multi-process val/test result equals the
+        single-process one. A batch of repeats only is still run (the processes stay in step) but counts nothing."""
+        repeats = getattr(self, "_eval_repeats", None)
+        index = batch.get("index") if isinstance(batch, dict) else None
+        if repeats is None or index is None:
+            self._shared_step(batch, stage)
+            return
+        counted = ~torch.isin(index, repeats.to(index.device))
+        if bool(counted.all()):
+            self._shared_step(batch, stage)
+        elif bool(counted.any()):
+            self._shared_step({k: v[counted] for k, v in batch.items()}, stage)
+        else:
+            with torch.no_grad():
+                self(batch)
 
     def _log_metrics(self, stage: str, metrics: dict[str, Any], batch_size: int) -> None:
         """Log torchmetrics objects (already updated): train per step and per epoch (``train/x_step``,
