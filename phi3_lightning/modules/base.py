@@ -462,13 +462,28 @@ class Phi3LightningModule(pl.LightningModule):
     def stage_metrics(self, stage: str) -> nn.ModuleDict:
         return getattr(self, f"{stage}_metrics")
 
-    @staticmethod
-    def _update(metric, stage: str, *args: Any, **kwargs: Any) -> None:
-        """Train: ``forward`` (gives the step value and accumulates); val/test: ``update`` only."""
-        if stage == "train":
-            metric(*args, **kwargs)
-        else:
+    def _update(self, metric, stage: str, *args: Any, **kwargs: Any) -> None:
+        """Train: ``forward`` (gives the step value and accumulates); val/test: ``update`` only.
+
+        Under gradient accumulation the step value (``train/x_step``, which Lightning logs at the optimizer step's
+        last batch) is the metric over all the batches of that optimizer step, not over its last batch alone."""
+        if stage != "train":
             metric.update(*args, **kwargs)
+            return
+        metric(*args, **kwargs)
+        trainer = self._trainer
+        if trainer is None or getattr(trainer, "accumulate_grad_batches", 1) <= 1:
+            return
+        windows = self.__dict__.setdefault("_step_windows", {})  # a plain dict: no module, no state_dict entry
+        step, window = windows.get(id(metric), (None, None))
+        if window is None:
+            window = metric.clone()
+            window.sync_on_compute = False  # this process's batches, like the step value Lightning logs
+        if step != trainer.global_step:
+            window.reset()
+        window.update(*args, **kwargs)
+        windows[id(metric)] = (trainer.global_step, window)
+        metric._forward_cache = window.compute()  # the value Lightning logs for the step (see its ResultMetric)
 
     # ------------------------------------------------------------------ predict
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> Any:
