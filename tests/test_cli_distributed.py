@@ -116,3 +116,57 @@ def test_fsdp2_resume_equals_uninterrupted_and_matches_ddp(setup, ddp, tmp_path)
     assert rc == 0, err
     exported = Phi3ForCausalLM.from_pretrained(tmp_path / "hf")
     assert exported.lm_head.weight.shape == (512, 128)
+
+
+def test_two_process_validate_counts_each_example_once(setup, tmp_path):
+    """21 validation examples over 2 processes: Lightning's DistributedSampler repeats one to make 22; the repeat
+    must not count, so val/loss and val/perplexity equal the single-process ones (up to reduction order)."""
+    import json
+
+    g = torch.Generator().manual_seed(1)
+    letters = "abcdefgh "
+    docs = []
+    for _ in range(21):
+        n = int(torch.randint(3, 26, (1,), generator=g))
+        docs.append("".join(letters[int(i)] for i in torch.randint(0, len(letters), (n,), generator=g)))
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"text": t}) for t in docs))
+    results = {}
+    for devices in (1, 2):
+        logs = tmp_path / f"logs{devices}"
+        proc = run_module(
+            "validate",
+            "--config",
+            CONFIGS / "causal_lm.yaml",
+            "--trainer.devices",
+            devices,
+            "--trainer.strategy",
+            "ddp",
+            "--trainer.limit_val_batches",
+            "null",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.logger.init_args.save_dir",
+            logs,
+            "--model.init_args.model",
+            setup / "init",
+            "--data.init_args.train_file",
+            data,
+            "--data.init_args.val_file",
+            data,
+            "--data.init_args.pack",
+            "false",
+            "--data.init_args.max_length",
+            "32",
+            "--data.init_args.eval_batch_size",
+            "5",
+            "--data.init_args.progress",
+            "false",
+            cwd=tmp_path,
+        )
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        (run,) = {p.parent for p in logs.rglob("events.out.tfevents.*")}
+        tags = scalars(run)
+        results[devices] = (tags["val/loss"][-1][1], tags["val/perplexity"][-1][1])
+    assert math.isclose(results[1][0], results[2][0], rel_tol=1e-6), results
+    assert math.isclose(results[1][1], results[2][1], rel_tol=1e-5), results

@@ -26,7 +26,9 @@ def _workspace(rows: int, cols: int, device: torch.device) -> torch.Tensor:
     buf = getattr(_cpu_workspace, "buf", None)
     if buf is None or buf.shape[0] < rows or buf.shape[1] != cols:
         buf = _cpu_workspace.buf = None  # drop the old one before allocating its replacement
-        buf = _cpu_workspace.buf = torch.empty((rows, cols), dtype=torch.float32)
+        # a normal tensor even under inference_mode (Trainer.validate), so a later training step may write into it
+        with torch.inference_mode(False):
+            buf = _cpu_workspace.buf = torch.empty((rows, cols), dtype=torch.float32)
     return buf[:rows]
 
 

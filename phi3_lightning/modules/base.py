@@ -411,10 +411,59 @@ class Phi3LightningModule(pl.LightningModule):
         return self._shared_step(batch, "train")
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, "val")
+        self._eval_step(batch, "val")
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, "test")
+        self._eval_step(batch, "test")
+
+    # ------------------------------------------------------------------ distributed evaluation
+    def on_validation_epoch_start(self) -> None:
+        self._eval_repeats = self._repeated_indices(self.trainer.val_dataloaders)
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_repeats = self._repeated_indices(self.trainer.test_dataloaders)
+
+    @staticmethod
+    def _repeated_indices(loader: Any) -> torch.Tensor | None:
+        """Dataset indices that this process sees only as the padding of a ``DistributedSampler``.
+
+        Lightning gives every process of a multi-process val / test run a ``DistributedSampler`` that pads the split
+        to a multiple of the process count by repeating examples, so that all processes run the same number of
+        batches (which sharded models need). The sampler lays positions out as ``rank, rank + W, rank + 2W, ...`` of
+        the padded list; a position at or past the dataset's length is a repeat. Its index occurs nowhere else on
+        this process (its own copy sits on another rank), so it can be recognised by the batch's ``index``."""
+        from torch.utils.data import DistributedSampler
+
+        if isinstance(loader, (list, tuple)):
+            loader = loader[0] if len(loader) == 1 else None
+        if loader is None:
+            return None
+        sampler = getattr(loader, "sampler", None)
+        if not isinstance(sampler, DistributedSampler):
+            sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
+        if not isinstance(sampler, DistributedSampler):
+            return None
+        n, world, rank = len(sampler.dataset), sampler.num_replicas, sampler.rank
+        repeats = [i for p, i in enumerate(sampler) if p * world + rank >= n]
+        return torch.tensor(repeats, dtype=torch.long) if repeats else None
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
+        """``_shared_step`` on the rows that count: a row repeated by the distributed sampler's padding (see
+        :meth:`_repeated_indices`) is left out of the metrics, so a multi-process val/test result equals the
+        single-process one. A batch of repeats only is still run (the processes stay in step) but counts nothing."""
+        repeats = getattr(self, "_eval_repeats", None)
+        index = batch.get("index") if isinstance(batch, dict) else None
+        if repeats is None or index is None:
+            self._shared_step(batch, stage)
+            return
+        counted = ~torch.isin(index, repeats.to(index.device))
+        if bool(counted.all()):
+            self._shared_step(batch, stage)
+        elif bool(counted.any()):
+            self._shared_step({k: v[counted] for k, v in batch.items()}, stage)
+        else:
+            with torch.no_grad():
+                self(batch)
 
     def _log_metrics(self, stage: str, metrics: dict[str, Any], batch_size: int) -> None:
         """Log torchmetrics objects (already updated): train per step and per epoch (``train/x_step``,
@@ -438,13 +487,28 @@ class Phi3LightningModule(pl.LightningModule):
     def stage_metrics(self, stage: str) -> nn.ModuleDict:
         return getattr(self, f"{stage}_metrics")
 
-    @staticmethod
-    def _update(metric, stage: str, *args: Any, **kwargs: Any) -> None:
-        """Train: ``forward`` (gives the step value and accumulates); val/test: ``update`` only."""
-        if stage == "train":
-            metric(*args, **kwargs)
-        else:
+    def _update(self, metric, stage: str, *args: Any, **kwargs: Any) -> None:
+        """Train: ``forward`` (gives the step value and accumulates); val/test: ``update`` only.
+
+        Under gradient accumulation the step value (``train/x_step``, which Lightning logs at the optimizer step's
+        last batch) is the metric over all the batches of that optimizer step, not over its last batch alone."""
+        if stage != "train":
             metric.update(*args, **kwargs)
+            return
+        metric(*args, **kwargs)
+        trainer = self._trainer
+        if trainer is None or getattr(trainer, "accumulate_grad_batches", 1) <= 1:
+            return
+        windows = self.__dict__.setdefault("_step_windows", {})  # a plain dict: no module, no state_dict entry
+        step, window = windows.get(id(metric), (None, None))
+        if window is None:
+            window = metric.clone()
+            window.sync_on_compute = False  # this process's batches, like the step value Lightning logs
+        if step != trainer.global_step:
+            window.reset()
+        window.update(*args, **kwargs)
+        windows[id(metric)] = (trainer.global_step, window)
+        metric._forward_cache = window.compute()  # the value Lightning logs for the step (see its ResultMetric)
 
     # ------------------------------------------------------------------ predict
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> Any:

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..model.heads import ignore_targets_after_padding
 from ..model.loss import IGNORE_INDEX, check_causal_lm_labels, shift_labels
 from .base import LossMean, Phi3LightningModule
 
@@ -45,7 +46,10 @@ class CausalLMModule(Phi3LightningModule):
 
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         out = self(batch, return_logits=False)
-        n_targets = (shift_labels(batch["labels"]) != IGNORE_INDEX).sum()
+        labels = batch["labels"]
+        if batch.get("attention_mask") is not None:  # the head's rule: a padding position predicts nothing
+            labels = ignore_targets_after_padding(labels, batch["attention_mask"])
+        n_targets = (shift_labels(labels) != IGNORE_INDEX).sum()  # the tokens out.loss is the mean over
         metrics = self.stage_metrics(stage)
         loss = out.loss.detach().float()
         self._update(metrics["loss"], stage, loss, n_targets)

@@ -374,3 +374,20 @@ def test_truncation_is_counted_and_reported_per_split(tmp_path, write_jsonl):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         TokenClassificationDataModule(**kw, max_length=8).setup()  # nothing cut: no warning
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_causal_lm_split_long_reports_the_targets_lost_at_the_cuts(tmp_path, write_jsonl, pack):
+    """Each continuation piece of a split document starts a document of its own, so its first token is no target:
+    the warning and ``cut_targets`` give exactly how many targets the rows lack against the uncut documents."""
+    texts = ["a" * 50, "b" * 7, "c" * 33]  # 51 and 34 tokens with eos: 3 and 2 pieces of <= 20
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts])
+    dm = CausalLMDataModule(train_file=str(path), val_fraction=0.0, test_fraction=0.0, max_length=20, pack=pack)
+    with pytest.warns(UserWarning, match=r"train: 2 documents longer than max_length=20 were split into 5 pieces") as w:
+        dm.setup("fit")
+    ds = dm.datasets["train"]
+    rows = [ds[i] for i in range(len(ds))]
+    in_rows = sum(int((torch.as_tensor(r["labels"])[1:] != -100).sum()) for r in rows)  # what the loss counts
+    whole = sum(len(t) + 1 - 1 for t in texts)  # each uncut document: tokens 1..n-1 are targets
+    assert dm.cut_targets["train"] == whole - in_rows == 3
+    assert f"3 of {whole} targets" in str(w[-1].message)

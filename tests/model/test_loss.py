@@ -99,3 +99,21 @@ def test_causal_lm_labels_outside_the_vocabulary_are_a_clear_error(bad, return_l
         model(x, labels=labels, return_logits=return_logits)
     labels[1, 5] = 511
     assert torch.isfinite(model(x, labels=labels, return_logits=return_logits).loss)
+
+
+def test_fused_loss_trains_after_a_call_under_inference_mode():
+    """Trainer.validate runs under inference_mode; its CPU workspace must stay usable by a later fit in the same
+    process (it was an inference tensor: 'Inplace update to inference tensor outside InferenceMode')."""
+    from phi3_lightning.model.loss import fused_linear_cross_entropy, release_workspace
+
+    release_workspace()
+    torch.manual_seed(0)
+    h, w = torch.randn(1, 8, 16), torch.randn(50, 16)
+    y = torch.randint(0, 50, (1, 8))
+    with torch.inference_mode():
+        expected = fused_linear_cross_entropy(h, w, y)
+    h.requires_grad_()
+    loss = fused_linear_cross_entropy(h, w, y)
+    loss.backward()
+    assert torch.allclose(loss.detach(), expected)
+    assert h.grad is not None and torch.isfinite(h.grad).all()

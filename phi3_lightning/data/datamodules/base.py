@@ -275,6 +275,9 @@ class _BaseDataModule(pl.LightningDataModule):
             return loader
         if indexed:
             return DataLoader(_Indexed(dataset), batch_size=batch_size, shuffle=False, **common)
+        # val / test batches carry ``index`` too: under several processes the module recognises by it the examples
+        # that the DistributedSampler repeats to even out the processes, and counts each example once
+        dataset = _Indexed(dataset)
         sampler = SequentialSampler(dataset)
         if lengths is not None:
             batch_sampler = LengthGroupedSampler(sampler, batch_size, drop_last=False, lengths=lengths, shuffle=False)

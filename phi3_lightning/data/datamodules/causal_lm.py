@@ -209,6 +209,29 @@ class CausalLMDataModule(_BaseDataModule):
             warnings.warn(f"{split}: dropped {dropped} conversations without an assistant turn", stacklevel=2)
         return docs, labels, origins
 
+    def _report_cut_targets(self, split: str, docs: list[list[int]], labels: list[list[int]] | None) -> None:
+        """A document longer than ``max_length`` is cut into pieces (``piece_bounds``), each packed or padded as a
+        document of its own: the first token of every continuation piece would be predicted from the previous
+        piece, across the cut, so it is no target. Say how many targets that loses (``cut_targets[split]``)."""
+        cut = pieces = lost = total = 0
+        for d, doc in enumerate(docs):
+            lab = doc if labels is None else labels[d]
+            total += sum(1 for x in lab[1:] if x != IGNORE_INDEX)
+            bounds = piece_bounds(len(doc), self.max_length)
+            if len(bounds) > 1:
+                cut += 1
+                pieces += len(bounds)
+                lost += sum(1 for s, _ in bounds[1:] if lab[s] != IGNORE_INDEX)
+        self.cut_targets = {**getattr(self, "cut_targets", {}), split: lost}
+        if lost:
+            warnings.warn(
+                f"{split}: {cut} documents longer than max_length={self.max_length} were split into {pieces} pieces; "
+                f"the first token of each continuation piece is no target (its prefix is in the previous piece), so "
+                f"{lost} of {total} targets ({lost / total:.2%}) are not trained or evaluated; raise max_length to "
+                "keep them",
+                stacklevel=2,
+            )
+
     def _build_split(self, split: str, records: list[Record]) -> Dataset:
         docs, labels, origins = self._tokenize(split, records)
         if not docs:
@@ -225,6 +248,7 @@ class CausalLMDataModule(_BaseDataModule):
                         "raise max_length, set split_long=True to split long documents, or shorten the record"
                     )
         self._example_records[split] = records
+        self._report_cut_targets(split, docs, labels)
         if self.pack:
             rows: PackedRows = pack_documents(
                 docs,

@@ -1,0 +1,110 @@
+"""The numbers a run reports are what they claim to be: each one recomputed here by brute force (one example at a
+time through the model) and compared with what validate / test / fit report."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from phi3_lightning.data.collate import PaddingCollator
+from phi3_lightning.modules import CausalLMModule
+
+
+def _quiet_trainer(**kwargs) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        **kwargs,
+    )
+
+
+def _examples(n: int, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(3, 20, (1,), generator=g))
+        ids = torch.randint(3, 250, (length,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": ids})
+    return out
+
+
+def _brute_token_mean(head, examples) -> float:
+    """Mean next-token cross-entropy over every target of every example, each example run alone (no padding)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ex in examples:
+            ids = torch.tensor(ex["input_ids"])[None]
+            logits = head(input_ids=ids).logits[0, :-1].double()
+            total += F.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+            count += ids.shape[1] - 1
+    return total / count
+
+
+def test_val_loss_is_the_token_mean_with_left_padding_and_a_partial_last_batch():
+    """val/loss is the mean over target tokens and val/perplexity its exp, whatever the padding side: with left
+    padding the first real token of a padded row is predicted from a pad (not a target), and must not be counted in
+    the weight of its batch either (it was: every left-padded row added one phantom target to its batch's weight)."""
+    torch.manual_seed(0)
+    examples = _examples(11)
+    module = CausalLMModule(model="tiny", attn_implementation="eager")
+    module.configure_model()
+    module.eval()
+    expected = _brute_token_mean(module.head, examples)
+    for side in ("right", "left"):
+        loader = DataLoader(examples, batch_size=4, collate_fn=PaddingCollator(0, padding_side=side))
+        result = _quiet_trainer().validate(module, dataloaders=loader, verbose=False)[0]
+        assert math.isclose(result["val/loss"], expected, rel_tol=1e-5), (side, result, expected)
+        assert math.isclose(result["val/perplexity"], math.exp(expected), rel_tol=1e-5), (side, result)
+
+
+def test_train_loss_step_under_gradient_accumulation_is_the_loss_of_the_step_s_batches(tmp_path):
+    """With accumulate_grad_batches=2, train/loss_step at step k is the token-weighted loss of the two batches that
+    made optimizer step k (not the last micro-batch alone, not scaled by 1/2); perplexity_step is its exp."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    torch.manual_seed(0)
+    examples = _examples(8, seed=3)
+    module = CausalLMModule(model="tiny", attn_implementation="eager")
+    seen: list[tuple[int, float, int]] = []  # (global step, batch loss, batch targets), recorded before the update
+
+    class Record(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            with torch.no_grad():
+                out = pl_module(batch, return_logits=False)
+            seen.append((trainer.global_step, float(out.loss), int((batch["labels"][:, 1:] != -100).sum())))
+
+    loader = DataLoader(examples, batch_size=2, collate_fn=PaddingCollator(0))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        accumulate_grad_batches=2,
+        log_every_n_steps=1,
+        logger=CSVLogger(tmp_path, name="run"),
+        callbacks=[Record()],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(module, train_dataloaders=loader)
+    logged = {}
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        for row in csv.DictReader(f):
+            if row.get("train/loss_step"):
+                logged[int(row["step"])] = (float(row["train/loss_step"]), float(row["train/perplexity_step"]))
+    assert sorted(logged) == [0, 1]
+    for step in (0, 1):
+        batches = [(loss, n) for s, loss, n in seen if s == step]
+        assert len(batches) == 2
+        expected = sum(loss * n for loss, n in batches) / sum(n for _, n in batches)
+        assert math.isclose(logged[step][0], expected, rel_tol=1e-5), (step, logged, batches)
+        assert math.isclose(logged[step][1], math.exp(expected), rel_tol=1e-5)
