@@ -220,7 +220,13 @@ class _BaseDataModule(pl.LightningDataModule):
                 )
         parts = [f"{s}={len(d)}" for s, d in self.datasets.items()]  # type: ignore[arg-type]
         eff = ", ".join(f"{s} {e:.1%}" for s, e in self.efficiency.items())
-        rank_zero_info(f"{type(self).__name__}: {', '.join(parts)} examples; real-token fraction: {eff}")
+        rank_zero_info(
+            f"{type(self).__name__}: {', '.join(parts)} examples; real-token fraction: {eff}{self._summary_extra()}"
+        )
+
+    def _summary_extra(self) -> str:
+        """More facts for the one-line data summary (``"; ..."``), or ``""``."""
+        return ""
 
     def _build_split(self, split: str, records: list[Record]) -> Dataset:
         raise NotImplementedError

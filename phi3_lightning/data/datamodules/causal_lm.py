@@ -14,6 +14,10 @@ from ..sources import Record, iter_field, not_text_message
 from ..tokenizer import CHAT_FORMATS
 from .base import ExampleDataset, _BaseDataModule
 
+# split_long: warn when the continuation pieces lose at least this fraction of a split's targets (less is said in the
+# data summary line)
+CUT_TARGETS_WARN = 0.01
+
 
 class CausalLMDataModule(_BaseDataModule):
     """Causal language modelling: plain text (pretraining style, packed) or chat / instruction data.
@@ -223,7 +227,9 @@ class CausalLMDataModule(_BaseDataModule):
                 pieces += len(bounds)
                 lost += sum(1 for s, _ in bounds[1:] if lab[s] != IGNORE_INDEX)
         self.cut_targets = {**getattr(self, "cut_targets", {}), split: lost}
-        if lost:
+        self._cut_fraction = {**getattr(self, "_cut_fraction", {}), split: lost / total if total else 0.0}
+        # a large loss is a warning; a small one (the default data loses 0.4 %) is said in the data summary line
+        if lost and lost >= CUT_TARGETS_WARN * total:
             warnings.warn(
                 f"{split}: {cut} documents longer than max_length={self.max_length} were split into {pieces} pieces; "
                 f"the first token of each continuation piece is no target (its prefix is in the previous piece), so "
@@ -231,6 +237,13 @@ class CausalLMDataModule(_BaseDataModule):
                 "keep them",
                 stacklevel=2,
             )
+
+    def _summary_extra(self) -> str:
+        lost = {s: f for s, f in getattr(self, "_cut_fraction", {}).items() if self.cut_targets.get(s)}
+        if not lost:
+            return ""
+        parts = ", ".join(f"{s} {f:.2%}" for s, f in lost.items())
+        return f"; targets lost where long documents were split (first token of each continuation): {parts}"
 
     def _build_split(self, split: str, records: list[Record]) -> Dataset:
         docs, labels, origins = self._tokenize(split, records)
