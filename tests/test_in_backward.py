@@ -20,7 +20,7 @@ from phi3_lightning.modules.guards import NonFiniteError
 from phi3_lightning.modules.in_backward import InBackwardOptimizer
 from phi3_lightning.modules.schedulers import WarmupDecayLR
 
-from .modules.helpers import CONFIGS, run_main, small_args
+from .modules.helpers import CONFIGS, quiet_trainer, run_main, small_args
 from .test_guards import _all_finite, _checkpoints, _Toy
 from .test_resume import _assert_same, _data, _trainer
 
@@ -202,18 +202,7 @@ def test_sgd_without_momentum_has_the_plain_state_format():
 
 
 def _quiet_trainer(tmp_path, **kwargs) -> pl.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-    )
-    return pl.Trainer(**{**defaults, **kwargs})
+    return quiet_trainer(**{"max_steps": 1, "limit_val_batches": 0, "default_root_dir": tmp_path, **kwargs})
 
 
 def _scaled():

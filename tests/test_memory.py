@@ -125,6 +125,10 @@ def test_partial_checkpointing_keeps_the_other_layers_activations():
         ("tiny-gqa", "lora", "bf16-mixed", "sdpa", True),
         ("tiny", "full", "32-true", "sdpa", 2),  # partial: layer 0 recomputed, layer 1 keeps its activations
         ("tiny-gqa", "lora", "bf16-true", "sdpa", 2),
+        # selective: saved-tensor hooks + the tensors the selective cache holds
+        ("tiny", "full", "32-true", "sdpa", "selective"),
+        ("tiny-gqa", "lora", "bf16-true", "sdpa", "selective"),  # GQA, window 64 < 80 (a shared bool mask), LoRA
+        ("tiny", "full", "32-true", "eager", "selective"),  # the (H, Tk) scores bmm output kept
     ],
 )
 def test_estimate_matches_measured_bytes(preset, method, precision, attn, ckpt):
@@ -156,6 +160,7 @@ def test_estimate_matches_measured_bytes(preset, method, precision, attn, ckpt):
         ("tiny-gqa", "full", "bf16-true", 64, False),  # window 64 < 80 tokens, but each document (40) fits in it
         ("tiny-gqa", "full", "32-true", 32, False),  # documents (40) longer than the window: a (40, 40) mask per layer
         ("tiny", "full", "32-true", None, True),
+        ("tiny", "full", "32-true", None, "selective"),
     ],
 )
 def test_masked_estimate_matches_measured_bytes(preset, method, precision, window, ckpt):

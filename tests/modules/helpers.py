@@ -128,3 +128,19 @@ def texts(run_dir: Path) -> dict[str, str]:
 
 def finite(values: list[tuple[int, float]]) -> bool:
     return bool(values) and all(math.isfinite(v) for _, v in values)
+
+
+def quiet_trainer(**kwargs):
+    """A one-process CPU ``Trainer`` that writes and prints nothing (no logger, checkpoints, progress bar or model
+    summary); ``kwargs`` add to or replace these settings."""
+    import lightning.pytorch as pl
+
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return pl.Trainer(**{**defaults, **kwargs})

@@ -13,17 +13,7 @@ from torch.utils.data import DataLoader
 from phi3_lightning.data.collate import PaddingCollator
 from phi3_lightning.modules import CausalLMModule
 
-
-def _quiet_trainer(**kwargs) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        **kwargs,
-    )
+from .helpers import quiet_trainer
 
 
 def _examples(n: int, seed: int = 0) -> list[dict]:
@@ -60,7 +50,7 @@ def test_val_loss_is_the_token_mean_with_left_padding_and_a_partial_last_batch()
     expected = _brute_token_mean(module.head, examples)
     for side in ("right", "left"):
         loader = DataLoader(examples, batch_size=4, collate_fn=PaddingCollator(0, padding_side=side))
-        result = _quiet_trainer().validate(module, dataloaders=loader, verbose=False)[0]
+        result = quiet_trainer().validate(module, dataloaders=loader, verbose=False)[0]
         assert math.isclose(result["val/loss"], expected, rel_tol=1e-5), (side, result, expected)
         assert math.isclose(result["val/perplexity"], math.exp(expected), rel_tol=1e-5), (side, result)
 
