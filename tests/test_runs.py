@@ -242,3 +242,53 @@ def test_fit_resume_with_data_settings_that_change_the_training_rows_is_refused(
     assert f"data.init_args.{setting} is {value.capitalize()} here but {old} in the checkpoint" in err
     assert "the same training rows" in err
     assert sorted(p for p in logs.rglob("version_*") if p.is_dir()) == before
+
+
+def _data_check(tmp_path, ckpt_data: dict, cli_data: dict) -> None:
+    """check_ckpt_settings for fit with only data settings in play (no CLI run: the rule itself)."""
+    from jsonargparse import Namespace
+
+    from phi3_lightning.commands.runs import check_ckpt_settings
+
+    cfg = Namespace(data=Namespace(init_args=Namespace(**cli_data)))
+    ckpt = {"hyper_parameters": {}, "datamodule_hyper_parameters": ckpt_data}
+    check_ckpt_settings(cfg, ckpt, "fit", tmp_path / "last.ckpt")
+
+
+def test_fit_resume_with_the_same_train_file_spelled_relative_or_absolute_is_accepted(tmp_path, monkeypatch):
+    # the same file, named from the working directory or by its absolute path, gives the same rows
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text('{"text": "a"}\n')
+    monkeypatch.chdir(tmp_path)
+    base = {"val_fraction": 0.1, "val_file": None}
+    _data_check(
+        tmp_path,
+        {**base, "train_file": "data/train.jsonl"},
+        {**base, "train_file": str(tmp_path / "data" / "train.jsonl")},
+    )
+    _data_check(tmp_path, {**base, "train_file": "./data/train.jsonl"}, {**base, "train_file": "data/train.jsonl"})
+    # another file is still refused
+    (tmp_path / "data" / "other.jsonl").write_text('{"text": "b"}\n')
+    from phi3_lightning.commands import UsageError
+
+    with pytest.raises(UsageError, match="data.init_args.train_file is 'data/other.jsonl' here but 'data/train.jsonl'"):
+        _data_check(tmp_path, {**base, "train_file": "data/train.jsonl"}, {**base, "train_file": "data/other.jsonl"})
+
+
+def test_fit_resume_adding_a_val_file_that_ends_the_carving_of_train_is_refused(tmp_path):
+    # without val_file, val is carved out of train by val_fraction: giving one now keeps those examples in train
+    # (other training rows); the loader's position would then point into other rows
+    from phi3_lightning.commands import UsageError
+
+    old = {"train_file": "t.jsonl", "val_file": None, "val_fraction": 0.1, "test_file": None, "test_fraction": 0.0}
+    with pytest.raises(UsageError, match="data.init_args.val_file is 'v.jsonl' here but unset"):
+        _data_check(tmp_path, old, {**old, "val_file": "v.jsonl"})
+    with pytest.raises(UsageError, match="data.init_args.val_file is unset"):
+        _data_check(tmp_path, {**old, "val_file": "v.jsonl"}, old)
+    # free where train does not change: another val file, or a val file where nothing was carved
+    _data_check(tmp_path, {**old, "val_file": "v.jsonl"}, {**old, "val_file": "w.jsonl"})
+    _data_check(tmp_path, {**old, "val_fraction": 0.0}, {**old, "val_fraction": 0.0, "val_file": "v.jsonl"})
+    # a test file where nothing is carved for test (test_fraction 0: test is val) changes no training row
+    _data_check(tmp_path, old, {**old, "test_file": "x.jsonl"})
+    # val_fraction no longer matters once val_file is given on both sides
+    _data_check(tmp_path, {**old, "val_file": "v.jsonl"}, {**old, "val_file": "v.jsonl", "val_fraction": 0.2})

@@ -39,10 +39,13 @@ DATA_EXECUTION_SETTINGS = (
     "eval_batch_size",
     "padding_side",
     "pad_to_multiple_of",
-    "val_file",
-    "test_file",
     "tokenizer",  # compared for every command below
 )
+# A split file and the fraction of train carved out for that split when the file is not given: the file changes the
+# training rows only by switching the carving on or off (see _data_setting_differs).
+SPLIT_FILES = {"val_file": "val_fraction", "test_file": "test_fraction"}
+# Data settings that may name a local file or directory: the same one spelled relative or absolute is no change.
+PATH_DATA_SETTINGS = ("train_file", "source")
 # Linked from the data module at instantiation; checked against the checkpoint once the model exists.
 LABEL_FACTS = ("num_labels", "label_names", "problem_type", "id2label", "label2id")
 
@@ -423,6 +426,25 @@ def _comparable(key: str, value: Any) -> Any:
     return value
 
 
+def _data_setting_differs(key: str, old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether data setting ``key`` (in both ``old``, the checkpoint's, and ``new``) may change the training rows."""
+    a, b = _plain(old[key]), new[key]
+    if key in SPLIT_FILES:  # a missing split file means "carve it out of train" when its fraction is > 0
+        if (a is None) == (b is None):
+            return False  # another val/test file, or none on both sides: train is the same
+        fraction = (old if a is None else new).get(SPLIT_FILES[key])
+        return bool(fraction)
+    split_file = next((f for f, frac in SPLIT_FILES.items() if frac == key), None)
+    if split_file is not None and old.get(split_file) is not None and new.get(split_file) is not None:
+        return False  # the split comes from its file on both sides: the fraction carves nothing
+    if key in PATH_DATA_SETTINGS and isinstance(a, str) and isinstance(b, str) and a != b:
+        try:
+            return not os.path.samefile(a, b)  # relative vs absolute, or via a symlink: the same file
+        except OSError:
+            return True  # not both local paths (a dataset name, a missing file): compared as written
+    return True
+
+
 def check_ckpt_settings(cfg: Any, ckpt: dict[str, Any], subcommand: str, path: Path) -> None:
     """The command line against the checkpoint's hyper-parameters: refuse what cannot change (naming the setting,
     both values and the fix); execution settings are taken from the command line."""
@@ -464,6 +486,8 @@ def check_ckpt_settings(cfg: Any, ckpt: dict[str, Any], subcommand: str, path: P
     if subcommand == "fit" and data_args and data_hparams:
         for key, ckpt_value in data_hparams.items():
             if key.startswith("_") or key not in data_args or key in DATA_EXECUTION_SETTINGS:
+                continue
+            if not _data_setting_differs(key, data_hparams, data_args):
                 continue
             diff = _differences(_plain(ckpt_value), data_args[key], key)
             problems += [(f"data.init_args.{k}", a, b, "data") for k, a, b in diff]
