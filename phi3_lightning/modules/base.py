@@ -444,6 +444,12 @@ class Phi3LightningModule(pl.LightningModule):
         if not isinstance(sampler, DistributedSampler):
             return None
         n, world, rank = len(sampler.dataset), sampler.num_replicas, sampler.rank
+        if n < world:
+            # a process would see repeats only, log no metric, and leave the others waiting in the epoch-end sync
+            raise ValueError(
+                f"this evaluation split has {n} example(s) for {world} processes: every process needs at least one "
+                "of its own; evaluate on one process (--trainer.devices 1) or give the split more examples"
+            )
         repeats = [i for p, i in enumerate(sampler) if p * world + rank >= n]
         return torch.tensor(repeats, dtype=torch.long) if repeats else None
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import lightning.pytorch as pl
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
@@ -98,3 +99,19 @@ def test_train_loss_step_under_gradient_accumulation_is_the_loss_of_the_step_s_b
         expected = sum(loss * n for loss, n in batches) / sum(n for _, n in batches)
         assert math.isclose(logged[step][0], expected, rel_tol=1e-5), (step, logged, batches)
         assert math.isclose(logged[step][1], math.exp(expected), rel_tol=1e-5)
+
+
+def test_an_eval_split_smaller_than_the_process_count_is_refused():
+    """With fewer examples than processes a process would see only the sampler's repeats, count nothing and never
+    log, leaving the others waiting at the epoch-end sync: a clear error instead. With as many examples as
+    processes every process has one of its own and nothing is left out."""
+    from torch.utils.data import DistributedSampler
+
+    def loader(n, rank):
+        data = list(range(n))
+        return DataLoader(data, sampler=DistributedSampler(data, num_replicas=2, rank=rank, shuffle=False))
+
+    with pytest.raises(ValueError, match=r"1 example\(s\) for 2 processes.*--trainer.devices 1"):
+        CausalLMModule._repeated_indices(loader(1, 1))
+    assert CausalLMModule._repeated_indices(loader(2, 1)) is None
+    assert CausalLMModule._repeated_indices(loader(3, 1)).tolist() == [0]  # rank 1 gets [1, 0]: 0 is the repeat
