@@ -1,0 +1,119 @@
+"""The optimizer step's gradient is the gradient of the mean loss over *all* the step's counted units (target
+tokens, labelled tokens, examples), whatever the split of the step into micro-batches (gradient accumulation) or
+processes: not the mean of per-micro-batch means, which weighs a unit of a micro-batch with few targets more.
+
+Each test trains the same rows, in the same order, once as one batch of 2B per step and once as two micro-batches
+of B (``accumulate_grad_batches=2``), with rows of unequal lengths so the micro-batches hold different counts, and
+compares the weight updates after two SGD steps (fp32, CPU)."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
+from phi3_lightning.data.collate import PaddingCollator
+from phi3_lightning.modules import CausalLMModule, SequenceClassificationModule, TokenClassificationModule
+
+STEPS = 2
+
+
+def _sgd(params):
+    return torch.optim.SGD(params, lr=0.5)
+
+
+def _lengths_examples(n: int, seed: int, token_labels: str | None = None) -> list[dict]:
+    """Rows of very unequal lengths (3..40 tokens): micro-batches of 2 rows hold very different target counts."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = 3 + int(torch.randint(0, 38, (1,), generator=g)) if i % 2 else 3 + int(torch.randint(0, 4, (1,), generator=g))
+        ids = torch.randint(3, 250, (length,), generator=g).tolist()
+        if token_labels == "classes":  # token classification: about half the tokens labelled
+            labels = [int(c) if keep else -100 for c, keep in zip(torch.randint(0, 3, (length,), generator=g),
+                                                                 torch.rand(length, generator=g) < 0.5)]
+            labels[0] = 1  # at least one labelled token per row
+        else:
+            labels = ids
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def _update(make_module, examples, batch_size: int, accumulate: int) -> dict[str, torch.Tensor]:
+    """Weights after STEPS optimizer steps minus the initial weights (same init for every call)."""
+    torch.manual_seed(0)
+    module = make_module()
+    module.configure_model()
+    before = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    loader = DataLoader(examples, batch_size=batch_size, collate_fn=PaddingCollator(0))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=STEPS,
+        accumulate_grad_batches=accumulate,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(module, train_dataloaders=loader)
+    assert trainer.global_step == STEPS
+    return {k: module.state_dict()[k] - before[k] for k in before if before[k].is_floating_point()}
+
+
+def _assert_same_updates(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Relative difference of the whole update (all weights as one vector): float-reduction noise is ~1e-6 here
+    (two SGD steps, the second from slightly different weights); the mean of micro-batch means is off by 0.37-1.5."""
+    diff = torch.sqrt(sum(((a[k] - b[k]).double() ** 2).sum() for k in a))
+    size = torch.sqrt(sum((a[k].double() ** 2).sum() for k in a))
+    assert size > 0
+    assert diff / size < 1e-5, f"weight updates differ by {float(diff / size):.3g} (relative norm)"
+
+
+def test_causal_lm_accumulation_equals_one_big_batch():
+    examples = _lengths_examples(2 * 2 * STEPS, seed=1)
+    make = lambda: CausalLMModule(model="tiny", attn_implementation="eager", optimizer=_sgd)  # noqa: E731
+    _assert_same_updates(_update(make, examples, 4, 1), _update(make, examples, 2, 2))
+
+
+def test_token_classification_accumulation_equals_one_big_batch():
+    examples = _lengths_examples(2 * 2 * STEPS, seed=2, token_labels="classes")
+    make = lambda: TokenClassificationModule(model="tiny", num_labels=3, attn_implementation="eager", optimizer=_sgd)  # noqa: E731
+    _assert_same_updates(_update(make, examples, 4, 1), _update(make, examples, 2, 2))
+
+
+def test_sequence_classification_accumulation_counts_every_example_once():
+    """6 examples per step as micro-batches of 4 + 2 (the last one short) vs one batch of 6."""
+    g = torch.Generator().manual_seed(3)
+    examples = []
+    for _ in range(6 * STEPS):
+        length = 3 + int(torch.randint(0, 12, (1,), generator=g))
+        examples.append({"input_ids": torch.randint(3, 250, (length,), generator=g).tolist(),
+                         "labels": int(torch.randint(0, 3, (1,), generator=g))})
+    make = lambda: SequenceClassificationModule(model="tiny", num_labels=3, attn_implementation="eager", optimizer=_sgd)  # noqa: E731
+    big = _update_batches(make, examples, [6] * STEPS, accumulate=1)
+    small = _update_batches(make, examples, [4, 2] * STEPS, accumulate=2)
+    _assert_same_updates(big, small)
+
+
+def _update_batches(make_module, examples, sizes: list[int], accumulate: int) -> dict[str, torch.Tensor]:
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    batches = [list(range(s, s + n)) for s, n in zip(starts, sizes)]
+    torch.manual_seed(0)
+    module = make_module()
+    module.configure_model()
+    before = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    pad = module.config.pad_token_id  # "last" pooling finds the last token that is not the pad id
+    loader = DataLoader(examples, batch_sampler=batches, collate_fn=PaddingCollator(pad))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=STEPS,
+        accumulate_grad_batches=accumulate,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(module, train_dataloaders=loader)
+    return {k: module.state_dict()[k] - before[k] for k in before if before[k].is_floating_point()}
