@@ -9,11 +9,14 @@ compares the weight updates after two SGD steps (fp32, CPU)."""
 from __future__ import annotations
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from phi3_lightning.data.collate import PaddingCollator
 from phi3_lightning.modules import CausalLMModule, SequenceClassificationModule, TokenClassificationModule
+
+from .helpers import ROOT
 
 STEPS = 2
 
@@ -67,6 +70,7 @@ def _assert_same_updates(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
     diff = torch.sqrt(sum(((a[k] - b[k]).double() ** 2).sum() for k in a))
     size = torch.sqrt(sum((a[k].double() ** 2).sum() for k in a))
     assert size > 0
+    print(f"relative difference of the updates: {float(diff / size):.3g}")
     assert diff / size < 1e-5, f"weight updates differ by {float(diff / size):.3g} (relative norm)"
 
 
@@ -78,7 +82,13 @@ def test_causal_lm_accumulation_equals_one_big_batch():
 
 def test_token_classification_accumulation_equals_one_big_batch():
     examples = _lengths_examples(2 * 2 * STEPS, seed=2, token_labels="classes")
-    make = lambda: TokenClassificationModule(model="tiny", num_labels=3, attn_implementation="eager", optimizer=_sgd)  # noqa: E731
+    make = lambda: TokenClassificationModule(  # noqa: E731
+        model="tiny",
+        num_labels=3,
+        attn_implementation="eager",
+        optimizer=_sgd,
+        config_overrides={"classifier_dropout": 0.0},  # (default 0.1) the masks would differ with the batch shapes
+    )
     _assert_same_updates(_update(make, examples, 4, 1), _update(make, examples, 2, 2))
 
 
@@ -117,3 +127,64 @@ def _update_batches(make_module, examples, sizes: list[int], accumulate: int) ->
     )
     trainer.fit(module, train_dataloaders=loader)
     return {k: module.state_dict()[k] - before[k] for k in before if before[k].is_floating_point()}
+
+
+DDP_SCRIPT = '''
+import os
+import sys
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from phi3_lightning.data.collate import PaddingCollator
+from phi3_lightning.modules import CausalLMModule
+
+devices, batch_size, accumulate, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+torch.manual_seed(0)
+g = torch.Generator().manual_seed(5)
+examples = []
+for i in range(16):
+    length = 3 + int(torch.randint(0, 4 if i % 2 == 0 else 38, (1,), generator=g))
+    ids = torch.randint(3, 250, (length,), generator=g).tolist()
+    examples.append({"input_ids": ids, "labels": ids})
+module = CausalLMModule(model="tiny", attn_implementation="eager", optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
+module.configure_model()
+before = {k: v.detach().clone() for k, v in module.state_dict().items()}
+trainer = pl.Trainer(
+    accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=2, use_distributed_sampler=False,
+    accumulate_grad_batches=accumulate, logger=False, enable_progress_bar=False, enable_model_summary=False,
+    enable_checkpointing=False,
+)
+# rank r gets the rows r, r + 2, r + 4, ... (in order: Lightning's own DistributedSampler would shuffle them)
+rank = int(os.environ.get("LOCAL_RANK", 0))
+sampler = DistributedSampler(examples, num_replicas=devices, rank=rank, shuffle=False)
+trainer.fit(module, train_dataloaders=DataLoader(examples, batch_size, sampler=sampler, collate_fn=PaddingCollator(0)))
+if trainer.global_rank == 0:
+    torch.save({k: module.state_dict()[k] - before[k] for k in before}, out)
+'''
+
+
+@pytest.mark.slow
+def test_two_process_ddp_equals_one_process_with_the_step_s_rows(tmp_path):
+    """Per step 4 rows of very unequal lengths: 1 process x batch 4 == 2 DDP processes x batch 2 == 2 processes x
+    2 micro-batches of 1 (rank r gets rows r, r + 2, ...: the same 4 rows per step, so the same weights)."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "fit.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    updates = {}
+    for devices, batch, accumulate in ((1, 4, 1), (2, 2, 1), (2, 1, 2)):
+        out = tmp_path / f"update_{devices}_{batch}_{accumulate}.pt"
+        proc = subprocess.run(
+            [sys.executable, str(script), str(devices), str(batch), str(accumulate), str(out)],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        updates[(devices, batch, accumulate)] = torch.load(out, weights_only=True)
+    one = updates[(1, 4, 1)]
+    _assert_same_updates(one, updates[(2, 2, 1)])
+    _assert_same_updates(one, updates[(2, 1, 2)])
