@@ -187,53 +187,61 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from phi3_lightning.data.collate import PaddingCollator
-from phi3_lightning.modules import CausalLMModule
+from phi3_lightning.modules import CausalLMModule, FSDP2Strategy
 
-devices, batch_size, accumulate, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-torch.manual_seed(0)
+devices, batch_size, accumulate, strategy, init, out = sys.argv[1:]
+devices, batch_size, accumulate = int(devices), int(batch_size), int(accumulate)
 g = torch.Generator().manual_seed(5)
 examples = []
 for i in range(16):
     length = 3 + int(torch.randint(0, 4 if i % 2 == 0 else 38, (1,), generator=g))
     ids = torch.randint(3, 250, (length,), generator=g).tolist()
     examples.append({"input_ids": ids, "labels": ids})
-module = CausalLMModule(model="tiny", attn_implementation="eager", optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
-module.configure_model()
-before = {k: v.detach().clone() for k, v in module.state_dict().items()}
+module = CausalLMModule(model=init, attn_implementation="eager", optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
 trainer = pl.Trainer(
-    accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=2, use_distributed_sampler=False,
-    accumulate_grad_batches=accumulate, logger=False, enable_progress_bar=False, enable_model_summary=False,
-    enable_checkpointing=False,
+    accelerator="cpu", devices=devices, strategy=FSDP2Strategy() if strategy == "fsdp2" else strategy, max_steps=2,
+    use_distributed_sampler=False, accumulate_grad_batches=accumulate, logger=False, enable_progress_bar=False,
+    enable_model_summary=False, enable_checkpointing=False,
 )
 # rank r gets the rows r, r + 2, r + 4, ... (in order: Lightning's own DistributedSampler would shuffle them)
 rank = int(os.environ.get("LOCAL_RANK", 0))
 sampler = DistributedSampler(examples, num_replicas=devices, rank=rank, shuffle=False)
 trainer.fit(module, train_dataloaders=DataLoader(examples, batch_size, sampler=sampler, collate_fn=PaddingCollator(0)))
+state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in module.state_dict().items()}
 if trainer.global_rank == 0:
-    torch.save({k: module.state_dict()[k] - before[k] for k in before}, out)
+    torch.save(state, out)
 '''
 
 
 @pytest.mark.slow
-def test_two_process_ddp_equals_one_process_with_the_step_s_rows(tmp_path):
-    """Per step 4 rows of very unequal lengths: 1 process x batch 4 == 2 DDP processes x batch 2 == 2 processes x
-    2 micro-batches of 1 (rank r gets rows r, r + 2, ...: the same 4 rows per step, so the same weights)."""
+def test_two_process_ddp_and_fsdp2_equal_one_process_with_the_step_s_rows(tmp_path):
+    """Per step 4 rows of very unequal lengths: 1 process x batch 4 == 2 DDP processes x batch 2 == 2 DDP processes
+    x 2 micro-batches of 1 == 2 FSDP2 processes x batch 2 (rank r gets rows r, r + 2, ...: the same 4 rows per step,
+    so the same weights after 2 SGD steps)."""
     import os
     import subprocess
     import sys
 
+    from phi3_lightning.model import Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    Phi3ForCausalLM.from_config("tiny").save_pretrained(tmp_path / "init")
+    start = CausalLMModule(model=str(tmp_path / "init"))
+    start.configure_model()
+    before = {k: v.detach().clone() for k, v in start.state_dict().items()}
     script = tmp_path / "fit.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    runs = [(1, 4, 1, "auto"), (2, 2, 1, "ddp"), (2, 1, 2, "ddp"), (2, 2, 1, "fsdp2")]
     updates = {}
-    for devices, batch, accumulate in ((1, 4, 1), (2, 2, 1), (2, 1, 2)):
-        out = tmp_path / f"update_{devices}_{batch}_{accumulate}.pt"
+    for run in runs:
+        out = tmp_path / ("update_" + "_".join(map(str, run)) + ".pt")
         proc = subprocess.run(
-            [sys.executable, str(script), str(devices), str(batch), str(accumulate), str(out)],
+            [sys.executable, str(script), *map(str, run), str(tmp_path / "init"), str(out)],
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
         )
         assert proc.returncode == 0, proc.stderr[-4000:]
-        updates[(devices, batch, accumulate)] = torch.load(out, weights_only=True)
-    one = updates[(1, 4, 1)]
-    _assert_same_updates(one, updates[(2, 2, 1)])
-    _assert_same_updates(one, updates[(2, 1, 2)])
+        after = torch.load(out, weights_only=True)
+        updates[run] = {k: after[k] - before[k] for k in before if before[k].is_floating_point()}
+    for run in runs[1:]:
+        _assert_same_updates(updates[runs[0]], updates[run])
