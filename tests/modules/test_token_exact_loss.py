@@ -2,9 +2,11 @@
 tokens, labelled tokens, examples), whatever the split of the step into micro-batches (gradient accumulation) or
 processes: not the mean of per-micro-batch means, which weighs a unit of a micro-batch with few targets more.
 
-Each test trains the same rows, in the same order, once as one batch of 2B per step and once as two micro-batches
-of B (``accumulate_grad_batches=2``), with rows of unequal lengths so the micro-batches hold different counts, and
-compares the weight updates after two SGD steps (fp32, CPU)."""
+Each test trains the same rows, in the same order, once as one batch per step and once split into two micro-batches
+(``accumulate_grad_batches=2``) or two processes (DDP, FSDP2), with rows of unequal lengths so the parts hold
+different counts, and compares the weight updates after two SGD steps (fp32, CPU). Before the fix the updates
+differed by 0.37 (causal LM), 0.55 (token classification), 1.46 (sequence classification, 4 + 2 examples) and 0.80
+(2-process DDP) in relative norm; now by ~1e-6 (float reduction order)."""
 
 from __future__ import annotations
 
@@ -30,11 +32,17 @@ def _lengths_examples(n: int, seed: int, token_labels: str | None = None) -> lis
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(n):
-        length = 3 + int(torch.randint(0, 38, (1,), generator=g)) if i % 2 else 3 + int(torch.randint(0, 4, (1,), generator=g))
+        length = (
+            3 + int(torch.randint(0, 38, (1,), generator=g))
+            if i % 2
+            else 3 + int(torch.randint(0, 4, (1,), generator=g))
+        )
         ids = torch.randint(3, 250, (length,), generator=g).tolist()
         if token_labels == "classes":  # token classification: about half the tokens labelled
-            labels = [int(c) if keep else -100 for c, keep in zip(torch.randint(0, 3, (length,), generator=g),
-                                                                 torch.rand(length, generator=g) < 0.5)]
+            labels = [
+                int(c) if keep else -100
+                for c, keep in zip(torch.randint(0, 3, (length,), generator=g), torch.rand(length, generator=g) < 0.5)
+            ]
             labels[0] = 1  # at least one labelled token per row
         else:
             labels = ids
@@ -86,7 +94,9 @@ def test_one_micro_batch_on_one_process_keeps_the_plain_mean(in_backward):
     """Nothing to correct with one micro-batch on one process (the only case ``optimizer_in_backward`` allows): the
     loss back-propagated is the head's mean itself, bit for bit, and no gradient is rescaled."""
     examples = _lengths_examples(4, seed=4)
-    module = CausalLMModule(model="tiny", attn_implementation="eager", optimizer=_sgd, optimizer_in_backward=in_backward)
+    module = CausalLMModule(
+        model="tiny", attn_implementation="eager", optimizer=_sgd, optimizer_in_backward=in_backward
+    )
     seen = []
 
     class Record(pl.Callback):
@@ -147,8 +157,12 @@ def test_sequence_classification_accumulation_counts_every_example_once():
     examples = []
     for _ in range(6 * STEPS):
         length = 3 + int(torch.randint(0, 12, (1,), generator=g))
-        examples.append({"input_ids": torch.randint(3, 250, (length,), generator=g).tolist(),
-                         "labels": int(torch.randint(0, 3, (1,), generator=g))})
+        examples.append(
+            {
+                "input_ids": torch.randint(3, 250, (length,), generator=g).tolist(),
+                "labels": int(torch.randint(0, 3, (1,), generator=g)),
+            }
+        )
     make = lambda: SequenceClassificationModule(model="tiny", num_labels=3, attn_implementation="eager", optimizer=_sgd)  # noqa: E731
     big = _update_batches(make, examples, [6] * STEPS, accumulate=1)
     small = _update_batches(make, examples, [4, 2] * STEPS, accumulate=2)
@@ -178,7 +192,7 @@ def _update_batches(make_module, examples, sizes: list[int], accumulate: int) ->
     return {k: module.state_dict()[k] - before[k] for k in before if before[k].is_floating_point()}
 
 
-DDP_SCRIPT = '''
+DDP_SCRIPT = """
 import os
 import sys
 
@@ -210,7 +224,7 @@ trainer.fit(module, train_dataloaders=DataLoader(examples, batch_size, sampler=s
 state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in module.state_dict().items()}
 if trainer.global_rank == 0:
     torch.save(state, out)
-'''
+"""
 
 
 @pytest.mark.slow
@@ -231,14 +245,22 @@ def test_two_process_ddp_and_fsdp2_equal_one_process_with_the_step_s_rows(tmp_pa
     before = {k: v.detach().clone() for k, v in start.state_dict().items()}
     script = tmp_path / "fit.py"
     script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
     runs = [(1, 4, 1, "auto"), (2, 2, 1, "ddp"), (2, 1, 2, "ddp"), (2, 2, 1, "fsdp2")]
     updates = {}
     for run in runs:
         out = tmp_path / ("update_" + "_".join(map(str, run)) + ".pt")
         proc = subprocess.run(
             [sys.executable, str(script), *map(str, run), str(tmp_path / "init"), str(out)],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert proc.returncode == 0, proc.stderr[-4000:]
         after = torch.load(out, weights_only=True)
