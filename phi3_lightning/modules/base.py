@@ -536,9 +536,10 @@ class Phi3LightningModule(pl.LightningModule):
 
         Under gradient accumulation or several processes it is ``loss * units / c``: the batch's *sum*, over a scale
         ``c`` that is the same for every micro-batch of the optimizer step on every process (the largest count of
-        the step's first micro-batches, so the values stay of the usual size, which matters to float16's range).
+        the step's first micro-batches, a scalar all-reduce at the step's first micro-batch; the values then stay of the
+        usual size, which matters to float16's range).
         :meth:`optimizer_step` then multiplies the gradients by ``c * accumulate_grad_batches * world_size / N``,
-        N = the counted units of all the step's micro-batches on all processes (one scalar all-reduce), which undoes
+        N = the counted units of all the step's micro-batches on all processes (a scalar all-reduce), which undoes
         Lightning's ÷ accumulate_grad_batches and DDP / FSDP's averaging: the step's gradient is that of the mean
         loss over all its N units, however they were split into micro-batches and processes."""
         if stage != "train" or not self._token_exact():
