@@ -59,6 +59,13 @@ class LossMean(MeanMetric):
         self.weight += weight.sum()
 
 
+def _all_reduce(t: torch.Tensor, op: Any) -> torch.Tensor:
+    """In-place all-reduce over every process (no barrier around it, unlike ``strategy.reduce``)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t, op=op)
+    return t
+
+
 def clean_param_name(name: str) -> str:
     for part in _WRAPPER_PARTS:
         name = name.replace(part, "")
@@ -515,6 +522,84 @@ class Phi3LightningModule(pl.LightningModule):
         window.update(*args, **kwargs)
         windows[id(metric)] = (trainer.global_step, window)
         metric._forward_cache = window.compute()  # the value Lightning logs for the step (see its ResultMetric)
+
+    # ------------------------------------------------------------------ token-exact loss of an optimizer step
+    def _token_exact(self) -> bool:
+        """Whether an optimizer step spans several micro-batches or processes, so that the mean of per-batch means
+        that Lightning (÷ accumulate_grad_batches) and DDP / FSDP (÷ world size) would take differs from the mean
+        over the step's counted units. One micro-batch on one process (and ``optimizer_in_backward``, which allows
+        only that) keeps the plain mean: nothing to correct, and the numbers stay bit for bit those of before."""
+        trainer = self._trainer
+        if trainer is None or not self.automatic_optimization or self.optimizer_in_backward:
+            return False
+        if trainer.strategy.handles_gradient_accumulation:  # DeepSpeed scales by itself; left as it was
+            return False
+        return trainer.accumulate_grad_batches > 1 or trainer.world_size > 1
+
+    def _training_objective(self, stage: str, loss: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        """The loss to back-propagate for a batch whose ``loss`` is the mean over its ``units`` counted units
+        (target tokens of a causal LM, labelled tokens, examples).
+
+        Under gradient accumulation or several processes it is ``loss * units / c``: the batch's *sum*, over a scale
+        ``c`` that is the same for every micro-batch of the optimizer step on every process (the largest count of
+        the step's first micro-batches, a scalar all-reduce at the step's first micro-batch; the values then stay of the
+        usual size, which matters to float16's range).
+        :meth:`optimizer_step` then multiplies the gradients by ``c * accumulate_grad_batches * world_size / N``,
+        N = the counted units of all the step's micro-batches on all processes (a scalar all-reduce), which undoes
+        Lightning's ÷ accumulate_grad_batches and DDP / FSDP's averaging: the step's gradient is that of the mean
+        loss over all its N units, however they were split into micro-batches and processes."""
+        if stage != "train" or not self._token_exact():
+            return loss
+        units = units.detach().to(device=loss.device, dtype=torch.float32).reshape(())
+        state = self.__dict__.setdefault("_step_units", {})  # plain dict: no module, no state_dict entry
+        if state.get("sum") is None:  # the first micro-batch of this optimizer step
+            scale = units.clamp(min=1.0)
+            if self.trainer.world_size > 1:
+                scale = _all_reduce(scale, torch.distributed.ReduceOp.MAX)
+            state["scale"], state["sum"] = scale, torch.zeros_like(units)
+        state["sum"] = state["sum"] + units
+        return loss * (units / state["scale"]).to(loss.dtype)
+
+    def on_train_epoch_start(self) -> None:
+        # Lightning steps at an epoch's end even inside an accumulation window: a new epoch starts a new step
+        self.__dict__["_step_units"] = {}
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """Lightning's step, with the gradients rescaled (see :meth:`_training_objective`) right after the closure's
+        backward: before the loss scaler unscales them (a linear factor either way), before the
+        ``on_before_optimizer_step`` hooks (the :class:`~.guards.NonFiniteGuard`) and before gradient clipping."""
+        if optimizer_closure is not None and self._token_exact():
+            closure = optimizer_closure
+
+            def optimizer_closure():
+                result = closure()
+                self._rescale_gradients(optimizer)
+                return result
+
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+
+    @torch.no_grad()
+    def _rescale_gradients(self, optimizer) -> None:
+        state = self.__dict__.get("_step_units") or {}
+        self.__dict__["_step_units"] = {}
+        total, scale = state.get("sum"), state.get("scale")
+        if total is None:  # no training_step counted anything (e.g. a module whose step skipped the objective)
+            return
+        trainer = self.trainer
+        world = trainer.world_size
+        if world > 1:
+            total = _all_reduce(total.clone(), torch.distributed.ReduceOp.SUM)
+        # N = 0 (no counted unit in the whole step): every micro-batch loss was 0/0 = NaN, the guard stops the run
+        factor = scale * float(trainer.accumulate_grad_batches * world) / total
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    g = p.grad
+                    g = g.to_local() if hasattr(g, "to_local") else g  # a DTensor shard: scale its local part
+                    by_device.setdefault(g.device, []).append(g)
+        for device, grads in by_device.items():
+            torch._foreach_mul_(grads, factor.to(device))
 
     # ------------------------------------------------------------------ predict
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> Any:

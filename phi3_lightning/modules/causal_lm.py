@@ -55,7 +55,7 @@ class CausalLMModule(Phi3LightningModule):
         self._update(metrics["loss"], stage, loss, n_targets)
         self._update(metrics["perplexity"], stage, loss, n_targets)
         self._log_metrics(stage, dict(metrics.items()), batch_size=batch["input_ids"].shape[0])
-        return out.loss
+        return self._training_objective(stage, out.loss, n_targets)
 
     @torch.no_grad()
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict:

@@ -10,7 +10,7 @@ from torchmetrics import MeanSquaredError
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MultilabelAccuracy, MultilabelF1Score
 
 from ..conventions import PROBLEM_TYPES
-from ..model.loss import infer_problem_type
+from ..model.loss import IGNORE_INDEX, infer_problem_type
 from .base import LossMean, Phi3LightningModule
 
 
@@ -136,7 +136,14 @@ class SequenceClassificationModule(Phi3LightningModule):
             if name != "loss":
                 self._update(metric, stage, preds, targets)
         self._log_metrics(stage, dict(metrics.items()), batch_size=b)
-        return out.loss
+        return self._training_objective(stage, out.loss, self._loss_units(labels))
+
+    def _loss_units(self, labels: torch.Tensor) -> torch.Tensor:
+        """What the loss is the mean over, per example: single-label cross-entropy over the examples whose label is
+        not -100; multi-label BCE and regression MSE over every example (each the mean of its num_labels outputs)."""
+        if self.problem_type == "single_label_classification":
+            return (labels != IGNORE_INDEX).sum()
+        return torch.tensor(labels.shape[0], device=labels.device)
 
     @torch.no_grad()
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict:

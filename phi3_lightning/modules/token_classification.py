@@ -55,7 +55,7 @@ class TokenClassificationModule(Phi3LightningModule):
         self._update(metrics["accuracy"], stage, preds.flatten(), labels.flatten())
         self._update(metrics["f1"], stage, preds.flatten(), labels.flatten())
         self._log_metrics(stage, dict(metrics.items()), batch_size=labels.shape[0])
-        return out.loss
+        return self._training_objective(stage, out.loss, counted)
 
     @torch.no_grad()
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict:
