@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from phi3_lightning.data.collate import PaddingCollator
 from phi3_lightning.modules import CausalLMModule, SequenceClassificationModule, TokenClassificationModule
 
-from .helpers import ROOT
+from .helpers import ROOT, quiet_trainer
 
 STEPS = 2
 
@@ -50,27 +50,24 @@ def _lengths_examples(n: int, seed: int, token_labels: str | None = None) -> lis
     return out
 
 
-def _update(make_module, examples, batch_size: int, accumulate: int, **trainer_args) -> dict[str, torch.Tensor]:
-    """Weights after STEPS optimizer steps minus the initial weights (same init for every call)."""
+def _fit_update(make_module, make_loader, accumulate: int, **trainer_args) -> dict[str, torch.Tensor]:
+    """Weights after STEPS optimizer steps minus the initial weights (same init for every call);
+    ``make_loader(module)`` gives the training loader."""
     torch.manual_seed(0)
     module = make_module()
     module.configure_model()
     before = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    loader = DataLoader(examples, batch_size=batch_size, collate_fn=PaddingCollator(0))
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=STEPS,
-        accumulate_grad_batches=accumulate,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        **trainer_args,
-    )
-    trainer.fit(module, train_dataloaders=loader)
+    trainer = quiet_trainer(max_steps=STEPS, accumulate_grad_batches=accumulate, **trainer_args)
+    trainer.fit(module, train_dataloaders=make_loader(module))
     assert trainer.global_step == STEPS
     return {k: module.state_dict()[k] - before[k] for k in before if before[k].is_floating_point()}
+
+
+def _update(make_module, examples, batch_size: int, accumulate: int, **trainer_args) -> dict[str, torch.Tensor]:
+    def loader(module):
+        return DataLoader(examples, batch_size=batch_size, collate_fn=PaddingCollator(0))
+
+    return _fit_update(make_module, loader, accumulate, **trainer_args)
 
 
 def _assert_same_updates(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: float = 1e-5) -> None:
@@ -108,15 +105,7 @@ def test_one_micro_batch_on_one_process_keeps_the_plain_mean(in_backward):
             assert not pl_module._token_exact()
             seen.append(outputs["loss"])
 
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        logger=False,
-        callbacks=[Record()],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
+    trainer = quiet_trainer(max_steps=2, callbacks=[Record()])
     trainer.fit(module, train_dataloaders=DataLoader(examples, batch_size=2, collate_fn=PaddingCollator(0)))
     assert len(seen) == 4
     assert torch.equal(seen[0], seen[1]) and torch.equal(seen[2], seen[3])
@@ -172,24 +161,11 @@ def test_sequence_classification_accumulation_counts_every_example_once():
 def _update_batches(make_module, examples, sizes: list[int], accumulate: int) -> dict[str, torch.Tensor]:
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
     batches = [list(range(s, s + n)) for s, n in zip(starts, sizes)]
-    torch.manual_seed(0)
-    module = make_module()
-    module.configure_model()
-    before = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    pad = module.config.pad_token_id  # "last" pooling finds the last token that is not the pad id
-    loader = DataLoader(examples, batch_sampler=batches, collate_fn=PaddingCollator(pad))
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=STEPS,
-        accumulate_grad_batches=accumulate,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
-    trainer.fit(module, train_dataloaders=loader)
-    return {k: module.state_dict()[k] - before[k] for k in before if before[k].is_floating_point()}
+
+    def loader(module):  # "last" pooling finds the last token that is not the pad id
+        return DataLoader(examples, batch_sampler=batches, collate_fn=PaddingCollator(module.config.pad_token_id))
+
+    return _fit_update(make_module, loader, accumulate)
 
 
 DDP_SCRIPT = """
