@@ -220,7 +220,8 @@ class CausalLMDataModule(_BaseDataModule):
         cut = pieces = lost = total = 0
         for d, doc in enumerate(docs):
             lab = doc if labels is None else labels[d]
-            total += sum(1 for x in lab[1:] if x != IGNORE_INDEX)
+            # plain text: every token after the first is a target (token ids are never the ignore index)
+            total += max(len(doc) - 1, 0) if labels is None else sum(1 for x in lab[1:] if x != IGNORE_INDEX)
             bounds = piece_bounds(len(doc), self.max_length)
             if len(bounds) > 1:
                 cut += 1
