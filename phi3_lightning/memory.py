@@ -371,9 +371,9 @@ def as_checkpoint_every(value: bool | int | str) -> int | str:
         return int(value)
     if not isinstance(value, int) or value < 0:
         raise ValueError(
-            f"activation_checkpointing={value!r}: give true (every decoder layer), false, a whole number n >= 1 "
-            "(recompute every n-th layer: 2 = half of them) or 'selective' (keep matmul and attention outputs, "
-            "recompute the elementwise ops)"
+            f"activation_checkpointing={value!r}: give true (recompute every decoder layer), false, a whole number "
+            "n >= 1 (recompute every n-th layer: 2 = half of them, for about half the saving and half the extra "
+            "compute) or 'selective' (keep the matmul and attention outputs, recompute only the elementwise ops)"
         )
     return value
 

@@ -31,6 +31,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric
 
+from ..memory import as_checkpoint_every
 from ..model import DEFAULT_BACKEND, Phi3Config, check_backend, resolve_model
 from ..model.fused import check_fused_kernels
 from ..model.heads import HEADS, Phi3PreTrainedHead
@@ -173,15 +174,7 @@ class Phi3LightningModule(pl.LightningModule):
         self.attn_implementation = attn_implementation
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
-        if activation_checkpointing != "selective" and (
-            not isinstance(activation_checkpointing, int) or activation_checkpointing < 0
-        ):
-            raise ValueError(
-                f"activation_checkpointing={activation_checkpointing!r}: give true (recompute every decoder layer), "
-                "false, a whole number n >= 1 (recompute every n-th layer: 2 = half of them, for about half the "
-                "saving and half the extra compute) or 'selective' (keep the matmul and attention outputs, "
-                "recompute only the elementwise ops)"
-            )
+        as_checkpoint_every(activation_checkpointing)  # a ValueError naming the value and the choices
         if activation_checkpointing == "selective" and torch_compile == "model":
             raise ValueError(
                 "activation_checkpointing='selective' with torch_compile='model' is not supported (the whole-model "

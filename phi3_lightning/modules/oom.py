@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from ..memory import PRECISIONS, explain_oom
+from ..memory import PRECISIONS, as_checkpoint_every, explain_oom
 from ..model import DEFAULT_BACKEND, PRESETS
 
 MARKER = "phi3_lightning memory planner:"
@@ -78,7 +78,7 @@ def oom_settings(
         world_size=world,
         seq_len=min(seq_len, module.config.max_position_embeddings),
         batch_size=batch_size,
-        activation_checkpointing=_checkpointing(getattr(module, "activation_checkpointing", False)),
+        activation_checkpointing=as_checkpoint_every(getattr(module, "activation_checkpointing", False)),
         lora_rank=lora.r if lora is not None else 16,
         optimizer=_optimizer_name(trainer),
         head=module.task,
@@ -86,11 +86,6 @@ def oom_settings(
         masked=masked,
         accumulate_grad_batches=max(int(getattr(trainer, "accumulate_grad_batches", 1) or 1), 1),
     )
-
-
-def _checkpointing(value) -> int | str:
-    """The module's ``activation_checkpointing`` as the planner takes it: 0, 1, n or ``"selective"``."""
-    return value if value == "selective" else int(value or 0)
 
 
 def planner_command(source: list[str], settings: dict[str, Any]) -> str:
