@@ -130,6 +130,12 @@ def finite(values: list[tuple[int, float]]) -> bool:
     return bool(values) and all(math.isfinite(v) for _, v in values)
 
 
+def built(module):
+    """``module`` with its head built (``configure_model``), as Lightning does before fit."""
+    module.configure_model()
+    return module
+
+
 def quiet_trainer(**kwargs):
     """A one-process CPU ``Trainer`` that writes and prints nothing (no logger, checkpoints, progress bar or model
     summary); ``kwargs`` add to or replace these settings."""

@@ -23,10 +23,7 @@ from phi3_lightning.modules import (
 )
 from phi3_lightning.modules.fsdp import materialize_meta
 
-
-def built(module):
-    module.configure_model()
-    return module
+from .helpers import built
 
 
 # ---------------------------------------------------------------------------------------------------- schedules

@@ -8,12 +8,7 @@ import torch
 
 from phi3_lightning.modules import CausalLMModule
 
-from .helpers import CONFIGS, run_main, small_args
-
-
-def built(module):
-    module.configure_model()
-    return module
+from .helpers import CONFIGS, built, run_main, small_args
 
 
 def test_module_switch_gives_the_same_gradients_as_none_and_true():
