@@ -68,7 +68,7 @@ class Record(dict):
 
 def _read_jsonl(path: Path, limit: int | None) -> list[Record]:
     records: list[Record] = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a leading byte order mark is not data
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -89,7 +89,7 @@ def _read_jsonl(path: Path, limit: int | None) -> list[Record]:
 
 def _read_json(path: Path, limit: int | None) -> list[Record]:
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} line {e.lineno}: not valid JSON ({e.msg}); fix the file") from e
@@ -110,22 +110,36 @@ def _read_json(path: Path, limit: int | None) -> list[Record]:
 
 def _read_csv(path: Path, limit: int | None, delimiter: str) -> list[Record]:
     records: list[Record] = []
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        for row in reader:
-            # reader.line_num is the physical line the row ended on (the header is line 1)
-            if None in row:
-                raise ValueError(
-                    f"{path} line {reader.line_num}: more fields than the header has columns; fix the row or quote it"
+    # a document may be longer than the csv module's default field limit (131072 characters)
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        # strict: an unterminated quote is an error, not one record holding the rest of the file
+        reader = csv.DictReader(f, delimiter=delimiter, strict=True)
+        try:
+            for row in reader:
+                # reader.line_num is the physical line the row ended on (the header is line 1)
+                if None in row:
+                    raise ValueError(
+                        f"{path} line {reader.line_num}: more fields than the header has columns; fix the row or "
+                        "quote it"
+                    )
+                # a short row lacks its last columns (DictReader fills them with None): leave them out, so that a
+                # needed one is reported missing with the row's line
+                records.append(
+                    Record({k: v for k, v in row.items() if v is not None}, f"{path} line {reader.line_num}")
                 )
-            records.append(Record(row, f"{path} line {reader.line_num}"))
-            if limit is not None and len(records) >= limit:
-                break
+                if limit is not None and len(records) >= limit:
+                    break
+        except csv.Error as e:
+            raise ValueError(
+                f"{path} line {reader.line_num}: malformed CSV ({e}); check the quoting of that row (a field holding "
+                "the delimiter, a quote or a newline must be quoted, and quotes inside it doubled)"
+            ) from None
     return records
 
 
 def _read_txt(path: Path, limit: int | None, text_field: str, text_unit: str) -> list[Record]:
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     parts: list[tuple[int, str]] = []  # (line number of the record's first line, text)
     if text_unit == "file":
         if text.strip():
@@ -440,22 +454,39 @@ def split_by_hash(
         )
     scored = sorted(((stable_fraction(key(r), seed), i) for i, r in enumerate(records)), key=lambda x: x[0])
     out: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+    fraction: dict[int, float] = {}
     for u, i in scored:
         split = "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
         out[split].append(i)
+        fraction[i] = u
     for split, frac in (("test", test_fraction), ("val", val_fraction)):
-        if frac > 0 and not out[split] and len(out["train"]) > 1:
-            out[split].append(out["train"].pop(0))  # train is in ascending hash order
+        if frac > 0 and not out[split]:
+            # train is in ascending hash order: move its first record, with every copy of it (copies have the same
+            # hash and sit next to it), so that no record is in two splits; train keeps at least one record
+            train = out["train"]
+            n = 0
+            while n < len(train) and fraction[train[n]] == fraction[train[0]]:
+                n += 1
+            if n < len(train):
+                out[split].extend(train[:n])
+                del train[:n]
     return {s: [records[i] for i in sorted(idx)] for s, idx in out.items()}
 
 
 def _split_files_in_dir(directory: Path) -> dict[str, Path]:
-    found: dict[str, Path] = {}
+    candidates: dict[str, list[Path]] = {}
     for path in sorted(directory.iterdir()):
         split = _SPLIT_ALIASES.get(path.stem.lower())
-        if split and path.suffix.lower() in TEXT_SUFFIXES and split not in found:
-            found[split] = path
-    return found
+        if split and path.suffix.lower() in TEXT_SUFFIXES and path.is_file():
+            candidates.setdefault(split, []).append(path)
+    for split, paths in candidates.items():
+        if len(paths) > 1:  # reading one and ignoring the other would silently drop data
+            names = ", ".join(p.name for p in paths)
+            raise ValueError(
+                f"source directory {str(directory)!r} has {len(paths)} {split} files ({names}); keep one of them there, or "
+                f"pass the one to use as {split}_file"
+            )
+    return {split: paths[0] for split, paths in candidates.items()}
 
 
 def load_source(

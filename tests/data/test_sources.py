@@ -159,3 +159,63 @@ def test_resolve_splits():
     assert out["test"] is out["val"] and len(out["train"]) + len(out["val"]) == 100
     out = resolve_splits({"train": recs, "val": recs[:2]}, 0.1, 0.1)
     assert out["val"] == recs[:2] and len(out["test"]) > 0
+
+
+# ------------------------------------------------------------------------------------------------ audit: odd files
+def test_a_utf8_bom_is_not_part_of_the_data(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "a.jsonl").write_bytes(bom + b'{"text": "hi"}\n')
+    (tmp_path / "a.json").write_bytes(bom + b'[{"text": "hi"}]')
+    (tmp_path / "a.csv").write_bytes(bom + b"text,label\nhi,pos\n")
+    (tmp_path / "a.tsv").write_bytes(bom + b"text\tlabel\nhi\tpos\n")
+    (tmp_path / "a.txt").write_bytes(bom + b"hi\n\nthere\n")
+    for suffix in ("jsonl", "json"):
+        assert [dict(r) for r in read_records(tmp_path / f"a.{suffix}")] == [{"text": "hi"}]
+    for suffix in ("csv", "tsv"):  # the header's first column is "text", not "\ufefftext"
+        assert [dict(r) for r in read_records(tmp_path / f"a.{suffix}")] == [{"text": "hi", "label": "pos"}]
+    assert [r["text"] for r in read_records(tmp_path / "a.txt")] == ["hi", "there"]
+
+
+def test_a_csv_field_longer_than_the_csv_module_default_is_read(tmp_path):
+    long_text = "x" * 300_000  # the csv module refuses fields over 131072 characters by default
+    (tmp_path / "big.csv").write_text(f"text,label\n{long_text},a\n")
+    assert read_records(tmp_path / "big.csv")[0]["text"] == long_text
+
+
+def test_malformed_csv_names_file_and_line_instead_of_swallowing_the_rest(tmp_path):
+    # an unterminated quote would (non-strict) make one record of the rest of the file
+    (tmp_path / "q.csv").write_text('text,label\nok,a\n"abc,a\nz,b\n')
+    with pytest.raises(ValueError, match=r"q.csv line \d+: malformed CSV \(unexpected end of data\)"):
+        read_records(tmp_path / "q.csv")
+
+
+def test_a_csv_row_with_fewer_fields_lacks_them_instead_of_holding_none(tmp_path):
+    (tmp_path / "few.csv").write_text("text,label\nabc\nd,e\n")
+    recs = read_records(tmp_path / "few.csv")
+    assert [dict(r) for r in recs] == [{"text": "abc"}, {"text": "d", "label": "e"}]
+
+
+def test_a_directory_with_two_files_for_one_split_is_refused(tmp_path, write_jsonl):
+    d = tmp_path / "data"
+    d.mkdir()
+    write_jsonl(d / "train.jsonl", [{"text": "from jsonl"}])
+    (d / "train.csv").write_text("text\nfrom csv\n")
+    with pytest.raises(ValueError, match=r"2 train files.*train.csv.*train.jsonl"):
+        load_source(str(d))
+    (d / "train.csv").unlink()
+    write_jsonl(d / "val.jsonl", [{"text": "v1"}])
+    write_jsonl(d / "validation.jsonl", [{"text": "v2"}])
+    with pytest.raises(ValueError, match=r"2 val files.*val.jsonl.*validation.jsonl"):
+        load_source(str(d))
+
+
+def test_split_fallback_moves_every_copy_of_a_duplicated_record():
+    recs = [{"text": f"t{i}"} for i in range(3)]
+    first = min(recs, key=lambda r: stable_fraction(json.dumps(r, sort_keys=True, ensure_ascii=False)))
+    data = [*recs, dict(first), dict(first)]  # three copies of the record the fallback moves to val
+    parts = split_by_hash(data, 0.01)
+    assert parts["val"] == [first] * 3
+    assert first not in parts["train"] and len(parts["train"]) == 2
+    # only copies of one record: nothing can be moved without emptying train
+    parts = split_by_hash([{"text": "same"}] * 4, 0.01)
+    assert len(parts["train"]) == 4 and parts["val"] == []
