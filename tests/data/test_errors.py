@@ -223,3 +223,74 @@ def test_token_cls_text_file_says_it_has_no_word_labels(tmp_path):
         TokenClassificationDataModule(train_file=str(tmp_path / "t.txt"), **NO_SPLITS).setup()
     dm = TokenClassificationDataModule(**NO_SPLITS, progress=False, max_files=1, max_examples=4)
     assert dm.text_field == "text"  # the base's .txt field name, no longer the words field
+
+
+# ------------------------------------------------------------------------------------------------ audit: labels
+def test_labels_mixing_indices_and_names_are_refused_not_remapped(tmp_path, write_jsonl):
+    # inferred names ['1', '2', 'neg'] made the integer 1 mean '2' and 2 mean 'neg'
+    p = write_jsonl(tmp_path / "s.jsonl", [{"text": "a", "label": 1}, {"text": "b", "label": "neg"}])
+    with pytest.raises(ValueError) as e:
+        _ = SequenceClassificationDataModule(train_file=str(p), **NO_SPLITS).label_names
+    msg = str(e.value)
+    assert f"{p} line 1: label 1 is a class index but {p} line 2: label 'neg' is a class name" in msg
+    assert "--data.label_names" in msg
+    # word labels: [0, 'B', 'I'] made 0 mean 'B'
+    p = write_jsonl(tmp_path / "t.jsonl", [{"words": ["a", "b", "c"], "labels": [0, "B", "I"]}])
+    with pytest.raises(ValueError, match=r"label 0 is a class index but .* label 'B' is a class name"):
+        _ = TokenClassificationDataModule(train_file=str(p), **NO_SPLITS).label_names
+    # with label_names given, integers index into them and strings name them: no ambiguity
+    dm = TokenClassificationDataModule(train_file=str(p), label_names=["O", "B", "I"], **NO_SPLITS)
+    dm.setup()
+    assert dm.datasets["train"][0]["labels"] == [0, 1, -100, 2, -100]
+
+
+def test_integer_valued_float_word_labels_are_indices(tmp_path, write_jsonl):
+    # names inferred as ['0.0', '2.0', '3.0'] made 2.0 mean '3.0'
+    p = write_jsonl(tmp_path / "t.jsonl", [{"words": ["a", "b", "c"], "labels": [0.0, 2.0, 3.0]}])
+    dm = TokenClassificationDataModule(train_file=str(p), word_separator="", **NO_SPLITS)
+    assert dm.label_names == ["0", "1", "2", "3"]
+    dm.setup()
+    assert dm.datasets["train"][0]["labels"] == [0, 2, 3]
+
+
+def test_negative_integer_labels_say_how_to_use_them(tmp_path, write_jsonl):
+    p = write_jsonl(tmp_path / "s.jsonl", [{"text": t, "label": v} for t, v in (("a", -1), ("b", 0), ("c", 1))])
+    with pytest.raises(ValueError) as e:
+        _ = SequenceClassificationDataModule(train_file=str(p), **NO_SPLITS).label_names
+    msg = str(e.value)
+    assert f"{p} line 1: label -1 is a negative integer" in msg
+    assert "store the labels as strings" in msg
+    # given names do not make -1 an index either: the message says why
+    dm = SequenceClassificationDataModule(train_file=str(p), label_names=["-1", "0", "1"], **NO_SPLITS)
+    with pytest.raises(
+        ValueError, match=r"label -1 is out of range .*\(integer labels are indices into the label names"
+    ):
+        dm.setup()
+
+
+def test_non_finite_regression_targets_are_refused_with_the_record(tmp_path):
+    (tmp_path / "r.jsonl").write_text('{"text": "a", "label": 0.5}\n{"text": "b", "label": NaN}\n')
+    with pytest.raises(ValueError, match=r"r.jsonl line 2: regression target nan is not a finite number"):
+        SequenceClassificationDataModule(train_file=str(tmp_path / "r.jsonl"), **NO_SPLITS).setup()
+    (tmp_path / "r.csv").write_text("text,label\na,0.5\nb,inf\n")
+    with pytest.raises(ValueError, match=r"r.csv line 3: regression target 'inf' is not a finite number"):
+        SequenceClassificationDataModule(
+            train_file=str(tmp_path / "r.csv"), problem_type="regression", **NO_SPLITS
+        ).setup()
+
+
+def test_csv_non_integer_numbers_are_a_regression_like_the_same_jsonl(tmp_path, write_jsonl):
+    rows = [("a", 0.5), ("b", 1.25), ("c", 3.0)]
+    (tmp_path / "r.csv").write_text("text,label\n" + "".join(f"{t},{v}\n" for t, v in rows))
+    j = write_jsonl(tmp_path / "r.jsonl", [{"text": t, "label": v} for t, v in rows])
+    for path in (tmp_path / "r.csv", j):
+        dm = SequenceClassificationDataModule(train_file=str(path), **NO_SPLITS)
+        assert dm.problem_type == "regression" and dm.num_labels == 1
+        dm.setup()
+        assert [ex["labels"] for ex in dm.datasets["train"].examples] == [0.5, 1.25, 3.0]
+
+
+def test_multi_label_targets_outside_0_1_are_refused(tmp_path, write_jsonl):
+    p = write_jsonl(tmp_path / "m.jsonl", [{"text": "a", "label": [1, 0]}, {"text": "b", "label": [2, 0]}])
+    with pytest.raises(ValueError, match=r"m.jsonl line 2: multi-label targets \[2, 0\] must be numbers in \[0, 1\]"):
+        SequenceClassificationDataModule(train_file=str(p), **NO_SPLITS).setup()

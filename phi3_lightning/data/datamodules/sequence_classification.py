@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -10,7 +11,7 @@ from torch.utils.data import Dataset
 from ..embedded import DEFAULT_PACKAGES, available_packages
 from ..sources import Record, iter_field
 from .base import ExampleDataset, _BaseDataModule
-from .labels import PROBLEM_TYPES, _is_number, _LabelMixin, _natural_sorted
+from .labels import PROBLEM_TYPES, _is_number, _LabelMixin, _natural_sorted, _numeric, infer_class_names
 
 
 class SequenceClassificationDataModule(_LabelMixin, _BaseDataModule):
@@ -171,11 +172,11 @@ class SequenceClassificationDataModule(_LabelMixin, _BaseDataModule):
         train = self.records()["train"]
         values = [self._raw_label(r) for r in train]
         if self._problem_type is None:
+            # numbers (or, in csv / tsv, strings of numbers) that are not all whole: a regression target
+            numbers = [_numeric(v) for v in values]
             if any(isinstance(v, (list, tuple)) for v in values):
                 self._problem_type = "multi_label_classification"
-            elif all(_is_number(v) for v in values) and any(
-                isinstance(v, float) and not v.is_integer() for v in values
-            ):
+            elif all(x is not None for x in numbers) and any(not x.is_integer() for x in numbers):  # type: ignore[union-attr]
                 self._problem_type = "regression"
             else:
                 self._problem_type = "single_label_classification"
@@ -194,11 +195,7 @@ class SequenceClassificationDataModule(_LabelMixin, _BaseDataModule):
                     names.update(str(x) for x in items)
             self._label_names = _natural_sorted(names) if names else [str(i) for i in range(width)]
         else:
-            if all(_is_number(v) or isinstance(v, bool) for v in values):
-                top = max(int(v) for v in values)
-                self._label_names = [str(i) for i in range(top + 1)]
-            else:
-                self._label_names = _natural_sorted({str(v) for v in values})
+            self._label_names = infer_class_names(zip(train, values))
         if not self._label_names:
             raise ValueError("no labels found in the training split; check --data.label_field")
 
@@ -207,12 +204,18 @@ class SequenceClassificationDataModule(_LabelMixin, _BaseDataModule):
         pt = self.problem_type
         if pt == "regression":
             try:
-                return float(value)
+                target = float(value)
             except (TypeError, ValueError):
                 raise ValueError(
                     f"{rec.where or 'a record'}: regression target {value!r} is not a number; fix the record or "
                     "set problem_type"
                 ) from None
+            if not math.isfinite(target):  # a NaN / inf target makes the loss non-finite at its step
+                raise ValueError(
+                    f"{rec.where or 'a record'}: regression target {value!r} is not a finite number; fix or drop "
+                    "the record"
+                )
+            return target
         if pt == "single_label_classification":
             return self._class_id(rec, value)
         items = value if isinstance(value, (list, tuple)) else [value]
@@ -222,9 +225,12 @@ class SequenceClassificationDataModule(_LabelMixin, _BaseDataModule):
             try:
                 vec = [float(x) for x in items]
             except (TypeError, ValueError):
+                vec = None
+            if vec is None or not all(0.0 <= x <= 1.0 for x in vec):  # also refuses NaN
                 raise ValueError(
-                    f"{rec.where or 'a record'}: multi-label targets {items!r} must be 0/1 numbers; fix the record"
-                ) from None
+                    f"{rec.where or 'a record'}: multi-label targets {items!r} must be numbers in [0, 1] (1 = the "
+                    "label applies); fix the record"
+                )
             if len(vec) != n:
                 raise ValueError(
                     f"{rec.where or 'a record'}: multi-label vector has {len(vec)} entries but there are {n} label "

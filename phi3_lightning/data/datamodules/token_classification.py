@@ -11,7 +11,7 @@ from ..collate import IGNORE_INDEX
 from ..embedded import token_type_names
 from ..sources import Record, iter_field
 from .base import ExampleDataset, _BaseDataModule
-from .labels import _LabelMixin, _natural_sorted
+from .labels import _LabelMixin, infer_class_names
 
 
 class TokenClassificationDataModule(_LabelMixin, _BaseDataModule):
@@ -160,20 +160,9 @@ class TokenClassificationDataModule(_LabelMixin, _BaseDataModule):
         return list(words), list(labels)
 
     def _infer_labels(self) -> None:
-        names: set[str] = set()
-        top = -1
-        all_ints = True
-        for rec in self.records()["train"]:
-            for lab in self._words_and_labels(rec)[1]:
-                if isinstance(lab, int) and not isinstance(lab, bool):
-                    top = max(top, lab)
-                else:
-                    all_ints = False
-                    names.add(str(lab))
-        if all_ints:
-            self._label_names = [str(i) for i in range(top + 1)]
-        else:
-            self._label_names = _natural_sorted(names)
+        self._label_names = infer_class_names(
+            (rec, lab) for rec in self.records()["train"] for lab in self._words_and_labels(rec)[1]
+        )
         if not self._label_names:
             raise ValueError("no word labels found in the training split; check --data.label_field")
 
