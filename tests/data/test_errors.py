@@ -294,3 +294,16 @@ def test_multi_label_targets_outside_0_1_are_refused(tmp_path, write_jsonl):
     p = write_jsonl(tmp_path / "m.jsonl", [{"text": "a", "label": [1, 0]}, {"text": "b", "label": [2, 0]}])
     with pytest.raises(ValueError, match=r"m.jsonl line 2: multi-label targets \[2, 0\] must be numbers in \[0, 1\]"):
         SequenceClassificationDataModule(train_file=str(p), **NO_SPLITS).setup()
+
+
+def test_a_split_the_fraction_could_not_carve_says_so(tmp_path, write_jsonl):
+    # it used to say "give a val_file or a non-zero val_fraction" while val_fraction was 0.1
+    p = write_jsonl(tmp_path / "one.jsonl", [{"text": "hello world"}])
+    dm = CausalLMDataModule(train_file=str(p), val_fraction=0.1, test_fraction=0.0)
+    dm.setup()
+    with pytest.raises(ValueError) as e:
+        dm.val_dataloader()
+    msg = str(e.value)
+    assert "there is no val split: val_fraction=0.1 carved no record out of the 1 training record" in msg
+    assert "give a val_file or more (distinct) training records" in msg
+    assert "non-zero val_fraction" not in msg

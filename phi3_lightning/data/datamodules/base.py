@@ -258,6 +258,16 @@ class _BaseDataModule(pl.LightningDataModule):
             self.setup()
         if split not in self.datasets:
             origin = self.train_file or self.source_name
+            fraction = {"val": self.val_fraction, "test": self.test_fraction}.get(split, 0.0)
+            given = self.records()
+            if fraction > 0 and not given.get(split) and "train" in self.datasets:
+                # the hash split found no record for it: too few distinct training records (e.g. one)
+                n = len(given["train"])
+                raise ValueError(
+                    f"there is no {split} split: {split}_fraction={fraction} carved no record out of the {n} training "
+                    f"record{'s' if n != 1 else ''} (data from {origin!r}; train keeps at least one, and copies of a "
+                    f"record stay together); give a {split}_file or more (distinct) training records"
+                )
             raise ValueError(
                 f"there is no {split} split (data from {origin!r}, val_fraction={self.val_fraction}, "
                 f"test_fraction={self.test_fraction}); give a {split}_file or a non-zero {split}_fraction"
