@@ -53,6 +53,7 @@ from .commands.runs import (
     _version_dir_name,
     check_ckpt_labels,
     check_ckpt_settings,
+    check_fit_version_is_free,
     check_fsdp_accelerator,
     name_run,
     normalize_ckpt_path,
@@ -205,6 +206,8 @@ def _cli_class():
             name_run(cfg, subcommand)
             ckpt_path = normalize_ckpt_path(cfg.get("ckpt_path"), cfg.trainer.get("default_root_dir"))
             if ckpt_path is None:
+                if subcommand == "fit":
+                    check_fit_version_is_free(cfg, None)
                 return
             cfg.ckpt_path = ckpt_path
             path, run_dir = resolve_ckpt_path(cfg)
@@ -214,6 +217,8 @@ def _cli_class():
             self._ckpt_info = (path, ckpt.get("phi3_lightning") or {})
             del ckpt
             place_run_logs(cfg, subcommand, str(ckpt_path), run_dir)
+            if subcommand == "fit":
+                check_fit_version_is_free(cfg, str(ckpt_path))
 
         def after_instantiate_classes(self) -> None:
             super().after_instantiate_classes()

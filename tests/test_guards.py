@@ -232,24 +232,17 @@ def test_huge_lr_stops_with_the_step_and_keeps_the_good_last_ckpt(tmp_path, cach
     assert rc == 0, err[-2000:]
     last = logs / "causal_lm" / "sdpa" / "version_0" / "checkpoints" / "last.ckpt"
     good = last.read_bytes()
-    # the same run directory, a learning rate that diverges; no validation (no checkpoint) before the divergence
+    # the same run, a learning rate that diverges (a new version: a fit into version_0 must continue it); no
+    # validation (no checkpoint) before the divergence
     rc, _, err = run_main(
         "fit",
-        *_args(
-            logs,
-            cache,
-            "--model.init_args.optimizer.init_args.lr",
-            "1000",
-            "--trainer.logger.init_args.version",
-            "0",
-            steps=30,
-            val_every=25,
-        ),
+        *_args(logs, cache, "--model.init_args.optimizer.init_args.lr", "1000", steps=30, val_every=25),
     )
     assert rc == 1, err[-2000:]
     assert re.search(r"error: the (training loss|gradient norm) is \S* ?\S*.* at global step \d+", err), err[-2000:]
     assert "learning rate" in err
     assert last.read_bytes() == good
+    assert _checkpoints(logs / "causal_lm" / "sdpa" / "version_1") == []  # the failing run saved nothing
     assert all(_all_finite(p) for p in _checkpoints(logs))
 
 
