@@ -385,3 +385,17 @@ def test_ckpt_path_last_resolves_to_the_newest_last_file(tmp_path):
     assert _last_in(ckdir) == ckdir / "last-v1.ckpt"
     torch.save({"state_dict": {}, "global_step": 120}, ckdir / "last.ckpt")
     assert _last_in(ckdir) == ckdir / "last.ckpt"
+
+
+@pytest.mark.parametrize("fn", ["validate", "test", "predict"])
+def test_ctrl_c_during_evaluation_does_not_speak_of_training(fn, capsys):
+    """Ctrl-C during validate/test/predict: no "interrupted before training started" (there is no training)."""
+    from types import SimpleNamespace
+
+    trainer = SimpleNamespace(state=SimpleNamespace(fn=fn), is_global_zero=True, global_step=0)
+    PreemptionCheckpoint().on_exception(trainer, None, KeyboardInterrupt())
+    assert "training" not in capsys.readouterr().err
+    PreemptionCheckpoint().on_exception(
+        SimpleNamespace(**{**vars(trainer), "state": SimpleNamespace(fn="fit")}), None, KeyboardInterrupt()
+    )
+    assert "interrupted before training started" in capsys.readouterr().err
