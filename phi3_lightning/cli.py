@@ -23,6 +23,7 @@ name is ``--run_name NAME``, by default ``<config stems joined by +>/<attn backe
   ``checkpoints/last.ckpt``; ``best`` is the ModelCheckpoint's ``best_model_path`` recorded in ``last.ckpt`` (else
   the single ``best*.ckpt``). Nothing found: an error, never a run without the checkpoint that was asked for.
 * ``fit --ckpt_path last`` continues that version in place; ``fit`` with ``best`` or a file starts a new version.
+  ``fit`` into a version that already holds a run (checkpoints or events) is refused unless it continues it.
   While ``fit`` writes into a version directory it holds ``fit.lock`` (pid + host) there; another ``fit`` into a
   directory whose lock names a live process is refused, a lock of a dead process is taken over with a note.
 * ``validate`` / ``test`` / ``predict`` with a checkpoint of a run log into that run, under ``version_N/<command>/``
