@@ -23,6 +23,7 @@ name is ``--run_name NAME``, by default ``<config stems joined by +>/<attn backe
   ``checkpoints/last.ckpt``; ``best`` is the ModelCheckpoint's ``best_model_path`` recorded in ``last.ckpt`` (else
   the single ``best*.ckpt``). Nothing found: an error, never a run without the checkpoint that was asked for.
 * ``fit --ckpt_path last`` continues that version in place; ``fit`` with ``best`` or a file starts a new version.
+  ``fit`` into a version that already holds a run (checkpoints or events) is refused unless it continues it.
   While ``fit`` writes into a version directory it holds ``fit.lock`` (pid + host) there; another ``fit`` into a
   directory whose lock names a live process is refused, a lock of a dead process is taken over with a note.
 * ``validate`` / ``test`` / ``predict`` with a checkpoint of a run log into that run, under ``version_N/<command>/``
@@ -53,6 +54,7 @@ from .commands.runs import (
     _version_dir_name,
     check_ckpt_labels,
     check_ckpt_settings,
+    check_fit_version_is_free,
     check_fsdp_accelerator,
     name_run,
     normalize_ckpt_path,
@@ -205,6 +207,8 @@ def _cli_class():
             name_run(cfg, subcommand)
             ckpt_path = normalize_ckpt_path(cfg.get("ckpt_path"), cfg.trainer.get("default_root_dir"))
             if ckpt_path is None:
+                if subcommand == "fit":
+                    check_fit_version_is_free(cfg, None)
                 return
             cfg.ckpt_path = ckpt_path
             path, run_dir = resolve_ckpt_path(cfg)
@@ -214,6 +218,8 @@ def _cli_class():
             self._ckpt_info = (path, ckpt.get("phi3_lightning") or {})
             del ckpt
             place_run_logs(cfg, subcommand, str(ckpt_path), run_dir)
+            if subcommand == "fit":
+                check_fit_version_is_free(cfg, str(ckpt_path))
 
         def after_instantiate_classes(self) -> None:
             super().after_instantiate_classes()

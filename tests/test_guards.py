@@ -232,24 +232,17 @@ def test_huge_lr_stops_with_the_step_and_keeps_the_good_last_ckpt(tmp_path, cach
     assert rc == 0, err[-2000:]
     last = logs / "causal_lm" / "sdpa" / "version_0" / "checkpoints" / "last.ckpt"
     good = last.read_bytes()
-    # the same run directory, a learning rate that diverges; no validation (no checkpoint) before the divergence
+    # the same run, a learning rate that diverges (a new version: a fit into version_0 must continue it); no
+    # validation (no checkpoint) before the divergence
     rc, _, err = run_main(
         "fit",
-        *_args(
-            logs,
-            cache,
-            "--model.init_args.optimizer.init_args.lr",
-            "1000",
-            "--trainer.logger.init_args.version",
-            "0",
-            steps=30,
-            val_every=25,
-        ),
+        *_args(logs, cache, "--model.init_args.optimizer.init_args.lr", "1000", steps=30, val_every=25),
     )
     assert rc == 1, err[-2000:]
     assert re.search(r"error: the (training loss|gradient norm) is \S* ?\S*.* at global step \d+", err), err[-2000:]
     assert "learning rate" in err
     assert last.read_bytes() == good
+    assert _checkpoints(logs / "causal_lm" / "sdpa" / "version_1") == []  # the failing run saved nothing
     assert all(_all_finite(p) for p in _checkpoints(logs))
 
 
@@ -392,3 +385,17 @@ def test_ckpt_path_last_resolves_to_the_newest_last_file(tmp_path):
     assert _last_in(ckdir) == ckdir / "last-v1.ckpt"
     torch.save({"state_dict": {}, "global_step": 120}, ckdir / "last.ckpt")
     assert _last_in(ckdir) == ckdir / "last.ckpt"
+
+
+@pytest.mark.parametrize("fn", ["validate", "test", "predict"])
+def test_ctrl_c_during_evaluation_does_not_speak_of_training(fn, capsys):
+    """Ctrl-C during validate/test/predict: no "interrupted before training started" (there is no training)."""
+    from types import SimpleNamespace
+
+    trainer = SimpleNamespace(state=SimpleNamespace(fn=fn), is_global_zero=True, global_step=0)
+    PreemptionCheckpoint().on_exception(trainer, None, KeyboardInterrupt())
+    assert "training" not in capsys.readouterr().err
+    PreemptionCheckpoint().on_exception(
+        SimpleNamespace(**{**vars(trainer), "state": SimpleNamespace(fn="fit")}), None, KeyboardInterrupt()
+    )
+    assert "interrupted before training started" in capsys.readouterr().err

@@ -346,7 +346,7 @@ def test_cli_fit_resume_switch_and_huge_lr(tmp_path, cache):
     )
     assert rc == 0, err[-2000:]
     good = last.read_bytes()
-    # on again, a learning rate that diverges: exit 1 naming the step, the good last.ckpt untouched
+    # a learning rate that diverges (a new version of the run): exit 1 naming the step, the good last.ckpt untouched
     rc, _, err = run_main(
         "fit",
         *_cli_args(
@@ -356,8 +356,6 @@ def test_cli_fit_resume_switch_and_huge_lr(tmp_path, cache):
             overlay,
             "--model.init_args.optimizer.init_args.lr",
             "1000",
-            "--trainer.logger.init_args.version",
-            "0",
             steps=30,
         ),
         "--trainer.val_check_interval",
@@ -367,6 +365,7 @@ def test_cli_fit_resume_switch_and_huge_lr(tmp_path, cache):
     assert re.search(r"error: the (training loss|gradient norm) is \S* ?\S*.* at global step \d+", err), err[-2000:]
     assert "optimizer_in_backward" in err  # the in-backward guard's wording: it says what was already applied
     assert last.read_bytes() == good
+    assert _checkpoints(logs / "ib" / "version_1") == []  # the failing run (a new version) saved nothing
     assert all(_all_finite(p) for p in _checkpoints(logs))
     # causal_lm.yaml's gradient clipping with the switch alone: refused through the CLI, naming the setting
     rc, _, err = run_main(

@@ -292,3 +292,28 @@ def test_fit_resume_adding_a_val_file_that_ends_the_carving_of_train_is_refused(
     _data_check(tmp_path, old, {**old, "test_file": "x.jsonl"})
     # val_fraction no longer matters once val_file is given on both sides
     _data_check(tmp_path, {**old, "val_file": "v.jsonl"}, {**old, "val_file": "v.jsonl", "val_fraction": 0.2})
+
+
+def test_fit_into_a_version_that_holds_a_run_is_refused_unless_it_continues_it(runs):
+    """`fit --run_version 0` without `--ckpt_path last` would train a second, unrelated model into version_0: its
+    events mixed with the first run's (two series over the same steps), config.yaml overwritten and last-v1.ckpt
+    beside last.ckpt, where the printed `--ckpt_path last` then picks the other run's higher-step file."""
+    logs, _ = runs
+    _copy_run(runs, "a", "taken")
+    _copy_run(runs, "a", "taken_src")
+    run = logs / "taken" / "version_0"
+    before = sorted(p.name for p in run.rglob("*"))
+    config = (run / "config.yaml").read_bytes()
+    for extra in (
+        ("--run_version", "0"),
+        ("--trainer.logger.init_args.version", "0"),
+        ("--run_version", "0", "--ckpt_path", logs / "taken_src" / "version_0" / "checkpoints" / "last.ckpt"),
+    ):
+        rc, _, err = run_main("fit", *_args(runs, "--run_name", "taken", *extra))
+        assert rc == 1, (extra, err[-3000:])
+        assert "version_0" in err and "--ckpt_path last" in err and "Traceback" not in err, err[-3000:]
+        assert sorted(p.name for p in run.rglob("*")) == before and (run / "config.yaml").read_bytes() == config
+    # a new version, or continuing this one, is still fine
+    rc, _, err = run_main("fit", *_args(runs, "--run_name", "taken", "--run_version", "1", "--trainer.max_steps", "2"))
+    assert rc == 0, err[-3000:]
+    assert (logs / "taken" / "version_1" / "checkpoints" / "last.ckpt").is_file()

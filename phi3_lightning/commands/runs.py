@@ -540,6 +540,10 @@ def check_ckpt_labels(path: Path, info: dict[str, Any], config: Any) -> None:
         )
 
 
+def _same_dir(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve()
+
+
 def place_run_logs(cfg: Any, subcommand: str, requested: str, run_dir: Path | None) -> None:
     """Where a command with a checkpoint logs. fit with ``last``: in that version (resumed in place); fit otherwise:
     a new version of the named run. validate/test/predict of a run's checkpoint: ``<version dir>/<command>/``."""
@@ -551,7 +555,9 @@ def place_run_logs(cfg: Any, subcommand: str, requested: str, run_dir: Path | No
         if subcommand == "fit":
             if requested == "last":
                 args.version = run_dir.name
-            elif _version_dir_name(args.get("version")) == run_dir.name:
+            elif (version := _version_dir_name(args.get("version"))) is not None and _same_dir(
+                Path(str(args.get("save_dir") or "logs")).expanduser() / str(args.name) / version, run_dir
+            ):
                 args.version = None  # --run_version picked the source run: training from it starts a new version
             continue
         root = Path(str(args.get("save_dir") or "logs")).expanduser() / str(args.name)
@@ -560,6 +566,33 @@ def place_run_logs(cfg: Any, subcommand: str, requested: str, run_dir: Path | No
         args.version = run_dir.name
         if args.get("sub_dir") is None:
             args.sub_dir = subcommand
+
+
+def check_fit_version_is_free(cfg: Any, requested: str | None) -> None:
+    """``fit`` into a version directory given explicitly (``--run_version N``, the logger's ``version``) that already
+    holds a run (checkpoints or TensorBoard events) must continue that run (``--ckpt_path last``): a second training
+    there would mix its events with the first one's over the same steps, overwrite ``config.yaml`` and write
+    ``last-v1.ckpt`` beside ``last.ckpt``, of which ``--ckpt_path last`` takes the higher step, i.e. maybe the other
+    run's. Checked on rank zero only (the launched ranks start while rank zero already holds the directory)."""
+    if requested == "last" or not _is_rank_zero():
+        return
+    for logger in _tensorboard_loggers(cfg):
+        args = logger.init_args
+        version = _version_dir_name(args.get("version"))
+        if version is None:
+            continue  # the logger takes the next free version_N
+        vdir = Path(str(args.get("save_dir") or "logs")).expanduser() / str(args.name) / version
+        held = [p.name for p in _checkpoint_files(vdir / "checkpoints")]
+        events = sorted(vdir.glob("events.out.tfevents.*")) if vdir.is_dir() else []
+        if not held and not events:
+            continue
+        what = f"checkpoints {', '.join(held)}" if held else f"{len(events)} TensorBoard event file(s)"
+        raise UsageError(
+            f"{vdir} already holds a run ({what}): fit{f' --ckpt_path {requested}' if requested else ''} would "
+            f"train another model into it and mix the two; continue that run with --run_version "
+            f"{version.removeprefix('version_')} --ckpt_path last, or start a new version (leave out --run_version "
+            "/ --trainer.logger.init_args.version, or give an unused one)"
+        )
 
 
 def _is_rank_zero() -> bool:

@@ -77,7 +77,10 @@ class Phi3ThroughputMonitor(Callback):
     backend, precision, strategy and model size so runs overlay and stay identifiable.
 
     FLOPs per token come from the model's analytic count (``config.flops_per_token(seq_len)``: 6N plus the attention
-    term); time spent in validation is excluded, and the first batch (warm-up / compilation) is not counted.
+    term). A measurement spans whole optimizer steps (under gradient accumulation all their micro-batches) and is
+    logged once, at the step index of Lightning's own ``train/*`` and learning-rate points; validation, and what
+    follows it until training resumes (the ModelCheckpoint save), is excluded, and the first optimizer step
+    (warm-up / compilation) is not counted.
 
     Args:
         peak_tflops: peak TFLOP/s of one device that MFU is measured against; null: in bf16/fp16 the GPU's dense
@@ -85,7 +88,7 @@ class Phi3ThroughputMonitor(Callback):
             run's precision, or on CPU ``cpu_tflops_per_core`` x torch threads.
         cpu_tflops_per_core: CPU peak per core in TFLOP/s used when peak_tflops is null; 0.1 is one AVX2 core
             with two FMA units at 3 GHz in fp32 (2 x 8 lanes x 2 flops x 3e9). Set your machine's.
-        log_every_n_steps: batches between two measurements; null: the trainer's log_every_n_steps.
+        log_every_n_steps: optimizer steps between two measurements; null: the trainer's log_every_n_steps.
     """
 
     def __init__(
@@ -98,6 +101,8 @@ class Phi3ThroughputMonitor(Callback):
         self._reset_window(None)
         self._t0: float | None = None
         self._paused_at: float | None = None
+        self._window_step = 0  # trainer.global_step when the current window started
+        self._step_before_batch: int | None = None
         self._peak_flops: float | None = None
         self.last: dict[str, float] = {}
 
@@ -127,8 +132,12 @@ class Phi3ThroughputMonitor(Callback):
     def _log(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
         self.last = metrics
         if trainer.is_global_zero:
+            # the x of Lightning's train/*_step and LearningRateMonitor points of this optimizer step (global_step
+            # already counts it here, so it would put these points one step to the right of the others)
+            loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+            step = getattr(loop, "_batches_that_stepped", trainer.global_step - 1)
             for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+                logger.log_metrics(metrics, step=step)
 
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -158,6 +167,11 @@ class Phi3ThroughputMonitor(Callback):
                 logger.experiment.add_text("run", text, global_step=trainer.global_step)
 
     def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
+        self._step_before_batch = trainer.global_step
+        if self._paused_at is not None:  # training resumes after validation (and the checkpoint saved after it)
+            if self._t0 is not None:
+                self._t0 += time.perf_counter() - self._paused_at
+            self._paused_at = None
         if not isinstance(batch, dict) or "input_ids" not in batch:
             return
         ids = batch["input_ids"]
@@ -171,13 +185,16 @@ class Phi3ThroughputMonitor(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int) -> None:
         device = trainer.strategy.root_device
-        if self._t0 is None:  # the first batch is warm-up (allocation, compilation): start the clock after it
+        if trainer.global_step == self._step_before_batch:
+            return  # a micro-batch inside an accumulation window: measure whole optimizer steps only
+        if self._t0 is None:  # the first step is warm-up (allocation, compilation): start the clock after it
             _sync(device)
             self._t0 = time.perf_counter()
+            self._window_step = trainer.global_step
             self._reset_window(device)
             return
         every = self.log_every_n_steps or trainer.log_every_n_steps or 1
-        if self._batches < every:
+        if trainer.global_step - self._window_step < every:
             return
         _sync(device)
         now = time.perf_counter()
@@ -202,16 +219,14 @@ class Phi3ThroughputMonitor(Callback):
         self._log(trainer, metrics)
         pl_module.log("tok/s", tps, prog_bar=True, logger=False, on_step=True, on_epoch=False)
         self._t0 = time.perf_counter()
+        self._window_step = trainer.global_step
         self._reset_window(device)
 
     def on_validation_start(self, trainer, pl_module) -> None:
-        if trainer.state.fn == "fit":
+        # the clock stops until the next training batch starts (on_train_batch_start), so that the checkpoints that
+        # ModelCheckpoint writes after validation (its on_validation_end runs after this callback's) are left out too
+        if trainer.state.fn == "fit" and self._paused_at is None:
             self._paused_at = time.perf_counter()
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        if self._paused_at is not None and self._t0 is not None:
-            self._t0 += time.perf_counter() - self._paused_at
-        self._paused_at = None
 
 
 class PredictionWriter(BasePredictionWriter):

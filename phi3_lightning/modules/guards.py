@@ -340,7 +340,8 @@ class PreemptionCheckpoint(Callback):
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, KeyboardInterrupt):  # Ctrl-C before training began (setup, model build, sanity)
             self._restore()
-            _say(trainer, "interrupted before training started: nothing was saved and nothing is lost")
+            if getattr(trainer.state, "fn", None) == "fit":  # validate / test / predict have no training to speak of
+                _say(trainer, "interrupted before training started: nothing was saved and nothing is lost")
             return
         if not isinstance(exception, SIGTERMException):
             self._restore()

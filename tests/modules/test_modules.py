@@ -171,6 +171,58 @@ def test_flops_per_token_and_peak():
     assert Phi3ThroughputMonitor(peak_tflops=2.0).peak_flops_per_device(T) == 2e12
 
 
+def test_throughput_is_measured_per_optimizer_step_and_excludes_validation_and_its_checkpoint(monkeypatch):
+    """Two micro-batches per optimizer step (accumulate_grad_batches=2), 1 s and 10 real tokens each, a measurement
+    every optimizer step: one point per step (not one per micro-batch, two at the same step), at the step index that
+    Lightning's own train/* and lr series use, each 20 tokens / 2 s = 10 tokens/s. Validation and what follows it
+    until training resumes (the ModelCheckpoint save runs after the monitor's on_validation_end) are excluded."""
+    from types import SimpleNamespace
+
+    from phi3_lightning.modules import callbacks
+
+    clock = [0.0]
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: clock[0])
+    logged: list[tuple[int, dict]] = []
+    logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.append((step, dict(metrics))))
+    epoch_loop = SimpleNamespace(_batches_that_stepped=0)
+    trainer = SimpleNamespace(
+        global_step=0,
+        world_size=1,
+        log_every_n_steps=50,
+        is_global_zero=True,
+        loggers=[logger],
+        precision="32-true",
+        state=SimpleNamespace(fn="fit"),
+        fit_loop=SimpleNamespace(epoch_loop=epoch_loop),
+        strategy=SimpleNamespace(root_device=torch.device("cpu"), reduce=lambda t, reduce_op: t),
+    )
+    module = SimpleNamespace(flops_per_token=lambda seq_len: 100.0, log=lambda *a, **k: None)
+    monitor = Phi3ThroughputMonitor(peak_tflops=1.0, log_every_n_steps=1)
+    monitor.on_fit_start(trainer, module)
+    batch = {
+        "input_ids": torch.zeros(2, 8, dtype=torch.long),
+        "attention_mask": torch.tensor([[1] * 8, [1] * 2 + [0] * 6]),
+    }
+    for i in range(8):  # micro-batches 0..7: optimizer steps end at 1, 3, 5, 7
+        monitor.on_train_batch_start(trainer, module, batch, i)
+        clock[0] += 1.0
+        if i % 2 == 1:
+            trainer.global_step += 1
+        monitor.on_train_batch_end(trainer, module, None, batch, i)
+        if i % 2 == 1:
+            if i == 3:  # validation after step 2, then 5 s of checkpoint writing before training goes on
+                monitor.on_validation_start(trainer, module)
+                clock[0] += 3.0
+                monitor.on_validation_end(trainer, module)
+                clock[0] += 5.0
+            epoch_loop._batches_that_stepped += 1
+    # step 1 (micro-batches 0-1) is the warm-up; then one measurement per optimizer step, at Lightning's step index
+    assert [step for step, _ in logged] == [1, 2, 3]
+    assert [m["perf/tokens_per_sec"] for _, m in logged] == [10.0, 10.0, 10.0]
+    assert [m["perf/seconds_per_batch"] for _, m in logged] == [1.0, 1.0, 1.0]
+    assert [m["perf/mfu"] for _, m in logged] == pytest.approx([10.0 * 100.0 / 1e12] * 3)
+
+
 @pytest.mark.parametrize(
     "name, precision, tflops",
     [
