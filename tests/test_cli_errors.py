@@ -134,6 +134,27 @@ def test_generate_rejects_sampling_settings_that_cannot_work(tmp_path):
         assert message in _error_line(rc, err)
 
 
+def test_generate_refuses_a_device_it_cannot_use_before_loading(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    missing = tmp_path / "not_loaded"  # the device is checked first: no load for nothing
+    base = ["generate", "--checkpoint", missing, "--prompt", "hi", "--device"]
+    cases = [
+        ("foo", "--device 'foo' is not a torch device; use auto, cpu, cuda or cuda:N"),
+        ("cuda", "--device 'cuda' but no CUDA device is available here; use --device cpu (or auto)"),
+        ("cuda:1", "--device 'cuda:1' but no CUDA device is available here"),
+        ("meta", "--device 'meta' holds no data; use auto, cpu, cuda or cuda:N"),
+    ]
+    for device, message in cases:
+        assert message in _error_line(*run_main(*base, device)[::2])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    line = _error_line(*run_main(*base, "cuda:2")[::2])
+    assert "--device 'cuda:2' but this machine has 2 CUDA device(s): cuda:0 .. cuda:1" in line
+
+
 def test_generate_with_a_tokenizer_that_is_not_json(tmp_path):
     hf = tmp_path / "hf"
     Phi3ForCausalLM.from_config(get_preset("tiny")).save_pretrained(hf)

@@ -253,6 +253,24 @@ def _pooling_from_checkpoint(cls: type, head_kwargs: dict[str, Any], shards: dic
         )
 
 
+def _finite_for_saving(converted: torch.Tensor, source: torch.Tensor, name: str) -> torch.Tensor:
+    """``converted`` if it holds only finite numbers, else an error naming the tensor: a NaN/inf weight (a diverged
+    model) or one that overflows the save dtype (float16 holds at most 65504) would be written as such, and
+    transformers would load it without a word (NaN/inf logits)."""
+    if not converted.is_floating_point() or bool(torch.isfinite(converted).all()):
+        return converted
+    if not bool(torch.isfinite(source).all()):
+        bad = int((~torch.isfinite(source)).sum())
+        raise ValueError(
+            f"tensor {name} holds {bad} NaN/inf value(s) of {source.numel()}; not saved (the model diverged?): "
+            "save an earlier checkpoint"
+        )
+    raise ValueError(
+        f"tensor {name} ({source.dtype}) overflows to inf in {converted.dtype}; save it with dtype='bfloat16' or "
+        "'float32'"
+    )
+
+
 class PretrainedMixin:
     """``from_pretrained`` / ``save_pretrained`` for the heads (needs ``config``, ``model``, ``architecture``)."""
 
@@ -395,8 +413,7 @@ class PretrainedMixin:
             t = v.detach()
             if hasattr(t, "full_tensor"):  # DTensor (FSDP2): gather the full tensor
                 t = t.full_tensor()
-            t = t.to("cpu", dtype=dtype or t.dtype).contiguous()
-            state[k] = t
+            state[k] = _finite_for_saving(t.to("cpu", dtype=dtype or t.dtype).contiguous(), t, k)
         limit = parse_size(max_shard_size)
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0

@@ -56,6 +56,31 @@ def check_generation_args(
         )
 
 
+def _check_left_padded(attention_mask: torch.Tensor, input_ids: torch.Tensor) -> None:
+    """ValueError unless every row is left padding (0s) followed by at least one token (1s): new tokens are appended
+    at the right end and the first one is predicted from the last position, so right padding (or a row with no
+    token) would silently continue from a pad."""
+    if tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(
+            f"attention_mask of shape {tuple(attention_mask.shape)} does not match input_ids "
+            f"{tuple(input_ids.shape)}; give one 0/1 entry per prompt token"
+        )
+    m = attention_mask.long()
+    if bool(((m != 0) & (m != 1)).any()):
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+    empty = (m.sum(-1) == 0).nonzero()
+    if empty.numel():
+        raise ValueError(
+            f"attention_mask row {int(empty[0])} has no tokens; every prompt needs at least one token (e.g. bos)"
+        )
+    right = (m[:, 1:] < m[:, :-1]).any(-1).nonzero()
+    if right.numel():
+        raise ValueError(
+            f"attention_mask row {int(right[0])} has padding after its tokens; generate appends new tokens at the "
+            "right end, so prompts need left padding (the collators' padding_side='left')"
+        )
+
+
 def sample_next(
     logits: torch.Tensor,
     do_sample: bool,
@@ -123,6 +148,8 @@ def generate(
     )
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    else:
+        _check_left_padded(attention_mask, input_ids)
     mask = torch.ones(b, total, dtype=torch.long, device=input_ids.device)
     mask[:, :t0] = attention_mask
     tokens = torch.full((b, total), pad, dtype=torch.long, device=input_ids.device)

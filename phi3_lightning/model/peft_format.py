@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,21 @@ def _task_of(model: nn.Module) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------------------- write
+def _tied_partners(model: nn.Module, saved: list[str]) -> list[str]:
+    """Modules outside ``saved`` whose parameters are tensors of a module in ``saved`` (a tied ``lm_head`` and
+    ``model.embed_tokens``). Training one side of a tied pair here trains both (one tensor); PEFT keeps an untied
+    copy of each module in ``modules_to_save``, so both sides go into the adapter or PEFT serves the other with its
+    base weights."""
+    ids = {id(p) for n in saved for p in model.get_submodule(n).parameters()}
+    partners = []
+    for name, module in model.named_modules():
+        if not name or any(name == n or name.startswith(n + ".") for n in saved):
+            continue
+        if any(id(p) in ids for p in module.parameters(recurse=False)):
+            partners.append(name)
+    return partners
+
+
 def peft_adapter_config(model: nn.Module, base_model_name_or_path: str | None = None) -> dict[str, Any]:
     """PEFT's ``adapter_config.json`` for a head adapted with :func:`~.lora.apply_lora`."""
     cfg: LoRAConfig | None = getattr(model, "lora_config", None)
@@ -109,6 +125,7 @@ def peft_adapter_config(model: nn.Module, base_model_name_or_path: str | None = 
     if cfg is None or not adapted:
         raise ValueError(f"{type(model).__name__} has no LoRA adapters; apply_lora() it (or load an adapter) first")
     saved = list(getattr(model, "lora_modules_to_save", []))
+    saved += _tied_partners(model, saved)
     targets: Any = list(cfg.target_modules)
     layers = cfg.layers
     # PEFT's layers_to_transform leaves modules outside the decoder layers (lm_head) alone; ours adapts them. Name
@@ -147,8 +164,12 @@ def peft_adapter_config(model: nn.Module, base_model_name_or_path: str | None = 
 
 def peft_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The adapters (and the modules trained in full) under PEFT's key names, on CPU, contiguous."""
+    state = lora_state_dict(model)
+    for partner in _tied_partners(model, getattr(model, "lora_modules_to_save", [])):
+        for key, value in model.get_submodule(partner).state_dict().items():
+            state[f"{partner}.{key}"] = value.detach().to("cpu").clone()
     out: dict[str, torch.Tensor] = {}
-    for key, value in lora_state_dict(model).items():
+    for key, value in state.items():
         if dtype is not None and value.is_floating_point():
             value = value.to(dtype)
         leaf = key.rsplit(".", 1)[-1]
@@ -394,9 +415,50 @@ def load_adapter(model: nn.Module, directory: str | Path, weights: bool = True) 
         raise FileNotFoundError(f"adapter {path} has no {ADAPTER_WEIGHTS}{hint}")
     state = _read_weights(model, cfg, path / ADAPTER_WEIGHTS, peft) if weights else None
     apply_lora(model, cfg)  # only once the weights are known to fit: a refused adapter leaves the model as it was
+    _untie_what_the_adapter_trains_apart(model, state, where)
     if state is not None:
         model.load_state_dict(state, strict=False)
     return cfg
+
+
+def _untie_what_the_adapter_trains_apart(model: nn.Module, state: dict[str, torch.Tensor] | None, where: str) -> None:
+    """A tensor shared by several state-dict keys (tied ``lm_head`` / ``embed_tokens``) of which the adapter trains
+    some in full (``modules_to_save``) but not all, or all with different values: each key it trains gets its own
+    tensor (as PEFT's ``modules_to_save`` copies do) instead of writing one module's weights into the other, and
+    the others stay frozen with the base weights; the config then says ``tie_word_embeddings=False`` (a merged
+    export writes both). Runs on the adapted model (``model.lora_modules_to_save`` set); ``state``: the adapter's
+    tensors (None: only the configuration is applied)."""
+    saved = tuple(getattr(model, "lora_modules_to_save", ()))
+    groups: dict[int, list[str]] = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(tensor), []).append(key)
+    for keys in groups.values():
+        trained = [k for k in keys if any(k.startswith(n + ".") for n in saved)]
+        if len(keys) < 2 or not trained:
+            continue
+        if len(trained) == len(keys) and (
+            state is None or all(torch.equal(state[k], state[trained[0]]) for k in trained[1:] if k in state)
+        ):
+            continue  # every side trained as one tensor (save_adapter writes both sides)
+        own = trained if len(trained) < len(keys) else trained[1:]
+        rest = [k for k in keys if k not in own]
+        for key in own:
+            module_name, _, leaf = key.rpartition(".")
+            module = model.get_submodule(module_name)
+            old = getattr(module, leaf)
+            setattr(module, leaf, nn.Parameter(old.detach().clone(), requires_grad=True))
+        if len(trained) < len(keys):
+            model.get_submodule(rest[0].rpartition(".")[0]).get_parameter(rest[0].rpartition(".")[2]).requires_grad_(
+                False
+            )
+        if hasattr(getattr(model, "config", None), "tie_word_embeddings"):
+            model.config.tie_word_embeddings = False
+        warnings.warn(
+            f"{where}: the adapter trains {own[0]} on its own, but the base model ties it to {rest[0]}; loading it "
+            f"unties {own[0]} from {rest[0]} (each keeps its own weights, as peft does) and the config now says "
+            "tie_word_embeddings=false",
+            stacklevel=3,
+        )
 
 
 def _read_weights(model: nn.Module, cfg: LoRAConfig, file: Path, peft: bool) -> dict[str, torch.Tensor]:

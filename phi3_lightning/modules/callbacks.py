@@ -253,6 +253,10 @@ class PredictionWriter(BasePredictionWriter):
             path = Path(base) / "predictions.jsonl"
         if trainer.world_size > 1:
             path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix or '.jsonl'}")
+        if path.is_dir():  # else found only at the final rename, after every batch was predicted
+            raise ValueError(
+                f"predictions path {path} is a directory; give a file (--predictions.path {path / 'predictions.jsonl'})"
+            )
         return path
 
     def on_predict_start(self, trainer, pl_module) -> None:

@@ -208,6 +208,33 @@ def test_weight_that_overflows_the_requested_dtype_is_named(tmp_path):
         Phi3ForCausalLM.from_pretrained(tmp_path, dtype="float16")
 
 
+def test_save_in_a_dtype_that_overflows_is_refused_and_writes_nothing(tmp_path):
+    """float16 holds at most 65504: a larger weight would be written as inf (transformers loads it: inf logits)."""
+    model = Phi3ForCausalLM(config("mini-4k"))
+    with torch.no_grad():
+        model.model.norm.weight[0] = 1e5
+    with pytest.raises(
+        ValueError,
+        match=r"tensor model.norm.weight \(torch.float32\) overflows to inf in torch.float16; "
+        r"save it with dtype='bfloat16' or 'float32'",
+    ):
+        model.save_pretrained(tmp_path / "out", dtype="float16")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())  # no staging leftovers either
+    model.save_pretrained(tmp_path / "out", dtype="bfloat16")  # in range there
+    assert Phi3ForCausalLM.from_pretrained(tmp_path / "out").model.norm.weight[0] == 99840.0  # 1e5 in bf16
+
+
+def test_save_of_nan_weights_is_refused(tmp_path):
+    model = Phi3ForCausalLM(config("mini-4k"))
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, :3] = float("nan")
+    with pytest.raises(
+        ValueError, match=r"tensor model.layers.1.mlp.down_proj.weight holds 3 NaN/inf value\(s\) of 6144; not saved"
+    ):
+        model.save_pretrained(tmp_path / "out")
+    assert not list(tmp_path.iterdir())
+
+
 def test_file_instead_of_directory_is_refused(tmp_path):
     Phi3ForCausalLM(config("mini-4k")).save_pretrained(tmp_path)
     for f in ("model.safetensors", "config.json"):

@@ -118,3 +118,39 @@ def test_generate_edge_values_that_work():
     g = torch.Generator().manual_seed(0)
     out = model.generate(x, max_new_tokens=3, do_sample=True, temperature=1e-3, top_k=1, top_p=1.0, generator=g)
     assert torch.equal(out, model.generate(x, max_new_tokens=3))  # top_k=1 is greedy
+
+
+@pytest.mark.parametrize(
+    "mask_rows,message",
+    [
+        # right padding: the first new token would be predicted from a pad position and appended after the pads
+        ([[1, 1, 1, 1], [1, 1, 0, 0]], r"attention_mask row 1 has padding after its tokens.*left padding"),
+        ([[1, 0, 1, 1], [1, 1, 1, 1]], r"attention_mask row 0 has padding after its tokens"),
+        # a row with no token at all has nothing to continue
+        ([[1, 1, 1, 1], [0, 0, 0, 0]], r"attention_mask row 1 has no tokens"),
+        ([[1, 1, 2, 1], [1, 1, 1, 1]], r"attention_mask must hold only 0 \(padding\) and 1"),
+    ],
+)
+def test_generate_refuses_masks_it_would_continue_wrongly(mask_rows, message):
+    model = Phi3ForCausalLM(config("mini-4k")).eval()
+    x = torch.full((2, 4), 5, dtype=torch.long)
+    with pytest.raises(ValueError, match=message):
+        model.generate(x, attention_mask=torch.tensor(mask_rows), max_new_tokens=2)
+
+
+def test_generate_refuses_a_mask_of_another_shape():
+    model = Phi3ForCausalLM(config("mini-4k")).eval()
+    x = torch.full((2, 4), 5, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"attention_mask of shape \(2, 5\) does not match input_ids \(2, 4\)"):
+        model.generate(x, attention_mask=torch.ones(2, 5, dtype=torch.long), max_new_tokens=2)
+
+
+def test_left_padded_row_continues_as_the_row_alone():
+    """A left-padded row generates exactly what the row alone generates (greedy, fp32)."""
+    torch.manual_seed(9)
+    model = Phi3ForCausalLM(config("mini-4k")).eval()
+    x = torch.randint(3, 97, (2, 6))
+    mask = torch.tensor([[1] * 6, [0, 0, 0, 1, 1, 1]])
+    out = model.generate(x.masked_fill(mask == 0, 0), attention_mask=mask, max_new_tokens=5, eos_token_id=[])
+    alone = model.generate(x[1:, 3:], max_new_tokens=5, eos_token_id=[])
+    assert torch.equal(out[1, 6:], alone[0, 3:])

@@ -249,3 +249,67 @@ def test_refuses_a_corrupt_adapter_file_naming_it(base, peft_dir):
     )
     with pytest.raises(ValueError, match="alpha=nan must be a finite positive number"):
         load_adapter(Phi3ForCausalLM.from_pretrained(base), peft_dir)
+
+
+# ------------------------------------------------------------------- tied embeddings (phi-4-mini) and modules_to_save
+@pytest.fixture(scope="module")
+def tied_base(tmp_path_factory):
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("peft_tied") / "base"
+    Phi3ForCausalLM.from_config(dataclasses.replace(get_preset("tiny"), tie_word_embeddings=True)).save_pretrained(d)
+    return d
+
+
+def _perturb_trainable(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def test_tied_lm_head_trained_in_full_serves_in_peft_with_the_same_logits(tied_base, tmp_path):
+    """Training a tied lm_head here trains the embedding too (one tensor); peft keeps an untied copy of each module
+    in modules_to_save, so the adapter must carry the embedding as well or peft serves the base embedding."""
+    ours = Phi3ForCausalLM.from_pretrained(tied_base)
+    apply_lora(ours, LoRAConfig(r=2, alpha=4, target_modules=["qkv_proj"], modules_to_save=["lm_head"]))
+    _perturb_trainable(ours)
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight  # still one tensor after training
+    save_adapter(ours, tmp_path / "ad")
+    written = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["modules_to_save"]
+    assert sorted(written) == ["lm_head", "model.embed_tokens"]
+    ids = _ids()
+    want = _logits(ours, ids)
+    served = peft.PeftModel.from_pretrained(_hf(tied_base), tmp_path / "ad").eval()
+    torch.testing.assert_close(_logits(served, ids), want, rtol=1e-4, atol=1e-5)
+    again = Phi3ForCausalLM.from_pretrained(tied_base)
+    load_adapter(again, tmp_path / "ad")
+    assert again.lm_head.weight is again.model.embed_tokens.weight and again.config.tie_word_embeddings
+    torch.testing.assert_close(_logits(again, ids), want)
+
+
+def test_peft_adapter_training_one_side_of_a_tied_pair_loads_untied(tied_base, tmp_path):
+    """peft trains an untied copy of lm_head (the base embedding stays): loading it here must not write the new
+    lm_head into the shared tensor (that would change the embedding too)."""
+    theirs = peft.get_peft_model(
+        _hf(tied_base), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["qkv_proj"], modules_to_save=["lm_head"])
+    )
+    _perturb_trainable(theirs)
+    theirs.save_pretrained(tmp_path / "theirs")
+    ids = _ids()
+    want = _logits(theirs, ids)
+    ours = Phi3ForCausalLM.from_pretrained(tied_base)
+    base_embedding = ours.model.embed_tokens.weight.detach().clone()
+    with pytest.warns(
+        UserWarning,
+        match=r"trains lm_head.weight on its own.*unties lm_head.weight from model.embed_tokens.weight.*as peft does",
+    ):
+        load_adapter(ours, tmp_path / "theirs")
+    assert ours.lm_head.weight is not ours.model.embed_tokens.weight and not ours.config.tie_word_embeddings
+    assert torch.equal(ours.model.embed_tokens.weight, base_embedding)
+    assert ours.lm_head.weight.requires_grad and not ours.model.embed_tokens.weight.requires_grad  # peft's split
+    torch.testing.assert_close(_logits(ours, ids), want, rtol=1e-4, atol=1e-5)
+    config_only = Phi3ForCausalLM.from_pretrained(tied_base)  # a resumed run: the checkpoint supplies the weights
+    with pytest.warns(UserWarning, match=r"unties lm_head.weight"):
+        load_adapter(config_only, tmp_path / "theirs", weights=False)
+    assert config_only.lm_head.weight is not config_only.model.embed_tokens.weight

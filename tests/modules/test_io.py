@@ -73,3 +73,16 @@ def test_runs_are_named_by_config_and_backend(tmp_path):
     cfg.run_name, cfg.run_version = "mine", "3"
     name_run(cfg, "validate")
     assert (cfg.trainer.logger.init_args.name, cfg.trainer.logger.init_args.version) == ("mine", "version_3")
+
+
+def test_prediction_path_that_is_a_directory_is_refused_before_predicting(tmp_path):
+    """Found only at the final rename before, after every batch had been predicted (IsADirectoryError)."""
+    from types import SimpleNamespace
+
+    from phi3_lightning.modules.callbacks import PredictionWriter
+
+    trainer = SimpleNamespace(world_size=1, global_rank=0, log_dir=str(tmp_path), default_root_dir=str(tmp_path))
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ValueError, match=rf"predictions path {tmp_path / 'out'} is a directory; give a file"):
+        PredictionWriter(str(tmp_path / "out")).on_predict_start(trainer, None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging file left
