@@ -74,7 +74,10 @@ Activation formula for one of our Phi-3 decoder layers, bytes per token (read of
 Once per model: token ids 8, rope cos+sin 2*rotary_dim*r, the final norm (as above, without the output term),
 and the fused linear cross-entropy's saved gradients: a*h per token plus ``vocab x h x w`` for lm_head (computed
 even when lm_head is frozen). With activation checkpointing each layer keeps only its input, r*h per token, and
-one layer's full activations exist again during its recomputation. Selective checkpointing
+one layer's full activations exist again during its recomputation; the masks the attention context caches stay
+referenced until backward (eager: the additive mask, r (+ a under autocast) bytes per (T, T) entry, per row with
+padding, documents or a window < T, and then also the (B, T, T) bool mask; sdpa, full rows, window < T: the bool
+mask). Selective checkpointing
 (``--activation-checkpointing selective``) keeps per layer its input and the outputs of its matmuls and attention
 kernel (:func:`selective_layer_bytes`); the recomputation's working memory is counted as for full checkpointing.
 
@@ -413,14 +416,22 @@ def _activation_parts(
             )
         elif kept < L:
             parts["decoder layers not checkpointed"] = (L - kept) * layer
-        dense = (kind == "scores" and masked) or (kind == "repeated_kv" and window_mask and not masked)
-        if dense:  # the shared bool mask stays referenced
+        # the checkpoint keeps the attention context, and with it the masks it caches, referenced until backward
+        if kind == "scores":
+            # eager: the additive mask, built in the residual dtype before the layers (+ under autocast its copy in
+            # the compute dtype): (1, 1, T, T) on plain causal rows; (B, 1, T, T) when padding, documents or a
+            # window < T make it per row, next to the (B, 1, T, T) bool mask it is made from (+ on packed rows the
+            # (B, T) int32 document ids)
+            per_row = masked or window_mask
+            parts["attention mask (additive, shared)"] = (
+                (r + (a if a != r else 0)) * (batch_size if per_row else 1) * seq_len * seq_len
+            )
+            if per_row:
+                parts["attention mask (bool, shared)"] = batch_size * seq_len * seq_len
+            if masked:
+                parts["document ids"] = 4 * tokens
+        elif kind == "repeated_kv" and window_mask and not masked:  # sdpa, full rows: the shared bool mask
             parts["attention mask (bool, shared)"] = batch_size * seq_len * seq_len
-        elif kind == "scores" and not window_mask:
-            # eager, full rows: the shared (1, 1, T, T) additive causal mask stays referenced, built in the residual
-            # dtype before the layers (+ under autocast its copy in the compute dtype); with a window < T (a
-            # per-row mask) not measured, left out
-            parts["attention mask (additive, shared)"] = (r + (a if a != r else 0)) * seq_len * seq_len
     else:
         parts["decoder layers"] = first + (L - 1) * layer
     if masked and kind == "repeated_kv":  # document by document: gather/scatter indices, shared by the layers

@@ -129,6 +129,11 @@ def test_partial_checkpointing_keeps_the_other_layers_activations():
         ("tiny", "full", "32-true", "sdpa", "selective"),
         ("tiny-gqa", "lora", "bf16-true", "sdpa", "selective"),  # GQA, window 64 < 80 (a shared bool mask), LoRA
         ("tiny", "full", "32-true", "eager", "selective"),  # the (H, Tk) scores bmm output kept
+        # eager, window 64 < 80: the checkpoint keeps the (B, 1, T, T) bool mask and the additive mask made from it
+        # (+ under autocast its compute-dtype copy) referenced, not a (1, 1, T, T) causal triangle
+        ("tiny-gqa", "full", "bf16-mixed", "eager", True),
+        ("tiny-gqa", "full", "32-true", "eager", 2),
+        ("tiny-gqa", "lora", "bf16-true", "eager", "selective"),
     ],
 )
 def test_estimate_matches_measured_bytes(preset, method, precision, attn, ckpt):
@@ -183,6 +188,20 @@ def test_masked_estimate_matches_measured_bytes(preset, method, precision, windo
         measured_mask = 2 * a * 40 * 40 if window < 40 else 0  # 2 layers
         assert est.activations - got["activations"] == 2 * a * 80 * 80 - measured_mask
     assert "attention mask (bool, shared)" not in est.details  # no dense (B, T, T) mask kept under checkpointing
+
+
+@pytest.mark.parametrize(
+    "window, precision, ckpt", [(None, "32-true", True), (64, "bf16-mixed", True), (32, "bf16-true", "selective")]
+)
+def test_eager_packed_rows_under_checkpointing_match_measured_bytes(window, precision, ckpt):
+    """Eager on packed rows (two documents of 40 tokens) with activation checkpointing: the checkpoint keeps the
+    attention context referenced, so its (B, 1, T, T) bool mask, the additive mask made from it (+ its
+    compute-dtype copy under autocast) and the (B, T) int32 document ids all stay alive until backward."""
+    cfg = get_preset("tiny", sliding_window=window)
+    kw = dict(precision=precision, seq_len=80, batch_size=2, attn_implementation="eager", masked=True)
+    kw["activation_checkpointing"] = ckpt
+    est, got = estimate_memory(cfg, **kw), measure(cfg, **kw)
+    assert est.activations == got["activations"], (est.details, got)
 
 
 def test_cli_prints_a_table(capsys):

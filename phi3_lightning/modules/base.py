@@ -410,22 +410,31 @@ class Phi3LightningModule(pl.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "train")
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, "val", dataloader_idx)
 
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, "test", dataloader_idx)
 
     # ------------------------------------------------------------------ distributed evaluation
     def on_validation_epoch_start(self) -> None:
-        self._eval_repeats = self._repeated_indices(self.trainer.val_dataloaders)
+        self._eval_repeats = self._repeats_per_loader(self.trainer.val_dataloaders)
 
     def on_test_epoch_start(self) -> None:
-        self._eval_repeats = self._repeated_indices(self.trainer.test_dataloaders)
+        self._eval_repeats = self._repeats_per_loader(self.trainer.test_dataloaders)
+
+    @classmethod
+    def _repeats_per_loader(cls, loaders: Any) -> list[torch.Tensor | None]:
+        """:meth:`_repeated_indices` of every val / test dataloader, in Lightning's ``dataloader_idx`` order."""
+        from lightning.pytorch.utilities import CombinedLoader
+
+        if loaders is None:
+            return []
+        return [cls._repeated_indices(loader) for loader in CombinedLoader(loaders, "sequential").flattened]
 
     @staticmethod
     def _repeated_indices(loader: Any) -> torch.Tensor | None:
-        """Dataset indices that this process sees only as the padding of a ``DistributedSampler``.
+        """Dataset indices that this process sees only as the padding of a ``DistributedSampler`` (one dataloader).
 
         Lightning gives every process of a multi-process val / test run a ``DistributedSampler`` that pads the split
         to a multiple of the process count by repeating examples, so that all processes run the same number of
@@ -434,10 +443,6 @@ class Phi3LightningModule(pl.LightningModule):
         this process (its own copy sits on another rank), so it can be recognised by the batch's ``index``."""
         from torch.utils.data import DistributedSampler
 
-        if isinstance(loader, (list, tuple)):
-            loader = loader[0] if len(loader) == 1 else None
-        if loader is None:
-            return None
         sampler = getattr(loader, "sampler", None)
         if not isinstance(sampler, DistributedSampler):
             sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
@@ -453,28 +458,45 @@ class Phi3LightningModule(pl.LightningModule):
         repeats = [i for p, i in enumerate(sampler) if p * world + rank >= n]
         return torch.tensor(repeats, dtype=torch.long) if repeats else None
 
-    def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
-        """``_shared_step`` on the rows that count: a row repeated by the distributed sampler's padding (see
-        :meth:`_repeated_indices`) is left out of the metrics, so a multi-process val/test result equals the
-        single-process one. A batch of repeats only is still run (the processes stay in step) but counts nothing."""
-        repeats = getattr(self, "_eval_repeats", None)
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Val / test: the rows of a batch that are the distributed sampler's repeats (see :meth:`_repeated_indices`)
+        are dropped here, while the batch is still on the host, so deciding costs no device sync. A batch of repeats
+        only is kept whole and marked: its step still runs the model (the processes stay in step) but counts
+        nothing."""
+        self._uncounted_batch = False
+        trainer = self._trainer
+        if trainer is None or not (trainer.validating or trainer.testing or trainer.sanity_checking):
+            return batch
+        repeats = getattr(self, "_eval_repeats", [])
         index = batch.get("index") if isinstance(batch, dict) else None
-        if repeats is None or index is None:
-            self._shared_step(batch, stage)
-            return
-        counted = ~torch.isin(index, repeats.to(index.device))
+        if dataloader_idx >= len(repeats) or repeats[dataloader_idx] is None or not isinstance(index, torch.Tensor):
+            return batch
+        counted = ~torch.isin(index, repeats[dataloader_idx].to(index.device))
         if bool(counted.all()):
-            self._shared_step(batch, stage)
-        elif bool(counted.any()):
-            self._shared_step({k: v[counted] for k, v in batch.items()}, stage)
-        else:
+            return batch
+        if bool(counted.any()):
+            return {k: v[counted] for k, v in batch.items()}
+        self._uncounted_batch = True
+        return batch
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], stage: str, dataloader_idx: int = 0) -> None:
+        """``_shared_step`` into the metrics of dataloader ``dataloader_idx`` (see :meth:`stage_metrics`); a batch of
+        the distributed sampler's repeats only (marked by :meth:`on_before_batch_transfer`) is run but not counted,
+        so a multi-process val/test result equals the single-process one."""
+        self._eval_dataloader_idx = dataloader_idx
+        if self.__dict__.pop("_uncounted_batch", False):
             with torch.no_grad():
                 self(batch)
+            return
+        self._shared_step(batch, stage)
 
     def _log_metrics(self, stage: str, metrics: dict[str, Any], batch_size: int) -> None:
         """Log torchmetrics objects (already updated): train per step and per epoch (``train/x_step``,
         ``train/x_epoch``), val/test per epoch (``val/x``). torchmetrics syncs them across processes."""
         train = stage == "train"
+        # the metric's attribute path, given rather than looked up: Lightning's lookup table is built once, before
+        # the metric set of a further dataloader exists
+        prefix = self._metric_set_name(stage, self._metric_loader(stage))
         for name, metric in metrics.items():
             self.log(
                 f"{stage}/{name}",
@@ -483,15 +505,35 @@ class Phi3LightningModule(pl.LightningModule):
                 on_epoch=True,
                 prog_bar=name in ("loss", "accuracy"),
                 batch_size=batch_size,
+                metric_attribute=f"{prefix}.{name}",
             )
 
     def _register_metrics(self, factory) -> None:
-        """One fresh metric set per stage: ``train_metrics``, ``val_metrics``, ``test_metrics``."""
+        """One fresh metric set per stage: ``train_metrics``, ``val_metrics``, ``test_metrics``. A val / test run
+        with several dataloaders gets one more set per further loader (``val_metrics_1``, ...), made by the same
+        ``factory`` when that loader's first batch comes (see :meth:`stage_metrics`)."""
+        self.__dict__["_metric_factory"] = factory  # a plain attribute: not a module, no state_dict entry
+        for name in [n for n in self._modules if n.startswith(("val_metrics_", "test_metrics_"))]:
+            delattr(self, name)
         for stage in ("train", "val", "test"):
             setattr(self, f"{stage}_metrics", factory())
 
-    def stage_metrics(self, stage: str) -> nn.ModuleDict:
-        return getattr(self, f"{stage}_metrics")
+    @staticmethod
+    def _metric_set_name(stage: str, dataloader_idx: int) -> str:
+        return f"{stage}_metrics" if dataloader_idx == 0 else f"{stage}_metrics_{dataloader_idx}"
+
+    def stage_metrics(self, stage: str, dataloader_idx: int | None = None) -> nn.ModuleDict:
+        """The metric set of ``stage``; for val / test that of one dataloader (``dataloader_idx``, by default the one
+        being evaluated), so that with several loaders each reports its own examples only."""
+        name = self._metric_set_name(stage, self._metric_loader(stage, dataloader_idx))
+        if name not in self._modules:
+            setattr(self, name, self._metric_factory().to(self.device))
+        return getattr(self, name)
+
+    def _metric_loader(self, stage: str, dataloader_idx: int | None = None) -> int:
+        if stage == "train":
+            return 0
+        return getattr(self, "_eval_dataloader_idx", 0) if dataloader_idx is None else dataloader_idx
 
     def _update(self, metric, stage: str, *args: Any, **kwargs: Any) -> None:
         """Train: ``forward`` (gives the step value and accumulates); val/test: ``update`` only.

@@ -38,11 +38,12 @@ class CausalLMModule(Phi3LightningModule):
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Labels outside the vocabulary are refused here, while the batch is still on the host: on a GPU the check
-        costs no device sync and the run never reaches cross-entropy's device-side assert."""
+        costs no device sync and the run never reaches cross-entropy's device-side assert. (The base class then
+        drops the distributed sampler's repeats from a val / test batch.)"""
         labels = batch.get("labels") if isinstance(batch, dict) else None
         if isinstance(labels, torch.Tensor) and labels.device.type == "cpu":
             check_causal_lm_labels(labels, self.config.vocab_size)
-        return batch
+        return super().on_before_batch_transfer(batch, dataloader_idx)
 
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         out = self(batch, return_logits=False)

@@ -4,6 +4,7 @@ time through the model) and compared with what validate / test / fit report."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -115,3 +116,97 @@ def test_an_eval_split_smaller_than_the_process_count_is_refused():
         CausalLMModule._repeated_indices(loader(1, 1))
     assert CausalLMModule._repeated_indices(loader(2, 1)) is None
     assert CausalLMModule._repeated_indices(loader(3, 1)).tolist() == [0]  # rank 1 gets [1, 0]: 0 is the repeat
+
+
+def _indexed(examples: list[dict]) -> list[dict]:
+    return [{**ex, "index": i} for i, ex in enumerate(examples)]
+
+
+@pytest.mark.parametrize("stage", ["validate", "test"])
+def test_each_of_several_eval_dataloaders_reports_the_token_mean_of_its_own_examples(stage):
+    """validate / test with three dataloaders: ``{stage}/loss/dataloader_idx_k`` is the token mean of loader k's
+    examples alone (it was a crash: validation_step / test_step took no dataloader_idx; then every loader after the
+    first reported the running mean over all loaders so far, the metrics being shared)."""
+    torch.manual_seed(0)
+    module = CausalLMModule(model="tiny", attn_implementation="eager")
+    module.configure_model()
+    module.eval()
+    splits = [_indexed(_examples(n, seed=s)) for n, s in ((7, 1), (4, 2), (5, 3))]
+    loaders = [DataLoader(ex, batch_size=2, collate_fn=PaddingCollator(0)) for ex in splits]
+    results = getattr(quiet_trainer(), stage)(module, dataloaders=loaders, verbose=False)
+    prefix = "val" if stage == "validate" else "test"
+    assert len(results) == 3
+    for k, (examples, result) in enumerate(zip(splits, results)):
+        expected = _brute_token_mean(module.head, examples)
+        assert math.isclose(result[f"{prefix}/loss/dataloader_idx_{k}"], expected, rel_tol=1e-5), (k, result)
+        assert math.isclose(result[f"{prefix}/perplexity/dataloader_idx_{k}"], math.exp(expected), rel_tol=1e-5)
+
+
+class _RecordTransfers(CausalLMModule):
+    """Records the ``index`` of every batch as it is handed to the device (after ``on_before_batch_transfer``)."""
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        stage = "val" if self.trainer.validating else "test"
+        self.__dict__.setdefault("transferred", []).append([stage, dataloader_idx, batch["index"].tolist()])
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+
+def _several_loaders(devices: int) -> tuple[dict[str, float], list]:
+    """validate + test of a tiny model on three loaders of 4, 7 and 5 examples (batches of 2) on ``devices`` CPU
+    processes: ({metric key: value}, this process's transferred batch indices)."""
+    torch.manual_seed(0)
+    module = _RecordTransfers(model="tiny", attn_implementation="eager")
+    splits = [_indexed(_examples(n, seed=s)) for n, s in ((4, 1), (7, 2), (5, 3))]
+    loaders = [DataLoader(ex, batch_size=2, collate_fn=PaddingCollator(0)) for ex in splits]
+    trainer = quiet_trainer(devices=devices, strategy="ddp" if devices > 1 else "auto")
+    results = trainer.validate(module, dataloaders=loaders, verbose=False)
+    results += trainer.test(module, dataloaders=loaders, verbose=False)
+    return {k: v for r in results for k, v in r.items()}, module.transferred
+
+
+_TWO_PROCESSES = """\
+import json, sys
+import torch.distributed as dist
+from tests.modules.test_reported_numbers import _several_loaders
+
+results, transferred = _several_loaders(2)
+with open(sys.argv[1] + f".{dist.get_rank()}", "w") as f:
+    json.dump({"results": results, "transferred": transferred}, f)
+"""
+
+
+@pytest.mark.slow
+def test_two_process_eval_with_several_dataloaders_counts_each_example_once(tmp_path):
+    """Two gloo processes, validate and test with three dataloaders of 4, 7 and 5 examples: the DistributedSampler
+    repeats example 0 of the second and third on rank 1 to even out the processes; each loader's repeats are left
+    out of its own metrics, so every ``val/...`` and ``test/...`` value equals the single-process one (the de-dup
+    used to be skipped whenever there was more than one loader). The repeats are dropped on the host, before the
+    batch goes to the device (no device sync to decide): rank 1 transfers [5] (not [5, 0]); a batch of repeats only
+    ([0] of the third loader) is still transferred and run, so the processes stay in step."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from .helpers import ROOT
+
+    script = tmp_path / "two_processes.py"
+    script.write_text(_TWO_PROCESSES)
+    out = tmp_path / "out.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(script), str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    expected, _ = _several_loaders(1)
+    assert len(expected) == 12, expected  # {val, test} x {loss, perplexity} x 3 loaders
+    rank1 = json.loads(Path(f"{out}.1").read_text())
+    for rank in (0, 1):
+        results = json.loads(Path(f"{out}.{rank}").read_text())["results"]
+        assert results.keys() == expected.keys()
+        for key, value in expected.items():  # (up to reduction order; a counted repeat moves them by ~5e-4)
+            tol = 1e-6 if "/loss/" in key else 1e-5
+            assert math.isclose(results[key], value, rel_tol=tol), (rank, key, results, expected)
+    for stage in ("val", "test"):
+        seen = [[i for s, k, i in rank1["transferred"] if s == stage and k == loader] for loader in range(3)]
+        assert seen == [[[1, 3]], [[1, 3], [5]], [[1, 3], [0]]], (stage, seen)
