@@ -266,7 +266,7 @@ def _cli_class():
 
 
 def _quiet_known_lightning_noise() -> None:
-    """Two messages of Lightning 2.6 that every run printed and that the user can do nothing about; each is
+    """Three messages of Lightning 2.6 that every run printed and that the user can do nothing about; each is
     filtered by its exact text at its source, nothing else is."""
     import logging
     import warnings
@@ -278,6 +278,18 @@ def _quiet_known_lightning_noise() -> None:
         message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
         category=FutureWarning,
         module=r"lightning\.pytorch\.utilities\._pytree",
+    )
+
+    # on_before_batch_transfer is a hook shared by LightningModule and LightningDataModule; with a DataModule
+    # passed, Lightning notes which one it calls. CausalLMModule overrides it on purpose (labels are checked on the
+    # host, before the transfer) and our DataModules do not, so the module's is the one meant to run. The warning
+    # that a DataModule's override replaces the module's ("in both") is not filtered: it means the check is skipped.
+    warnings.filterwarnings(
+        "ignore",
+        message=r"You have overridden `on_before_batch_transfer` in `LightningModule` but have passed in a "
+        r"`LightningDataModule`\. It will use the implementation from `LightningModule` instance\.",
+        category=UserWarning,
+        module=r"lightning\.pytorch\.trainer\.connectors\.data_connector",
     )
 
     class _NoLitLoggerTip(logging.Filter):

@@ -64,6 +64,8 @@ def test_console_has_steps_flops_and_no_noise(fit_run):
     assert "| FLOPs" not in both and "459 K      trainable params" in both
     assert "Tip: For seamless cloud logging" not in out + err
     assert "LeafSpec" not in err and "FutureWarning" not in err
+    # CausalLMModule's own on_before_batch_transfer (a host-side label check) is the hook meant to run
+    assert "on_before_batch_transfer" not in out + err
 
 
 def test_validate_says_where_it_writes(fit_run):
@@ -88,3 +90,36 @@ def test_generate_echoes_the_prompt_unless_told_not_to(fit_run):
     rc, chat, err = run_main(*args, "--chat")
     assert rc == 0, err
     assert chat.startswith("user> import os\n") and "\nassistant> " in chat
+
+
+def test_batch_transfer_hook_filter_is_narrow():
+    """Only Lightning's "overridden in LightningModule but passed a LightningDataModule" note about
+    ``on_before_batch_transfer`` is dropped: the same note for another hook, and the warning that the DataModule's
+    hook replaces the module's (our label check would not run), still show."""
+    import warnings
+
+    from phi3_lightning.cli import _quiet_known_lightning_noise
+
+    def shown(message: str) -> bool:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _quiet_known_lightning_noise()
+            warnings.warn_explicit(
+                message,
+                UserWarning,
+                "data_connector.py",
+                378,
+                module="lightning.pytorch.trainer.connectors.data_connector",
+            )
+        return any(str(w.message) == message for w in caught)
+
+    ours = (
+        "You have overridden `on_before_batch_transfer` in `LightningModule` but have passed in a "
+        "`LightningDataModule`. It will use the implementation from `LightningModule` instance."
+    )
+    assert not shown(ours)
+    assert shown(ours.replace("on_before_batch_transfer", "transfer_batch_to_device"))
+    assert shown(
+        "You have overridden `on_before_batch_transfer` in both `LightningModule` and `LightningDataModule`. It will "
+        "use the implementation from `LightningDataModule` instance."
+    )
