@@ -354,33 +354,59 @@ def run_report(trainer: Any, subcommand: str, verb: str, argv: list[str] | None 
 
             kernel = flash_kernel(trainer.strategy.root_device)
             lines.append(f"  attention: flash_attention_2 ran {kernel or 'no flash kernel (unavailable here)'}")
-        rest, skip = [], False
-        for a in argv[1:]:
-            if skip:
-                skip = False
-                continue
-            if a in ("--ckpt_path", "--run_version"):
-                skip = True
-                continue
-            if a.startswith(("--ckpt_path=", "--run_version=")):
-                continue
-            rest.append(a)
-        resume = [
-            "python",
-            "-m",
-            "phi3_lightning",
-            "fit",
-            *rest,
-            "--run_version",
-            version.removeprefix("version_"),
-            "--ckpt_path",
-            "last",
-        ]
-        lines.append(f"  continue it (raise --trainer.max_steps to train further): {shlex.join(resume)}")
+        lines.append(f"  continue it (raise --trainer.max_steps to train further): {resume_command(argv, version)}")
         lines.append(f"  TensorBoard: tensorboard --logdir {shlex.quote(str(log_dir.parent))}")
     elif argv is not None:
         lines.append(f"  TensorBoard: tensorboard --logdir {shlex.quote(str(log_dir))}")
     return "\n".join(lines)
+
+
+def resume_command(argv: list[str], version: str) -> str:
+    """The command that continues a fit run as ``argv`` (``["fit", ...]``) started it, in version ``version``:
+    ``--ckpt_path`` / ``--run_version`` replaced by the run's, and an option given several times kept once, with its
+    last value (the one that took effect), unless something between two of them can change what the option refers
+    to: a ``--config`` file, an option above or below it (``--model CLASS`` before ``--model.lr``), a list append
+    (``--trainer.callbacks+``). Every ``--config`` stays, in order."""
+    import shlex
+
+    items: list[tuple[str | None, list[str]]] = []  # (option key, its tokens); key None: a token of its own
+    i = 0
+    while i < len(argv) - 1:
+        i += 1
+        a = argv[i]
+        if not a.startswith("--") and a != "-c":
+            items.append((None, [a]))
+            continue
+        key = "config" if a == "-c" else a[2:].split("=", 1)[0]
+        tokens = [a]
+        if "=" not in a and i + 1 < len(argv) and not argv[i + 1].startswith("--") and argv[i + 1] != "-c":
+            i += 1
+            tokens.append(argv[i])
+        if key not in ("ckpt_path", "run_version"):
+            items.append((key, tokens))
+
+    def norm(key: str) -> str:  # --model.init_args.lr and --model.lr are one option
+        return ".".join(p for p in key.rstrip("+").split(".") if p != "init_args")
+
+    def related(a: str, b: str) -> bool:  # the same option, or one above the other
+        return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+    kept = []
+    for n, (key, tokens) in enumerate(items):
+        if key is not None and key != "config" and not key.endswith("+"):
+            for later, _ in items[n + 1 :]:
+                if later is None:
+                    continue
+                if later == "config" or (
+                    related(norm(later), norm(key)) and (later.endswith("+") or norm(later) != norm(key))
+                ):
+                    break  # it can change what the option refers to: keep both
+                if norm(later) == norm(key):
+                    tokens = []  # given again later: that value took effect
+                    break
+        kept.extend(tokens)
+    resume = ["python", "-m", "phi3_lightning", "fit", *kept, "--run_version", version.removeprefix("version_")]
+    return shlex.join([*resume, "--ckpt_path", "last"])
 
 
 def _checkpoint_dir_follower():

@@ -123,3 +123,39 @@ def test_batch_transfer_hook_filter_is_narrow():
         "You have overridden `on_before_batch_transfer` in both `LightningModule` and `LightningDataModule`. It will "
         "use the implementation from `LightningDataModule` instance."
     )
+
+
+@pytest.mark.parametrize(
+    "given, expected",
+    [
+        # an option given twice (the printed command, with a higher max_steps appended): the last value only
+        (
+            "--config a.yaml --trainer.max_steps 4 --run_version 0 --ckpt_path last --trainer.max_steps 8",
+            "--config a.yaml --trainer.max_steps 8",
+        ),
+        (
+            "--trainer.max_steps=4 --seed_everything 1 --trainer.max_steps 8",
+            "--seed_everything 1 --trainer.max_steps 8",
+        ),
+        ("--model.lr 1 --model.init_args.lr 2", "--model.init_args.lr 2"),  # two spellings of one option
+        ("--ckpt_path=x.ckpt --run_version=3 --run_name a --run_name b", "--run_name b"),
+        # --config files: every one, in order (a later file overrides an earlier one)
+        ("--config a.yaml --config b.yaml --config a.yaml", "--config a.yaml --config b.yaml --config a.yaml"),
+        ("-c a.yaml --model.lr 1 -c b.yaml", "-c a.yaml --model.lr 1 -c b.yaml"),
+        # something between the two that can change what the option refers to: both kept
+        ("--model.lr 1 --config b.yaml --model.lr 2", "--model.lr 1 --config b.yaml --model.lr 2"),
+        ("--model.lr 1 --model Other --model.lr 2", "--model.lr 1 --model Other --model.lr 2"),
+        (
+            "--trainer.callbacks+ A --trainer.callbacks.patience 1 --trainer.callbacks+ B --trainer.callbacks.patience 2",
+            "--trainer.callbacks+ A --trainer.callbacks.patience 1 --trainer.callbacks+ B --trainer.callbacks.patience 2",
+        ),
+        ("--model.x.y 1 --model.x 2 --model.x 3", "--model.x.y 1 --model.x 3"),
+    ],
+)
+def test_resume_command_keeps_the_last_value_of_a_repeated_option(given, expected):
+    from phi3_lightning.cli import resume_command
+
+    argv = ["fit", *shlex.split(given)]
+    assert resume_command(argv, "version_0") == (
+        f"python -m phi3_lightning fit {expected} --run_version 0 --ckpt_path last".replace("  ", " ")
+    )
