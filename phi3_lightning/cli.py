@@ -81,7 +81,8 @@ commands:
 
 `python -m phi3_lightning <command> --help` lists every option of a command with its help text; with --config the
 fit/validate/test/predict help adds the options of the model and data classes that the config names.
-fit / validate / test / predict also take --print_config (show the merged configuration and exit).
+fit / validate / test / predict also take --print_config (show the merged configuration and exit; it holds the
+resolved run name, so `fit --config printed.yaml` runs under the same name).
 Runs log to TensorBoard under logs/<run name>/version_N (tensorboard --logdir logs); --run_name NAME names a run
 (default <config stems>/<attn backend>), --run_version N picks a version. --ckpt_path last|best resolve within that
 one run; validate/test/predict of a run's checkpoint log into version_N/<command>/ of that run.
@@ -108,10 +109,19 @@ def _cli_class():
         options of the model and data classes that the config names."""
 
         help_argv: list[str] | None = None  # the command line, set before parsing (for --help with --config)
+        print_subcommand: str | None = None  # set before parsing when --print_config is given: the subcommand
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             kwargs.setdefault("prog", "python -m phi3_lightning")  # also --model.help's parser (else __main__.py)
             super().__init__(*args, **kwargs)
+
+        def dump(self, cfg: Any, *args: Any, **kwargs: Any) -> str:
+            # --print_config prints the run's name as the run would resolve it (and save it in its config.yaml):
+            # else the printed file, given back with --config, names the run after its own file stem
+            if self.print_subcommand is not None and cfg is not None:
+                cfg = cfg.clone()
+                name_run(cfg, self.print_subcommand)
+            return super().dump(cfg, *args, **kwargs)
 
         def format_help(self) -> str:
             text = super().format_help()
@@ -191,6 +201,9 @@ def _cli_class():
             if "-h" in argv or "--help" in argv:
                 for sub in getattr(self, "_subcommand_parsers", {}).values():
                     sub.help_argv = argv
+            if any(a == "--print_config" or a.startswith("--print_config=") for a in argv):
+                for name, sub in getattr(self, "_subcommand_parsers", {}).items():
+                    sub.print_subcommand = name
             super().parse_arguments(parser, args)
 
         def _parse_ckpt_path(self) -> None:
