@@ -350,22 +350,30 @@ def test_tokenize_chat_add_bos_without_a_bos_token_is_refused(tmp_path, make_hf_
     assert tokenize_chat(convo, tok)["input_ids"] == tok.encode("<|user|>\nhi<|end|>\n<|assistant|>\nyo<|end|>\n")
 
 
-def test_classification_add_eos_when_pad_is_eos_is_refused(tmp_path, make_hf_dir):
+def test_classification_add_eos_when_pad_is_eos_is_warned_once(tmp_path, make_hf_dir, write_jsonl):
     """The Phi-3 tokenizer pads with its eos id: an eos appended to a classification example is then taken for
-    padding by the pooling ("last" skips it, "attention" masks it), so add_eos=True would change nothing. Refused,
-    naming add_eos, the shared id and the fix; a tokenizer whose pad differs (phi-4, byte) keeps its eos."""
+    padding by the pooling ("last" skips it, "attention" masks it), so add_eos=True changes nothing. One warning,
+    at construction, naming add_eos, the shared id and the fix; a tokenizer whose pad differs (phi-4) is silent."""
+    import warnings
+
     from phi3_lightning.data.tokenizer import HFTokenizer
 
     phi3 = make_hf_dir(tmp_path / "phi3", "phi3")
     tok = HFTokenizer(phi3)
     assert tok.pad_token_id == tok.eos_token_id
-    with pytest.raises(ValueError) as e:
-        SequenceClassificationDataModule(tokenizer=str(phi3), add_eos=True, **NO_SPLITS)
-    msg = str(e.value)
-    assert f"add_eos=True but the tokenizer's pad id is its eos id ({tok.eos_token_id};" in msg
-    assert "pooling takes the appended eos for padding" in msg
-    assert "--data.add_eos false" in msg
-    SequenceClassificationDataModule(tokenizer=str(phi3), add_eos=False, **NO_SPLITS)
-    phi4 = make_hf_dir(tmp_path / "phi4", "phi4")
-    dm = SequenceClassificationDataModule(tokenizer=str(phi4), add_eos=True, **NO_SPLITS)
-    assert dm.pad_token_id != dm.tokenizer.eos_token_id
+    p = write_jsonl(tmp_path / "t.jsonl", [{"text": "the x", "label": "a"}, {"text": "in", "label": "b"}])
+    kw = dict(train_file=str(p), **NO_SPLITS)
+    with pytest.warns(UserWarning) as caught:
+        dm = SequenceClassificationDataModule(tokenizer=str(phi3), add_eos=True, **kw)
+        dm.setup("fit")
+    said = [str(w.message) for w in caught if "add_eos" in str(w.message)]
+    assert len(said) == 1, said
+    assert f"add_eos=True but the tokenizer's pad id is its eos id ({tok.eos_token_id};" in said[0]
+    assert "pooling takes the appended eos for padding" in said[0] and "--data.add_eos false" in said[0]
+    assert dm.datasets["train"][0]["input_ids"][-1] == tok.eos_token_id  # still appended, as asked
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SequenceClassificationDataModule(tokenizer=str(phi3), add_eos=False, **kw)
+        phi4 = make_hf_dir(tmp_path / "phi4", "phi4")
+        dm = SequenceClassificationDataModule(tokenizer=str(phi4), add_eos=True, **kw)
+        assert dm.pad_token_id != dm.tokenizer.eos_token_id

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -40,8 +41,8 @@ class SequenceClassificationDataModule(_LabelMixin, _BaseDataModule):
         max_length: maximum tokens per example.
         truncate: cut examples longer than ``max_length`` (true) or raise an error (false).
         add_bos: prepend the tokenizer's bos id (an error if the tokenizer has none).
-        add_eos: append the tokenizer's eos id (the head pools the last non-pad token); an error when the
-            tokenizer pads with its eos id (Phi-3, Phi-4-mini), where the pooling would skip that eos.
+        add_eos: append the tokenizer's eos id (the head pools the last non-pad token); a no-op, warned, when the
+            tokenizer pads with its eos id (Phi-3, Phi-4-mini): the pooling takes that eos for padding.
         batch_size: training batch size.
         eval_batch_size: validation / test / predict batch size; default ``batch_size``.
         num_workers: dataloader worker processes.
@@ -130,12 +131,16 @@ class SequenceClassificationDataModule(_LabelMixin, _BaseDataModule):
         if add_eos and tok.pad_token_id == tok.eos_token_id:
             # Both poolings take a pad-id token for padding: "last" pools the rightmost token that is not the pad id
             # (as transformers), "attention" masks pad ids; and no earlier token attends to it (causal). The eos
-            # would change no logit: the setting would be silently ignored.
-            raise ValueError(
+            # changes no logit. Warned, not refused: the results are those of add_eos=False, and runs made with it
+            # (checkpoints record add_eos) must still resume.
+            warnings.warn(
                 f"add_eos=True but the tokenizer's pad id is its eos id ({tok.eos_token_id}; Phi-3 and Phi-4-mini "
                 "pad with their eos), so the pooling takes the appended eos for padding and skips it: add_eos "
-                "would change nothing; set add_eos=False (--data.add_eos false; the head pools the last token of "
-                "the text either way), or use a tokenizer whose pad token differs from its eos token"
+                "changes nothing here (the head pools the last token of the text, as with add_eos=False); set "
+                "add_eos=False (--data.add_eos false) to say so, or use a tokenizer whose pad token "
+                "differs from its eos token to pool on an end token",
+                UserWarning,
+                stacklevel=2,
             )
         self.truncate = truncate
         self.add_bos = add_bos
