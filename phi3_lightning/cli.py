@@ -81,7 +81,8 @@ commands:
 
 `python -m phi3_lightning <command> --help` lists every option of a command with its help text; with --config the
 fit/validate/test/predict help adds the options of the model and data classes that the config names.
-fit / validate / test / predict also take --print_config (show the merged configuration and exit).
+fit / validate / test / predict also take --print_config (show the merged configuration and exit; it holds the
+resolved run name, so `fit --config printed.yaml` runs under the same name).
 Runs log to TensorBoard under logs/<run name>/version_N (tensorboard --logdir logs); --run_name NAME names a run
 (default <config stems>/<attn backend>), --run_version N picks a version. --ckpt_path last|best resolve within that
 one run; validate/test/predict of a run's checkpoint log into version_N/<command>/ of that run.
@@ -108,10 +109,19 @@ def _cli_class():
         options of the model and data classes that the config names."""
 
         help_argv: list[str] | None = None  # the command line, set before parsing (for --help with --config)
+        print_subcommand: str | None = None  # set before parsing when --print_config is given: the subcommand
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             kwargs.setdefault("prog", "python -m phi3_lightning")  # also --model.help's parser (else __main__.py)
             super().__init__(*args, **kwargs)
+
+        def dump(self, cfg: Any, *args: Any, **kwargs: Any) -> str:
+            # --print_config prints the run's name as the run would resolve it (and save it in its config.yaml):
+            # else the printed file, given back with --config, names the run after its own file stem
+            if self.print_subcommand is not None and cfg is not None:
+                cfg = cfg.clone()
+                name_run(cfg, self.print_subcommand)
+            return super().dump(cfg, *args, **kwargs)
 
         def format_help(self) -> str:
             text = super().format_help()
@@ -191,6 +201,9 @@ def _cli_class():
             if "-h" in argv or "--help" in argv:
                 for sub in getattr(self, "_subcommand_parsers", {}).values():
                     sub.help_argv = argv
+            if any(a == "--print_config" or a.startswith("--print_config=") for a in argv):
+                for name, sub in getattr(self, "_subcommand_parsers", {}).items():
+                    sub.print_subcommand = name
             super().parse_arguments(parser, args)
 
         def _parse_ckpt_path(self) -> None:
@@ -266,7 +279,7 @@ def _cli_class():
 
 
 def _quiet_known_lightning_noise() -> None:
-    """Two messages of Lightning 2.6 that every run printed and that the user can do nothing about; each is
+    """Three messages of Lightning 2.6 that every run printed and that the user can do nothing about; each is
     filtered by its exact text at its source, nothing else is."""
     import logging
     import warnings
@@ -278,6 +291,18 @@ def _quiet_known_lightning_noise() -> None:
         message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
         category=FutureWarning,
         module=r"lightning\.pytorch\.utilities\._pytree",
+    )
+
+    # on_before_batch_transfer is a hook shared by LightningModule and LightningDataModule; with a DataModule
+    # passed, Lightning notes which one it calls. CausalLMModule overrides it on purpose (labels are checked on the
+    # host, before the transfer) and our DataModules do not, so the module's is the one meant to run. The warning
+    # that a DataModule's override replaces the module's ("in both") is not filtered: it means the check is skipped.
+    warnings.filterwarnings(
+        "ignore",
+        message=r"You have overridden `on_before_batch_transfer` in `LightningModule` but have passed in a "
+        r"`LightningDataModule`\. It will use the implementation from `LightningModule` instance\.",
+        category=UserWarning,
+        module=r"lightning\.pytorch\.trainer\.connectors\.data_connector",
     )
 
     class _NoLitLoggerTip(logging.Filter):
@@ -342,33 +367,59 @@ def run_report(trainer: Any, subcommand: str, verb: str, argv: list[str] | None 
 
             kernel = flash_kernel(trainer.strategy.root_device)
             lines.append(f"  attention: flash_attention_2 ran {kernel or 'no flash kernel (unavailable here)'}")
-        rest, skip = [], False
-        for a in argv[1:]:
-            if skip:
-                skip = False
-                continue
-            if a in ("--ckpt_path", "--run_version"):
-                skip = True
-                continue
-            if a.startswith(("--ckpt_path=", "--run_version=")):
-                continue
-            rest.append(a)
-        resume = [
-            "python",
-            "-m",
-            "phi3_lightning",
-            "fit",
-            *rest,
-            "--run_version",
-            version.removeprefix("version_"),
-            "--ckpt_path",
-            "last",
-        ]
-        lines.append(f"  continue it (raise --trainer.max_steps to train further): {shlex.join(resume)}")
+        lines.append(f"  continue it (raise --trainer.max_steps to train further): {resume_command(argv, version)}")
         lines.append(f"  TensorBoard: tensorboard --logdir {shlex.quote(str(log_dir.parent))}")
     elif argv is not None:
         lines.append(f"  TensorBoard: tensorboard --logdir {shlex.quote(str(log_dir))}")
     return "\n".join(lines)
+
+
+def resume_command(argv: list[str], version: str) -> str:
+    """The command that continues a fit run as ``argv`` (``["fit", ...]``) started it, in version ``version``:
+    ``--ckpt_path`` / ``--run_version`` replaced by the run's, and an option given several times kept once, with its
+    last value (the one that took effect), unless something between two of them can change what the option refers
+    to: a ``--config`` file, an option above or below it (``--model CLASS`` before ``--model.lr``), a list append
+    (``--trainer.callbacks+``). Every ``--config`` stays, in order."""
+    import shlex
+
+    items: list[tuple[str | None, list[str]]] = []  # (option key, its tokens); key None: a token of its own
+    i = 0
+    while i < len(argv) - 1:
+        i += 1
+        a = argv[i]
+        if not a.startswith("--") and a != "-c":
+            items.append((None, [a]))
+            continue
+        key = "config" if a == "-c" else a[2:].split("=", 1)[0]
+        tokens = [a]
+        if "=" not in a and i + 1 < len(argv) and not argv[i + 1].startswith("--") and argv[i + 1] != "-c":
+            i += 1
+            tokens.append(argv[i])
+        if key not in ("ckpt_path", "run_version"):
+            items.append((key, tokens))
+
+    def norm(key: str) -> str:  # --model.init_args.lr and --model.lr are one option
+        return ".".join(p for p in key.rstrip("+").split(".") if p != "init_args")
+
+    def related(a: str, b: str) -> bool:  # the same option, or one above the other
+        return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+    kept = []
+    for n, (key, tokens) in enumerate(items):
+        if key is not None and key != "config" and not key.endswith("+"):
+            for later, _ in items[n + 1 :]:
+                if later is None:
+                    continue
+                if later == "config" or (
+                    related(norm(later), norm(key)) and (later.endswith("+") or norm(later) != norm(key))
+                ):
+                    break  # it can change what the option refers to: keep both
+                if norm(later) == norm(key):
+                    tokens = []  # given again later: that value took effect
+                    break
+        kept.extend(tokens)
+    resume = ["python", "-m", "phi3_lightning", "fit", *kept, "--run_version", version.removeprefix("version_")]
+    return shlex.join([*resume, "--ckpt_path", "last"])
 
 
 def _checkpoint_dir_follower():

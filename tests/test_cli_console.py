@@ -64,6 +64,8 @@ def test_console_has_steps_flops_and_no_noise(fit_run):
     assert "| FLOPs" not in both and "459 K      trainable params" in both
     assert "Tip: For seamless cloud logging" not in out + err
     assert "LeafSpec" not in err and "FutureWarning" not in err
+    # CausalLMModule's own on_before_batch_transfer (a host-side label check) is the hook meant to run
+    assert "on_before_batch_transfer" not in out + err
 
 
 def test_validate_says_where_it_writes(fit_run):
@@ -88,3 +90,72 @@ def test_generate_echoes_the_prompt_unless_told_not_to(fit_run):
     rc, chat, err = run_main(*args, "--chat")
     assert rc == 0, err
     assert chat.startswith("user> import os\n") and "\nassistant> " in chat
+
+
+def test_batch_transfer_hook_filter_is_narrow():
+    """Only Lightning's "overridden in LightningModule but passed a LightningDataModule" note about
+    ``on_before_batch_transfer`` is dropped: the same note for another hook, and the warning that the DataModule's
+    hook replaces the module's (our label check would not run), still show."""
+    import warnings
+
+    from phi3_lightning.cli import _quiet_known_lightning_noise
+
+    def shown(message: str) -> bool:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _quiet_known_lightning_noise()
+            warnings.warn_explicit(
+                message,
+                UserWarning,
+                "data_connector.py",
+                378,
+                module="lightning.pytorch.trainer.connectors.data_connector",
+            )
+        return any(str(w.message) == message for w in caught)
+
+    ours = (
+        "You have overridden `on_before_batch_transfer` in `LightningModule` but have passed in a "
+        "`LightningDataModule`. It will use the implementation from `LightningModule` instance."
+    )
+    assert not shown(ours)
+    assert shown(ours.replace("on_before_batch_transfer", "transfer_batch_to_device"))
+    assert shown(
+        "You have overridden `on_before_batch_transfer` in both `LightningModule` and `LightningDataModule`. It will "
+        "use the implementation from `LightningDataModule` instance."
+    )
+
+
+@pytest.mark.parametrize(
+    "given, expected",
+    [
+        # an option given twice (the printed command, with a higher max_steps appended): the last value only
+        (
+            "--config a.yaml --trainer.max_steps 4 --run_version 0 --ckpt_path last --trainer.max_steps 8",
+            "--config a.yaml --trainer.max_steps 8",
+        ),
+        (
+            "--trainer.max_steps=4 --seed_everything 1 --trainer.max_steps 8",
+            "--seed_everything 1 --trainer.max_steps 8",
+        ),
+        ("--model.lr 1 --model.init_args.lr 2", "--model.init_args.lr 2"),  # two spellings of one option
+        ("--ckpt_path=x.ckpt --run_version=3 --run_name a --run_name b", "--run_name b"),
+        # --config files: every one, in order (a later file overrides an earlier one)
+        ("--config a.yaml --config b.yaml --config a.yaml", "--config a.yaml --config b.yaml --config a.yaml"),
+        ("-c a.yaml --model.lr 1 -c b.yaml", "-c a.yaml --model.lr 1 -c b.yaml"),
+        # something between the two that can change what the option refers to: both kept
+        ("--model.lr 1 --config b.yaml --model.lr 2", "--model.lr 1 --config b.yaml --model.lr 2"),
+        ("--model.lr 1 --model Other --model.lr 2", "--model.lr 1 --model Other --model.lr 2"),
+        (
+            "--trainer.callbacks+ A --trainer.callbacks.patience 1 --trainer.callbacks+ B --trainer.callbacks.patience 2",
+            "--trainer.callbacks+ A --trainer.callbacks.patience 1 --trainer.callbacks+ B --trainer.callbacks.patience 2",
+        ),
+        ("--model.x.y 1 --model.x 2 --model.x 3", "--model.x.y 1 --model.x 3"),
+    ],
+)
+def test_resume_command_keeps_the_last_value_of_a_repeated_option(given, expected):
+    from phi3_lightning.cli import resume_command
+
+    argv = ["fit", *shlex.split(given)]
+    assert resume_command(argv, "version_0") == (
+        f"python -m phi3_lightning fit {expected} --run_version 0 --ckpt_path last".replace("  ", " ")
+    )

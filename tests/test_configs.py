@@ -123,3 +123,30 @@ def test_gpu_fit_overlay_keeps_the_benchmark_setting(parser):
     assert init["optimizer"]["init_args"]["fused"] is True
     assert cfg["data"]["init_args"]["max_length"] == 4096 and cfg["data"]["init_args"]["pack"] is True
     assert cfg["throughput"]["log_every_n_steps"] == 5
+
+
+def test_print_config_holds_the_run_name_so_its_output_runs_under_the_same_name(tmp_path):
+    """``--print_config > pc.yaml`` then ``fit --config pc.yaml`` ran under ``pc/<backend>`` (the name is made from
+    the config file stems): the printed config names the run as the run's own saved config.yaml does."""
+    rc, out, err = run_main(
+        "fit",
+        "--config",
+        CONFIGS / "causal_lm.yaml",
+        "--model.init_args.attn_implementation",
+        "eager",
+        "--print_config",
+    )
+    assert rc == 0, err
+    assert yaml.safe_load(out)["trainer"]["logger"]["init_args"]["name"] == "causal_lm/eager"
+    (tmp_path / "pc.yaml").write_text(out)
+    rc, again, err = run_main("fit", "--config", tmp_path / "pc.yaml", "--print_config")
+    assert rc == 0, err
+    assert yaml.safe_load(again)["trainer"]["logger"]["init_args"]["name"] == "causal_lm/eager"  # not pc/eager
+    rc, out, err = run_main("fit", "--config", CONFIGS / "causal_lm.yaml", "--run_name", "mine", "--print_config")
+    assert rc == 0, err
+    assert yaml.safe_load(out)["trainer"]["logger"]["init_args"]["name"] == "mine"
+    rc, out, err = run_main(
+        "fit", "--config", CONFIGS / "causal_lm.yaml", "--trainer.logger", "false", "--print_config"
+    )
+    assert rc == 0, err
+    assert yaml.safe_load(out)["trainer"]["logger"] is False

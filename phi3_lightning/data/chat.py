@@ -109,10 +109,15 @@ def tokenize_chat(
         messages: the conversation.
         tokenizer: its tokenizer; the chat format defaults to ``tokenizer.chat_format``.
         chat_format: override the format.
-        add_bos: prepend ``tokenizer.bos_token_id`` (label -100).
+        add_bos: prepend ``tokenizer.bos_token_id`` (label -100); an error if the tokenizer has no bos token.
         add_eos: append ``tokenizer.eos_token_id`` (labelled when the conversation ends with an assistant turn),
             unless the text already ends with it (phi-4, whose eos is the end-of-turn ``<|im_end|>``).
     """
+    if add_bos and tokenizer.bos_token_id is None:
+        raise ValueError(
+            "add_bos=True but the tokenizer has no bos token; there is nothing to prepend: pass add_bos=False, or "
+            "use a tokenizer that defines a bos token"
+        )
     chat_format = chat_format or tokenizer.chat_format
     segments = render_chat(messages, chat_format)
     end_token = "<|im_end|>" if chat_format == "phi4" else "<|end|>"
@@ -137,7 +142,7 @@ def tokenize_chat(
             k += 1
         inside = k < len(spans) and spans[k][0] <= start < spans[k][1]
         labels.append(tok if inside else IGNORE_INDEX)
-    if add_bos and tokenizer.bos_token_id is not None:
+    if add_bos:
         ids = [tokenizer.bos_token_id, *ids]
         labels = [IGNORE_INDEX, *labels]
     if add_eos and not (ids and ids[-1] == tokenizer.eos_token_id):  # phi-4: eos is <|im_end|>, already there

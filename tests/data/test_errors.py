@@ -307,3 +307,73 @@ def test_a_split_the_fraction_could_not_carve_says_so(tmp_path, write_jsonl):
     assert "there is no val split: val_fraction=0.1 carved no record out of the 1 training record" in msg
     assert "give a val_file or more (distinct) training records" in msg
     assert "non-zero val_fraction" not in msg
+
+
+def _tokenizer_without_bos(make_hf_dir, path: Path) -> Path:
+    """A Phi-3-like tokenizer directory that names no bos token anywhere."""
+    import json
+
+    tokdir = make_hf_dir(path, "phi3")
+    cfg = json.loads((tokdir / "tokenizer_config.json").read_text())
+    del cfg["bos_token"]
+    (tokdir / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return tokdir
+
+
+@pytest.mark.parametrize("data_format", ["text", "chat"])
+def test_add_bos_without_a_bos_token_is_refused_not_ignored(tmp_path, make_hf_dir, data_format):
+    """add_bos=True with a tokenizer that has no bos token used to prepend nothing, silently: now the data module
+    refuses it at construction, naming the setting and the fix; add_bos=False is unaffected."""
+    tokdir = _tokenizer_without_bos(make_hf_dir, tmp_path / "tok")
+    from phi3_lightning.data.tokenizer import HFTokenizer
+
+    assert HFTokenizer(tokdir).bos_token_id is None
+    kw = dict(tokenizer=str(tokdir), data_format=data_format, **NO_SPLITS)
+    with pytest.raises(ValueError) as e:
+        CausalLMDataModule(add_bos=True, **kw)
+    msg = str(e.value)
+    assert "add_bos=True" in msg and f"tokenizer {str(tokdir)!r} has no bos token" in msg
+    assert "--data.add_bos false" in msg
+    with pytest.raises(ValueError, match=r"add_bos=True but the tokenizer .* has no bos token"):
+        SequenceClassificationDataModule(tokenizer=str(tokdir), add_bos=True, **NO_SPLITS)
+    CausalLMDataModule(add_bos=False, **kw)  # not asked for: fine
+
+
+def test_tokenize_chat_add_bos_without_a_bos_token_is_refused(tmp_path, make_hf_dir):
+    from phi3_lightning.data.chat import tokenize_chat
+    from phi3_lightning.data.tokenizer import HFTokenizer
+
+    tok = HFTokenizer(_tokenizer_without_bos(make_hf_dir, tmp_path / "tok"))
+    convo = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    with pytest.raises(ValueError, match=r"add_bos=True but the tokenizer has no bos token; .*add_bos=False"):
+        tokenize_chat(convo, tok, add_bos=True)
+    assert tokenize_chat(convo, tok)["input_ids"] == tok.encode("<|user|>\nhi<|end|>\n<|assistant|>\nyo<|end|>\n")
+
+
+def test_classification_add_eos_when_pad_is_eos_is_warned_once(tmp_path, make_hf_dir, write_jsonl):
+    """The Phi-3 tokenizer pads with its eos id: an eos appended to a classification example is then taken for
+    padding by the pooling ("last" skips it, "attention" masks it), so add_eos=True changes nothing. One warning,
+    at construction, naming add_eos, the shared id and the fix; a tokenizer whose pad differs (phi-4) is silent."""
+    import warnings
+
+    from phi3_lightning.data.tokenizer import HFTokenizer
+
+    phi3 = make_hf_dir(tmp_path / "phi3", "phi3")
+    tok = HFTokenizer(phi3)
+    assert tok.pad_token_id == tok.eos_token_id
+    p = write_jsonl(tmp_path / "t.jsonl", [{"text": "the x", "label": "a"}, {"text": "in", "label": "b"}])
+    kw = dict(train_file=str(p), **NO_SPLITS)
+    with pytest.warns(UserWarning) as caught:
+        dm = SequenceClassificationDataModule(tokenizer=str(phi3), add_eos=True, **kw)
+        dm.setup("fit")
+    said = [str(w.message) for w in caught if "add_eos" in str(w.message)]
+    assert len(said) == 1, said
+    assert f"add_eos=True but the tokenizer's pad id is its eos id ({tok.eos_token_id};" in said[0]
+    assert "pooling takes the appended eos for padding" in said[0] and "--data.add_eos false" in said[0]
+    assert dm.datasets["train"][0]["input_ids"][-1] == tok.eos_token_id  # still appended, as asked
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SequenceClassificationDataModule(tokenizer=str(phi3), add_eos=False, **kw)
+        phi4 = make_hf_dir(tmp_path / "phi4", "phi4")
+        dm = SequenceClassificationDataModule(tokenizer=str(phi4), add_eos=True, **kw)
+        assert dm.pad_token_id != dm.tokenizer.eos_token_id

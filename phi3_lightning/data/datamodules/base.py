@@ -122,6 +122,16 @@ class _BaseDataModule(pl.LightningDataModule):
         self._rng_to_restore: dict[str, Any] | None = None
 
     # ---------------------------------------------------------------- tokenizer facts
+    def _check_add_bos(self, add_bos: bool) -> None:
+        """``add_bos=True`` needs a bos token to prepend: without one it would do nothing, silently."""
+        if add_bos and self.tokenizer.bos_token_id is None:
+            raise ValueError(
+                f"add_bos=True but the tokenizer {self.tokenizer_spec!r} has no bos token (no bos_token in its "
+                "tokenizer_config.json / special_tokens_map.json, no bos_token_id in config.json), so there is "
+                "nothing to prepend; set add_bos=False (--data.add_bos false), or use a tokenizer that defines "
+                "a bos token"
+            )
+
     @property
     def vocab_size(self) -> int:
         """Ids the model's embedding must hold (max tokenizer id + 1)."""

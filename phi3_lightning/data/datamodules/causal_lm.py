@@ -57,7 +57,7 @@ class CausalLMDataModule(_BaseDataModule):
         pack: pack documents into full rows (true) or pad each batch to its longest example (false).
         split_long: split documents longer than ``max_length`` into pieces (true) or raise an error (false).
         packing_strategy: ``"best_fit"`` (fullest rows) or ``"sequential"`` (keeps document order).
-        add_bos: prepend the tokenizer's bos id to every document.
+        add_bos: prepend the tokenizer's bos id to every document (an error if the tokenizer has none).
         add_eos: append the tokenizer's eos id to every text document (and after a chat's last assistant turn).
         batch_size: training batch size (rows or examples).
         eval_batch_size: validation / test / predict batch size; default ``batch_size``.
@@ -151,6 +151,7 @@ class CausalLMDataModule(_BaseDataModule):
             raise ValueError(f"chat_format={chat_format!r}; use one of {CHAT_FORMATS} or None (the tokenizer's)")
         if packing_strategy not in PACKING_STRATEGIES:
             raise ValueError(f"packing_strategy={packing_strategy!r}; use one of {PACKING_STRATEGIES}")
+        self._check_add_bos(add_bos)
         self.data_format = data_format
         self.messages_field = messages_field
         self.chat_format = chat_format or self.tokenizer.chat_format
@@ -192,7 +193,7 @@ class CausalLMDataModule(_BaseDataModule):
                     raise ValueError(not_text_message(rec, self.text_field, text))
                 texts.append(text)
             encoded = tok.encode_batch(texts)
-            bos = [tok.bos_token_id] if self.add_bos and tok.bos_token_id is not None else []
+            bos = [tok.bos_token_id] if self.add_bos else []  # a bos id exists: checked in __init__
             eos = [tok.eos_token_id] if self.add_eos else []
             kept = [(bos + d + eos, r) for d, r in zip(encoded, records) if d]
             return [d for d, _ in kept], None, [r for _, r in kept]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -39,8 +40,9 @@ class SequenceClassificationDataModule(_LabelMixin, _BaseDataModule):
             inferred from the labels (lists -> multi-label, non-integer numbers -> regression).
         max_length: maximum tokens per example.
         truncate: cut examples longer than ``max_length`` (true) or raise an error (false).
-        add_bos: prepend the tokenizer's bos id.
-        add_eos: append the tokenizer's eos id (the head pools the last non-pad token).
+        add_bos: prepend the tokenizer's bos id (an error if the tokenizer has none).
+        add_eos: append the tokenizer's eos id (the head pools the last non-pad token); a no-op, warned, when the
+            tokenizer pads with its eos id (Phi-3, Phi-4-mini): the pooling takes that eos for padding.
         batch_size: training batch size.
         eval_batch_size: validation / test / predict batch size; default ``batch_size``.
         num_workers: dataloader worker processes.
@@ -124,6 +126,22 @@ class SequenceClassificationDataModule(_LabelMixin, _BaseDataModule):
         self.label_fields = [f.strip() for f in label_field.split(",") if f.strip()]
         if not self.label_fields:
             raise ValueError(f"label_field={label_field!r}; name the field holding the label")
+        self._check_add_bos(add_bos)
+        tok = self.tokenizer
+        if add_eos and tok.pad_token_id == tok.eos_token_id:
+            # Both poolings take a pad-id token for padding: "last" pools the rightmost token that is not the pad id
+            # (as transformers), "attention" masks pad ids; and no earlier token attends to it (causal). The eos
+            # changes no logit. Warned, not refused: the results are those of add_eos=False, and runs made with it
+            # (checkpoints record add_eos) must still resume.
+            warnings.warn(
+                f"add_eos=True but the tokenizer's pad id is its eos id ({tok.eos_token_id}; Phi-3 and Phi-4-mini "
+                "pad with their eos), so the pooling takes the appended eos for padding and skips it: add_eos "
+                "changes nothing here (the head pools the last token of the text, as with add_eos=False); set "
+                "add_eos=False (--data.add_eos false) to say so, or use a tokenizer whose pad token "
+                "differs from its eos token to pool on an end token",
+                UserWarning,
+                stacklevel=2,
+            )
         self.truncate = truncate
         self.add_bos = add_bos
         self.add_eos = add_eos
@@ -253,7 +271,7 @@ class SequenceClassificationDataModule(_LabelMixin, _BaseDataModule):
         encoded = tok.encode_batch(texts)
         examples = []
         for rec, ids in zip(records, encoded):
-            if self.add_bos and tok.bos_token_id is not None:
+            if self.add_bos:  # a bos id exists: checked in __init__
                 ids = [tok.bos_token_id, *ids]
             if self.add_eos:
                 ids = [*ids, tok.eos_token_id]
