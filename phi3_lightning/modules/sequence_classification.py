@@ -7,7 +7,14 @@ from typing import Any
 import torch
 from torch import nn
 from torchmetrics import MeanSquaredError
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MultilabelAccuracy, MultilabelF1Score
+from torchmetrics.classification import (
+    BinaryAccuracy,
+    BinaryF1Score,
+    MulticlassAccuracy,
+    MulticlassF1Score,
+    MultilabelAccuracy,
+    MultilabelF1Score,
+)
 
 from ..conventions import PROBLEM_TYPES
 from ..model.loss import IGNORE_INDEX, infer_problem_type
@@ -69,6 +76,13 @@ class SequenceClassificationModule(Phi3LightningModule):
         self.pooling = pooling
         n = self.config.num_labels
         self.problem_type = self.config.problem_type or ("regression" if n == 1 else "single_label_classification")
+        if n == 1 and self.problem_type == "single_label_classification":
+            raise ValueError(
+                "num_labels=1 with problem_type='single_label_classification': a softmax over one class is always "
+                "1 (loss 0, nothing to learn); use num_labels=2 for two classes, multi_label_classification for "
+                "one yes/no output (sigmoid + BCE), or regression (labels read from data that hold one class give this: "
+                "list every class in --data.init_args.label_names)"
+            )
         self._register_metrics(self._make_metrics)
 
     def _head_kwargs(self) -> dict[str, Any]:
@@ -81,16 +95,23 @@ class SequenceClassificationModule(Phi3LightningModule):
         return [str(id2label.get(str(i), i)) for i in range(n)]
 
     def _make_metrics(self) -> nn.ModuleDict:
+        """Single-label: accuracy and macro-F1 over the labelled examples (-100 skipped; a class neither present nor
+        predicted is left out of the average). Multi-label: the share of correct (example, label) decisions and the
+        macro-F1 over labels, a label deciding positive when its sigmoid is above 0.5 (one output: binary accuracy
+        and F1). Regression: MSE over every output."""
         n = self.config.num_labels
         m: dict[str, nn.Module] = {"loss": LossMean()}
         if self.problem_type == "regression":
             m["mse"] = MeanSquaredError()
+        elif self.problem_type == "multi_label_classification" and n == 1:  # torchmetrics' multi-label needs 2+
+            m["accuracy"] = BinaryAccuracy()
+            m["f1"] = BinaryF1Score()
         elif self.problem_type == "multi_label_classification":
             m["accuracy"] = MultilabelAccuracy(num_labels=n)
             m["f1"] = MultilabelF1Score(num_labels=n, average="macro")
         else:
-            m["accuracy"] = MulticlassAccuracy(num_classes=n, average="micro")
-            m["f1"] = MulticlassF1Score(num_classes=n, average="macro")
+            m["accuracy"] = MulticlassAccuracy(num_classes=n, average="micro", ignore_index=IGNORE_INDEX)
+            m["f1"] = MulticlassF1Score(num_classes=n, average="macro", ignore_index=IGNORE_INDEX)
         return nn.ModuleDict(m)
 
     def setup(self, stage: str) -> None:
@@ -106,7 +127,10 @@ class SequenceClassificationModule(Phi3LightningModule):
         if self.problem_type == "regression":
             return logits.reshape(labels.shape), labels.float()
         if self.problem_type == "multi_label_classification":
-            return logits, labels.long()
+            # probabilities, never logits: torchmetrics applies the sigmoid only when some value lies outside [0, 1],
+            # so a batch whose logits all lay in [0, 1] was thresholded as if they were probabilities
+            probs, targets = logits.sigmoid(), labels.long()
+            return (probs.flatten(), targets.flatten()) if self.config.num_labels == 1 else (probs, targets)
         return logits.argmax(-1), labels
 
     def _resolve_problem_type(self, labels: torch.Tensor) -> None:
@@ -131,12 +155,13 @@ class SequenceClassificationModule(Phi3LightningModule):
         preds, targets = self._targets_and_preds(out.logits, labels)
         metrics = self.stage_metrics(stage)
         b = labels.shape[0]
-        self._update(metrics["loss"], stage, out.loss.detach().float(), b)
+        units = self._loss_units(labels)  # the loss is the mean over these (rows labelled -100 are not counted)
+        self._update(metrics["loss"], stage, out.loss.detach().float(), units)
         for name, metric in metrics.items():
             if name != "loss":
                 self._update(metric, stage, preds, targets)
         self._log_metrics(stage, dict(metrics.items()), batch_size=b)
-        return self._training_objective(stage, out.loss, self._loss_units(labels))
+        return self._training_objective(stage, out.loss, units)
 
     def _loss_units(self, labels: torch.Tensor) -> torch.Tensor:
         """What the loss is the mean over, per example: single-label cross-entropy over the examples whose label is

@@ -1,0 +1,223 @@
+"""The classification metrics a run logs, recomputed by hand: each example run alone through the head, then accuracy,
+macro-F1 and MSE written out here from their definitions (sklearn's conventions: a class that is neither a target
+nor a prediction is left out of the multiclass macro average; a label without positives and without predicted
+positives scores 0 in the multi-label macro average), compared with what ``validate`` reports."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from phi3_lightning.modules import SequenceClassificationModule, TokenClassificationModule
+
+from .helpers import built, quiet_trainer
+
+
+def _rows(n: int, labels: list, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        length = int(torch.randint(3, 9, (1,), generator=g))
+        rows.append({"input_ids": torch.randint(3, 200, (length,), generator=g), "labels": labels[i]})
+    return rows
+
+
+def _collate(batch: list[dict], pad: int = 257, per_token: bool = False) -> dict:
+    """Right padding with the tiny preset's pad id (``last`` pooling finds the rightmost token that is not it)."""
+    t = max(len(r["input_ids"]) for r in batch)
+    ids = torch.full((len(batch), t), pad, dtype=torch.long)
+    mask = torch.zeros(len(batch), t, dtype=torch.long)
+    for i, r in enumerate(batch):
+        ids[i, : len(r["input_ids"])] = r["input_ids"]
+        mask[i, : len(r["input_ids"])] = 1
+    labels = [torch.as_tensor(r["labels"]) for r in batch]
+    if not per_token:  # (B,) class ids or targets, (B, num_labels) multi-hot
+        return {"input_ids": ids, "attention_mask": mask, "labels": torch.stack(labels)}
+    out = torch.full((len(batch), t), -100)
+    for i, lab in enumerate(labels):
+        out[i, : len(lab)] = lab
+    return {"input_ids": ids, "attention_mask": mask, "labels": out}
+
+
+def _single_logits(module, rows) -> torch.Tensor:
+    """(N, num_labels) logits, one example at a time (no padding)."""
+    with torch.no_grad():
+        return torch.cat([module.head(input_ids=r["input_ids"][None]).logits.double() for r in rows])
+
+
+def _macro_f1_multiclass(preds: list[int], targets: list[int], n: int) -> float:
+    scores = []
+    for c in range(n):
+        tp = sum(p == c and t == c for p, t in zip(preds, targets))
+        fp = sum(p == c and t != c for p, t in zip(preds, targets))
+        fn = sum(p != c and t == c for p, t in zip(preds, targets))
+        if tp + fp + fn:  # a class neither predicted nor present is left out (sklearn: labels of y_true | y_pred)
+            scores.append(2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / len(scores)
+
+
+def _validate(module, rows, batch_size: int) -> dict:
+    assert module.config.pad_token_id == 257
+    per_token = isinstance(module, TokenClassificationModule)
+    loader = DataLoader(rows, batch_size=batch_size, collate_fn=functools.partial(_collate, per_token=per_token))
+    return quiet_trainer().validate(module, dataloaders=loader, verbose=False)[0]
+
+
+def test_single_label_metrics_skip_ignored_rows_and_the_loss_counts_only_labelled_examples():
+    """Rows labelled -100 carry no target (the loss ignores them, as transformers): accuracy and macro-F1 must skip
+    them too (the metrics crashed: 'Detected more unique values in `target` than expected ... -100'), and the
+    epoch loss is the mean over the labelled examples, not weighted by rows (a batch of 4 rows with one label
+    weighed as much as one with four). Imbalanced classes, class 3 of 4 never a target."""
+    torch.manual_seed(0)
+    labels = [0, -100, 0, 0, 2, 0, -100, -100, 1, 0, 0, -100, 2]
+    rows = _rows(len(labels), labels)
+    module = built(SequenceClassificationModule(model="tiny", num_labels=4))
+    module.eval()
+    logits = _single_logits(module, rows)
+    keep = [i for i, y in enumerate(labels) if y != -100]
+    targets = torch.tensor([labels[i] for i in keep])
+    expected_loss = F.cross_entropy(logits[keep], targets).item()
+    preds = logits[keep].argmax(-1).tolist()
+    expected_acc = sum(p == t for p, t in zip(preds, targets.tolist())) / len(keep)
+    expected_f1 = _macro_f1_multiclass(preds, targets.tolist(), 4)
+    result = _validate(module, rows, batch_size=4)
+    assert math.isclose(result["val/loss"], expected_loss, rel_tol=1e-5), (result, expected_loss)
+    assert math.isclose(result["val/accuracy"], expected_acc, rel_tol=1e-6), (result, expected_acc)
+    assert math.isclose(result["val/f1"], expected_f1, rel_tol=1e-6), (result, expected_f1)
+
+
+def test_single_label_metrics_of_two_classes_equal_the_hand_computation():
+    torch.manual_seed(1)
+    labels = [1, 0, 0, 0, 0, 1, 0, 0, 0]
+    rows = _rows(len(labels), labels, seed=3)
+    module = built(SequenceClassificationModule(model="tiny", num_labels=2))
+    module.eval()
+    logits = _single_logits(module, rows)
+    preds = logits.argmax(-1).tolist()
+    result = _validate(module, rows, batch_size=4)
+    assert math.isclose(result["val/loss"], F.cross_entropy(logits, torch.tensor(labels)).item(), rel_tol=1e-5)
+    assert math.isclose(result["val/accuracy"], sum(p == t for p, t in zip(preds, labels)) / len(labels), rel_tol=1e-6)
+    assert math.isclose(result["val/f1"], _macro_f1_multiclass(preds, labels, 2), rel_tol=1e-6)
+
+
+def _constant_score(module, logits: list[float]) -> None:
+    """Replace the score layer by one that gives the same logits for every example."""
+    score = torch.nn.Linear(module.config.hidden_size, len(logits), bias=True)
+    with torch.no_grad():
+        score.weight.zero_()
+        score.bias.copy_(torch.tensor(logits))
+    module.head.score = score
+
+
+def test_multi_label_metrics_threshold_the_probability_even_when_every_logit_lies_in_0_1():
+    """torchmetrics takes float predictions inside [0, 1] for probabilities and only others for logits: logits that
+    all happened to lie in [0, 1] (a small model, a small batch) were thresholded at 0.5 as if they were
+    probabilities, so a logit of 0.2 (probability 0.55: predicted positive, as ``predict`` says) counted as a
+    negative: accuracy 0.33 instead of 1."""
+    module = built(SequenceClassificationModule(model="tiny", num_labels=3, problem_type="multi_label_classification"))
+    module.eval()
+    _constant_score(module, [0.2, 0.7, 0.4])  # all three positive: sigmoid > 0.5
+    rows = _rows(4, [torch.ones(3)] * 4)
+    result = _validate(module, rows, batch_size=4)
+    assert result["val/accuracy"] == 1.0 and result["val/f1"] == 1.0, result
+    out = module.predict_step(_collate(rows), 0)
+    assert out["predictions"].eq(1).all()
+
+
+def test_multi_label_metrics_equal_the_hand_computation():
+    torch.manual_seed(2)
+    g = torch.Generator().manual_seed(5)
+    hot = (torch.rand(11, 3, generator=g) < 0.4).float()
+    hot[:, 2] = 0.0  # label 2 never a target
+    rows = _rows(11, list(hot))
+    module = built(SequenceClassificationModule(model="tiny", num_labels=3, problem_type="multi_label_classification"))
+    module.eval()
+    logits = _single_logits(module, rows)
+    preds = (logits.sigmoid() > 0.5).double()
+    expected_acc = (preds == hot).double().mean().item()
+    f1 = []
+    for j in range(3):
+        tp = float((preds[:, j] * hot[:, j]).sum())
+        fp = float((preds[:, j] * (1 - hot[:, j])).sum())
+        fn = float(((1 - preds[:, j]) * hot[:, j]).sum())
+        f1.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    result = _validate(module, rows, batch_size=4)
+    expected_loss = F.binary_cross_entropy_with_logits(logits, hot.double()).item()
+    assert math.isclose(result["val/loss"], expected_loss, rel_tol=1e-5), (result, expected_loss)
+    assert math.isclose(result["val/accuracy"], expected_acc, rel_tol=1e-6), (result, expected_acc)
+    assert math.isclose(result["val/f1"], sum(f1) / 3, rel_tol=1e-6), (result, f1)
+
+
+def test_one_output_multi_label_is_a_binary_classifier_and_one_class_single_label_is_refused():
+    """num_labels=1 with BCE (multi_label_classification: one yes/no output) is a valid classifier; its metrics
+    (torchmetrics' multi-label classes refuse one label) are binary accuracy and F1 of the positive class. A
+    single-label classifier with one class has a constant loss of 0: refused naming the fix."""
+    torch.manual_seed(3)
+    target = torch.tensor([[1.0], [0.0], [1.0], [1.0], [0.0], [0.0], [1.0]])
+    rows = _rows(7, list(target), seed=7)
+    module = built(SequenceClassificationModule(model="tiny", num_labels=1, problem_type="multi_label_classification"))
+    module.eval()
+    logits = _single_logits(module, rows)
+    preds = (logits.sigmoid() > 0.5).double()
+    tp = float((preds * target).sum())
+    fp = float((preds * (1 - target)).sum())
+    fn = float(((1 - preds) * target).sum())
+    result = _validate(module, rows, batch_size=3)
+    assert math.isclose(result["val/accuracy"], (preds == target).double().mean().item(), rel_tol=1e-6)
+    assert math.isclose(result["val/f1"], 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0, rel_tol=1e-6)
+    assert math.isclose(
+        result["val/loss"], F.binary_cross_entropy_with_logits(logits, target.double()).item(), rel_tol=1e-5
+    )
+    with pytest.raises(ValueError, match=r"num_labels=1 .*single_label_classification.*num_labels=2"):
+        SequenceClassificationModule(model="tiny", num_labels=1, problem_type="single_label_classification")
+
+
+def test_regression_mse_is_the_mean_squared_error_over_every_example():
+    torch.manual_seed(4)
+    target = [0.5, -1.0, 2.0, 0.25, 3.0, -0.5, 1.5]
+    rows = _rows(len(target), [torch.tensor(t) for t in target], seed=9)
+    module = built(SequenceClassificationModule(model="tiny", num_labels=1))
+    module.eval()
+    logits = _single_logits(module, rows)[:, 0]
+    expected = ((logits - torch.tensor(target, dtype=torch.float64)) ** 2).mean().item()
+    result = _validate(module, rows, batch_size=3)
+    assert math.isclose(result["val/mse"], expected, rel_tol=1e-5), (result, expected)
+    assert math.isclose(result["val/loss"], expected, rel_tol=1e-5), (result, expected)
+
+
+def test_token_metrics_count_labelled_tokens_only():
+    """Token accuracy and macro-F1 over the tokens whose label is not -100 (padding, non-first sub-tokens), every
+    labelled token weighing the same across batches; classes 3 and 4 are never targets."""
+    torch.manual_seed(5)
+    g = torch.Generator().manual_seed(1)
+    labels = []
+    for _ in range(7):
+        length = int(torch.randint(3, 9, (1,), generator=g))
+        lab = torch.randint(0, 3, (length,), generator=g)
+        lab[torch.rand(length, generator=g) < 0.3] = -100
+        labels.append(lab)
+    rows = _rows(7, labels, seed=11)
+    for r in rows:  # one label per token
+        r["labels"] = r["labels"][: len(r["input_ids"])]
+        r["input_ids"] = r["input_ids"][: len(r["labels"])]
+    module = built(TokenClassificationModule(model="tiny", num_labels=5))
+    module.eval()
+    preds, targets, total = [], [], 0.0
+    with torch.no_grad():
+        for r in rows:
+            lg = module.head(input_ids=r["input_ids"][None]).logits[0].double()
+            keep = r["labels"] != -100
+            total += F.cross_entropy(lg[keep], r["labels"][keep], reduction="sum").item()
+            preds += lg[keep].argmax(-1).tolist()
+            targets += r["labels"][keep].tolist()
+    result = _validate(module, rows, batch_size=3)
+    assert math.isclose(result["val/loss"], total / len(targets), rel_tol=1e-5)
+    assert math.isclose(
+        result["val/accuracy"], sum(p == t for p, t in zip(preds, targets)) / len(targets), rel_tol=1e-6
+    )
+    assert math.isclose(result["val/f1"], _macro_f1_multiclass(preds, targets, 5), rel_tol=1e-6)
