@@ -7,15 +7,18 @@ validation pass runs at every epoch end (its dataloader must not draw from the g
 
 from __future__ import annotations
 
+import math
+
 import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import Logger
 
 from phi3_lightning.data import CausalLMDataModule, SequenceClassificationDataModule, TokenClassificationDataModule
 from phi3_lightning.modules import CausalLMModule, SequenceClassificationModule, TokenClassificationModule
 
-from .modules.helpers import CONFIGS, run_module
+from .modules.helpers import CONFIGS, run_module, scalars
 
 DROPOUT = {"attention_dropout": 0.1, "resid_pdrop": 0.1, "embd_pdrop": 0.1}
 BATCHES = 4  # limit_train_batches: one "epoch" is 4 steps
@@ -53,7 +56,7 @@ def _optimizer(params):
     return torch.optim.AdamW(params, lr=1e-2)
 
 
-def _trainer(root, max_steps, max_epochs, callbacks, limit_val_batches=1) -> pl.Trainer:
+def _trainer(root, max_steps, max_epochs, callbacks, limit_val_batches=1, logger=False) -> pl.Trainer:
     return pl.Trainer(
         accelerator="cpu",
         devices=1,
@@ -62,7 +65,8 @@ def _trainer(root, max_steps, max_epochs, callbacks, limit_val_batches=1) -> pl.
         limit_train_batches=BATCHES,
         limit_val_batches=limit_val_batches,
         num_sanity_val_steps=0,
-        logger=False,
+        logger=logger,
+        log_every_n_steps=1,
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=callbacks,
@@ -70,11 +74,11 @@ def _trainer(root, max_steps, max_epochs, callbacks, limit_val_batches=1) -> pl.
     )
 
 
-def _fit(kind, cache, root, max_steps, max_epochs, checkpoint, ckpt_path=None):
+def _fit(kind, cache, root, max_steps, max_epochs, checkpoint, ckpt_path=None, logger=False):
     pl.seed_everything(0, verbose=False)
     dm = _data(kind, cache)
     module = _module(kind, dm)
-    trainer = _trainer(root, max_steps, max_epochs, [checkpoint])
+    trainer = _trainer(root, max_steps, max_epochs, [checkpoint], logger=logger)
     trainer.fit(module, dm, ckpt_path=ckpt_path)
     return {k: v.detach().clone() for k, v in module.state_dict().items()}, trainer
 
@@ -140,6 +144,99 @@ def test_resumed_batches_are_the_uninterrupted_ones(cache):
         _seeded.train_dataloader().load_state_dict(state)
 
 
+class _Recorder(Logger):
+    """Keeps every logged scalar: name -> [(step, value)]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.values: dict[str, list[tuple[int, float]]] = {}
+
+    name = "recorder"
+    version = 0
+
+    def log_metrics(self, metrics, step=None) -> None:
+        for key, value in metrics.items():
+            self.values.setdefault(key, []).append((step, float(value)))
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+
+def _epoch_values(logger: _Recorder) -> dict[str, list[tuple[int, float]]]:
+    return {k: v for k, v in logger.values.items() if k.startswith("train/") and k.endswith("_epoch")}
+
+
+@pytest.mark.parametrize(
+    "kind, at",
+    [("causal_packed", 2), ("causal_packed", 4), ("causal_packed", 6), ("sequence", 2), ("token", 2)],
+    ids=["causal-mid_epoch0", "causal-epoch_boundary", "causal-mid_epoch1", "sequence-mid_epoch0", "token-mid_epoch0"],
+)
+def test_resumed_train_epoch_metrics_equal_the_uninterrupted_ones(kind, at, cache, tmp_path):
+    """train/*_epoch (loss, perplexity, accuracy, f1) of a run resumed from a step-`at` checkpoint equal those of the
+    uninterrupted run at the same steps, bit for bit: the metric states of the epoch in progress travel in the
+    checkpoint. A checkpoint at the epoch's last batch carries a finished epoch, which must not leak into the next."""
+    total = 8  # two epochs of 4 steps: epoch values at steps 3 and 7
+    full_log, resumed_log = _Recorder(), _Recorder()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "a", every_n_train_steps=at, save_top_k=-1, filename="{step}")
+    _fit(kind, cache, tmp_path, total, -1, ckpt, logger=full_log)
+    again = ModelCheckpoint(dirpath=tmp_path / "b", save_top_k=0)
+    _fit(kind, cache, tmp_path, total, -1, again, ckpt_path=tmp_path / "a" / f"step={at}.ckpt", logger=resumed_log)
+    full, resumed = _epoch_values(full_log), _epoch_values(resumed_log)
+    names = {"causal_packed": {"loss", "perplexity"}, "sequence": {"loss", "accuracy", "f1"}}.get(
+        kind, {"loss", "accuracy", "f1"}
+    )
+    assert set(full) == {f"train/{n}_epoch" for n in names}
+    assert [s for s, _ in full["train/loss_epoch"]] == [3, 7]
+    for key, values in resumed.items():
+        assert values == [(s, v) for s, v in full[key] if s >= at], key  # the epochs that ended after the resume
+    assert set(resumed) == set(full)
+
+
+def test_checkpoint_without_train_metric_states_resumes_as_before_with_a_note(cache, tmp_path, caplog):
+    """A checkpoint written before the states were saved resumes (its epoch value covers the resumed batches only, as
+    before) and says so; the new entry stays out of the weights, so load_head and validate read the file as ever."""
+    from phi3_lightning.modules import load_head
+    from phi3_lightning.modules.metric_states import TRAIN_METRICS_KEY
+
+    full_log = _Recorder()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "a", every_n_train_steps=2, save_top_k=-1, filename="{step}")
+    _fit("causal_packed", cache, tmp_path, 4, -1, ckpt, logger=full_log)
+    saved = torch.load(tmp_path / "a" / "step=2.ckpt", weights_only=True)
+    entry = saved[TRAIN_METRICS_KEY]
+    assert (entry["epoch"], entry["first"], entry["next"], entry["world_size"]) == (0, 0, 2, 1)
+    assert set(entry["metrics"]) == {"loss", "perplexity"} and entry["metrics"]["loss"]["updates"] == 2
+    assert all(k.startswith("head.") for k in saved["state_dict"])  # weights only: nothing of the metrics
+    assert set(load_head(tmp_path / "a" / "step=2.ckpt").head.state_dict()) == {
+        k[len("head.") :] for k in saved["state_dict"]
+    }
+    dm = _data("causal_packed", cache)
+    out = _trainer(tmp_path, -1, 1, []).validate(
+        _module("causal_packed", dm), dm, ckpt_path=tmp_path / "a" / "step=2.ckpt"
+    )
+    assert out and out[0]["val/loss"] > 0
+
+    del saved[TRAIN_METRICS_KEY]
+    torch.save(saved, tmp_path / "old.ckpt")
+    old_log = _Recorder()
+    with caplog.at_level("INFO"):
+        _fit(
+            "causal_packed",
+            cache,
+            tmp_path,
+            4,
+            -1,
+            ModelCheckpoint(dirpath=tmp_path / "b", save_top_k=0),
+            ckpt_path=tmp_path / "old.ckpt",
+            logger=old_log,
+        )
+    assert "holds no train metric states" in caplog.text and "covers batches 2.. only" in caplog.text
+    (step, value), (full_step, full_value) = (
+        old_log.values["train/loss_epoch"][0],
+        full_log.values["train/loss_epoch"][0],
+    )
+    assert step == full_step == 3 and value != full_value  # batches 2-3 only, as before the fix
+
+
 OVERLAY = """\
 trainer:
   max_steps: 6
@@ -200,6 +297,14 @@ def test_ddp_resume_mid_epoch_is_exact(tmp_path, cache):
     a = torch.load(run / "version_0" / "checkpoints" / "step=6.ckpt", weights_only=True)["state_dict"]
     b = torch.load(run / "version_1" / "checkpoints" / "step=6.ckpt", weights_only=True)["state_dict"]
     _assert_same(a, b)
+    # train/*_epoch: epoch 0 (steps 0-3, resumed after step 2) and epoch 1 (steps 4-5) of the resumed run equal the
+    # uninterrupted run's; the two processes' states were summed at save and restored on rank 0 only (restoring them on
+    # both would count steps 0-2 twice). Equal up to float summation order (the per-process sums add up differently).
+    full, resumed = scalars(run / "version_0"), scalars(run / "version_1")
+    for key in ("train/loss_epoch", "train/perplexity_epoch"):
+        assert [s for s, _ in full[key]] == [s for s, _ in resumed[key]] == [3, 5], key
+        for (_, x), (_, y) in zip(full[key], resumed[key]):
+            assert math.isclose(x, y, rel_tol=1e-6), (key, x, y)
 
 
 class _SigtermInValidation(pl.Callback):

@@ -6,7 +6,7 @@ optimizers, checkpoint metadata).
 """
 
 from .base import COMPILE_SCOPES, Phi3LightningModule, resolve_model
-from .callbacks import Phi3ThroughputMonitor, PredictionWriter
+from .callbacks import LearningRateMonitor, Phi3ThroughputMonitor, PredictionWriter
 from .causal_lm import CausalLMModule
 from .loading import LoadedHead, export_adapter, export_checkpoint, load_head
 from .loggers import Phi3TensorBoardLogger
@@ -21,6 +21,7 @@ __all__ = [
     "COMPILE_SCOPES",
     "CausalLMModule",
     "FSDP2Strategy",
+    "LearningRateMonitor",
     "LoadedHead",
     "MODULES",
     "Phi3FSDPStrategy",

@@ -11,7 +11,9 @@ What lives here (and not in the head modules):
 * optimizer + LR scheduler from YAML (LightningCLI callable injection), weight decay on matrices only;
 * the vocabulary check (tokenizer ids must fit the embedding) before anything is built;
 * a ``phi3_lightning`` entry in every checkpoint (config, head, tokenizer) so ``generate``/``export`` can rebuild
-  the model without the original YAML.
+  the model without the original YAML;
+* the training metrics' states of the epoch in progress in every resumable checkpoint (:mod:`.metric_states`), so a
+  run resumed mid-epoch logs the uninterrupted run's ``train/*_epoch`` values.
 
 Checkpoint state-dict keys are ``head.<transformers key>`` (``head.model.layers.0.self_attn.qkv_proj.weight``).
 """
@@ -27,7 +29,7 @@ from typing import Any, ClassVar, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import MeanMetric
 
@@ -37,6 +39,8 @@ from ..model.fused import check_fused_kernels
 from ..model.heads import HEADS, Phi3PreTrainedHead
 from ..model.lora import LoRAConfig, apply_lora, as_lora_config  # noqa: F401 - as_lora_config: cli.py imports it here
 from .fsdp import broadcast_pretrained, materialize_meta, shard
+from .metric_states import FORMAT as METRIC_STATES_FORMAT
+from .metric_states import TRAIN_METRICS_KEY, collect, restore
 from .schedulers import WarmupDecayLR
 
 COMPILE_SCOPES = ("layers", "model")
@@ -408,7 +412,11 @@ class Phi3LightningModule(pl.LightningModule):
         raise NotImplementedError
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, "train")
+        loss = self._shared_step(batch, "train")
+        span = self.__dict__.get("_train_span")
+        if span is not None:
+            span[2] = batch_idx + 1  # the train metrics now hold batches [first, batch_idx] of this epoch
+        return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, "val", dataloader_idx)
@@ -543,6 +551,9 @@ class Phi3LightningModule(pl.LightningModule):
         if stage != "train":
             metric.update(*args, **kwargs)
             return
+        pending = self.__dict__.pop("_train_states_to_restore", None)
+        if pending is not None:  # the first update after a mid-epoch resume (after the head settled its metric set)
+            self._restore_train_metrics(pending)
         metric(*args, **kwargs)
         trainer = self._trainer
         if trainer is None or getattr(trainer, "accumulate_grad_batches", 1) <= 1:
@@ -598,6 +609,105 @@ class Phi3LightningModule(pl.LightningModule):
     def on_train_epoch_start(self) -> None:
         # Lightning steps at an epoch's end even inside an accumulation window: a new epoch starts a new step
         self.__dict__["_step_units"] = {}
+
+    # ------------------------------------------------------------------ train metrics across a resume
+    # The train metrics' states go into every resumable checkpoint with the batches they cover, ``_train_span`` =
+    # [epoch, first, next): batches first .. next - 1 of that epoch (see :mod:`.metric_states`). Plain attributes in
+    # __dict__: no module, no state_dict entry.
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._check_saved_train_metrics(batch_idx)
+        self.__dict__["_epoch_end_metrics"] = None  # the live states are this epoch's again
+        span = self.__dict__.get("_train_span")
+        if span is None or span[0] != self.current_epoch or span[2] != batch_idx:
+            self.__dict__["_train_span"] = [self.current_epoch, batch_idx, batch_idx]
+
+    def on_train_epoch_end(self) -> None:
+        # Lightning logs the train metrics right after this hook and then resets them: a checkpoint written later
+        # (at on_train_end when max_steps stops fit mid-epoch, which a larger max_steps resumes) saves this copy
+        if hasattr(self, "train_metrics"):
+            self.__dict__["_epoch_end_metrics"] = {n: m.clone() for n, m in self.stage_metrics("train").items()}
+
+    def _train_metric_entry(self) -> dict[str, Any] | None:
+        span = self.__dict__.get("_train_span")
+        if span is None or not hasattr(self, "train_metrics"):
+            return None
+        metrics = self.__dict__.get("_epoch_end_metrics") or dict(self.stage_metrics("train").items())
+        world = self._trainer.world_size if self._trainer is not None else 1
+        states, refused = collect(metrics, world, lambda t: _all_reduce(t, torch.distributed.ReduceOp.SUM))
+        if refused and not self.__dict__.get("_warned_refused"):
+            self.__dict__["_warned_refused"] = True
+            rank_zero_warn(
+                f"train metric(s) {', '.join(refused)} have states that are not sums over processes, so their "
+                f"{world}-process states cannot be saved exactly: a run resumed mid-epoch from this run's "
+                "checkpoints logs their train/*_epoch over the batches after the resume only"
+            )
+        epoch, first, nxt = span
+        return {
+            "format": METRIC_STATES_FORMAT,
+            "epoch": epoch,
+            "first": first,
+            "next": nxt,
+            "world_size": world,
+            "metrics": states,
+            "refused": refused,
+        }
+
+    def _check_saved_train_metrics(self, batch_idx: int) -> None:
+        """At the first training batch after a checkpoint was loaded: keep its train metric states for the first
+        update if this run continues their epoch at the batch after theirs; drop them otherwise (a finished epoch's
+        states, written at its last batch or its end, must not count in the next one)."""
+        if "_saved_train_metrics" not in self.__dict__:
+            return
+        saved = self.__dict__.pop("_saved_train_metrics")
+        epoch = self.current_epoch
+        if saved is None:  # a checkpoint of an older version (or a weights-only one)
+            if batch_idx > 0:
+                rank_zero_info(
+                    f"the checkpoint holds no train metric states (written before they were saved): train/*_epoch "
+                    f"of epoch {epoch} covers batches {batch_idx}.. only, not the {batch_idx} before the resume"
+                )
+            return
+        if not isinstance(saved, dict) or saved.get("format") != METRIC_STATES_FORMAT:
+            found = saved.get("format") if isinstance(saved, dict) else type(saved).__name__
+            rank_zero_warn(
+                f"the checkpoint's train metric states have an unknown format ({found!r}; this version reads "
+                f"{METRIC_STATES_FORMAT}): not restored, so train/*_epoch of epoch {epoch} covers batches "
+                f"{batch_idx}.. only"
+            )
+            return
+        if (saved["epoch"], saved["next"]) != (epoch, batch_idx):
+            if saved["epoch"] != epoch and batch_idx > 0:
+                rank_zero_warn(
+                    f"the checkpoint was written after batch {saved['next'] - 1} of epoch {saved['epoch']}, but this "
+                    f"run goes on with batch {batch_idx} of epoch {epoch}: Lightning counted epoch {saved['epoch']} as "
+                    "finished (fit stopped by max_steps and saved at its end), so the rest of that epoch is not "
+                    f"trained and train/*_epoch of epoch {epoch} covers batches {batch_idx}.. only"
+                )
+            elif saved["epoch"] == epoch:
+                rank_zero_warn(
+                    f"the checkpoint's train metric states cover batches {saved['first']}..{saved['next'] - 1} of "
+                    f"epoch {epoch}, but this run continues at batch {batch_idx}: not restored, so train/*_epoch of "
+                    f"epoch {epoch} covers batches {batch_idx}.. only"
+                )
+            return
+        self.__dict__["_train_states_to_restore"] = saved
+        self.__dict__["_train_span"] = [saved["epoch"], saved["first"], saved["next"]]
+
+    def _restore_train_metrics(self, saved: dict[str, Any]) -> None:
+        world = self._trainer.world_size if self._trainer is not None else 1
+        skipped = restore(dict(self.stage_metrics("train").items()), saved["metrics"], world, self.global_rank)
+        epoch, first, nxt = saved["epoch"], saved["first"], saved["next"]
+        if skipped:
+            rank_zero_warn(
+                f"train metric(s) {', '.join(skipped)} were not restored from the checkpoint (not saved, or saved "
+                f"another way: {', '.join(saved.get('refused') or []) or 'another metric class'}): their "
+                f"train/*_epoch of epoch {epoch} covers batches {nxt}.. only"
+            )
+        if first > 0:
+            rank_zero_info(
+                f"train/*_epoch of epoch {epoch} covers batches {first}.. (the checkpoint's run was itself resumed at "
+                f"batch {first} from a checkpoint without train metric states)"
+            )
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         """Lightning's step, with the gradients rescaled (see :meth:`_training_objective`) right after the closure's
@@ -716,9 +826,16 @@ class Phi3LightningModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = self.checkpoint_info()
+        if "loops" in checkpoint:  # a resumable checkpoint (a weights-only one resumes nothing)
+            # every process gets here (Lightning's save_checkpoint), as the all-reduce of several processes needs
+            entry = self._train_metric_entry()
+            if entry is not None:
+                checkpoint[TRAIN_METRICS_KEY] = entry
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """A checkpoint whose head has other shapes (e.g. num_labels) fails with a message saying which."""
+        """A checkpoint whose head has other shapes (e.g. num_labels) fails with a message saying which. Its train
+        metric states are kept for the first training batch, which restores them if it continues their epoch."""
+        self.__dict__["_saved_train_metrics"] = checkpoint.get(TRAIN_METRICS_KEY)
         state = checkpoint.get("state_dict") or {}
         if self.head is None or not state:
             return

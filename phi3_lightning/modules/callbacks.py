@@ -1,6 +1,8 @@
-"""Callbacks: throughput / MFU / peak memory to the loggers, and the jsonl prediction writer.
+"""Callbacks: throughput / MFU / peak memory to the loggers, the jsonl prediction writer, and a learning-rate monitor
+that logs once per optimizer step.
 
-Both are always on in the CLI (``--throughput.*``, ``--predictions.*``); in Python add them to ``Trainer(callbacks=...)``.
+The first two are always on in the CLI (``--throughput.*``, ``--predictions.*``); in Python add them to
+``Trainer(callbacks=...)``. The shipped configs list :class:`LearningRateMonitor` under ``trainer.callbacks``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from lightning.pytorch.callbacks import LearningRateMonitor as _LightningLearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from ..atomic import StagedFile
@@ -69,6 +72,30 @@ def peak_memory_mb(device: torch.device) -> float:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class LearningRateMonitor(_LightningLearningRateMonitor):
+    """Lightning's ``LearningRateMonitor`` (same arguments), with one point per optimizer step.
+
+    Lightning's logs at the start of every training batch whose step is due; under gradient accumulation the
+    ``accumulate_grad_batches`` micro-batches of an optimizer step share that step, so it wrote the same value at the
+    same step once per micro-batch. This one logs at the step's first micro-batch only (the learning rate cannot
+    change before the optimizer step, which comes after the last one)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._logged_step: int | None = None
+
+    def on_train_start(self, trainer, *args: Any, **kwargs: Any) -> None:
+        super().on_train_start(trainer, *args, **kwargs)
+        self._logged_step = None
+
+    def on_train_batch_start(self, trainer, *args: Any, **kwargs: Any) -> None:
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the x Lightning logs the point at
+        if step == self._logged_step:
+            return
+        self._logged_step = step
+        super().on_train_batch_start(trainer, *args, **kwargs)
 
 
 class Phi3ThroughputMonitor(Callback):
