@@ -234,6 +234,20 @@ def _untie_if_head_differs(model: torch.nn.Module, loaded: set[str], path: Path)
     config.tie_word_embeddings = False
 
 
+def _backbone_key_mapper(shards: dict[str, list[str]]) -> Callable[[str], str]:
+    """Stored tensor name -> this model's name. A backbone saved alone (transformers' ``Phi3Model.save_pretrained``)
+    has no ``model.`` prefix (``embed_tokens.weight``, ``layers.0...``); transformers loads it into the heads with the
+    prefix added, and so do we. Checkpoints of a head keep their names."""
+    names = [n for ns in shards.values() for n in ns]
+    bare = not any(n.startswith("model.") for n in names) and any(
+        n.startswith(("embed_tokens.", "layers.")) for n in names
+    )
+    if not bare:
+        return lambda name: name
+    backbone = ("embed_tokens.", "layers.", "norm.")
+    return lambda name: "model." + name if name.startswith(backbone) else name
+
+
 def _pooling_from_checkpoint(cls: type, head_kwargs: dict[str, Any], shards: dict[str, list[str]], path: Path) -> None:
     """A sequence classifier trained with attention pooling holds ``pool_query.weight``: load it with that pooling
     (the default would be last-token pooling, which ignores the tensor and gives other logits), and refuse an
@@ -329,19 +343,21 @@ class PretrainedMixin:
         with torch.device("meta"):
             model = cls(config, attn_implementation=attn_implementation, device=torch.device("meta"), **head_kwargs)
         expected = dict(model.state_dict(keep_vars=True))
+        key_of = _backbone_key_mapper(shards)
         loaded: set[str] = set()
         unexpected: list[str] = []
         for file, names in shards.items():
             part: dict[str, torch.Tensor] = {}
             with safe_open(path / file, framework="pt", device="cpu") as f:
-                for name in names:
-                    if _IGNORED_KEYS.search(name):
+                for stored in names:
+                    if _IGNORED_KEYS.search(stored):
                         continue
+                    name = key_of(stored)
                     if name not in expected:
                         if not name.startswith(("lm_head.", "score.")):  # another head's weights are expected
-                            unexpected.append(name)
+                            unexpected.append(stored)
                         continue
-                    tensor = f.get_tensor(name)
+                    tensor = f.get_tensor(stored)
                     want = tuple(expected[name].shape)
                     if tuple(tensor.shape) != want:
                         is_score = name.startswith("score.")
@@ -367,9 +383,18 @@ class PretrainedMixin:
         missing_backbone = sorted(k for k in expected if k.startswith("model.") and k not in loaded)
         if missing_backbone:
             shown = ", ".join(missing_backbone[:5]) + (" ..." if len(missing_backbone) > 5 else "")
+            instead = ""
+            if unexpected:
+                extra = sorted(unexpected)
+                instead = (
+                    f"; it holds instead {len(extra)} tensor(s) this model does not have: "
+                    + ", ".join(extra[:5])
+                    + (" ..." if len(extra) > 5 else "")
+                    + " (renamed or unfused weights from another converter or architecture?)"
+                )
             raise ValueError(
-                f"checkpoint {path} lacks {len(missing_backbone)} backbone tensor(s): {shown}; "
-                "is it a complete Phi-3 checkpoint with every shard?"
+                f"checkpoint {path} lacks {len(missing_backbone)} backbone tensor(s): {shown}{instead}; "
+                "is it a complete Phi-3 checkpoint (fused qkv_proj / gate_up_proj) with every shard?"
             )
         fresh = sorted(k for k in expected if k not in loaded and k not in tied)
         if fresh:
