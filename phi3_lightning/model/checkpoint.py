@@ -199,6 +199,31 @@ def _materialize(module: torch.nn.Module, device: torch.device, dtype: torch.dty
     reset_owned_parameters(module, select=lambda m: id(m) in pending)
 
 
+# dtypes a weight may be stored in: converting anything else (int8 / uint8 / float8 codes of a quantized checkpoint)
+# to the model dtype would drop the scales that give the codes their values
+_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_stored_dtype(tensor: torch.Tensor, name: str, file: str) -> None:
+    if tensor.dtype not in _WEIGHT_DTYPES:
+        raise ValueError(
+            f"{file}: tensor {name} is stored as {str(tensor.dtype).replace('torch.', '')}, not float16/bfloat16/"
+            "float32: a quantized checkpoint (bitsandbytes, fp8, GPTQ ...), whose codes cast to floats without their "
+            "scales would give wrong logits; quantized checkpoints are not supported: load the unquantized one"
+        )
+
+
+def _refuse_quantized(config: Phi3Config, path: Path) -> None:
+    quant = config.extra.get("quantization_config")
+    if quant is None:
+        return
+    method = quant.get("quant_method") if isinstance(quant, dict) else quant
+    raise ValueError(
+        f"{path}/config.json has a quantization_config (quant_method={method!r}): quantized checkpoints are not "
+        "supported (their weights are codes plus scales this loader does not apply); load the unquantized checkpoint"
+    )
+
+
 def _check_finite(converted: torch.Tensor, stored: torch.Tensor, name: str, file: Path) -> torch.Tensor:
     """``converted`` if it holds only finite numbers, else an error naming the tensor and the file (NaN/inf weights
     would only show up later as NaN logits or a NaN loss)."""
@@ -336,6 +361,7 @@ class PretrainedMixin:
             recover_interrupted(path)  # a save killed between the two renames of its directory swap
         head_kwargs = {k: config_overrides.pop(k) for k in ("pooling", "fused_kernels") if k in config_overrides}
         config = Phi3Config.from_pretrained(path, **config_overrides)
+        _refuse_quantized(config, path)
         shards = checkpoint_files(path)
         _pooling_from_checkpoint(cls, head_kwargs, shards, path)
         dtype = resolve_dtype(dtype) or torch.float32
@@ -358,6 +384,7 @@ class PretrainedMixin:
                             unexpected.append(stored)
                         continue
                     tensor = f.get_tensor(stored)
+                    _check_stored_dtype(tensor, stored, file)
                     want = tuple(expected[name].shape)
                     if tuple(tensor.shape) != want:
                         is_score = name.startswith("score.")

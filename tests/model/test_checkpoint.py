@@ -367,3 +367,28 @@ def test_renamed_backbone_keys_are_named_with_what_the_checkpoint_holds(tmp_path
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"lacks 2 backbone tensor\(s\).*qkv_proj.*holds instead.*k_proj"):
         Phi3ForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("stored_dtype", [torch.int8, torch.uint8, torch.float8_e4m3fn])
+def test_quantized_tensor_is_refused_not_cast(tmp_path, stored_dtype):
+    """An int8 / uint8 / float8 weight (bitsandbytes, fp8 checkpoints) cast to float would be the quantized codes
+    without their scales: silently wrong logits. It is refused, naming the tensor and its dtype."""
+    from safetensors.torch import load_file, save_file
+
+    Phi3ForCausalLM(config("mini-4k")).save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    w = state["model.layers.1.mlp.down_proj.weight"]
+    state["model.layers.1.mlp.down_proj.weight"] = (w * 100).clamp(-100, 100).to(stored_dtype)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    dtype_name = str(stored_dtype).replace("torch.", "")
+    with pytest.raises(ValueError, match=rf"model.layers.1.mlp.down_proj.weight is stored as {dtype_name}.*quantized"):
+        Phi3ForCausalLM.from_pretrained(tmp_path)
+
+
+def test_quantization_config_is_refused(tmp_path):
+    Phi3ForCausalLM(config("mini-4k")).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"quantization_config.*'fp8'.*not supported.*unquantized"):
+        Phi3ForCausalLM.from_pretrained(tmp_path)
