@@ -164,6 +164,13 @@ class Phi3Model(nn.Module):
             )
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=inputs_embeds.device)[None].expand(b, t)
+        elif position_ids.dim() != 2 or position_ids.shape[1] != t or position_ids.shape[0] not in (1, b):
+            raise ValueError(
+                f"position_ids of shape {tuple(position_ids.shape)} do not fit the input of (batch, seq_len) = "
+                f"({b}, {t}); pass position_ids of shape ({b}, {t}) or ({1}, {t}) (one row for the whole batch)"
+            )
+        else:
+            position_ids = position_ids.expand(b, t)  # (1, T) -> (B, T): every backend reads one row per sequence
         ctx = build_context(
             batch_size=b,
             q_len=t,
