@@ -332,3 +332,15 @@ def test_position_ids_of_a_wrong_shape_are_named(shape):
         ValueError, match=re.escape(f"position_ids of shape {tuple(shape)}") + r".*\(2, 12\) or \(1, 12\)"
     ):
         m(torch.randint(3, 97, (2, 12)), position_ids=torch.zeros(shape, dtype=torch.long))
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("shape", [(12,), (1, 12), (3, 12), (2, 12, 1)])
+def test_attention_mask_of_a_wrong_shape_is_named(attn, shape):
+    """A mask that is not (batch, seq_len) was an IndexError/RuntimeError, or (sdpa, a 1-D mask) silently
+    broadcast over the batch."""
+    m = Phi3ForCausalLM(config("medium-4k"), attn_implementation=attn).eval()
+    mask = torch.ones(shape, dtype=torch.long)
+    with pytest.raises(ValueError, match=re.escape(f"attention_mask of shape {tuple(shape)}") + r".*\(2, 12\)"):
+        with torch.no_grad():
+            m(torch.randint(3, 97, (2, 12)), attention_mask=mask)
