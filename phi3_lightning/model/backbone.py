@@ -155,7 +155,14 @@ class Phi3Model(nn.Module):
                         f"[0, {self.config.vocab_size}); use the checkpoint's tokenizer or raise vocab_size"
                     )
             inputs_embeds = self.embed_tokens(input_ids)
+        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"inputs_embeds must be (batch, seq_len, hidden_size={self.config.hidden_size}), got "
+                f"{tuple(inputs_embeds.shape)}"
+            )
         b, t, _ = inputs_embeds.shape
+        if b == 0 or t == 0:
+            raise ValueError(f"empty batch: input of shape {(b, t)}; pass at least one row of at least one token")
         past = cache.length if cache is not None else 0
         if past + t > self.config.max_position_embeddings:
             raise ValueError(
