@@ -155,7 +155,14 @@ class Phi3Model(nn.Module):
                         f"[0, {self.config.vocab_size}); use the checkpoint's tokenizer or raise vocab_size"
                     )
             inputs_embeds = self.embed_tokens(input_ids)
+        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"inputs_embeds must be (batch, seq_len, hidden_size={self.config.hidden_size}), got "
+                f"{tuple(inputs_embeds.shape)}"
+            )
         b, t, _ = inputs_embeds.shape
+        if b == 0 or t == 0:
+            raise ValueError(f"empty batch: input of shape {(b, t)}; pass at least one row of at least one token")
         past = cache.length if cache is not None else 0
         if past + t > self.config.max_position_embeddings:
             raise ValueError(
@@ -164,6 +171,13 @@ class Phi3Model(nn.Module):
             )
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=inputs_embeds.device)[None].expand(b, t)
+        elif position_ids.dim() != 2 or position_ids.shape[1] != t or position_ids.shape[0] not in (1, b):
+            raise ValueError(
+                f"position_ids of shape {tuple(position_ids.shape)} do not fit the input of (batch, seq_len) = "
+                f"({b}, {t}); pass position_ids of shape ({b}, {t}) or ({1}, {t}) (one row for the whole batch)"
+            )
+        else:
+            position_ids = position_ids.expand(b, t)  # (1, T) -> (B, T): every backend reads one row per sequence
         ctx = build_context(
             batch_size=b,
             q_len=t,

@@ -199,6 +199,31 @@ def _materialize(module: torch.nn.Module, device: torch.device, dtype: torch.dty
     reset_owned_parameters(module, select=lambda m: id(m) in pending)
 
 
+# dtypes a weight may be stored in: converting anything else (int8 / uint8 / float8 codes of a quantized checkpoint)
+# to the model dtype would drop the scales that give the codes their values
+_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_stored_dtype(tensor: torch.Tensor, name: str, file: str) -> None:
+    if tensor.dtype not in _WEIGHT_DTYPES:
+        raise ValueError(
+            f"{file}: tensor {name} is stored as {str(tensor.dtype).replace('torch.', '')}, not float16/bfloat16/"
+            "float32: a quantized checkpoint (bitsandbytes, fp8, GPTQ ...), whose codes cast to floats without their "
+            "scales would give wrong logits; quantized checkpoints are not supported: load the unquantized one"
+        )
+
+
+def _refuse_quantized(config: Phi3Config, path: Path) -> None:
+    quant = config.extra.get("quantization_config")
+    if quant is None:
+        return
+    method = quant.get("quant_method") if isinstance(quant, dict) else quant
+    raise ValueError(
+        f"{path}/config.json has a quantization_config (quant_method={method!r}): quantized checkpoints are not "
+        "supported (their weights are codes plus scales this loader does not apply); load the unquantized checkpoint"
+    )
+
+
 def _check_finite(converted: torch.Tensor, stored: torch.Tensor, name: str, file: Path) -> torch.Tensor:
     """``converted`` if it holds only finite numbers, else an error naming the tensor and the file (NaN/inf weights
     would only show up later as NaN logits or a NaN loss)."""
@@ -232,6 +257,20 @@ def _untie_if_head_differs(model: torch.nn.Module, loaded: set[str], path: Path)
         stacklevel=3,
     )
     config.tie_word_embeddings = False
+
+
+def _backbone_key_mapper(shards: dict[str, list[str]]) -> Callable[[str], str]:
+    """Stored tensor name -> this model's name. A backbone saved alone (transformers' ``Phi3Model.save_pretrained``)
+    has no ``model.`` prefix (``embed_tokens.weight``, ``layers.0...``); transformers loads it into the heads with the
+    prefix added, and so do we. Checkpoints of a head keep their names."""
+    names = [n for ns in shards.values() for n in ns]
+    bare = not any(n.startswith("model.") for n in names) and any(
+        n.startswith(("embed_tokens.", "layers.")) for n in names
+    )
+    if not bare:
+        return lambda name: name
+    backbone = ("embed_tokens.", "layers.", "norm.")
+    return lambda name: "model." + name if name.startswith(backbone) else name
 
 
 def _pooling_from_checkpoint(cls: type, head_kwargs: dict[str, Any], shards: dict[str, list[str]], path: Path) -> None:
@@ -322,6 +361,7 @@ class PretrainedMixin:
             recover_interrupted(path)  # a save killed between the two renames of its directory swap
         head_kwargs = {k: config_overrides.pop(k) for k in ("pooling", "fused_kernels") if k in config_overrides}
         config = Phi3Config.from_pretrained(path, **config_overrides)
+        _refuse_quantized(config, path)
         shards = checkpoint_files(path)
         _pooling_from_checkpoint(cls, head_kwargs, shards, path)
         dtype = resolve_dtype(dtype) or torch.float32
@@ -329,19 +369,22 @@ class PretrainedMixin:
         with torch.device("meta"):
             model = cls(config, attn_implementation=attn_implementation, device=torch.device("meta"), **head_kwargs)
         expected = dict(model.state_dict(keep_vars=True))
+        key_of = _backbone_key_mapper(shards)
         loaded: set[str] = set()
         unexpected: list[str] = []
         for file, names in shards.items():
             part: dict[str, torch.Tensor] = {}
             with safe_open(path / file, framework="pt", device="cpu") as f:
-                for name in names:
-                    if _IGNORED_KEYS.search(name):
+                for stored in names:
+                    if _IGNORED_KEYS.search(stored):
                         continue
+                    name = key_of(stored)
                     if name not in expected:
                         if not name.startswith(("lm_head.", "score.")):  # another head's weights are expected
-                            unexpected.append(name)
+                            unexpected.append(stored)
                         continue
-                    tensor = f.get_tensor(name)
+                    tensor = f.get_tensor(stored)
+                    _check_stored_dtype(tensor, stored, file)
                     want = tuple(expected[name].shape)
                     if tuple(tensor.shape) != want:
                         is_score = name.startswith("score.")
@@ -367,9 +410,18 @@ class PretrainedMixin:
         missing_backbone = sorted(k for k in expected if k.startswith("model.") and k not in loaded)
         if missing_backbone:
             shown = ", ".join(missing_backbone[:5]) + (" ..." if len(missing_backbone) > 5 else "")
+            instead = ""
+            if unexpected:
+                extra = sorted(unexpected)
+                instead = (
+                    f"; it holds instead {len(extra)} tensor(s) this model does not have: "
+                    + ", ".join(extra[:5])
+                    + (" ..." if len(extra) > 5 else "")
+                    + " (renamed or unfused weights from another converter or architecture?)"
+                )
             raise ValueError(
-                f"checkpoint {path} lacks {len(missing_backbone)} backbone tensor(s): {shown}; "
-                "is it a complete Phi-3 checkpoint with every shard?"
+                f"checkpoint {path} lacks {len(missing_backbone)} backbone tensor(s): {shown}{instead}; "
+                "is it a complete Phi-3 checkpoint (fused qkv_proj / gate_up_proj) with every shard?"
             )
         fresh = sorted(k for k in expected if k not in loaded and k not in tied)
         if fresh:

@@ -320,18 +320,27 @@ class Phi3Config:
     def from_dict(cls, d: dict[str, Any]) -> Phi3Config:
         d = copy.deepcopy(dict(d))
         known = {f.name for f in fields(cls)} - {"extra"}
-        # transformers >= 5 writes rope_parameters (theta, partial factor and scaling in one dict).
-        rp = d.pop("rope_parameters", None)
-        if isinstance(rp, dict):
-            rp = dict(rp)
-            if "rope_theta" in rp:
-                d.setdefault("rope_theta", rp.pop("rope_theta"))
-            if "partial_rotary_factor" in rp:
-                d.setdefault("partial_rotary_factor", rp.pop("partial_rotary_factor"))
-            kind = rp.get("rope_type", rp.get("type", "default"))
-            rp.pop("original_max_position_embeddings", None)
-            if _ROPE_TYPE_ALIASES.get(kind, kind) != "default" and d.get("rope_scaling") is None:
-                d["rope_scaling"] = rp
+        # RoPE may be spelled in two places: rope_scaling (transformers < 5) and rope_parameters (transformers >= 5:
+        # theta, partial factor and scaling in one dict). As transformers does, the RoPE dict is rope_scaling when it
+        # is a non-empty dict, else rope_parameters (the other one is ignored), and its rope_theta /
+        # partial_rotary_factor win over the top-level fields, which are only defaults.
+        scaling, params = d.pop("rope_scaling", None), d.pop("rope_parameters", None)
+        rope = scaling if scaling else params
+        if rope is not None and not isinstance(rope, dict):
+            key = "rope_scaling" if scaling else "rope_parameters"
+            raise ValueError(
+                f'{key}={rope!r} must be a JSON object such as {{"rope_type": "longrope", "short_factor": '
+                '[...], "long_factor": [...]}, or null for plain RoPE'
+            )
+        if rope:
+            rope = dict(rope)
+            for key in ("rope_theta", "partial_rotary_factor"):
+                if key in rope:
+                    d[key] = rope.pop(key)
+            # transformers' Phi-3 reads the top-level original_max_position_embeddings, never this copy
+            rope.pop("original_max_position_embeddings", None)
+            kind = rope.get("rope_type", rope.get("type", "default"))
+            d["rope_scaling"] = None if _ROPE_TYPE_ALIASES.get(kind, kind) == "default" else rope
         if d.get("model_type") not in (None, "phi3"):
             raise ValueError(
                 f"config.json has model_type={d['model_type']!r}, not 'phi3'; this package loads Phi-3-family "

@@ -146,6 +146,11 @@ def build_context(
     key_padding = None
     if attention_mask is not None:
         total = past_len + q_len
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size:
+            raise ValueError(
+                f"attention_mask of shape {tuple(attention_mask.shape)} does not fit the batch: pass one row per "
+                f"sequence, shape (batch, cache + new tokens) = ({batch_size}, {total}), 1 = real token, 0 = padding"
+            )
         if attention_mask.shape[-1] != total:
             raise ValueError(
                 f"attention_mask has {attention_mask.shape[-1]} columns but the sequence (cache {past_len} + "

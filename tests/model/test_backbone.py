@@ -92,3 +92,22 @@ def test_a_config_too_large_for_the_device_is_refused_before_allocation():
     with torch.device("meta"):
         assert Phi3ForCausalLM(huge).model.layers[0].mlp.down_proj.weight.is_meta
     Phi3ForCausalLM(get_preset("tiny"))  # a model that fits is built as before
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"input_ids": torch.zeros(2, 0, dtype=torch.long)}, r"empty batch: input of shape \(2, 0\)"),
+        ({"input_ids": torch.zeros(0, 5, dtype=torch.long)}, r"empty batch: input of shape \(0, 5\)"),
+        (
+            {"inputs_embeds": torch.randn(2, 5)},
+            r"inputs_embeds must be \(batch, seq_len, hidden_size=64\), got \(2, 5\)",
+        ),
+        ({"inputs_embeds": torch.randn(2, 5, 32)}, r"hidden_size=64\), got \(2, 5, 32\)"),
+    ],
+)
+def test_empty_or_misshapen_inputs_are_named(kwargs, message):
+    """A LongRoPE model crashed on an empty batch inside torch.max; misshapen embeddings in unpacking or RMSNorm."""
+    m = Phi3ForCausalLM(config("mini-128k")).eval()
+    with pytest.raises(ValueError, match=message):
+        m(**kwargs)

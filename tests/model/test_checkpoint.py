@@ -329,3 +329,66 @@ def test_attention_pooling_is_read_from_the_checkpoint_not_silently_replaced(tmp
     assert fresh.pooling == "attention"
     with pytest.warns(UserWarning, match="initialised new head weights"):
         assert Phi3ForSequenceClassification.from_pretrained(tmp_path / "lm", num_labels=3).pooling == "last"
+
+
+@pytest.mark.parametrize("cls", [Phi3ForCausalLM, Phi3ForSequenceClassification])
+def test_backbone_only_checkpoint_without_model_prefix_loads_as_transformers_does(tmp_path, cls):
+    """transformers' Phi3Model.save_pretrained writes the backbone without the ``model.`` prefix; transformers loads
+    such a directory into Phi3ForCausalLM (fresh head), so do we, with the same hidden states."""
+    cfg = config("medium-4k")
+    d = cfg.to_dict()
+    d.pop("architectures")
+    torch.manual_seed(0)
+    base = transformers.Phi3Model(transformers.Phi3Config(**d)).eval()
+    base.save_pretrained(tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "model.safetensors", framework="pt") as f:
+        assert "embed_tokens.weight" in f.keys()  # the layout under test
+    with pytest.warns(UserWarning, match="initialised new head weights"):
+        ours = cls.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    x = torch.randint(3, 97, (2, 13))
+    with torch.no_grad():
+        a, b = ours.model(x), base(x).last_hidden_state
+    assert torch.allclose(a, b, atol=1e-5) and b.abs().max() > 0.1
+
+
+def test_renamed_backbone_keys_are_named_with_what_the_checkpoint_holds(tmp_path):
+    """A checkpoint with unfused q/k/v projections (another converter's layout): the error names both the missing
+    fused tensor and the unexpected ones, so the cause is visible."""
+    from safetensors.torch import load_file, save_file
+
+    Phi3ForCausalLM(config("medium-4k")).save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    for k in [k for k in state if "qkv_proj" in k]:
+        q, kk, v = state.pop(k).split([64, 32, 32])
+        for name, t in (("q_proj", q), ("k_proj", kk), ("v_proj", v)):
+            state[k.replace("qkv_proj", name)] = t.contiguous()
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks 2 backbone tensor\(s\).*qkv_proj.*holds instead.*k_proj"):
+        Phi3ForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("stored_dtype", [torch.int8, torch.uint8, torch.float8_e4m3fn])
+def test_quantized_tensor_is_refused_not_cast(tmp_path, stored_dtype):
+    """An int8 / uint8 / float8 weight (bitsandbytes, fp8 checkpoints) cast to float would be the quantized codes
+    without their scales: silently wrong logits. It is refused, naming the tensor and its dtype."""
+    from safetensors.torch import load_file, save_file
+
+    Phi3ForCausalLM(config("mini-4k")).save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    w = state["model.layers.1.mlp.down_proj.weight"]
+    state["model.layers.1.mlp.down_proj.weight"] = (w * 100).clamp(-100, 100).to(stored_dtype)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    dtype_name = str(stored_dtype).replace("torch.", "")
+    with pytest.raises(ValueError, match=rf"model.layers.1.mlp.down_proj.weight is stored as {dtype_name}.*quantized"):
+        Phi3ForCausalLM.from_pretrained(tmp_path)
+
+
+def test_quantization_config_is_refused(tmp_path):
+    Phi3ForCausalLM(config("mini-4k")).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"quantization_config.*'fp8'.*not supported.*unquantized"):
+        Phi3ForCausalLM.from_pretrained(tmp_path)

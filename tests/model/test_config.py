@@ -306,3 +306,63 @@ def test_tie_word_embeddings_string_in_a_checkpoint_config_is_refused(tmp_path):
     d["tie_word_embeddings"] = False
     (tmp_path / "config.json").write_text(json.dumps(d))
     assert Phi3Config.from_pretrained(tmp_path).tie_word_embeddings is False
+
+
+def _longrope_factors(half):
+    return {"short_factor": [1.0 + 0.1 * i for i in range(half)], "long_factor": [1.0 + 0.5 * i for i in range(half)]}
+
+
+# config.json dicts that spell RoPE in two places at once; transformers reads the RoPE dict (rope_scaling when it is
+# a non-empty dict, else rope_parameters) first and the top-level rope_theta / partial_rotary_factor only as defaults
+ROPE_SPELLINGS = {
+    "rope_parameters theta over top-level theta": dict(
+        rope_theta=10000.0, rope_parameters={"rope_type": "default", "rope_theta": 500.0}
+    ),
+    "rope_parameters partial factor over top-level": dict(
+        partial_rotary_factor=1.0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+    ),
+    "rope_scaling wins, rope_parameters ignored": dict(
+        rope_scaling={"type": "longrope", **_longrope_factors(8)},
+        rope_parameters={"rope_type": "longrope", "rope_theta": 500.0, **_longrope_factors(8)},
+    ),
+    "theta inside rope_scaling": dict(
+        rope_theta=10000.0, rope_scaling={"type": "longrope", "rope_theta": 500.0, **_longrope_factors(8)}
+    ),
+    "empty rope_scaling falls back to rope_parameters": dict(
+        rope_scaling={}, rope_parameters={"rope_type": "longrope", "rope_theta": 500.0, **_longrope_factors(8)}
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ROPE_SPELLINGS))
+def test_rope_spelled_twice_gives_transformers_cos_sin(case):
+    """The same config.json dict gives the same cos/sin as transformers' rotary embedding, short and long regime."""
+    from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding as HFRotary
+
+    from phi3_lightning.model.rope import Phi3RotaryEmbedding
+
+    d = dict(
+        hidden_size=64,
+        num_attention_heads=4,
+        vocab_size=97,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        max_position_embeddings=64,
+        original_max_position_embeddings=16,
+        **ROPE_SPELLINGS[case],
+    )
+    ours = Phi3RotaryEmbedding(Phi3Config.from_dict(json.loads(json.dumps(d))))
+    theirs = HFRotary(transformers.Phi3Config(**json.loads(json.dumps(d))))
+    for t in (10, 40):  # below and above the LongRoPE switch
+        pos = torch.arange(t)[None]
+        (c1, s1), (c2, s2) = ours(pos, torch.float32), theirs(torch.zeros(1, t, 64), pos)
+        assert c1.shape == c2.shape
+        assert torch.allclose(c1, c2, atol=1e-6) and torch.allclose(s1, s2, atol=1e-6), (case, t)
+
+
+@pytest.mark.parametrize("key", ["rope_scaling", "rope_parameters"])
+def test_rope_dict_that_is_not_an_object_is_named(key):
+    with pytest.raises(ValueError, match=rf"{key}='longrope' must be a JSON object"):
+        Phi3Config.from_dict({"hidden_size": 64, "num_attention_heads": 4, key: "longrope"})

@@ -1,6 +1,7 @@
 """A packed row (position_ids restarting per document) equals the documents run one by one, on every backend."""
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -304,3 +305,42 @@ def test_flex_block_mask_builder_is_compiled_once_on_cuda_only():
     cuda_fn = backends._create_block_mask_fn(torch.device("cuda"))  # torch.compile wraps lazily: no CUDA needed
     assert cuda_fn is not create_block_mask
     assert backends._create_block_mask_fn(torch.device("cuda")) is cuda_fn  # one compiled builder per process
+
+
+@pytest.mark.parametrize("attn", cpu_backends())
+def test_position_ids_of_one_row_broadcast_over_the_batch(attn, flash_reference):
+    """position_ids of shape (1, T) (as transformers accepts) with a batch of 2 packed rows: the same logits as the
+    ids expanded to (B, T) on every backend (flex used to fail with an IndexError)."""
+    torch.manual_seed(0)
+    m = Phi3ForCausalLM(config("medium-4k"), attn_implementation=attn).eval()
+    ids = torch.randint(3, 97, (2, 12))
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4]])
+    with torch.no_grad():
+        want = m(ids, position_ids=pos.expand(2, -1)).logits
+        got = m(ids, position_ids=pos).logits
+    assert torch.allclose(got, want, atol=1e-6)
+    # and both are the documents run one by one
+    with torch.no_grad():
+        docs = torch.cat([m(ids[:, s:e]).logits for s, e in ((0, 4), (4, 7), (7, 12))], dim=1)
+    assert torch.allclose(got, docs, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(12,), (2, 11), (3, 12), (2, 12, 1)])
+def test_position_ids_of_a_wrong_shape_are_named(shape):
+    m = Phi3ForCausalLM(config("medium-4k")).eval()
+    with pytest.raises(
+        ValueError, match=re.escape(f"position_ids of shape {tuple(shape)}") + r".*\(2, 12\) or \(1, 12\)"
+    ):
+        m(torch.randint(3, 97, (2, 12)), position_ids=torch.zeros(shape, dtype=torch.long))
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("shape", [(12,), (1, 12), (3, 12), (2, 12, 1)])
+def test_attention_mask_of_a_wrong_shape_is_named(attn, shape):
+    """A mask that is not (batch, seq_len) was an IndexError/RuntimeError, or (sdpa, a 1-D mask) silently
+    broadcast over the batch."""
+    m = Phi3ForCausalLM(config("medium-4k"), attn_implementation=attn).eval()
+    mask = torch.ones(shape, dtype=torch.long)
+    with pytest.raises(ValueError, match=re.escape(f"attention_mask of shape {tuple(shape)}") + r".*\(2, 12\)"):
+        with torch.no_grad():
+            m(torch.randint(3, 97, (2, 12)), attention_mask=mask)
