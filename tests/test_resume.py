@@ -16,7 +16,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 
 from phi3_lightning.data import CausalLMDataModule, SequenceClassificationDataModule, TokenClassificationDataModule
-from phi3_lightning.modules import CausalLMModule, SequenceClassificationModule, TokenClassificationModule
+from phi3_lightning.modules import (
+    CausalLMModule,
+    SequenceClassificationModule,
+    TokenClassificationModule,
+    WarmupDecayLR,
+)
 
 from .modules.helpers import CONFIGS, run_module, scalars
 
@@ -40,15 +45,16 @@ def _data(kind: str, cache: str):
     return TokenClassificationDataModule(max_files=2, max_examples=40, batch_size=2, **common)
 
 
-def _module(kind: str, dm):
+def _module(kind: str, dm, **kwargs):
     if kind.startswith("causal"):
-        return CausalLMModule(model="tiny", config_overrides=DROPOUT, optimizer=_optimizer)
+        return CausalLMModule(model="tiny", config_overrides=DROPOUT, optimizer=_optimizer, **kwargs)
     cls = SequenceClassificationModule if kind == "sequence" else TokenClassificationModule
     return cls(
         model="tiny",
         num_labels=dm.num_labels,
         config_overrides={**DROPOUT, "classifier_dropout": 0.1},
         optimizer=_optimizer,
+        **kwargs,
     )
 
 
@@ -74,10 +80,10 @@ def _trainer(root, max_steps, max_epochs, callbacks, limit_val_batches=1, logger
     )
 
 
-def _fit(kind, cache, root, max_steps, max_epochs, checkpoint, ckpt_path=None, logger=False):
+def _fit(kind, cache, root, max_steps, max_epochs, checkpoint, ckpt_path=None, logger=False, **module_kwargs):
     pl.seed_everything(0, verbose=False)
     dm = _data(kind, cache)
-    module = _module(kind, dm)
+    module = _module(kind, dm, **module_kwargs)
     trainer = _trainer(root, max_steps, max_epochs, [checkpoint], logger=logger)
     trainer.fit(module, dm, ckpt_path=ckpt_path)
     return {k: v.detach().clone() for k, v in module.state_dict().items()}, trainer
@@ -103,6 +109,51 @@ def test_resume_from_step_checkpoint_is_exact(kind, at, cache, tmp_path):
     assert path.exists()
     again = ModelCheckpoint(dirpath=tmp_path / "b", every_n_train_steps=at, save_top_k=-1, filename="{step}")
     resumed, trainer = _fit(kind, cache, tmp_path, total, -1, again, ckpt_path=path)
+    assert trainer.global_step == total
+    _assert_same(full, resumed)
+
+
+def _schedule(optimizer):
+    return WarmupDecayLR(optimizer, warmup_steps=3, total_steps=20)
+
+
+def _last_saver(path, best: bool) -> ModelCheckpoint:
+    if best:  # as the shipped configs: the best by val/loss, and last
+        return ModelCheckpoint(dirpath=path, monitor="val/loss", mode="min", save_top_k=1, save_last=True)
+    return ModelCheckpoint(dirpath=path, save_last=True, save_top_k=0)
+
+
+@pytest.mark.parametrize("kind", ["causal_packed", "sequence"])
+@pytest.mark.parametrize("stop", [2, 4, 6], ids=["mid_epoch0", "epoch_boundary", "mid_epoch1"])
+@pytest.mark.parametrize("best", [False, True], ids=["last", "best_and_last"])
+def test_fit_to_max_steps_then_continue_from_last_equals_the_uninterrupted_run(kind, stop, best, cache, tmp_path):
+    """The everyday resume: ``fit`` to max_steps, then ``--ckpt_path last`` with a higher max_steps (validation at
+    each epoch's end, every 4 steps; a warmup + cosine schedule). Lightning closes the epoch when max_steps ends fit,
+    and a ``last.ckpt`` written after that (as it was, by PreemptionCheckpoint or ModelCheckpoint at train end) made
+    the continued run start a new epoch: the rest of the epoch untrained, then the new epoch's first batches
+    skipped. Continued to stop + 4, every tensor equals the uninterrupted run's, and the stop's val/loss best file
+    is still written."""
+    total = stop + 4
+    full, _ = _fit(
+        kind, cache, tmp_path, total, -1, ModelCheckpoint(dirpath=tmp_path / "f", save_top_k=0), lr_scheduler=_schedule
+    )
+    _, trainer = _fit(kind, cache, tmp_path, stop, -1, _last_saver(tmp_path / "a", best), lr_scheduler=_schedule)
+    assert trainer.global_step == stop and (tmp_path / "a" / "last.ckpt").exists()
+    if best and stop >= 4:  # a validation ran (at step 4): its best file is written, and recorded in last.ckpt
+        best_path = trainer.checkpoint_callback.best_model_path
+        assert best_path and torch.load(best_path, weights_only=True)["global_step"] == 4
+        states = torch.load(tmp_path / "a" / "last.ckpt", weights_only=True)["callbacks"]
+        assert [s["best_model_path"] for k, s in states.items() if k.startswith("ModelCheckpoint")] == [best_path]
+    resumed, trainer = _fit(
+        kind,
+        cache,
+        tmp_path,
+        total,
+        -1,
+        _last_saver(tmp_path / "a", best),
+        ckpt_path=tmp_path / "a" / "last.ckpt",
+        lr_scheduler=_schedule,
+    )
     assert trainer.global_step == total
     _assert_same(full, resumed)
 

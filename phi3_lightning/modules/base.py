@@ -388,6 +388,28 @@ class Phi3LightningModule(pl.LightningModule):
             + (f"; trained in full: {', '.join(full)}" if full else "")
         )
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """After every callback's ``on_train_batch_end``: the batch that reaches ``max_steps`` saves ``last.ckpt``
+        before Lightning closes the epoch (see :meth:`.guards.PreemptionCheckpoint.save_at_max_steps`)."""
+        from .guards import PreemptionCheckpoint
+
+        for cb in self.trainer.callbacks:
+            if isinstance(cb, PreemptionCheckpoint):
+                cb.save_at_max_steps(self.trainer)
+
+    def on_validation_end(self) -> None:
+        """After every callback's ``on_validation_end`` (ModelCheckpoint's saves): the validation that follows the
+        ``max_steps`` batch saves ``last.ckpt`` when no ModelCheckpoint did (see
+        :meth:`.guards.PreemptionCheckpoint.save_at_max_steps`)."""
+        from .guards import PreemptionCheckpoint
+
+        trainer = self._trainer
+        if trainer is None:
+            return
+        for cb in trainer.callbacks:
+            if isinstance(cb, PreemptionCheckpoint):
+                cb.save_at_max_steps(trainer, after_validation=True)
+
     def configure_callbacks(self) -> list[pl.Callback]:
         """Always on: a CUDA out-of-memory error gets the memory planner's estimate and advice appended; a
         non-finite loss / gradient / weight stops fit before the update and is never checkpointed; SIGTERM / Ctrl-C

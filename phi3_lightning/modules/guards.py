@@ -293,6 +293,7 @@ class PreemptionCheckpoint(Callback):
         self.signal: int | None = None
         self._previous: Any = None
         self._installed = False
+        self._max_steps_saved: int | None = None
 
     # ------------------------------------------------------------------ signals
     def on_train_start(self, trainer, pl_module) -> None:
@@ -323,12 +324,48 @@ class PreemptionCheckpoint(Callback):
             signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
         self._installed = False
 
+    def save_at_max_steps(self, trainer: pl.Trainer, after_validation: bool = False) -> None:
+        """Save ``last.ckpt`` at the step that reaches ``max_steps`` while its epoch is still open.
+
+        Lightning closes the epoch when ``max_steps`` ends fit in the middle of one (the epoch counter moves on,
+        ``on_train_epoch_end`` runs, the metrics are reset), so a checkpoint written after that (in
+        ``on_train_end``) makes a run continued from it with a higher ``max_steps`` start the next epoch: the rest of
+        the epoch untrained and the first batches of the next one skipped. (Lightning's ModelCheckpoint writes
+        ``last`` only at a step where it wrote a top-k checkpoint, so at the final step it often writes nothing.)
+
+        Called from the LightningModule's ``on_train_batch_end`` and ``on_validation_end``, i.e. after every
+        callback's (a ModelCheckpoint's own save at this step is not pre-empted): at the batch when no validation
+        follows it, else after that validation, when no ModelCheckpoint wrote ``last`` at this step. The file holds
+        the state of a ModelCheckpoint save at that point, from which Lightning continues with the next batch of the
+        same epoch. The ModelCheckpoint callbacks writing that ``last`` count it as their save of this step, so none
+        overwrites it with its state at the epoch's end; one that would save its top-k checkpoint only at the
+        training epoch's end (``save_on_train_epoch_end``, e.g. validation once per epoch) saves it here, after the
+        validation, as it would with validation inside the epoch.
+
+        Every rank saves (the DataModule's state gathers across ranks)."""
+        step = trainer.global_step
+        if trainer.max_steps is None or trainer.max_steps < 0 or step < trainer.max_steps or step == 0:
+            return
+        if self._max_steps_saved == step or trainer.sanity_checking or getattr(trainer.state, "fn", None) != "fit":
+            return
+        if not after_validation and _validation_follows(trainer):
+            return  # saved after it (``after_validation``), when no ModelCheckpoint did
+        savers = [cb for cb in _last_savers(trainer) if getattr(cb, "_last_global_step_saved", -1) < step]
+        self._max_steps_saved = step
+        if after_validation:
+            for cb in savers:
+                _save_top_k_now(trainer, cb)
+        for path in dict.fromkeys(_last_path_of(trainer, cb) for cb in savers):
+            save_last_checkpoint(trainer, path)
+
     def on_train_end(self, trainer, pl_module) -> None:
-        """Fit ended normally: the steps after the last ModelCheckpoint save (``max_steps`` off the validation grid)
-        go into ``last.ckpt`` too, so that the run's last checkpoint is its final state. Every rank saves (the
-        DataModule state gathers across ranks); a non-finite model is refused by :class:`NonFiniteGuard`."""
+        """Fit ended normally: the steps after the last ModelCheckpoint save go into ``last.ckpt`` too (when
+        :meth:`save_at_max_steps` did not save them), so that the run's last checkpoint is its final state. Every rank
+        saves (the DataModule state gathers across ranks); a non-finite model is refused by :class:`NonFiniteGuard`."""
         self._restore()
         step = trainer.global_step
+        if self._max_steps_saved == step:
+            return
         for cb in _last_savers(trainer):
             if step > 0 and getattr(cb, "_last_global_step_saved", -1) < step:
                 save_last_checkpoint(trainer, _last_path_of(trainer, cb))
@@ -389,6 +426,35 @@ def _say(trainer: pl.Trainer, text: str) -> None:
 _CONNECTOR_LOG = "lightning.pytorch.trainer.connectors.checkpoint_connector"
 
 
+def _validation_follows(trainer: pl.Trainer) -> bool:
+    """Whether the training epoch loop runs validation after the current batch (its own rule; asked from
+    ``on_train_batch_end``, before it decides). Unknown (another Lightning): True, i.e. leave the save to after it."""
+    fit_loop = getattr(trainer, "fit_loop", None)
+    loop = getattr(fit_loop, "epoch_loop", None)
+    check = getattr(loop, "_should_check_val_fx", None)
+    if check is None:
+        return True
+    try:
+        return bool(check(fit_loop._data_fetcher))
+    except Exception:  # pragma: no cover - a Lightning whose rule needs something else
+        return True
+
+
+def _save_top_k_now(trainer: pl.Trainer, cb: Any) -> None:
+    """The top-k save that a ModelCheckpoint saving at the training epoch's end would make there, made now (after the
+    validation at the final step), with the same rule as its save after validation."""
+    should = getattr(cb, "_should_save_on_train_epoch_end", None)
+    if should is None or not should(trainer) or not hasattr(cb, "_save_topk_checkpoint"):
+        return
+    every = getattr(cb, "_every_n_epochs", 0)
+    if every < 1 or (trainer.current_epoch + 1) % every != 0:
+        return
+    candidates = cb._monitor_candidates(trainer)
+    if cb.monitor is not None and cb.monitor not in candidates:
+        return  # a metric of the epoch's end (train/*_epoch): not there yet
+    cb._save_topk_checkpoint(trainer, candidates)
+
+
 def _last_savers(trainer: pl.Trainer) -> list[Any]:
     """The ModelCheckpoint callbacks with ``save_last``."""
     return [cb for cb in getattr(trainer, "checkpoint_callbacks", None) or [] if getattr(cb, "save_last", False)]
@@ -408,7 +474,8 @@ def save_last_checkpoint(trainer: pl.Trainer, path: str) -> None:
     """``trainer.save_checkpoint(path)`` (the full state) that every ModelCheckpoint writing its ``last`` file there
     records: its ``last_model_path`` is set before the save (so the saved callback state names the file, and a run
     resumed from it overwrites that file instead of writing ``last-v1.ckpt`` next to it) and its last-saved step
-    after. Lightning's INFO line about the unset ``weights_only`` of the save is silenced for this call."""
+    after (it then saves nothing more at this step). Lightning's INFO line about the unset ``weights_only`` of the
+    save is silenced for this call."""
     owners = [cb for cb in _last_savers(trainer) if _last_path_of(trainer, cb) == str(path)]
     previous = [(cb, cb.last_model_path) for cb in owners]
     for cb in owners:
@@ -426,7 +493,7 @@ def save_last_checkpoint(trainer: pl.Trainer, path: str) -> None:
         log.setLevel(level)
     for cb in owners:
         cb._last_global_step_saved = trainer.global_step
-        cb._last_checkpoint_saved = str(path)
+        cb._last_checkpoint_saved = str(path)  # (ModelCheckpoint.on_train_end writes `last` when this is empty)
 
 
 def last_checkpoint_path(trainer: pl.Trainer) -> str:
