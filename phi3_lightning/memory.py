@@ -950,7 +950,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (ValueError, FileNotFoundError, KeyError):
             limit = 4096  # the estimate below reports the bad preset / config
         args.seq_len = min(4096, limit)
-    world = args.world_size or (1 if args.strategy == "single" else 8)
+    world = args.world_size if args.world_size is not None else (1 if args.strategy == "single" else 8)
+    if args.gpu_memory is not None and not (0 < args.gpu_memory < math.inf):
+        ap.error(f"--gpu-memory {args.gpu_memory:g}: give the GPU's memory in GiB, a positive number (e.g. 24, 80)")
     cfg = args.config or args.preset
     if args.config is None and args.preset not in PRESETS:
         ap.error(f"unknown preset {args.preset!r}; choose one of: {', '.join(PRESETS)}")
@@ -974,7 +976,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         ap.error(str(e))
     print(est.format_table())
-    if args.gpu_memory:
+    if args.gpu_memory is not None:
         fits = est.total <= args.gpu_memory * GiB
         print()
         print(f"fits in {args.gpu_memory:g} GiB" if fits else explain_oom(cfg, int(args.gpu_memory * GiB), **kwargs))

@@ -325,3 +325,23 @@ def test_planner_cli_optimizer_in_backward(capsys):
     assert main(["--preset", "phi-3-mini-4k", "--precision", "bf16-true", "--optimizer-in-backward"]) == 0
     out = capsys.readouterr().out
     assert "optimizer step in backward" in out and "the optimizer steps in backward" in out
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan", "inf"])
+def test_planner_cli_refuses_a_gpu_memory_that_is_not_a_positive_size(value, capsys):
+    # 0 was silently ignored (no fit verdict), -5 printed "the GPU has -5.0 GiB; no single change here fits",
+    # nan a "cannot convert float NaN to integer" error after the table, inf "fits in inf GiB"
+    with pytest.raises(SystemExit) as e:
+        main(["--preset", "tiny", "--gpu-memory", value])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and f"--gpu-memory {value}" in err and "GiB" in err
+    assert out == ""  # refused before the table
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "single"])
+def test_planner_cli_refuses_world_size_zero_instead_of_using_the_default(strategy, capsys):
+    # --world-size 0 was taken as "not given": ddp / fsdp2 planned 8 GPUs, single 1
+    with pytest.raises(SystemExit) as e:
+        main(["--preset", "tiny", "--strategy", strategy, "--world-size", "0"])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and "world_size=0" in err and out == ""
