@@ -459,3 +459,61 @@ def test_noisy_rows_are_flagged_and_do_not_fail_check(tmp_path, monkeypatch):
     runs = _accumulators(tmp_path / "noisy")
     rel = [e.value for e in runs["eager"].Scalars("compare_spread/padded/fwd_bwd_ms/rel_iqr")]
     assert rel[0] == pytest.approx(0.75) and rel[1] == 0.0
+
+
+# ----------------------------------------------------------------------------- bad settings found by a user
+_QUICK = ["--seq_lens", "[16]", "--warmup", "0", "--repeats", "1", "--no_memory", "--backends", "[eager]"]
+
+
+def _run_cli(argv: list[str]) -> tuple[int, str, str]:
+    from phi3_lightning.cli import main as cli_main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli_main(["compare-attention", *argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("foo", "--device 'foo' is not a torch device"),  # was a RuntimeError traceback
+        ("meta", "--device 'meta' holds no data"),  # was "Cannot copy out of meta tensor" traceback
+        pytest.param(
+            "cuda",
+            "no CUDA device is available here",  # was "Torch not compiled with CUDA enabled" traceback
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
+        ),
+    ],
+)
+def test_a_device_this_machine_cannot_use_is_refused_before_the_run(device, message, tmp_path):
+    rc, out, err = _run_cli([*_QUICK, "--log_dir", str(tmp_path), "--device", device])
+    assert rc == 2 and message in err, err[-2000:]
+    assert "Traceback" not in err and not any(tmp_path.iterdir())  # nothing ran, nothing logged
+    with pytest.raises(ValueError, match=re.escape(message)):
+        compare_attention(backends=["eager"], seq_lens=[16], device=device, log_dir=str(tmp_path))
+
+
+def test_no_runnable_backend_is_an_error_not_a_vacuous_pass(tmp_path):
+    # --backends [flash_attention_2] on CPU measured nothing, said "every measured backend agrees" and --check
+    # exited 0
+    rc, out, err = _run_cli(
+        [*_QUICK[:-2], "--backends", "[flash_attention_2]", "--device", "cpu", "--log_dir", str(tmp_path), "--check"]
+    )
+    assert rc == 1 and "none of the requested backends can run" in err and "flash_attention_2: " in err, err
+    assert "agrees" not in out
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("seq_lens", [16, 16]),
+        ("backends", ["eager", "eager"]),
+        ("batch_kinds", ["padded", "padded"]),
+        ("sliding_windows", [8, None, 8]),
+    ],
+)
+def test_repeated_values_are_refused(field, value):
+    # a repeated seq_len ran twice and logged two TensorBoard points at the same step of every series
+    with pytest.raises(ValueError, match=f"{field}=.* repeats"):
+        CompareConfig(**{field: value})

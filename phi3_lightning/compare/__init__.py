@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m phi3_lightning co
     ns = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
     try:
         cfg = config_from_namespace(ns)
+        cfg.torch_device()  # a device this machine cannot use: a usage error before anything is built
     except ValueError as e:
         parser.error(str(e))
     result = compare_attention(cfg)

@@ -249,6 +249,13 @@ def compare_attention(config: CompareConfig | None = None, **overrides) -> Compa
         if note:
             notes.append(note)
 
+    if not available:
+        raise ValueError(
+            "none of the requested backends can run here: "
+            + "; ".join(f"{name}: {why}" for name, why in unavailable.items())
+            + "; add one that can (eager and sdpa run everywhere) or use a device where these run"
+        )
+
     old_flex, old_threads = B.flex_compile_setting(), torch.get_num_threads()
     started = time.perf_counter()
     try:
