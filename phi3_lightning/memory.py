@@ -954,6 +954,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.gpu_memory is not None and not (0 < args.gpu_memory < math.inf):
         ap.error(f"--gpu-memory {args.gpu_memory:g}: give the GPU's memory in GiB, a positive number (e.g. 24, 80)")
     cfg = args.config or args.preset
+    if args.measure and args.head != "causal_lm":
+        ap.error(
+            f"--measure builds a causal LM, not the {args.head} head the estimate is for; drop --measure or "
+            "--head (the heads differ only in their last layer)"
+        )
+    if args.measure and args.strategy != "single":
+        ap.error(
+            f"--measure runs one process on this CPU, not {args.strategy} over {world} GPUs (whose per-GPU shares "
+            "it would be compared with); use --strategy single with --measure"
+        )
     if args.config is None and args.preset not in PRESETS:
         ap.error(f"unknown preset {args.preset!r}; choose one of: {', '.join(PRESETS)}")
     kwargs = dict(

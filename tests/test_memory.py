@@ -345,3 +345,20 @@ def test_planner_cli_refuses_world_size_zero_instead_of_using_the_default(strate
         main(["--preset", "tiny", "--strategy", strategy, "--world-size", "0"])
     out, err = capsys.readouterr()
     assert e.value.code == 2 and "world_size=0" in err and out == ""
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        # measured a causal LM against the classifier's estimate: ratios 0.86 that were no discrepancy at all
+        (["--head", "sequence_classification"], "--measure builds a causal LM"),
+        # measured one unsharded CPU process against the per-GPU share of 4: ratios 0.25
+        (["--strategy", "fsdp2", "--devices", "4"], "--measure runs one process"),
+        (["--strategy", "ddp", "--devices", "2"], "--measure runs one process"),
+    ],
+)
+def test_measure_refuses_settings_it_cannot_reproduce(extra, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--preset", "tiny", "--precision", "32-true", "--seq-len", "32", "--measure", *extra])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and message in err and out == ""
