@@ -517,3 +517,26 @@ def test_repeated_values_are_refused(field, value):
     # a repeated seq_len ran twice and logged two TensorBoard points at the same step of every series
     with pytest.raises(ValueError, match=f"{field}=.* repeats"):
         CompareConfig(**{field: value})
+
+
+def test_float64_backends_pass_against_the_reference_whose_softmax_is_fp32(tmp_path):
+    # eager attention takes its softmax in fp32 (as transformers' eager does), so the "fp64" reference is itself off
+    # by ~1e-7; sdpa in float64 (exact to ~1e-15 here) failed --check against the 1e-9 / 1e-8 float64 tolerance
+    res = compare_attention(
+        preset="tiny",
+        device="cpu",
+        dtype="float64",
+        overrides={"num_hidden_layers": 1},
+        backends=["eager", "sdpa"],
+        seq_lens=[32],
+        warmup=0,
+        repeats=1,
+        time_budget_s=0,
+        memory=False,
+        num_threads=1,
+        log_dir=str(tmp_path),
+    )
+    assert res.passed, res.failures
+    sdpa = [r for r in res.rows if r.backend == "sdpa"]
+    assert all(1e-12 < r.values["logits_rel_err"] < 1e-6 for r in sdpa)  # the reference's fp32 softmax, no more
+    assert "softmax" in res.summary  # the table says why the float64 floor is not 1e-15
