@@ -715,8 +715,9 @@ def measure(
     activation_checkpointing: bool | int | str = False,
     masked: bool = False,
     optimizer_in_backward: bool = False,
+    optimizer: str = "adamw",
 ) -> dict[str, int]:
-    """Run one AdamW training step on CPU and measure what :func:`estimate_memory` predicts.
+    """Run one training step of ``optimizer`` (as in :data:`OPTIMIZERS`) on CPU and measure what :func:`estimate_memory` predicts.
 
     weights / gradients / optimizer: exact tensor sizes. activations: bytes of the distinct storages autograd
     saves during the forward (``saved_tensors_hooks``, parameters excluded) -- the quantity the formula models.
@@ -737,6 +738,14 @@ def measure(
     from .model.lora import apply_lora
 
     c, _ = _resolve_config(config)
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+    def make_optimizer(ps):
+        if optimizer in ("adamw", "adam"):
+            return (torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam)(ps, lr=1e-4)
+        return torch.optim.SGD(ps, lr=1e-4, momentum=0.9 if optimizer == "sgd" else 0.0)
+
     p = PRECISIONS[precision]
     dtype = torch.float32 if p.weight == 4 else (torch.bfloat16 if precision.startswith("bf16") else torch.float16)
     torch.manual_seed(0)
@@ -775,7 +784,7 @@ def measure(
                     pass
         return found
 
-    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
+    opt = make_optimizer([q for q in model.parameters() if q.requires_grad])
     before = {t.untyped_storage().data_ptr() for t in live_tensors()} if activation_checkpointing else set()
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     with torch.autocast(
@@ -818,7 +827,7 @@ def measure(
 
         for q in trained:
             q.register_post_accumulate_grad_hook(probe)
-        opt = InBackwardOptimizer(lambda ps: torch.optim.AdamW(ps, lr=1e-4), trained)
+        opt = InBackwardOptimizer(make_optimizer, trained)
         opt.step(loss.backward)
     else:
         loss.backward()
@@ -1004,6 +1013,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             activation_checkpointing=args.activation_checkpointing,
             masked=args.masked,
             optimizer_in_backward=args.optimizer_in_backward,
+            optimizer=args.optimizer,
         )
         print()
         print(compare_table(est, m))

@@ -362,3 +362,22 @@ def test_measure_refuses_settings_it_cannot_reproduce(extra, message, capsys):
         main(["--preset", "tiny", "--precision", "32-true", "--seq-len", "32", "--measure", *extra])
     out, err = capsys.readouterr()
     assert e.value.code == 2 and message in err and out == ""
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adam", "sgd", "sgd-nomomentum"])
+def test_measure_uses_the_planned_optimizer(optimizer, capsys):
+    # --optimizer sgd --measure stepped AdamW: measured state 2x the estimate (ratio 0.500)
+    kw = dict(precision="32-true", seq_len=16, batch_size=1)
+    est = estimate_memory("tiny", optimizer=optimizer, **kw)
+    m = measure("tiny", optimizer=optimizer, **kw)
+    assert m["optimizer"] == est.optimizer
+    assert est.optimizer == {"adamw": 2, "adam": 2, "sgd": 1, "sgd-nomomentum": 0}[optimizer] * m["weights"]
+    assert (
+        main(["--preset", "tiny", "--measure", "--optimizer", optimizer, "--seq-len", "16", "--precision", "32-true"])
+        == 0
+    )
+    # the estimate-vs-measured row: "optimizer  <estimate MiB>  <measured MiB>  <ratio>"
+    cells = next(
+        x.split() for x in capsys.readouterr().out.splitlines() if len(x.split()) == 4 and x.startswith("optimizer ")
+    )
+    assert cells[-1] in ("1.000", "nan")  # nan: no state on either side (sgd without momentum)
