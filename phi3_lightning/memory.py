@@ -1020,5 +1020,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # through the package's entry point: bad input is a one-line error, not a traceback
+    from phi3_lightning.cli import main as _cli_main
+
+    sys.exit(_cli_main(["memory", *sys.argv[1:]]))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from collections.abc import Sequence
 
 from ..options import StrictArgumentParser
@@ -116,5 +117,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(format_table(rows))
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # through the package's entry point: bad input is a one-line error, not a traceback
+    from phi3_lightning.cli import main as _cli_main
+
+    sys.exit(_cli_main(["data-report", *sys.argv[1:]]))
