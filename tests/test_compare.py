@@ -540,3 +540,36 @@ def test_float64_backends_pass_against_the_reference_whose_softmax_is_fp32(tmp_p
     sdpa = [r for r in res.rows if r.backend == "sdpa"]
     assert all(1e-12 < r.values["logits_rel_err"] < 1e-6 for r in sdpa)  # the reference's fp32 softmax, no more
     assert "softmax" in res.summary  # the table says why the float64 floor is not 1e-15
+
+
+def test_a_run_name_that_already_holds_a_comparison_is_refused_before_the_run(tmp_path, monkeypatch):
+    # a second run with the same --run_name appended to the first one's event files: two points at every step,
+    # two summaries, with nothing to tell them apart
+    kw = dict(
+        preset="tiny",
+        device="cpu",
+        overrides={"num_hidden_layers": 1},
+        backends=["eager"],
+        seq_lens=[16],
+        batch_kinds=["padded"],
+        warmup=0,
+        repeats=1,
+        time_budget_s=0,
+        memory=False,
+        num_threads=1,
+        log_dir=str(tmp_path),
+    )
+    first = compare_attention(run_name="same", **kw)
+    files = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    from phi3_lightning.compare import run as run_module
+
+    monkeypatch.setattr(run_module, "_run_all", lambda *a, **k: pytest.fail("ran before refusing the run name"))
+    with pytest.raises(ValueError, match=r"run_name='same' already holds a comparison .*choose another"):
+        compare_attention(run_name="same", **kw)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()) == files
+    monkeypatch.undo()
+    # an automatic name that collides (two runs in one second) gets a suffix instead
+    monkeypatch.setattr(run_module.time, "strftime", lambda *a: "20260101-000000")
+    a = compare_attention(**kw)
+    b = compare_attention(**kw)
+    assert a.log_dir != b.log_dir and b.log_dir.name == a.log_dir.name + "-2" and first.log_dir.name == "same"

@@ -219,6 +219,31 @@ def _run_all(
 
 
 # ----------------------------------------------------------------------------- entry point
+def _holds_events(d: Path) -> bool:
+    return d.is_dir() and any(d.rglob("events.out.tfevents.*"))
+
+
+def _run_dir(cfg: CompareConfig, model_name: str, device: torch.device, dtype_name: str) -> Path:
+    """``<log_dir>/<run_name>``, checked before the run: a named run that already holds a comparison is refused (its
+    event files would be appended to: two points at every step); an automatic name that collides gets ``-2``, ..."""
+    root = Path(cfg.log_dir)
+    if cfg.run_name:
+        d = root / cfg.run_name
+        if _holds_events(d):
+            raise ValueError(
+                f"run_name={cfg.run_name!r} already holds a comparison ({d}); TensorBoard would show both runs' "
+                "points at the same steps: choose another --run_name, leave it out (a timestamped name), or remove "
+                "that directory"
+            )
+        return d
+    base = f"{model_name}-{device.type}-{dtype_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    d, n = root / base, 1
+    while _holds_events(d):
+        n += 1
+        d = root / f"{base}-{n}"
+    return d
+
+
 def compare_attention(config: CompareConfig | None = None, **overrides) -> CompareResult:
     """Run every requested backend on the same model, weights and batches; log to TensorBoard; return the results.
 
@@ -235,6 +260,8 @@ def compare_attention(config: CompareConfig | None = None, **overrides) -> Compa
             "shorten them or raise it via overrides"
         )
     windows = cfg.sliding_windows if cfg.sliding_windows else [mcfg.sliding_window]
+    model_name = Path(cfg.checkpoint).name if cfg.checkpoint else cfg.preset
+    log_dir = _run_dir(cfg, model_name, device, dtype_name)
     tol = TOLERANCES[dtype]
 
     available, unavailable, labels, notes = [], {}, {}, []
@@ -272,7 +299,6 @@ def compare_attention(config: CompareConfig | None = None, **overrides) -> Compa
 
     # ------------------------------------------------------------------ report
     failures = [f for r in rows for f in r.failures]
-    model_name = Path(cfg.checkpoint).name if cfg.checkpoint else cfg.preset
     head = (
         f"model {model_name} ({mcfg.num_hidden_layers} layers, hidden {mcfg.hidden_size}, heads "
         f"{mcfg.num_attention_heads}/{mcfg.num_key_value_heads} x {mcfg.head_size}, vocab {mcfg.vocab_size}), "
@@ -324,8 +350,6 @@ def compare_attention(config: CompareConfig | None = None, **overrides) -> Compa
     lines.append(f"({elapsed:.1f} s)")
     summary = "\n".join(lines)
 
-    run_name = cfg.run_name or f"{model_name}-{device.type}-{dtype_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    log_dir = Path(cfg.log_dir) / run_name
     image = chart(rows, title=head)
     config_text = "```\n" + "\n".join(f"{k}: {v}" for k, v in dataclasses.asdict(cfg).items()) + "\n```"
     # TensorBoard renders Markdown: keep the table as a table and every note as its own paragraph.
