@@ -98,6 +98,9 @@ from .model.lora import DEFAULT_TARGETS, LoRAConfig, lora_num_parameters
 from .options import StrictArgumentParser
 
 GiB = 1024**3
+# Share of a GPU's memory an estimate may fill and still "fit": the CUDA context (~0.5 GiB) and the caching
+# allocator's reserve (5-15 % over allocated) come on top of what the planner counts.
+FIT_SHARE = 0.9
 METHODS = ("full", "lora")
 STRATEGIES = ("single", "ddp", "fsdp2")
 OPTIMIZERS = {"adamw": 2, "adam": 2, "sgd": 1, "sgd-nomomentum": 0}
@@ -659,7 +662,7 @@ def explain_oom(config_or_preset: Phi3Config | str, device_bytes: int | None = N
     )
     if device_bytes:
         msg += f" but the GPU has {device_bytes / GiB:.1f} GiB"
-    budget = 0.9 * device_bytes if device_bytes else None
+    budget = FIT_SHARE * device_bytes if device_bytes else None
     base = {k: v for k, v in s.items() if k != "model"}
     ckpt = s["activation_checkpointing"] != 1  # not every layer recomputed yet
     candidates: list[tuple[str, dict]] = []
@@ -996,9 +999,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error(str(e))
     print(est.format_table())
     if args.gpu_memory is not None:
-        fits = est.total <= args.gpu_memory * GiB
+        gpu = args.gpu_memory * GiB
         print()
-        print(f"fits in {args.gpu_memory:g} GiB" if fits else explain_oom(cfg, int(args.gpu_memory * GiB), **kwargs))
+        if est.total <= FIT_SHARE * gpu:
+            print(
+                f"fits in {args.gpu_memory:g} GiB (estimated {est.gib():.1f} GiB, within {FIT_SHARE:.0%}: room for the "
+                "CUDA context and the allocator's reserve)"
+            )
+        else:
+            if est.total <= gpu:
+                print(
+                    f"tight: estimated {est.gib():.1f} GiB is above {FIT_SHARE:.0%} of {args.gpu_memory:g} GiB; the "
+                    "CUDA context (~0.5 GiB) and the allocator's reserve (5-15 %) come on top, so it may not fit"
+                )
+            print(explain_oom(cfg, int(gpu), **kwargs))
     if args.measure:
         if est.params > 2e8:
             ap.error("--measure builds the model on this CPU; use a small preset (tiny, small-bench)")
