@@ -573,3 +573,29 @@ def test_a_run_name_that_already_holds_a_comparison_is_refused_before_the_run(tm
     a = compare_attention(**kw)
     b = compare_attention(**kw)
     assert a.log_dir != b.log_dir and b.log_dir.name == a.log_dir.name + "-2" and first.log_dir.name == "same"
+
+
+@pytest.mark.parametrize(
+    "argv, field, value",
+    [
+        (["--check", "false"], "check", False),  # was "unrecognized arguments: false"
+        (["--check=true"], "check", True),  # was "ignored explicit argument 'true'"
+        (["--memory", "false"], "memory", False),
+        (["--memory", "False", "--check"], "memory", False),
+        (["--no_memory"], "memory", False),
+        (["--check"], "check", True),
+    ],
+)
+def test_boolean_flags_take_true_false_like_the_other_commands(argv, field, value):
+    from phi3_lightning.compare import parse_config
+
+    assert getattr(parse_config(argv), field) is value
+
+
+def test_a_boolean_flag_with_another_value_names_the_forms():
+    from phi3_lightning.compare import parse_config
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit):
+        parse_config(["--check=maybe"])
+    assert "--check='maybe'" in err.getvalue() and "--no_check" in err.getvalue()
