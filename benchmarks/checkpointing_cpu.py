@@ -32,6 +32,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--attn-implementation", default="sdpa")
     args = ap.parse_args()
+    for flag, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len), ("--rounds", args.rounds)):
+        if value < 1:
+            ap.error(f"{flag} {value}: use a positive integer")
     torch.manual_seed(0)
     model = Phi3ForCausalLM(get_preset(args.preset), attn_implementation=args.attn_implementation).train()
     ids = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len))

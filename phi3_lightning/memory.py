@@ -101,6 +101,9 @@ from .model.lora import DEFAULT_TARGETS, LoRAConfig, lora_num_parameters
 from .options import StrictArgumentParser
 
 GiB = 1024**3
+# Share of a GPU's memory an estimate may fill and still "fit": the CUDA context (~0.5 GiB) and the caching
+# allocator's reserve (5-15 % over allocated) come on top of what the planner counts.
+FIT_SHARE = 0.9
 METHODS = ("full", "lora")
 STRATEGIES = ("single", "ddp", "fsdp2")
 OPTIMIZERS = {"adamw": 2, "adam": 2, "sgd": 1, "sgd-nomomentum": 0}
@@ -670,7 +673,7 @@ def explain_oom(config_or_preset: Phi3Config | str, device_bytes: int | None = N
     )
     if device_bytes:
         msg += f" but the GPU has {device_bytes / GiB:.1f} GiB"
-    budget = 0.9 * device_bytes if device_bytes else None
+    budget = FIT_SHARE * device_bytes if device_bytes else None
     base = {k: v for k, v in s.items() if k != "model"}
     ckpt = s["activation_checkpointing"] != 1  # not every layer recomputed yet
     candidates: list[tuple[str, dict]] = []
@@ -726,8 +729,9 @@ def measure(
     activation_checkpointing: bool | int | str = False,
     masked: bool = False,
     optimizer_in_backward: bool = False,
+    optimizer: str = "adamw",
 ) -> dict[str, int]:
-    """Run one AdamW training step on CPU and measure what :func:`estimate_memory` predicts.
+    """Run one training step of ``optimizer`` (as in :data:`OPTIMIZERS`) on CPU and measure what :func:`estimate_memory` predicts.
 
     weights / gradients / optimizer: exact tensor sizes. activations: bytes of the distinct storages autograd
     saves during the forward (``saved_tensors_hooks``, parameters excluded) -- the quantity the formula models.
@@ -748,6 +752,14 @@ def measure(
     from .model.lora import apply_lora
 
     c, _ = _resolve_config(config)
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+    def make_optimizer(ps):
+        if optimizer in ("adamw", "adam"):
+            return (torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam)(ps, lr=1e-4)
+        return torch.optim.SGD(ps, lr=1e-4, momentum=0.9 if optimizer == "sgd" else 0.0)
+
     p = PRECISIONS[precision]
     dtype = torch.float32 if p.weight == 4 else (torch.bfloat16 if precision.startswith("bf16") else torch.float16)
     torch.manual_seed(0)
@@ -786,7 +798,7 @@ def measure(
                     pass
         return found
 
-    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
+    opt = make_optimizer([q for q in model.parameters() if q.requires_grad])
     before = {t.untyped_storage().data_ptr() for t in live_tensors()} if activation_checkpointing else set()
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     with torch.autocast(
@@ -829,7 +841,7 @@ def measure(
 
         for q in trained:
             q.register_post_accumulate_grad_hook(probe)
-        opt = InBackwardOptimizer(lambda ps: torch.optim.AdamW(ps, lr=1e-4), trained)
+        opt = InBackwardOptimizer(make_optimizer, trained)
         opt.step(loss.backward)
     else:
         loss.backward()
@@ -961,8 +973,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (ValueError, FileNotFoundError, KeyError):
             limit = 4096  # the estimate below reports the bad preset / config
         args.seq_len = min(4096, limit)
-    world = args.world_size or (1 if args.strategy == "single" else 8)
+    world = args.world_size if args.world_size is not None else (1 if args.strategy == "single" else 8)
+    if args.gpu_memory is not None and not (0 < args.gpu_memory < math.inf):
+        ap.error(f"--gpu-memory {args.gpu_memory:g}: give the GPU's memory in GiB, a positive number (e.g. 24, 80)")
     cfg = args.config or args.preset
+    if args.measure and args.head != "causal_lm":
+        ap.error(
+            f"--measure builds a causal LM, not the {args.head} head the estimate is for; drop --measure or "
+            "--head (the heads differ only in their last layer)"
+        )
+    if args.measure and args.strategy != "single":
+        ap.error(
+            f"--measure runs one process on this CPU, not {args.strategy} over {world} GPUs (whose per-GPU shares "
+            "it would be compared with); use --strategy single with --measure"
+        )
     if args.config is None and args.preset not in PRESETS:
         ap.error(f"unknown preset {args.preset!r}; choose one of: {', '.join(PRESETS)}")
     kwargs = dict(
@@ -985,10 +1009,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         ap.error(str(e))
     print(est.format_table())
-    if args.gpu_memory:
-        fits = est.total <= args.gpu_memory * GiB
+    if args.gpu_memory is not None:
+        gpu = args.gpu_memory * GiB
         print()
-        print(f"fits in {args.gpu_memory:g} GiB" if fits else explain_oom(cfg, int(args.gpu_memory * GiB), **kwargs))
+        if est.total <= FIT_SHARE * gpu:
+            print(
+                f"fits in {args.gpu_memory:g} GiB (estimated {est.gib():.1f} GiB, within {FIT_SHARE:.0%}: room for the "
+                "CUDA context and the allocator's reserve)"
+            )
+        else:
+            if est.total <= gpu:
+                print(
+                    f"tight: estimated {est.gib():.1f} GiB is above {FIT_SHARE:.0%} of {args.gpu_memory:g} GiB; the "
+                    "CUDA context (~0.5 GiB) and the allocator's reserve (5-15 %) come on top, so it may not fit"
+                )
+            print(explain_oom(cfg, int(gpu), **kwargs))
     if args.measure:
         if est.params > 2e8:
             ap.error("--measure builds the model on this CPU; use a small preset (tiny, small-bench)")
@@ -1003,11 +1038,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             activation_checkpointing=args.activation_checkpointing,
             masked=args.masked,
             optimizer_in_backward=args.optimizer_in_backward,
+            optimizer=args.optimizer,
         )
         print()
         print(compare_table(est, m))
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # through the package's entry point: bad input is a one-line error, not a traceback
+    from phi3_lightning.cli import main as _cli_main
+
+    sys.exit(_cli_main(["memory", *sys.argv[1:]]))

@@ -137,3 +137,12 @@ def test_gpu_bench_smoke_runs_every_section_on_cpu(tmp_path):
     assert re.search(r"Lightning / bare tokens/s: \d", fit)
     assert "throughput:" in (tmp_path / "gpu_fit.log").read_text()
     assert "FAILED" not in out and "total wall time" in out
+
+
+def test_compare_transformers_names_each_sides_optimizer_and_can_give_both_the_fused_one():
+    # the train ratio compared our fused AdamW with transformers' for-each AdamW without saying so
+    pytest.importorskip("transformers")
+    out = _run("benchmarks/compare_transformers.py", "--quick", "--tasks", "train")
+    assert "train step optimizer: transformers default (for-each) AdamW, phi3_lightning fused AdamW" in out
+    out = _run("benchmarks/compare_transformers.py", "--quick", "--tasks", "train", "--hf-fused-adamw")
+    assert "train step optimizer: transformers fused AdamW, phi3_lightning fused AdamW" in out

@@ -459,3 +459,143 @@ def test_noisy_rows_are_flagged_and_do_not_fail_check(tmp_path, monkeypatch):
     runs = _accumulators(tmp_path / "noisy")
     rel = [e.value for e in runs["eager"].Scalars("compare_spread/padded/fwd_bwd_ms/rel_iqr")]
     assert rel[0] == pytest.approx(0.75) and rel[1] == 0.0
+
+
+# ----------------------------------------------------------------------------- bad settings found by a user
+_QUICK = ["--seq_lens", "[16]", "--warmup", "0", "--repeats", "1", "--no_memory", "--backends", "[eager]"]
+
+
+def _run_cli(argv: list[str]) -> tuple[int, str, str]:
+    from phi3_lightning.cli import main as cli_main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli_main(["compare-attention", *argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("foo", "--device 'foo' is not a torch device"),  # was a RuntimeError traceback
+        ("meta", "--device 'meta' holds no data"),  # was "Cannot copy out of meta tensor" traceback
+        pytest.param(
+            "cuda",
+            "no CUDA device is available here",  # was "Torch not compiled with CUDA enabled" traceback
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
+        ),
+    ],
+)
+def test_a_device_this_machine_cannot_use_is_refused_before_the_run(device, message, tmp_path):
+    rc, out, err = _run_cli([*_QUICK, "--log_dir", str(tmp_path), "--device", device])
+    assert rc == 2 and message in err, err[-2000:]
+    assert "Traceback" not in err and not any(tmp_path.iterdir())  # nothing ran, nothing logged
+    with pytest.raises(ValueError, match=re.escape(message)):
+        compare_attention(backends=["eager"], seq_lens=[16], device=device, log_dir=str(tmp_path))
+
+
+def test_no_runnable_backend_is_an_error_not_a_vacuous_pass(tmp_path):
+    # --backends [flash_attention_2] on CPU measured nothing, said "every measured backend agrees" and --check
+    # exited 0
+    rc, out, err = _run_cli(
+        [*_QUICK[:-2], "--backends", "[flash_attention_2]", "--device", "cpu", "--log_dir", str(tmp_path), "--check"]
+    )
+    assert rc == 1 and "none of the requested backends can run" in err and "flash_attention_2: " in err, err
+    assert "agrees" not in out
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("seq_lens", [16, 16]),
+        ("backends", ["eager", "eager"]),
+        ("batch_kinds", ["padded", "padded"]),
+        ("sliding_windows", [8, None, 8]),
+    ],
+)
+def test_repeated_values_are_refused(field, value):
+    # a repeated seq_len ran twice and logged two TensorBoard points at the same step of every series
+    with pytest.raises(ValueError, match=f"{field}=.* repeats"):
+        CompareConfig(**{field: value})
+
+
+def test_float64_backends_pass_against_the_reference_whose_softmax_is_fp32(tmp_path):
+    # eager attention takes its softmax in fp32 (as transformers' eager does), so the "fp64" reference is itself off
+    # by ~1e-7; sdpa in float64 (exact to ~1e-15 here) failed --check against the 1e-9 / 1e-8 float64 tolerance
+    res = compare_attention(
+        preset="tiny",
+        device="cpu",
+        dtype="float64",
+        overrides={"num_hidden_layers": 1},
+        backends=["eager", "sdpa"],
+        seq_lens=[32],
+        warmup=0,
+        repeats=1,
+        time_budget_s=0,
+        memory=False,
+        num_threads=1,
+        log_dir=str(tmp_path),
+    )
+    assert res.passed, res.failures
+    sdpa = [r for r in res.rows if r.backend == "sdpa"]
+    assert all(1e-12 < r.values["logits_rel_err"] < 1e-6 for r in sdpa)  # the reference's fp32 softmax, no more
+    assert "softmax" in res.summary  # the table says why the float64 floor is not 1e-15
+
+
+def test_a_run_name_that_already_holds_a_comparison_is_refused_before_the_run(tmp_path, monkeypatch):
+    # a second run with the same --run_name appended to the first one's event files: two points at every step,
+    # two summaries, with nothing to tell them apart
+    kw = dict(
+        preset="tiny",
+        device="cpu",
+        overrides={"num_hidden_layers": 1},
+        backends=["eager"],
+        seq_lens=[16],
+        batch_kinds=["padded"],
+        warmup=0,
+        repeats=1,
+        time_budget_s=0,
+        memory=False,
+        num_threads=1,
+        log_dir=str(tmp_path),
+    )
+    first = compare_attention(run_name="same", **kw)
+    files = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    from phi3_lightning.compare import run as run_module
+
+    monkeypatch.setattr(run_module, "_run_all", lambda *a, **k: pytest.fail("ran before refusing the run name"))
+    with pytest.raises(ValueError, match=r"run_name='same' already holds a comparison .*choose another"):
+        compare_attention(run_name="same", **kw)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()) == files
+    monkeypatch.undo()
+    # an automatic name that collides (two runs in one second) gets a suffix instead
+    monkeypatch.setattr(run_module.time, "strftime", lambda *a: "20260101-000000")
+    a = compare_attention(**kw)
+    b = compare_attention(**kw)
+    assert a.log_dir != b.log_dir and b.log_dir.name == a.log_dir.name + "-2" and first.log_dir.name == "same"
+
+
+@pytest.mark.parametrize(
+    "argv, field, value",
+    [
+        (["--check", "false"], "check", False),  # was "unrecognized arguments: false"
+        (["--check=true"], "check", True),  # was "ignored explicit argument 'true'"
+        (["--memory", "false"], "memory", False),
+        (["--memory", "False", "--check"], "memory", False),
+        (["--no_memory"], "memory", False),
+        (["--check"], "check", True),
+    ],
+)
+def test_boolean_flags_take_true_false_like_the_other_commands(argv, field, value):
+    from phi3_lightning.compare import parse_config
+
+    assert getattr(parse_config(argv), field) is value
+
+
+def test_a_boolean_flag_with_another_value_names_the_forms():
+    from phi3_lightning.compare import parse_config
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit):
+        parse_config(["--check=maybe"])
+    assert "--check='maybe'" in err.getvalue() and "--no_check" in err.getvalue()

@@ -344,3 +344,82 @@ def test_planner_cli_optimizer_in_backward(capsys):
     assert main(["--preset", "phi-3-mini-4k", "--precision", "bf16-true", "--optimizer-in-backward"]) == 0
     out = capsys.readouterr().out
     assert "optimizer step in backward" in out and "the optimizer steps in backward" in out
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan", "inf"])
+def test_planner_cli_refuses_a_gpu_memory_that_is_not_a_positive_size(value, capsys):
+    # 0 was silently ignored (no fit verdict), -5 printed "the GPU has -5.0 GiB; no single change here fits",
+    # nan a "cannot convert float NaN to integer" error after the table, inf "fits in inf GiB"
+    with pytest.raises(SystemExit) as e:
+        main(["--preset", "tiny", "--gpu-memory", value])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and f"--gpu-memory {value}" in err and "GiB" in err
+    assert out == ""  # refused before the table
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "single"])
+def test_planner_cli_refuses_world_size_zero_instead_of_using_the_default(strategy, capsys):
+    # --world-size 0 was taken as "not given": ddp / fsdp2 planned 8 GPUs, single 1
+    with pytest.raises(SystemExit) as e:
+        main(["--preset", "tiny", "--strategy", strategy, "--world-size", "0"])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and "world_size=0" in err and out == ""
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        # measured a causal LM against the classifier's estimate: ratios 0.86 that were no discrepancy at all
+        (["--head", "sequence_classification"], "--measure builds a causal LM"),
+        # measured one unsharded CPU process against the per-GPU share of 4: ratios 0.25
+        (["--strategy", "fsdp2", "--devices", "4"], "--measure runs one process"),
+        (["--strategy", "ddp", "--devices", "2"], "--measure runs one process"),
+    ],
+)
+def test_measure_refuses_settings_it_cannot_reproduce(extra, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--preset", "tiny", "--precision", "32-true", "--seq-len", "32", "--measure", *extra])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and message in err and out == ""
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adam", "sgd", "sgd-nomomentum"])
+def test_measure_uses_the_planned_optimizer(optimizer, capsys):
+    # --optimizer sgd --measure stepped AdamW: measured state 2x the estimate (ratio 0.500)
+    kw = dict(precision="32-true", seq_len=16, batch_size=1)
+    est = estimate_memory("tiny", optimizer=optimizer, **kw)
+    m = measure("tiny", optimizer=optimizer, **kw)
+    assert m["optimizer"] == est.optimizer
+    assert est.optimizer == {"adamw": 2, "adam": 2, "sgd": 1, "sgd-nomomentum": 0}[optimizer] * m["weights"]
+    assert (
+        main(["--preset", "tiny", "--measure", "--optimizer", optimizer, "--seq-len", "16", "--precision", "32-true"])
+        == 0
+    )
+    # the estimate-vs-measured row: "optimizer  <estimate MiB>  <measured MiB>  <ratio>"
+    cells = next(
+        x.split() for x in capsys.readouterr().out.splitlines() if len(x.split()) == 4 and x.startswith("optimizer ")
+    )
+    assert cells[-1] in ("1.000", "nan")  # nan: no state on either side (sgd without momentum)
+
+
+def test_fit_verdict_keeps_the_headroom_the_suggestions_keep(capsys):
+    # 14.87 GiB estimated said "fits in 15 GiB", though the CUDA context and the allocator's reserve come on top and
+    # explain_oom only suggests changes under 90% of the GPU
+    args = ["--preset", "phi-3-mini-4k", "--method", "lora", "--precision", "bf16-true", "--seq-len", "4096"]
+    args += ["--batch-size", "4", "--activation-checkpointing", "--masked"]
+    est = estimate_memory(
+        "phi-3-mini-4k",
+        method="lora",
+        precision="bf16-true",
+        seq_len=4096,
+        batch_size=4,
+        activation_checkpointing=True,
+        masked=True,
+    )
+    assert 0.9 * 15 * GiB < est.total < 15 * GiB < 16 * GiB < est.total / 0.9 < 24 * GiB
+    for gpu in (15, 16):
+        assert main([*args, "--gpu-memory", str(gpu)]) == 0
+        out = capsys.readouterr().out
+        assert "fits in" not in out and f"above 90% of {gpu} GiB" in out and "; try " in out
+    assert main([*args, "--gpu-memory", "24"]) == 0
+    assert "fits in 24 GiB" in capsys.readouterr().out

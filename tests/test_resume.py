@@ -7,6 +7,7 @@ validation pass runs at every epoch end (its dataloader must not draw from the g
 
 from __future__ import annotations
 
+import logging
 import math
 
 import lightning.pytorch as pl
@@ -269,17 +270,24 @@ def test_checkpoint_without_train_metric_states_resumes_as_before_with_a_note(ca
     del saved[TRAIN_METRICS_KEY]
     torch.save(saved, tmp_path / "old.ckpt")
     old_log = _Recorder()
-    with caplog.at_level("INFO"):
-        _fit(
-            "causal_packed",
-            cache,
-            tmp_path,
-            4,
-            -1,
-            ModelCheckpoint(dirpath=tmp_path / "b", save_top_k=0),
-            ckpt_path=tmp_path / "old.ckpt",
-            logger=old_log,
-        )
+    # rank_zero_info goes to the "lightning.pytorch" logger, which Lightning may have cut off from the root logger
+    # (propagate=False when it was imported without root handlers): listen on it directly
+    lightning_log = logging.getLogger("lightning.pytorch")
+    lightning_log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("INFO", logger="lightning.pytorch"):
+            _fit(
+                "causal_packed",
+                cache,
+                tmp_path,
+                4,
+                -1,
+                ModelCheckpoint(dirpath=tmp_path / "b", save_top_k=0),
+                ckpt_path=tmp_path / "old.ckpt",
+                logger=old_log,
+            )
+    finally:
+        lightning_log.removeHandler(caplog.handler)
     assert "holds no train metric states" in caplog.text and "covers batches 2.. only" in caplog.text
     (step, value), (full_step, full_value) = (
         old_log.values["train/loss_epoch"][0],

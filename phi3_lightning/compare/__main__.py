@@ -1,8 +1,9 @@
-"""``python -m phi3_lightning.compare ...`` (the same as ``python -m phi3_lightning compare-attention ...``)."""
+"""``python -m phi3_lightning.compare ...`` (the same as ``python -m phi3_lightning compare-attention ...``, and run
+through it: bad input is a one-line error, not a traceback)."""
 
 import sys
 
-from . import main
+from ..cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(prog="python -m phi3_lightning.compare"))
+    sys.exit(main(["compare-attention", *sys.argv[1:]]))

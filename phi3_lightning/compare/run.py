@@ -219,6 +219,31 @@ def _run_all(
 
 
 # ----------------------------------------------------------------------------- entry point
+def _holds_events(d: Path) -> bool:
+    return d.is_dir() and any(d.rglob("events.out.tfevents.*"))
+
+
+def _run_dir(cfg: CompareConfig, model_name: str, device: torch.device, dtype_name: str) -> Path:
+    """``<log_dir>/<run_name>``, checked before the run: a named run that already holds a comparison is refused (its
+    event files would be appended to: two points at every step); an automatic name that collides gets ``-2``, ..."""
+    root = Path(cfg.log_dir)
+    if cfg.run_name:
+        d = root / cfg.run_name
+        if _holds_events(d):
+            raise ValueError(
+                f"run_name={cfg.run_name!r} already holds a comparison ({d}); TensorBoard would show both runs' "
+                "points at the same steps: choose another --run_name, leave it out (a timestamped name), or remove "
+                "that directory"
+            )
+        return d
+    base = f"{model_name}-{device.type}-{dtype_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    d, n = root / base, 1
+    while _holds_events(d):
+        n += 1
+        d = root / f"{base}-{n}"
+    return d
+
+
 def compare_attention(config: CompareConfig | None = None, **overrides) -> CompareResult:
     """Run every requested backend on the same model, weights and batches; log to TensorBoard; return the results.
 
@@ -235,6 +260,8 @@ def compare_attention(config: CompareConfig | None = None, **overrides) -> Compa
             "shorten them or raise it via overrides"
         )
     windows = cfg.sliding_windows if cfg.sliding_windows else [mcfg.sliding_window]
+    model_name = Path(cfg.checkpoint).name if cfg.checkpoint else cfg.preset
+    log_dir = _run_dir(cfg, model_name, device, dtype_name)
     tol = TOLERANCES[dtype]
 
     available, unavailable, labels, notes = [], {}, {}, []
@@ -248,6 +275,13 @@ def compare_attention(config: CompareConfig | None = None, **overrides) -> Compa
         labels[name], note = _backend_label(name, flex_compiled, device)
         if note:
             notes.append(note)
+
+    if not available:
+        raise ValueError(
+            "none of the requested backends can run here: "
+            + "; ".join(f"{name}: {why}" for name, why in unavailable.items())
+            + "; add one that can (eager and sdpa run everywhere) or use a device where these run"
+        )
 
     old_flex, old_threads = B.flex_compile_setting(), torch.get_num_threads()
     started = time.perf_counter()
@@ -265,7 +299,6 @@ def compare_attention(config: CompareConfig | None = None, **overrides) -> Compa
 
     # ------------------------------------------------------------------ report
     failures = [f for r in rows for f in r.failures]
-    model_name = Path(cfg.checkpoint).name if cfg.checkpoint else cfg.preset
     head = (
         f"model {model_name} ({mcfg.num_hidden_layers} layers, hidden {mcfg.hidden_size}, heads "
         f"{mcfg.num_attention_heads}/{mcfg.num_key_value_heads} x {mcfg.head_size}, vocab {mcfg.vocab_size}), "
@@ -294,7 +327,8 @@ def compare_attention(config: CompareConfig | None = None, **overrides) -> Compa
     lines.append(
         f"errors vs fp64 eager on the same weights: logits err = max|d| / max|ref| over real tokens, grad err "
         f"= ||d||_2 / ||ref||_2 over all parameter gradients; {dtype_name} tolerance: logits <= "
-        f"{tol['logits']:g}, grads <= {tol['grads']:g}."
+        f"{tol['logits']:g}, grads <= {tol['grads']:g}. The reference's softmax runs in float32 (as transformers' "
+        "eager attention does): errors near 1e-7 are its own rounding."
     )
     if cfg.memory:
         lines.append(bench.MEMORY_NOTE["cuda" if device.type == "cuda" else "cpu"] + ".")
@@ -316,8 +350,6 @@ def compare_attention(config: CompareConfig | None = None, **overrides) -> Compa
     lines.append(f"({elapsed:.1f} s)")
     summary = "\n".join(lines)
 
-    run_name = cfg.run_name or f"{model_name}-{device.type}-{dtype_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    log_dir = Path(cfg.log_dir) / run_name
     image = chart(rows, title=head)
     config_text = "```\n" + "\n".join(f"{k}: {v}" for k, v in dataclasses.asdict(cfg).items()) + "\n```"
     # TensorBoard renders Markdown: keep the table as a table and every note as its own paragraph.

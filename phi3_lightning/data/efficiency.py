@@ -29,6 +29,11 @@ def efficiency_report(
     Returns ``{"padding", "grouped", "packed", "packed_seq"}`` (fractions in (0, 1]) plus ``"tokens"`` and
     ``"examples"`` (pieces of at most ``max_length`` tokens).
     """
+    for value, name in ((max_length, "max_length"), (batch_size, "batch_size"), (mega_batch_mult, "mega_batch_mult")):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}; use a positive integer")
+    if pad_to_multiple_of is not None and (not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1):
+        raise ValueError(f"pad_to_multiple_of={pad_to_multiple_of!r}; use a positive integer, or None for no rounding")
     pieces = [e - s for n in lengths for s, e in piece_bounds(n, max_length)]  # token count of every piece
     if not pieces:
         raise ValueError("efficiency_report got no tokens (all lengths are 0); pass the token lengths of a corpus")

@@ -17,23 +17,29 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from collections.abc import Sequence
 
 from ..options import StrictArgumentParser
 from .efficiency import efficiency_report
 
-__all__ = ["efficiency_report", "corpus_lengths", "format_table", "main"]
+__all__ = ["CORPORA", "efficiency_report", "corpus_lengths", "format_table", "main"]
+
+CORPORA = ("lm", "code_cls", "token_types")  # the embedded corpora corpus_lengths reads
 
 
 def corpus_lengths(kind: str, tokenizer: str = "byte", cache_dir: str | None = None, split: str = "train") -> list[int]:
     """Token lengths of an embedded dataset's split, tokenised as its DataModule does (defaults of each module)."""
     from .datamodules import CausalLMDataModule, SequenceClassificationDataModule, TokenClassificationDataModule
 
-    cls = {
+    modules = {
         "lm": CausalLMDataModule,
         "code_cls": SequenceClassificationDataModule,
         "token_types": TokenClassificationDataModule,
-    }[kind]
+    }
+    if kind not in modules:
+        raise ValueError(f"unknown corpus {kind!r}; choose one of {', '.join(CORPORA)}")
+    cls = modules[kind]
     kwargs = {"tokenizer": tokenizer, "cache_dir": cache_dir, "progress": False}
     if kind == "lm":
         kwargs["pack"] = False  # the documents themselves, not rows
@@ -73,7 +79,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument(
         "--corpus",
         nargs="+",
-        default=["lm", "code_cls", "token_types"],
+        default=list(CORPORA),
+        choices=CORPORA,
         help="embedded corpora: lm (stdlib files), code_cls (package snippets), token_types (source lines)",
     )
     p.add_argument("--max-length", nargs="+", type=int, default=[256, 1024, 4096], help="row / maximum lengths")
@@ -87,6 +94,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the batch shuffling")
     args = p.parse_args(argv)
+    for flag, values, what in (
+        ("--max-length", args.max_length, "a positive number of tokens per row"),
+        ("--batch-size", [args.batch_size], "a positive number of rows per batch"),
+        (
+            "--pad-to-multiple-of",
+            [] if args.pad_to_multiple_of is None else [args.pad_to_multiple_of],
+            "a positive number of tokens, or leave it out for no rounding",
+        ),
+    ):
+        for v in values:
+            if v < 1:
+                p.error(f"{flag} {v}: use {what}")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)  # no per-module chatter
     rows = []
     for kind in args.corpus:
@@ -98,5 +117,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(format_table(rows))
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # through the package's entry point: bad input is a one-line error, not a traceback
+    from phi3_lightning.cli import main as _cli_main
+
+    sys.exit(_cli_main(["data-report", *sys.argv[1:]]))
