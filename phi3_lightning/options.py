@@ -160,3 +160,33 @@ def field_help(cls: type) -> dict[str, str]:
             f"{cls.__qualname__} fields {missing} have no docstring; write one under each field (it is its --help text)"
         )
     return {n: docs[n] for n in names}
+
+
+def usable_device(spec: str, others: str = "cpu, cuda or cuda:N", default: str | None = None):
+    """``spec`` as a ``torch.device`` this machine can run on, else a ``ValueError`` naming ``--device`` and the
+    forms to use (``others``; ``default``: the value that picks the device by itself): not a device, ``meta`` (holds no data), CUDA without a GPU or past the last index,
+    or another backend that cannot allocate here."""
+    import torch
+
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"--device {spec!r} is not a torch device; use {others}") from None
+    if device.type == "meta":
+        raise ValueError(f"--device {spec!r} holds no data; use {others}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            alt = f" (or {default})" if default else ""
+            raise ValueError(f"--device {spec!r} but no CUDA device is available here; use --device cpu{alt}")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(
+                f"--device {spec!r} but this machine has {count} CUDA device(s): cuda:0 .. cuda:{count - 1}"
+            )
+    elif device.type != "cpu":
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as e:
+            why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            raise ValueError(f"--device {spec!r} cannot be used here ({why}); use {others}") from None
+    return device

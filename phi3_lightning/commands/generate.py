@@ -149,26 +149,12 @@ def _device(spec: str) -> str:
     """``--device`` as a device this machine has, checked before the checkpoint is loaded (a UsageError naming it)."""
     import torch
 
+    from ..options import usable_device
+
     if spec == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        device = torch.device(spec)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"--device {spec!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "meta":
-        raise UsageError(f"--device {spec!r} holds no data; use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {spec!r} but no CUDA device is available here; use --device cpu (or auto)")
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise UsageError(
-                f"--device {spec!r} but this machine has {count} CUDA device(s): cuda:0 .. cuda:{count - 1}"
-            )
-    elif device.type != "cpu":
-        try:
-            torch.empty(0, device=device)
-        except (RuntimeError, AssertionError) as e:
-            why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-            raise UsageError(f"--device {spec!r} cannot be used here ({why}); use auto, cpu or cuda") from None
+        usable_device(spec, "auto, cpu, cuda or cuda:N", default="auto")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     return spec

@@ -135,28 +135,9 @@ class CompareConfig:
         """The device to run on, checked against this machine (a ValueError naming ``--device`` otherwise)."""
         if self.device is None:
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        spec = self.device
-        try:
-            device = torch.device(spec)
-        except (RuntimeError, ValueError, TypeError):
-            raise ValueError(f"--device {spec!r} is not a torch device; use cpu, cuda or cuda:N (or null)") from None
-        if device.type == "meta":
-            raise ValueError(f"--device {spec!r} holds no data: nothing can be timed there; use cpu, cuda or cuda:N")
-        if device.type == "cuda":
-            if not torch.cuda.is_available():
-                raise ValueError(f"--device {spec!r} but no CUDA device is available here; use --device cpu (or null)")
-            count = torch.cuda.device_count()
-            if device.index is not None and device.index >= count:
-                raise ValueError(
-                    f"--device {spec!r} but this machine has {count} CUDA device(s): cuda:0 .. cuda:{count - 1}"
-                )
-        elif device.type != "cpu":
-            try:
-                torch.empty(0, device=device)
-            except (RuntimeError, AssertionError) as e:
-                why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-                raise ValueError(f"--device {spec!r} cannot be used here ({why}); use cpu or cuda") from None
-        return device
+        from ..options import usable_device
+
+        return usable_device(self.device, "cpu, cuda or cuda:N (or null)", default="null")
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype is not None:
