@@ -224,13 +224,21 @@ def _refuse_quantized(config: Phi3Config, path: Path) -> None:
     )
 
 
+def _non_finite(converted: torch.Tensor, source: torch.Tensor) -> int | None:
+    """None when ``converted`` (``source`` cast to another dtype) holds only finite numbers (or is not floating
+    point); else how many NaN/inf values ``source`` itself holds (0: only the cast overflowed to inf)."""
+    if not converted.is_floating_point() or bool(torch.isfinite(converted).all()):
+        return None
+    return int((~torch.isfinite(source)).sum()) if source.is_floating_point() else 0
+
+
 def _check_finite(converted: torch.Tensor, stored: torch.Tensor, name: str, file: Path) -> torch.Tensor:
     """``converted`` if it holds only finite numbers, else an error naming the tensor and the file (NaN/inf weights
     would only show up later as NaN logits or a NaN loss)."""
-    if not converted.is_floating_point() or bool(torch.isfinite(converted).all()):
+    bad = _non_finite(converted, stored)
+    if bad is None:
         return converted
-    if stored.is_floating_point() and not bool(torch.isfinite(stored).all()):
-        bad = int((~torch.isfinite(stored)).sum())
+    if bad:
         raise ValueError(
             f"{file}: tensor {name} holds {bad} NaN/inf value(s) of {stored.numel()}; the checkpoint is corrupt "
             "(e.g. saved after the training loss diverged); use an earlier checkpoint or re-download it"
@@ -296,10 +304,10 @@ def _finite_for_saving(converted: torch.Tensor, source: torch.Tensor, name: str)
     """``converted`` if it holds only finite numbers, else an error naming the tensor: a NaN/inf weight (a diverged
     model) or one that overflows the save dtype (float16 holds at most 65504) would be written as such, and
     transformers would load it without a word (NaN/inf logits)."""
-    if not converted.is_floating_point() or bool(torch.isfinite(converted).all()):
+    bad = _non_finite(converted, source)
+    if bad is None:
         return converted
-    if not bool(torch.isfinite(source).all()):
-        bad = int((~torch.isfinite(source)).sum())
+    if bad:
         raise ValueError(
             f"tensor {name} holds {bad} NaN/inf value(s) of {source.numel()}; not saved (the model diverged?): "
             "save an earlier checkpoint"
