@@ -159,6 +159,22 @@ def test_fit_to_max_steps_then_continue_from_last_equals_the_uninterrupted_run(k
     _assert_same(full, resumed)
 
 
+@pytest.mark.parametrize("val_batches", [0, 1], ids=["no_validation", "validation_at_epoch_end"])
+def test_max_steps_mid_epoch_still_writes_the_top_k_checkpoint_of_a_train_epoch_end_saver(val_batches, cache, tmp_path):
+    """A ModelCheckpoint that saves at the training epoch's end (no monitor, validation once per epoch or none) wrote
+    its top-k file ``epoch=0-step=2.ckpt`` when max_steps closed the epoch; the max_steps ``last.ckpt`` saved at the
+    batch (no validation follows it) must not take that save away."""
+    pl.seed_everything(0, verbose=False)
+    dm = _data("causal_packed", cache)
+    module = _module("causal_packed", dm)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "a", save_last=True, save_top_k=1)
+    trainer = _trainer(tmp_path, 2, -1, [ckpt], limit_val_batches=val_batches)
+    trainer.fit(module, dm)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["epoch=0-step=2.ckpt", "last.ckpt"]
+    assert ckpt.best_model_path == str(tmp_path / "a" / "epoch=0-step=2.ckpt")
+    assert torch.load(ckpt.best_model_path, weights_only=True)["global_step"] == 2
+
+
 @pytest.mark.parametrize("kind", ["causal_packed", "causal_padded"])
 def test_resume_from_epoch_end_checkpoint_is_exact(kind, cache, tmp_path):
     """Epoch-based training (max_epochs=3), checkpoint written at the end of the first epoch."""

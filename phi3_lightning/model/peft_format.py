@@ -415,7 +415,8 @@ def load_adapter(model: nn.Module, directory: str | Path, weights: bool = True) 
         raise FileNotFoundError(f"adapter {path} has no {ADAPTER_WEIGHTS}{hint}")
     state = _read_weights(model, cfg, path / ADAPTER_WEIGHTS, peft) if weights else None
     apply_lora(model, cfg)  # only once the weights are known to fit: a refused adapter leaves the model as it was
-    _untie_what_the_adapter_trains_apart(model, state, where)
+    if peft:  # this package's earlier format trained a tied pair as one tensor: its file holds one side only
+        _untie_what_the_adapter_trains_apart(model, state, where)
     if state is not None:
         model.load_state_dict(state, strict=False)
     return cfg

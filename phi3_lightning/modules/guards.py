@@ -339,8 +339,8 @@ class PreemptionCheckpoint(Callback):
         the state of a ModelCheckpoint save at that point, from which Lightning continues with the next batch of the
         same epoch. The ModelCheckpoint callbacks writing that ``last`` count it as their save of this step, so none
         overwrites it with its state at the epoch's end; one that would save its top-k checkpoint only at the
-        training epoch's end (``save_on_train_epoch_end``, e.g. validation once per epoch) saves it here, after the
-        validation, as it would with validation inside the epoch.
+        training epoch's end (``save_on_train_epoch_end``: no validation, or once per epoch) saves it here (at the
+        batch, or after the validation), unless it monitors a metric of the epoch's end (``train/*_epoch``).
 
         Every rank saves (the DataModule's state gathers across ranks)."""
         step = trainer.global_step
@@ -352,9 +352,10 @@ class PreemptionCheckpoint(Callback):
             return  # saved after it (``after_validation``), when no ModelCheckpoint did
         savers = [cb for cb in _last_savers(trainer) if getattr(cb, "_last_global_step_saved", -1) < step]
         self._max_steps_saved = step
-        if after_validation:
-            for cb in savers:
-                _save_top_k_now(trainer, cb)
+        # their save at the epoch's end is skipped once this step is saved: make its top-k save here (at the batch
+        # too: with no validation following, e.g. none at all or once per epoch, it was lost)
+        for cb in savers:
+            _save_top_k_now(trainer, cb)
         for path in dict.fromkeys(_last_path_of(trainer, cb) for cb in savers):
             save_last_checkpoint(trainer, path)
 

@@ -313,3 +313,22 @@ def test_peft_adapter_training_one_side_of_a_tied_pair_loads_untied(tied_base, t
     with pytest.warns(UserWarning, match=r"unties lm_head.weight"):
         load_adapter(config_only, tmp_path / "theirs", weights=False)
     assert config_only.lm_head.weight is not config_only.model.embed_tokens.weight
+
+
+def test_old_format_adapter_of_a_tied_lm_head_trained_here_loads_tied(tied_base, tmp_path):
+    """This package's earlier adapter format is never peft's: a tied lm_head trained in full here trained the
+    embedding too (one tensor), and the file holds lm_head only. Loading it must keep the pair tied (the trained
+    model), not untie it as for a peft adapter (that would serve the base embedding: other logits)."""
+    ours = Phi3ForCausalLM.from_pretrained(tied_base)
+    apply_lora(ours, LoRAConfig(r=2, alpha=4, target_modules=["qkv_proj"], modules_to_save=["lm_head"]))
+    _perturb_trainable(ours)
+    (tmp_path / "old").mkdir()
+    save_file(lora_state_dict(ours), str(tmp_path / "old" / "adapter_model.safetensors"))
+    lora = {"r": 2, "alpha": 4, "target_modules": ["qkv_proj"], "modules_to_save": ["lm_head"]}
+    (tmp_path / "old" / "adapter_config.json").write_text(json.dumps({"lora": lora, "task": "lm"}))
+    again = Phi3ForCausalLM.from_pretrained(tied_base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no untie warning
+        load_adapter(again, tmp_path / "old")
+    assert again.lm_head.weight is again.model.embed_tokens.weight and again.config.tie_word_embeddings
+    torch.testing.assert_close(_logits(again, _ids()), _logits(ours, _ids()))
