@@ -490,31 +490,40 @@ class Phi3LightningModule(pl.LightningModule):
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Val / test: the rows of a batch that are the distributed sampler's repeats (see :meth:`_repeated_indices`)
-        are dropped here, while the batch is still on the host, so deciding costs no device sync. A batch of repeats
-        only is kept whole and marked: its step still runs the model (the processes stay in step) but counts
-        nothing."""
-        self._uncounted_batch = False
+        are dropped here, while the batch is still on the host, so deciding costs no device sync (see
+        :meth:`_screen_repeats`)."""
+        self.__dict__.pop("_screened", None)
         trainer = self._trainer
         if trainer is None or not (trainer.validating or trainer.testing or trainer.sanity_checking):
             return batch
+        batch, self.__dict__["_screened"] = self._screen_repeats(batch, dataloader_idx)
+        return batch
+
+    def _screen_repeats(self, batch: Any, dataloader_idx: int) -> tuple[Any, bool]:
+        """``(batch without the distributed sampler's repeated rows, whether it held repeats only)``. A batch of
+        repeats only is kept whole: its step still runs the model (the processes stay in step) but counts nothing."""
         repeats = getattr(self, "_eval_repeats", [])
         index = batch.get("index") if isinstance(batch, dict) else None
         if dataloader_idx >= len(repeats) or repeats[dataloader_idx] is None or not isinstance(index, torch.Tensor):
-            return batch
+            return batch, False
         counted = ~torch.isin(index, repeats[dataloader_idx].to(index.device))
         if bool(counted.all()):
-            return batch
+            return batch, False
         if bool(counted.any()):
-            return {k: v[counted] for k, v in batch.items()}
-        self._uncounted_batch = True
-        return batch
+            return {k: v[counted] for k, v in batch.items()}, False
+        return batch, True
 
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str, dataloader_idx: int = 0) -> None:
-        """``_shared_step`` into the metrics of dataloader ``dataloader_idx`` (see :meth:`stage_metrics`); a batch of
-        the distributed sampler's repeats only (marked by :meth:`on_before_batch_transfer`) is run but not counted,
-        so a multi-process val/test result equals the single-process one."""
+        """``_shared_step`` into the metrics of dataloader ``dataloader_idx`` (see :meth:`stage_metrics`) on the rows
+        that count, so a multi-process val/test result equals the single-process one. The repeats are normally
+        dropped on the host by :meth:`on_before_batch_transfer`; when it did not run for this batch (Lightning calls
+        a LightningDataModule's own ``on_before_batch_transfer`` instead of the module's), they are dropped here, on
+        the device (one sync per batch)."""
         self._eval_dataloader_idx = dataloader_idx
-        if self.__dict__.pop("_uncounted_batch", False):
+        uncounted = self.__dict__.pop("_screened", None)
+        if uncounted is None:
+            batch, uncounted = self._screen_repeats(batch, dataloader_idx)
+        if uncounted:
             with torch.no_grad():
                 self(batch)
             return

@@ -210,3 +210,40 @@ def test_two_process_eval_with_several_dataloaders_counts_each_example_once(tmp_
     for stage in ("val", "test"):
         seen = [[i for s, k, i in rank1["transferred"] if s == stage and k == loader] for loader in range(3)]
         assert seen == [[[1, 3]], [[1, 3], [5]], [[1, 3], [0]]], (stage, seen)
+
+
+class _DataModuleWithItsOwnTransferHook(pl.LightningDataModule):
+    """A user DataModule that overrides ``on_before_batch_transfer``: Lightning then calls it instead of the
+    module's (with a warning), so the module's host-side screening of the sampler's repeats never runs."""
+
+    def __init__(self, examples: list[dict]) -> None:
+        super().__init__()
+        self.examples = examples
+
+    def val_dataloader(self):
+        return DataLoader(self.examples, batch_size=2, collate_fn=PaddingCollator(0))
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        return batch
+
+
+def test_sampler_repeats_are_left_out_even_when_a_datamodule_hook_replaces_the_modules(monkeypatch):
+    """The distributed sampler's repeats are normally dropped in the module's ``on_before_batch_transfer``; with a
+    DataModule that has its own hook (Lightning then skips the module's) they are dropped in the step instead.
+    One process standing in for a rank whose sampler repeated examples 1 and 4 (batches [0, 1], [2, 3], [4]):
+    val/loss is the token mean of examples 0, 2 and 3 alone."""
+    import warnings
+
+    torch.manual_seed(0)
+    module = CausalLMModule(model="tiny", attn_implementation="eager")
+    module.configure_model()
+    module.eval()
+    examples = _indexed(_examples(5, seed=4))
+    monkeypatch.setattr(CausalLMModule, "_repeats_per_loader", classmethod(lambda cls, loaders: [torch.tensor([1, 4])]))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*on_before_batch_transfer.*")
+        (result,) = quiet_trainer().validate(
+            module, datamodule=_DataModuleWithItsOwnTransferHook(examples), verbose=False
+        )
+    expected = _brute_token_mean(module.head, [examples[i] for i in (0, 2, 3)])
+    assert math.isclose(result["val/loss"], expected, rel_tol=1e-5), (result, expected)
