@@ -390,25 +390,22 @@ class Phi3LightningModule(pl.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """After every callback's ``on_train_batch_end``: the batch that reaches ``max_steps`` saves ``last.ckpt``
-        before Lightning closes the epoch (see :meth:`.guards.PreemptionCheckpoint.save_at_max_steps`)."""
-        from .guards import PreemptionCheckpoint
-
-        for cb in self.trainer.callbacks:
-            if isinstance(cb, PreemptionCheckpoint):
-                cb.save_at_max_steps(self.trainer)
+        before Lightning closes the epoch."""
+        self._save_at_max_steps(after_validation=False)
 
     def on_validation_end(self) -> None:
         """After every callback's ``on_validation_end`` (ModelCheckpoint's saves): the validation that follows the
-        ``max_steps`` batch saves ``last.ckpt`` when no ModelCheckpoint did (see
-        :meth:`.guards.PreemptionCheckpoint.save_at_max_steps`)."""
+        ``max_steps`` batch saves ``last.ckpt`` when no ModelCheckpoint did."""
+        self._save_at_max_steps(after_validation=True)
+
+    def _save_at_max_steps(self, after_validation: bool) -> None:
+        """:meth:`.guards.PreemptionCheckpoint.save_at_max_steps` of the run's PreemptionCheckpoint."""
         from .guards import PreemptionCheckpoint
 
         trainer = self._trainer
-        if trainer is None:
-            return
-        for cb in trainer.callbacks:
+        for cb in trainer.callbacks if trainer is not None else ():
             if isinstance(cb, PreemptionCheckpoint):
-                cb.save_at_max_steps(trainer, after_validation=True)
+                cb.save_at_max_steps(trainer, after_validation=after_validation)
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """Always on: a CUDA out-of-memory error gets the memory planner's estimate and advice appended; a
@@ -653,8 +650,9 @@ class Phi3LightningModule(pl.LightningModule):
             self.__dict__["_train_span"] = [self.current_epoch, batch_idx, batch_idx]
 
     def on_train_epoch_end(self) -> None:
-        # Lightning logs the train metrics right after this hook and then resets them: a checkpoint written later
-        # (at on_train_end when max_steps stops fit mid-epoch, which a larger max_steps resumes) saves this copy
+        # Lightning logs the train metrics right after this hook and then resets them: a checkpoint written later in
+        # this fit (PreemptionCheckpoint.on_train_end) saves this copy; it holds a finished epoch, which a resume
+        # does not restore into the next one (a max_steps stop mid-epoch saves before the epoch closes)
         if hasattr(self, "train_metrics"):
             self.__dict__["_epoch_end_metrics"] = {n: m.clone() for n, m in self.stage_metrics("train").items()}
 
