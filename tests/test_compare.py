@@ -519,16 +519,12 @@ def test_repeated_values_are_refused(field, value):
         CompareConfig(**{field: value})
 
 
-def test_float64_backends_pass_against_the_reference_whose_softmax_is_fp32(tmp_path):
-    # eager attention takes its softmax in fp32 (as transformers' eager does), so the "fp64" reference is itself off
-    # by ~1e-7; sdpa in float64 (exact to ~1e-15 here) failed --check against the 1e-9 / 1e-8 float64 tolerance
-    res = compare_attention(
+def _one_layer_run(tmp_path) -> dict:
+    """compare_attention settings of a quick run: the tiny preset with one layer, on the CPU, one untimed repeat."""
+    return dict(
         preset="tiny",
         device="cpu",
-        dtype="float64",
         overrides={"num_hidden_layers": 1},
-        backends=["eager", "sdpa"],
-        seq_lens=[32],
         warmup=0,
         repeats=1,
         time_budget_s=0,
@@ -536,6 +532,12 @@ def test_float64_backends_pass_against_the_reference_whose_softmax_is_fp32(tmp_p
         num_threads=1,
         log_dir=str(tmp_path),
     )
+
+
+def test_float64_backends_pass_against_the_reference_whose_softmax_is_fp32(tmp_path):
+    # eager attention takes its softmax in fp32 (as transformers' eager does), so the "fp64" reference is itself off
+    # by ~1e-7; sdpa in float64 (exact to ~1e-15 here) failed --check against the 1e-9 / 1e-8 float64 tolerance
+    res = compare_attention(**_one_layer_run(tmp_path), dtype="float64", backends=["eager", "sdpa"], seq_lens=[32])
     assert res.passed, res.failures
     sdpa = [r for r in res.rows if r.backend == "sdpa"]
     assert all(1e-12 < r.values["logits_rel_err"] < 1e-6 for r in sdpa)  # the reference's fp32 softmax, no more
@@ -545,20 +547,7 @@ def test_float64_backends_pass_against_the_reference_whose_softmax_is_fp32(tmp_p
 def test_a_run_name_that_already_holds_a_comparison_is_refused_before_the_run(tmp_path, monkeypatch):
     # a second run with the same --run_name appended to the first one's event files: two points at every step,
     # two summaries, with nothing to tell them apart
-    kw = dict(
-        preset="tiny",
-        device="cpu",
-        overrides={"num_hidden_layers": 1},
-        backends=["eager"],
-        seq_lens=[16],
-        batch_kinds=["padded"],
-        warmup=0,
-        repeats=1,
-        time_budget_s=0,
-        memory=False,
-        num_threads=1,
-        log_dir=str(tmp_path),
-    )
+    kw = dict(**_one_layer_run(tmp_path), backends=["eager"], seq_lens=[16], batch_kinds=["padded"])
     first = compare_attention(run_name="same", **kw)
     files = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
     from phi3_lightning.compare import run as run_module
