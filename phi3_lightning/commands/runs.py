@@ -226,7 +226,7 @@ def _run_checkpoint_dir(cfg: Any) -> tuple[Path, Path | None, str]:
             "has no TensorBoardLogger and no ModelCheckpoint dirpath; pass the checkpoint file instead"
         )
     args = loggers[0].init_args
-    root = Path(str(args.get("save_dir") or "logs")).expanduser() / str(args.name)
+    root = _run_root(args)
     version = _version_dir_name(args.get("version"))
     if version is None:
         candidates = (
@@ -544,6 +544,11 @@ def _same_dir(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve()
 
 
+def _run_root(args: Any) -> Path:
+    """``<save_dir>/<name>`` of a TensorBoard logger's init args: the directory holding the run's versions."""
+    return Path(str(args.get("save_dir") or "logs")).expanduser() / str(args.name)
+
+
 def place_run_logs(cfg: Any, subcommand: str, requested: str, run_dir: Path | None) -> None:
     """Where a command with a checkpoint logs. fit with ``last``: in that version (resumed in place); fit otherwise:
     a new version of the named run. validate/test/predict of a run's checkpoint: ``<version dir>/<command>/``."""
@@ -556,12 +561,11 @@ def place_run_logs(cfg: Any, subcommand: str, requested: str, run_dir: Path | No
             if requested == "last":
                 args.version = run_dir.name
             elif (version := _version_dir_name(args.get("version"))) is not None and _same_dir(
-                Path(str(args.get("save_dir") or "logs")).expanduser() / str(args.name) / version, run_dir
+                _run_root(args) / version, run_dir
             ):
                 args.version = None  # --run_version picked the source run: training from it starts a new version
             continue
-        root = Path(str(args.get("save_dir") or "logs")).expanduser() / str(args.name)
-        if root.resolve() != run_dir.parent.resolve():
+        if not _same_dir(_run_root(args), run_dir.parent):
             args.save_dir, args.name = str(run_dir.parent.parent), run_dir.parent.name
         args.version = run_dir.name
         if args.get("sub_dir") is None:
@@ -581,7 +585,7 @@ def check_fit_version_is_free(cfg: Any, requested: str | None) -> None:
         version = _version_dir_name(args.get("version"))
         if version is None:
             continue  # the logger takes the next free version_N
-        vdir = Path(str(args.get("save_dir") or "logs")).expanduser() / str(args.name) / version
+        vdir = _run_root(args) / version
         held = [p.name for p in _checkpoint_files(vdir / "checkpoints")]
         events = sorted(vdir.glob("events.out.tfevents.*")) if vdir.is_dir() else []
         if not held and not events:
