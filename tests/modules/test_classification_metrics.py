@@ -153,6 +153,48 @@ def test_multi_label_metrics_equal_the_hand_computation():
     assert math.isclose(result["val/f1"], sum(f1) / 3, rel_tol=1e-6), (result, f1)
 
 
+def _multi_label_hand(logits: torch.Tensor, hard: torch.Tensor) -> tuple[float, float]:
+    """Accuracy over (example, label) decisions and macro-F1 over labels (a label with no target and no predicted
+    positive scores 0: sklearn's ``f1_score(average="macro", zero_division=0)``), predictions: sigmoid above 0.5."""
+    preds = (logits.sigmoid() > 0.5).double()
+    f1 = []
+    for j in range(hard.shape[1]):
+        tp = float((preds[:, j] * hard[:, j]).sum())
+        fp = float((preds[:, j] * (1 - hard[:, j])).sum())
+        fn = float(((1 - preds[:, j]) * hard[:, j]).sum())
+        f1.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return (preds == hard).double().mean().item(), sum(f1) / len(f1)
+
+
+@pytest.mark.parametrize("num_labels", [1, 3])
+def test_multi_label_soft_targets_are_thresholded_at_0_5_for_the_metrics(num_labels):
+    """Soft targets (label smoothing, distillation): the loss uses them as they are; accuracy and F1 count a target
+    as positive when it is above 0.5, the rule the predictions follow. They were truncated (``.long()``): 0.9 and
+    0.7 counted as negatives, so a model predicting them positive scored accuracy 0."""
+    torch.manual_seed(6)
+    g = torch.Generator().manual_seed(8)
+    soft = torch.rand(13, num_labels, generator=g)
+    soft[0, 0], soft[1, 0], soft[2, 0] = 0.5, 0.5000001, 0.9999  # the boundary: 0.5 itself is negative
+    rows = _rows(13, list(soft), seed=4)
+    module = built(
+        SequenceClassificationModule(model="tiny", num_labels=num_labels, problem_type="multi_label_classification")
+    )
+    module.eval()
+    logits = _single_logits(module, rows)
+    hard = (soft > 0.5).double()
+    assert 0 < hard.mean() < 1
+    expected_acc, expected_f1 = _multi_label_hand(logits, hard)
+    result = _validate(module, rows, batch_size=4)
+    expected_loss = F.binary_cross_entropy_with_logits(logits, soft.double()).item()  # the soft targets themselves
+    assert math.isclose(result["val/loss"], expected_loss, rel_tol=1e-5), (result, expected_loss)
+    assert math.isclose(result["val/accuracy"], expected_acc, rel_tol=1e-6), (result, expected_acc)
+    assert math.isclose(result["val/f1"], expected_f1, rel_tol=1e-6), (result, expected_f1)
+    # a model predicting every label positive on targets 0.9 / 0.7: all correct (truncated, all wrong)
+    _constant_score(module, [3.0] * num_labels)
+    result = _validate(module, _rows(4, [torch.tensor([0.9, 0.7, 0.6][:num_labels])] * 4), batch_size=2)
+    assert result["val/accuracy"] == 1.0 and result["val/f1"] == 1.0, result
+
+
 def test_one_output_multi_label_is_a_binary_classifier_and_one_class_single_label_is_refused():
     """num_labels=1 with BCE (multi_label_classification: one yes/no output) is a valid classifier; its metrics
     (torchmetrics' multi-label classes refuse one label) are binary accuracy and F1 of the positive class. A
