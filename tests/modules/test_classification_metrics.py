@@ -263,3 +263,69 @@ def test_token_metrics_count_labelled_tokens_only():
         result["val/accuracy"], sum(p == t for p, t in zip(preds, targets)) / len(targets), rel_tol=1e-6
     )
     assert math.isclose(result["val/f1"], _macro_f1_multiclass(preds, targets, 5), rel_tol=1e-6)
+
+
+def _never_predict(module, label: int) -> None:
+    """Keep the score layer's weights, add a bias that rules ``label`` out of every prediction."""
+    old = module.head.score
+    score = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+    with torch.no_grad():
+        score.weight.copy_(old.weight)
+        score.bias.copy_(old.bias if old.bias is not None else torch.zeros(old.out_features))
+        score.bias[label] = -1e4
+    module.head.score = score
+
+
+def test_macro_f1_of_a_class_absent_from_targets_and_predictions_in_the_epoch():
+    """What the README says, against sklearn's rules written out: single-label (and token) macro-F1 averages over the
+    classes that are a target or a prediction somewhere in the epoch (sklearn: the labels of y_true | y_pred), so a
+    class absent from both is left out rather than scored 0 (or 1); multi-label macro-F1 averages over every label,
+    one with no target and no predicted positive scoring 0 (sklearn's ``zero_division=0``). Class 2 occurs only in the
+    first batch: the average is over the epoch's counts, not a mean of per-batch averages."""
+    torch.manual_seed(7)
+    labels = [2, 0, 1, 0, 1, 1, 0, 0, 1, 0, 1]  # class 3 never a target, class 2 only in batch 0
+    rows = _rows(len(labels), labels, seed=12)
+    module = built(SequenceClassificationModule(model="tiny", num_labels=4))
+    module.eval()
+    _never_predict(module, 3)
+    logits = _single_logits(module, rows)
+    preds = logits.argmax(-1).tolist()
+    assert 3 not in preds and 3 not in labels and len(set(preds) | set(labels)) == 3
+    present = _macro_f1_multiclass(preds, labels, 4)
+    scored_0 = present * 3 / 4  # the absent class scoring 0 and counted
+    assert present != scored_0
+    result = _validate(module, rows, batch_size=4)
+    assert math.isclose(result["val/f1"], present, rel_tol=1e-6), (result, present, scored_0)
+
+    # token classification: the same rule over labelled tokens
+    g = torch.Generator().manual_seed(3)
+    token_rows = []
+    for i in range(6):
+        lab = torch.randint(0, 2, (int(torch.randint(3, 8, (1,), generator=g)),), generator=g)
+        lab[0] = 2 if i == 0 else lab[0]
+        token_rows.append({"input_ids": torch.randint(3, 200, (len(lab),), generator=g), "labels": lab})
+    tok = built(TokenClassificationModule(model="tiny", num_labels=4))
+    tok.eval()
+    _never_predict(tok, 3)
+    with torch.no_grad():
+        tp = [tok.head(input_ids=r["input_ids"][None]).logits[0].argmax(-1) for r in token_rows]
+    t_preds = torch.cat(tp).tolist()
+    t_targets = torch.cat([r["labels"] for r in token_rows]).tolist()
+    assert 3 not in t_preds and 3 not in t_targets
+    result = _validate(tok, token_rows, batch_size=2)
+    assert math.isclose(result["val/f1"], _macro_f1_multiclass(t_preds, t_targets, 4), rel_tol=1e-6)
+
+    # multi-label: label 3 never a target and never predicted scores 0 and counts in the mean over 4 labels
+    g = torch.Generator().manual_seed(9)
+    hot = (torch.rand(9, 4, generator=g) < 0.5).float()
+    hot[:, 3] = 0.0
+    rows = _rows(9, list(hot), seed=13)
+    ml = built(SequenceClassificationModule(model="tiny", num_labels=4, problem_type="multi_label_classification"))
+    ml.eval()
+    _never_predict(ml, 3)
+    logits = _single_logits(ml, rows)
+    assert not (logits[:, 3].sigmoid() > 0.5).any()
+    _, expected_f1 = _multi_label_hand(logits, hot.double())
+    result = _validate(ml, rows, batch_size=4)
+    assert math.isclose(result["val/f1"], expected_f1, rel_tol=1e-6), (result, expected_f1)
+    assert expected_f1 <= 0.75  # one of the four labels scores 0
