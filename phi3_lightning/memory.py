@@ -692,7 +692,12 @@ def explain_oom(config_or_preset: Phi3Config | str, device_bytes: int | None = N
     if s["method"] == "full":
         candidates.append((f"LoRA (r={s['lora_rank']})", dict(method="lora")))
         if ckpt:
-            candidates.append(("LoRA + activation checkpointing", dict(method="lora", activation_checkpointing=True)))
+            candidates.append(
+                (
+                    f"LoRA (r={s['lora_rank']}) + activation checkpointing",
+                    dict(method="lora", activation_checkpointing=True),
+                )
+            )
     for extra_label, extra in (("", {}), (" + activation checkpointing", dict(activation_checkpointing=True))):
         if extra and not ckpt:
             continue
@@ -946,7 +951,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="update each parameter inside backward and free its gradient (model.init_args.optimizer_in_backward): "
         "one gradient alive at a time, no optimizer-step phase; one GPU, no gradient accumulation",
     )
-    ap.add_argument("--lora-rank", type=int, default=16, help="adapter rank r with --method lora")
+    ap.add_argument(
+        "--lora-rank",
+        type=int,
+        default=None,
+        help="adapter rank r with --method lora (default 16); with --method full only together with --gpu-memory, "
+        "where it sizes the LoRA alternatives the advice suggests",
+    )
     ap.add_argument(
         "--optimizer",
         default="adamw",
@@ -987,6 +998,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"--measure runs one process on this CPU, not {args.strategy} over {world} GPUs (whose per-GPU shares "
             "it would be compared with); use --strategy single with --measure"
         )
+    if args.lora_rank is not None and args.method == "full" and args.gpu_memory is None:
+        ap.error(
+            f"--lora-rank {args.lora_rank} is unused with --method full (every weight is trained, there are no "
+            "adapters): add --method lora to plan a LoRA run of that rank, or drop --lora-rank"
+        )
+    if args.lora_rank is None:
+        args.lora_rank = 16
     if args.config is None and args.preset not in PRESETS:
         ap.error(f"unknown preset {args.preset!r}; choose one of: {', '.join(PRESETS)}")
     kwargs = dict(

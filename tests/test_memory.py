@@ -1,6 +1,7 @@
 """Memory planner: exact byte counts where they can be exact, and the activation formula vs autograd's saved tensors."""
 
 import math
+import re
 
 import pytest
 
@@ -253,7 +254,7 @@ def test_explain_oom_suggests_changes_that_fit():
     msg = explain_oom("phi-3-mini-4k", device_bytes=gpu, **kw)
     assert msg.startswith(f"estimated {est.total / GiB:.1f} GiB per GPU for full fine-tuning of phi-3-mini-4k")
     assert "80.0 GiB" in msg and "LoRA" in msg and "activation checkpointing" in msg and "fsdp2 with" in msg
-    suggested = [float(x.split(" GiB")[0]) for x in msg.split("; try ")[1].split("(")[1:]]
+    suggested = [float(x) for x in re.findall(r"\(([0-9.]+) GiB\)", msg.split("; try ")[1])]
     assert suggested and all(s <= 0.9 * 80 for s in suggested)
     # the fsdp2 suggestion is the smallest world size that fits
     n = int(msg.split("fsdp2 with ")[1].split(" GPUs")[0])
@@ -423,3 +424,32 @@ def test_fit_verdict_keeps_the_headroom_the_suggestions_keep(capsys):
         assert "fits in" not in out and f"above 90% of {gpu} GiB" in out and "; try " in out
     assert main([*args, "--gpu-memory", "24"]) == 0
     assert "fits in 24 GiB" in capsys.readouterr().out
+
+
+def test_planner_cli_refuses_a_lora_rank_that_full_fine_tuning_would_ignore(capsys):
+    # --method full --lora-rank 8 printed the full fine-tune's table, the rank silently unused
+    with pytest.raises(SystemExit) as e:
+        main(["--preset", "tiny", "--method", "full", "--lora-rank", "8"])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == ""
+    assert "--lora-rank 8" in err and "--method full" in err and "--method lora" in err
+    # the default method is full: the same refusal
+    with pytest.raises(SystemExit):
+        main(["--preset", "tiny", "--lora-rank", "8"])
+    capsys.readouterr()
+    # with --method lora the rank is used: r=4 trains fewer parameters than the default r=16
+    assert main(["--preset", "tiny", "--method", "lora", "--lora-rank", "4"]) == 0
+    assert "LoRA (r=4)" in capsys.readouterr().out
+    assert main(["--preset", "tiny", "--method", "lora"]) == 0
+    assert "LoRA (r=16)" in capsys.readouterr().out
+
+
+def test_planner_cli_full_with_gpu_memory_sizes_the_suggested_lora_with_the_given_rank(capsys):
+    # with --gpu-memory the advice for a full fine-tune suggests LoRA alternatives: there the rank is used (and named)
+    args = ["--preset", "phi-3-mini-4k", "--method", "full", "--gpu-memory", "24"]
+    assert main([*args, "--lora-rank", "8"]) == 0
+    out8 = capsys.readouterr().out
+    est8 = estimate_memory("phi-3-mini-4k", method="lora", lora_rank=8, activation_checkpointing=True)
+    assert f"LoRA (r=8) + activation checkpointing ({est8.gib():.1f} GiB)" in out8
+    assert main(args) == 0
+    assert "LoRA (r=16) + activation checkpointing" in capsys.readouterr().out

@@ -8,6 +8,7 @@ validation pass runs at every epoch end (its dataloader must not draw from the g
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -172,6 +173,68 @@ def test_max_steps_mid_epoch_still_writes_the_top_k_checkpoint_of_a_train_epoch_
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["epoch=0-step=2.ckpt", "last.ckpt"]
     assert ckpt.best_model_path == str(tmp_path / "a" / "epoch=0-step=2.ckpt")
     assert torch.load(ckpt.best_model_path, weights_only=True)["global_step"] == 2
+
+
+def _train_epoch_saver(path) -> ModelCheckpoint:
+    return ModelCheckpoint(
+        dirpath=path,
+        monitor="train/loss_epoch",
+        mode="min",
+        save_top_k=2,
+        save_last=True,
+        filename="{epoch}-{step}-{train/loss_epoch:.6f}",
+        auto_insert_metric_name=False,
+    )
+
+
+def _top_k(ckpt: ModelCheckpoint) -> dict[str, float]:
+    return {Path(k).name: float(v) for k, v in ckpt.best_k_models.items()}
+
+
+@pytest.mark.parametrize("val_batches", [0, 1], ids=["no_validation", "validation_at_epoch_end"])
+@pytest.mark.parametrize("stop", [2, 6], ids=["mid_epoch0", "mid_epoch1"])
+def test_max_steps_mid_epoch_keeps_the_train_epoch_metric_top_k_file_of_plain_lightning(
+    stop, val_batches, cache, tmp_path
+):
+    """A ModelCheckpoint on ``train/loss_epoch`` (min, top 2) and a fit that stops at max_steps inside an epoch. Plain
+    Lightning (without our max_steps save) closes the epoch and writes a top-k file for that partial epoch, scored with
+    its ``train/loss_epoch``. Ours scored the file it made at the max_steps batch with the *previous* epoch's stale
+    value (``1-6-5.19...ckpt`` next to ``0-4-5.19...ckpt``, best = epoch 0) and, in the first epoch, wrote none. Now:
+    the same files and scores as plain Lightning, the score equal to the logged ``train/loss_epoch``, ``last.ckpt``
+    records that top-k, and continuing from it still equals the uninterrupted run."""
+
+    def run(root, plain, max_steps, ckpt_path=None):
+        pl.seed_everything(0, verbose=False)
+        dm = _data("causal_packed", cache)
+        module = _module("causal_packed", dm)
+        if plain:  # Lightning alone: none of our callbacks, no max_steps save
+            module.configure_callbacks = lambda: []
+            module._save_at_max_steps = lambda after_validation: None
+        ckpt = _train_epoch_saver(root / "a")
+        trainer = _trainer(root, max_steps, -1, [ckpt], limit_val_batches=val_batches)
+        trainer.fit(module, dm, ckpt_path=ckpt_path)
+        return module, trainer, ckpt
+
+    _, plain_trainer, plain = run(tmp_path / "plain", True, stop)
+    _, trainer, ours = run(tmp_path / "ours", False, stop)
+    logged = float(trainer.callback_metrics["train/loss_epoch"])  # the partial epoch's value, logged at its close
+    assert logged == float(plain_trainer.callback_metrics["train/loss_epoch"])
+    assert _top_k(ours) == _top_k(plain)
+    last_epoch = [v for k, v in _top_k(ours).items() if k.startswith(f"{stop // BATCHES}-{stop}-")]
+    assert last_epoch == [logged]
+    assert Path(ours.best_model_path).name == Path(plain.best_model_path).name
+    assert float(ours.best_model_score) == min(_top_k(ours).values())
+    files = sorted(p.name for p in (tmp_path / "ours" / "a").iterdir())
+    assert files == sorted([*_top_k(ours), "last.ckpt"])
+    last = torch.load(tmp_path / "ours" / "a" / "last.ckpt", weights_only=True)
+    (state,) = [s for k, s in last["callbacks"].items() if k.startswith("ModelCheckpoint")]
+    assert {Path(k).name: float(v) for k, v in state["best_k_models"].items()} == _top_k(ours)
+    assert state["best_model_path"] == ours.best_model_path
+    # last.ckpt is still the resumable state inside the epoch: continued to stop + 4 it equals the uninterrupted run
+    full, _, _ = run(tmp_path / "full", False, stop + 4)
+    resumed, trainer, _ = run(tmp_path / "ours", False, stop + 4, ckpt_path=tmp_path / "ours" / "a" / "last.ckpt")
+    assert trainer.global_step == stop + 4
+    _assert_same(full.state_dict(), resumed.state_dict())
 
 
 @pytest.mark.parametrize("kind", ["causal_packed", "causal_padded"])

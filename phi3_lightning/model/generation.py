@@ -81,6 +81,29 @@ def _check_left_padded(attention_mask: torch.Tensor, input_ids: torch.Tensor) ->
         )
 
 
+def warp_logits(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """(B, V) logits -> fp32 logits divided by ``temperature``, ``-inf`` outside the sampled set: the same set and
+    values as transformers' warpers in ``generate``'s order (temperature, top-k, top-p; tested against them).
+
+    top-k keeps every token whose logit is at least the k-th largest (a tie at the k-th value keeps all of it).
+    top-p (nucleus) keeps the most probable tokens whose mass reaches ``top_p``, probabilities taken after top-k:
+    sorted ascending, a token is dropped when the mass up to and including it is at most ``1 - top_p``; the most
+    probable token is always kept. So a nucleus whose mass equals ``top_p`` exactly gets no further token, and of
+    tied tokens straddling the boundary only those that ``torch.sort`` (not stable, as transformers calls it) places
+    last are kept: the same tokens as transformers on the same device (on CPU, for a short row, the higher ids; in
+    general an arbitrary but deterministic choice among equal logits)."""
+    logits = logits.float() / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        ascending, order = logits.sort(dim=-1)  # unstable, as transformers': the same order of ties
+        below = ascending.softmax(-1).cumsum(-1) <= 1 - top_p  # (B, V): the tail holding at most 1 - top_p
+        below[:, -1] = False  # the most probable token stays
+        logits = logits.masked_fill(below.scatter(-1, order, below), float("-inf"))
+    return logits
+
+
 def sample_next(
     logits: torch.Tensor,
     do_sample: bool,
@@ -89,22 +112,12 @@ def sample_next(
     top_p: float | None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """(B, V) last-position logits -> (B,) next tokens."""
+    """(B, V) last-position logits -> (B,) next tokens: the argmax, or a draw from :func:`warp_logits`' set."""
     if not do_sample:
         return logits.argmax(-1)
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0 when sampling; use do_sample=False for greedy")
-    logits = logits.float() / temperature
-    if top_k is not None and top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
+    probs = warp_logits(logits, temperature, top_k, top_p).softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 

@@ -168,6 +168,21 @@ def _check_label_range(labels: torch.Tensor, num_labels: int, what: str) -> None
             )
 
 
+def _check_probability_targets(labels: torch.Tensor) -> None:
+    """Multi-label BCE targets are probabilities: each in [0, 1] (soft targets allowed; there is no ignore value)."""
+    if torch.compiler.is_compiling() or not labels.numel():
+        return
+    rows = labels.reshape(labels.shape[0], -1)  # (B, num_labels)
+    bad = ~((rows >= 0) & (rows <= 1))  # NaN included
+    if bool(bad.any()):
+        i, j = bad.nonzero()[0].tolist()
+        value = float(rows[i, j])
+        raise ValueError(
+            f"multi-label target {value} (example {i}, label {j}) is outside [0, 1]; multi-label targets are "
+            "probabilities (1 = the label applies, 0 = not; soft values in between), with no ignore value like -100"
+        )
+
+
 def infer_problem_type(num_labels: int, labels: torch.Tensor) -> str:
     """The problem type of labels when none is configured (transformers' rule): one output -> regression; integer
     labels -> single-label; float labels over several outputs -> multi-label. The loss and the metrics both use it."""
@@ -194,6 +209,7 @@ def sequence_classification_loss(
         return F.cross_entropy(
             logits.float().view(-1, num_labels), labels.view(-1), ignore_index=IGNORE_INDEX
         ), problem_type
+    _check_probability_targets(labels)
     return F.binary_cross_entropy_with_logits(logits.float(), labels.to(torch.float32)), problem_type
 
 

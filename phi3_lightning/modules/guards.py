@@ -340,7 +340,8 @@ class PreemptionCheckpoint(Callback):
         same epoch. The ModelCheckpoint callbacks writing that ``last`` count it as their save of this step, so none
         overwrites it with its state at the epoch's end; one that would save its top-k checkpoint only at the
         training epoch's end (``save_on_train_epoch_end``: no validation, or once per epoch) saves it here (at the
-        batch, or after the validation), unless it monitors a metric of the epoch's end (``train/*_epoch``).
+        batch, or after the validation), scored with the values the epoch's end would give it (``train/*_epoch``
+        over the epoch's batches so far, as plain Lightning scores the partial epoch it closes).
 
         Every rank saves (the DataModule's state gathers across ranks)."""
         step = trainer.global_step
@@ -451,9 +452,23 @@ def _save_top_k_now(trainer: pl.Trainer, cb: Any) -> None:
     if every < 1 or (trainer.current_epoch + 1) % every != 0:
         return
     candidates = cb._monitor_candidates(trainer)
+    # the training metrics as the epoch's end hands them to callbacks (``train/x`` and ``train/x_epoch`` over the
+    # epoch's batches): without them a ``train/*_epoch`` monitor read the previous epoch's stale value, or none
+    candidates.update(_train_epoch_metrics(trainer))
     if cb.monitor is not None and cb.monitor not in candidates:
-        return  # a metric of the epoch's end (train/*_epoch): not there yet
+        return  # a metric this epoch has not logged: the epoch's end would not have it either
     cb._save_topk_checkpoint(trainer, candidates)
+
+
+def _train_epoch_metrics(trainer: pl.Trainer) -> dict[str, torch.Tensor]:
+    """The training epoch's ``on_epoch`` values that Lightning gives the callbacks when it closes the epoch, computed
+    now from the epoch's results so far (every rank calls this: torchmetrics syncs across processes). Nothing is
+    reset; the epoch's end reads the same values (cached until the next update). Empty for another Lightning."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    results = getattr(loop, "_results", None)
+    if results is None or not hasattr(results, "metrics"):
+        return {}
+    return dict(results.metrics(on_step=False)["callback"])
 
 
 def _last_savers(trainer: pl.Trainer) -> list[Any]:

@@ -97,8 +97,10 @@ class SequenceClassificationModule(Phi3LightningModule):
     def _make_metrics(self) -> nn.ModuleDict:
         """Single-label: accuracy and macro-F1 over the labelled examples (-100 skipped; a class neither present nor
         predicted is left out of the average). Multi-label: the share of correct (example, label) decisions and the
-        macro-F1 over labels, a label deciding positive when its sigmoid is above 0.5 (one output: binary accuracy
-        and F1). Regression: MSE over every output."""
+        macro-F1 over labels (a label never a target nor predicted scores 0 and counts in the average), a label
+        deciding positive when its sigmoid is above 0.5 and a target counting as positive when above 0.5 (soft
+        targets: the loss uses them as given, the metrics thresholded); one output: binary accuracy and F1.
+        Regression: MSE over every output."""
         n = self.config.num_labels
         m: dict[str, nn.Module] = {"loss": LossMean()}
         if self.problem_type == "regression":
@@ -129,7 +131,9 @@ class SequenceClassificationModule(Phi3LightningModule):
         if self.problem_type == "multi_label_classification":
             # probabilities, never logits: torchmetrics applies the sigmoid only when some value lies outside [0, 1],
             # so a batch whose logits all lay in [0, 1] was thresholded as if they were probabilities
-            probs, targets = logits.sigmoid(), labels.long()
+            # a target is positive when above 0.5, as a prediction is: soft targets (label smoothing, distillation)
+            # go to the loss as they are; truncating them (.long()) made 0.9 a negative
+            probs, targets = logits.sigmoid(), (labels > 0.5).long()
             return (probs.flatten(), targets.flatten()) if self.config.num_labels == 1 else (probs, targets)
         return logits.argmax(-1), labels
 

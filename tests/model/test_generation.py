@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from phi3_lightning import Phi3ForCausalLM
-from phi3_lightning.model.generation import sample_next
+from phi3_lightning.model.generation import sample_next, warp_logits
 
 from .shapes import config
 
@@ -76,6 +76,80 @@ def test_top_p_keeps_smallest_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     seen = {int(sample_next(logits, True, 1.0, None, 0.7)) for _ in range(200)}
     assert seen == {0, 1}  # 0.5 < 0.7 <= 0.8: tokens 0 and 1 only
+
+
+def _hf_warped(logits, temperature, top_k, top_p):
+    """transformers' sampling warpers in generate's order (temperature, top-k, top-p): the oracle."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    warpers = LogitsProcessorList()
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k is not None:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p is not None and top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+    return warpers(None, logits.float())
+
+
+def _kept(logits):
+    return [row.isfinite().nonzero().flatten().tolist() for row in logits]
+
+
+# (probabilities, temperature, top_k, top_p, the tokens transformers keeps): ties at the nucleus boundary, top_p
+# exactly a cumulative mass (sums of powers of 2: no rounding), top_k ties at its k-th value, temperature. The rule:
+# sorted ascending (ties in torch.sort's order: by token id for such short CPU rows), a token is dropped when the
+# mass up to and including it is <= 1 - top_p.
+TIE_CASES = [
+    ([0.5, 0.25, 0.25], 1.0, None, 0.5, [0]),  # token 0's mass is exactly top_p: the tied pair is dropped
+    ([0.5, 0.25, 0.25], 1.0, None, 0.75, [0, 2]),  # one of the tied pair: the higher token id
+    ([0.25, 0.25, 0.25, 0.25], 1.0, None, 0.5, [2, 3]),  # all tied, top_p a cumulative mass
+    ([0.25, 0.25, 0.25, 0.25], 1.0, None, 0.6, [1, 2, 3]),
+    ([0.125, 0.375, 0.125, 0.375], 1.0, None, 0.375, [3]),  # exactly one token's mass, tied with another
+    ([0.125, 0.375, 0.125, 0.375], 1.0, None, 0.8, [1, 2, 3]),  # into the lower tie: one of it
+    ([0.7, 0.2, 0.1], 1.0, None, 0.9, [0, 1]),  # 0.7 + 0.2 reaches 0.9 (in float32)
+    ([0.5, 0.25, 0.125, 0.125], 1.0, 3, 0.8, [0, 1, 3]),  # top_k's 3rd value is tied: 4 kept, then top_p drops one
+    ([0.5, 0.25, 0.125, 0.0625, 0.0625], 1.0, 2, 0.5, [0]),  # top_p sees top_k's renormalised 2/3, 1/3
+    ([0.5, 0.25, 0.125, 0.125], 0.5, None, 0.8, [0, 1]),  # temperature 0.5 sharpens: 16/21, 4/21, 1/21, 1/21
+    ([0.4, 0.3, 0.3], 2.0, 2, 0.6, [0, 2]),  # temperature 2 flattens to 0.37, 0.32, 0.32; top_k keeps the tie
+]
+
+
+@pytest.mark.parametrize("probs, temperature, top_k, top_p, expected", TIE_CASES)
+def test_sampling_filter_keeps_the_set_transformers_keeps(probs, temperature, top_k, top_p, expected):
+    # ours kept one token too many whenever top_p equalled a cumulative mass (it dropped a token only when the mass
+    # before it exceeded top_p) and, of tied tokens at the boundary, the lower token ids (transformers: the higher):
+    # [0.5, 0.25, 0.25] with top_p 0.5 kept [0, 1], with 0.75 all three
+    logits = torch.tensor([probs]).log()
+    ref = _hf_warped(logits, temperature, top_k, top_p)
+    got = warp_logits(logits, temperature, top_k, top_p)
+    assert _kept(ref) == [expected]
+    assert _kept(got) == [expected]
+    assert torch.equal(got, ref)  # the kept logits too (temperature-scaled), -inf elsewhere
+
+
+def test_sampling_filter_equals_transformers_on_random_tied_batches():
+    # rows with many ties (logits rounded to a coarse grid), the batch dimension, top_p values that hit masses; in
+    # rows this long torch.sort's (unstable) order of ties is not by token id, and ours follows it as transformers do
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(64, 40, generator=g) * 2).round() / 2
+    for temperature in (1.0, 0.7):
+        for top_k in (None, 5, 12):
+            for top_p in (0.3, 0.5, 0.9, 0.95, 1.0):
+                ref = _hf_warped(logits, temperature, top_k, top_p)
+                got = warp_logits(logits, temperature, top_k, top_p)
+                assert torch.equal(got, ref), (temperature, top_k, top_p)
+
+
+def test_sampling_draws_only_from_the_kept_set():
+    logits = torch.tensor([[0.25, 0.25, 0.25, 0.25]]).log()
+    seen = {int(sample_next(logits, True, 1.0, None, 0.5)) for _ in range(200)}
+    assert seen == {2, 3}
 
 
 def test_generate_rejects_too_long():

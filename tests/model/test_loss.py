@@ -117,3 +117,19 @@ def test_fused_loss_trains_after_a_call_under_inference_mode():
     loss.backward()
     assert torch.allclose(loss.detach(), expected)
     assert h.grad is not None and torch.isfinite(h.grad).all()
+
+
+@pytest.mark.parametrize("bad", [-100.0, 1.5, -0.25, float("nan")])
+def test_multi_label_targets_outside_0_1_are_a_clear_error(bad):
+    # BCE's targets are probabilities: -100 (no "ignore" for multi-label BCE) or 1.5 gave a finite, meaningless
+    # loss, and the metrics counted the target as a negative
+    from phi3_lightning.model.loss import sequence_classification_loss
+
+    logits = torch.randn(3, 4)
+    labels = torch.tensor([[0.0, 1.0, 0.3, 0.9]] * 3)
+    labels[2, 1] = bad
+    with pytest.raises(ValueError, match=rf"multi-label target {bad} \(example 2, label 1\) is outside \[0, 1\]"):
+        sequence_classification_loss(logits, labels, 4, "multi_label_classification")
+    labels[2, 1] = 1.0  # soft targets inside [0, 1] are fine
+    loss, _ = sequence_classification_loss(logits, labels, 4, "multi_label_classification")
+    assert torch.allclose(loss, torch.nn.functional.binary_cross_entropy_with_logits(logits, labels))

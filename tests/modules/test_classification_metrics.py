@@ -153,6 +153,48 @@ def test_multi_label_metrics_equal_the_hand_computation():
     assert math.isclose(result["val/f1"], sum(f1) / 3, rel_tol=1e-6), (result, f1)
 
 
+def _multi_label_hand(logits: torch.Tensor, hard: torch.Tensor) -> tuple[float, float]:
+    """Accuracy over (example, label) decisions and macro-F1 over labels (a label with no target and no predicted
+    positive scores 0: sklearn's ``f1_score(average="macro", zero_division=0)``), predictions: sigmoid above 0.5."""
+    preds = (logits.sigmoid() > 0.5).double()
+    f1 = []
+    for j in range(hard.shape[1]):
+        tp = float((preds[:, j] * hard[:, j]).sum())
+        fp = float((preds[:, j] * (1 - hard[:, j])).sum())
+        fn = float(((1 - preds[:, j]) * hard[:, j]).sum())
+        f1.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return (preds == hard).double().mean().item(), sum(f1) / len(f1)
+
+
+@pytest.mark.parametrize("num_labels", [1, 3])
+def test_multi_label_soft_targets_are_thresholded_at_0_5_for_the_metrics(num_labels):
+    """Soft targets (label smoothing, distillation): the loss uses them as they are; accuracy and F1 count a target
+    as positive when it is above 0.5, the rule the predictions follow. They were truncated (``.long()``): 0.9 and
+    0.7 counted as negatives, so a model predicting them positive scored accuracy 0."""
+    torch.manual_seed(6)
+    g = torch.Generator().manual_seed(8)
+    soft = torch.rand(13, num_labels, generator=g)
+    soft[0, 0], soft[1, 0], soft[2, 0] = 0.5, 0.5000001, 0.9999  # the boundary: 0.5 itself is negative
+    rows = _rows(13, list(soft), seed=4)
+    module = built(
+        SequenceClassificationModule(model="tiny", num_labels=num_labels, problem_type="multi_label_classification")
+    )
+    module.eval()
+    logits = _single_logits(module, rows)
+    hard = (soft > 0.5).double()
+    assert 0 < hard.mean() < 1
+    expected_acc, expected_f1 = _multi_label_hand(logits, hard)
+    result = _validate(module, rows, batch_size=4)
+    expected_loss = F.binary_cross_entropy_with_logits(logits, soft.double()).item()  # the soft targets themselves
+    assert math.isclose(result["val/loss"], expected_loss, rel_tol=1e-5), (result, expected_loss)
+    assert math.isclose(result["val/accuracy"], expected_acc, rel_tol=1e-6), (result, expected_acc)
+    assert math.isclose(result["val/f1"], expected_f1, rel_tol=1e-6), (result, expected_f1)
+    # a model predicting every label positive on targets 0.9 / 0.7: all correct (truncated, all wrong)
+    _constant_score(module, [3.0] * num_labels)
+    result = _validate(module, _rows(4, [torch.tensor([0.9, 0.7, 0.6][:num_labels])] * 4), batch_size=2)
+    assert result["val/accuracy"] == 1.0 and result["val/f1"] == 1.0, result
+
+
 def test_one_output_multi_label_is_a_binary_classifier_and_one_class_single_label_is_refused():
     """num_labels=1 with BCE (multi_label_classification: one yes/no output) is a valid classifier; its metrics
     (torchmetrics' multi-label classes refuse one label) are binary accuracy and F1 of the positive class. A
@@ -221,3 +263,69 @@ def test_token_metrics_count_labelled_tokens_only():
         result["val/accuracy"], sum(p == t for p, t in zip(preds, targets)) / len(targets), rel_tol=1e-6
     )
     assert math.isclose(result["val/f1"], _macro_f1_multiclass(preds, targets, 5), rel_tol=1e-6)
+
+
+def _never_predict(module, label: int) -> None:
+    """Keep the score layer's weights, add a bias that rules ``label`` out of every prediction."""
+    old = module.head.score
+    score = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+    with torch.no_grad():
+        score.weight.copy_(old.weight)
+        score.bias.copy_(old.bias if old.bias is not None else torch.zeros(old.out_features))
+        score.bias[label] = -1e4
+    module.head.score = score
+
+
+def test_macro_f1_of_a_class_absent_from_targets_and_predictions_in_the_epoch():
+    """What the README says, against sklearn's rules written out: single-label (and token) macro-F1 averages over the
+    classes that are a target or a prediction somewhere in the epoch (sklearn: the labels of y_true | y_pred), so a
+    class absent from both is left out rather than scored 0 (or 1); multi-label macro-F1 averages over every label,
+    one with no target and no predicted positive scoring 0 (sklearn's ``zero_division=0``). Class 2 occurs only in the
+    first batch: the average is over the epoch's counts, not a mean of per-batch averages."""
+    torch.manual_seed(7)
+    labels = [2, 0, 1, 0, 1, 1, 0, 0, 1, 0, 1]  # class 3 never a target, class 2 only in batch 0
+    rows = _rows(len(labels), labels, seed=12)
+    module = built(SequenceClassificationModule(model="tiny", num_labels=4))
+    module.eval()
+    _never_predict(module, 3)
+    logits = _single_logits(module, rows)
+    preds = logits.argmax(-1).tolist()
+    assert 3 not in preds and 3 not in labels and len(set(preds) | set(labels)) == 3
+    present = _macro_f1_multiclass(preds, labels, 4)
+    scored_0 = present * 3 / 4  # the absent class scoring 0 and counted
+    assert present != scored_0
+    result = _validate(module, rows, batch_size=4)
+    assert math.isclose(result["val/f1"], present, rel_tol=1e-6), (result, present, scored_0)
+
+    # token classification: the same rule over labelled tokens
+    g = torch.Generator().manual_seed(3)
+    token_rows = []
+    for i in range(6):
+        lab = torch.randint(0, 2, (int(torch.randint(3, 8, (1,), generator=g)),), generator=g)
+        lab[0] = 2 if i == 0 else lab[0]
+        token_rows.append({"input_ids": torch.randint(3, 200, (len(lab),), generator=g), "labels": lab})
+    tok = built(TokenClassificationModule(model="tiny", num_labels=4))
+    tok.eval()
+    _never_predict(tok, 3)
+    with torch.no_grad():
+        tp = [tok.head(input_ids=r["input_ids"][None]).logits[0].argmax(-1) for r in token_rows]
+    t_preds = torch.cat(tp).tolist()
+    t_targets = torch.cat([r["labels"] for r in token_rows]).tolist()
+    assert 3 not in t_preds and 3 not in t_targets
+    result = _validate(tok, token_rows, batch_size=2)
+    assert math.isclose(result["val/f1"], _macro_f1_multiclass(t_preds, t_targets, 4), rel_tol=1e-6)
+
+    # multi-label: label 3 never a target and never predicted scores 0 and counts in the mean over 4 labels
+    g = torch.Generator().manual_seed(9)
+    hot = (torch.rand(9, 4, generator=g) < 0.5).float()
+    hot[:, 3] = 0.0
+    rows = _rows(9, list(hot), seed=13)
+    ml = built(SequenceClassificationModule(model="tiny", num_labels=4, problem_type="multi_label_classification"))
+    ml.eval()
+    _never_predict(ml, 3)
+    logits = _single_logits(ml, rows)
+    assert not (logits[:, 3].sigmoid() > 0.5).any()
+    _, expected_f1 = _multi_label_hand(logits, hot.double())
+    result = _validate(ml, rows, batch_size=4)
+    assert math.isclose(result["val/f1"], expected_f1, rel_tol=1e-6), (result, expected_f1)
+    assert expected_f1 <= 0.75  # one of the four labels scores 0
