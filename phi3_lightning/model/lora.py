@@ -214,6 +214,13 @@ class LoRALinear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base.bias
 
+    def fused_operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x', W')`` with ``F.linear(x', W') == forward(x) - bias``, adapter dropout included: ``[x | s *
+        dropout(x) A^T] @ [W | B]^T``. For kernels that take an input and one weight (the fused linear +
+        cross-entropy on ``lm_head``): :attr:`weight` folds ``W + B A s`` and so cannot drop the adapter's input."""
+        a = F.linear(self.lora_dropout(x), self.lora_A) * self.scaling  # (..., r)
+        return torch.cat([x, a.to(x.dtype)], dim=-1), torch.cat([self.base.weight, self.lora_B], dim=1)
+
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         """``W + B @ A * scaling`` computed in fp32, in the base weight's dtype."""
@@ -224,6 +231,14 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         rs = ", rslora" if self.use_rslora else ""
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha:g}{rs}"
+
+
+def linear_operands(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x', W')`` with ``F.linear(x', W')`` equal to ``layer(x)`` without its bias: ``(x, layer.weight)`` for a plain
+    linear layer, :meth:`LoRALinear.fused_operands` for an adapted one."""
+    if isinstance(layer, LoRALinear):
+        return layer.fused_operands(x)
+    return x, layer.weight
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -231,6 +231,31 @@ def test_lora_on_lm_head_works_with_fused_loss():
     assert model.lm_head.lora_A.grad is not None and model.lm_head.lora_A.grad.abs().max() > 0
 
 
+def test_lm_head_adapter_dropout_applies_in_the_fused_training_loss():
+    """Training reads the loss through the fused linear + cross-entropy (``return_logits=False``); an adapted
+    lm_head's dropout must act there as in its forward (it used to fold ``W + B A s`` and drop nothing)."""
+    model = Phi3ForCausalLM(config())
+    apply_lora(model, LoRAConfig(r=2, dropout=0.5, target_modules=["lm_head"]))
+    with torch.no_grad():
+        model.lm_head.lora_B.normal_()
+    ids = batch()
+    model.train()
+    losses, grads = [], []
+    for fused in (False, True):
+        torch.manual_seed(7)  # the same dropout mask for both paths
+        loss = model(ids, labels=ids, return_logits=not fused).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([model.lm_head.lora_A.grad.clone(), model.lm_head.lora_B.grad.clone()])
+        model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for g_fused, g_full in zip(grads[1], grads[0]):
+        torch.testing.assert_close(g_fused, g_full, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        no_dropout = model.eval()(ids, labels=ids, return_logits=False).loss
+    assert (losses[1] - no_dropout).abs() > 1e-3  # the dropout did act
+
+
 def test_bad_targets_name_them_and_list_linears():
     model = Phi3ForCausalLM(config())
     with pytest.raises(ValueError) as e:
