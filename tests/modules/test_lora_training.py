@@ -286,6 +286,37 @@ def test_bad_lora_target_through_the_cli(lm_run, tmp_path):
     assert rc == 1 and "target_modules ['q_proj']" in err and "qkv_proj" in err, err[-2000:]
 
 
+def _validate_from(module, ckpt, cache):
+    dm = CausalLMDataModule(
+        tokenizer="byte", source="embedded", max_length=64, max_files=8, batch_size=4, cache_dir=cache, progress=False
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu", logger=False, limit_val_batches=1, enable_progress_bar=False, enable_model_summary=False
+    )
+    return trainer.validate(module, datamodule=dm, ckpt_path=ckpt, verbose=False)
+
+
+def test_a_checkpoint_is_refused_by_a_module_with_other_lora_settings(lm_run, tmp_path):
+    """The LoRA settings a checkpoint's adapters were trained with are checked where it loads (Python API too),
+    before any weight is copied: another alpha (same shapes) would silently rescale every adapter. A run started
+    from ``adapter`` re-reads its adapter_config.json when it resumes: edited since, it is refused the same way."""
+    cache = lm_run.root / "cache"
+    trained = {"r": 4, "alpha": 8, "target_modules": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
+    assert _validate_from(CausalLMModule(model=str(lm_run.init), lora=trained), lm_run.last, cache)  # same: loads
+    with pytest.raises(ValueError, match=r"lora\.alpha.*8\.0.*16\.0"):
+        _validate_from(CausalLMModule(model=str(lm_run.init), lora={**trained, "alpha": 16}), lm_run.last, cache)
+    with pytest.raises(ValueError, match=r"trained with LoRA.*lora=null"):
+        _validate_from(CausalLMModule(model=str(lm_run.init)), lm_run.last, cache)
+    rc, _, err = run_main("export", "--checkpoint", lm_run.last, "--output", tmp_path / "adapter", "--lora_only")
+    assert rc == 0, err
+    assert _validate_from(CausalLMModule(model=str(lm_run.init), adapter=str(tmp_path / "adapter")), lm_run.last, cache)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 64}))
+    module = CausalLMModule(model=str(lm_run.init), adapter=str(tmp_path / "adapter"))
+    with pytest.raises(ValueError, match=r"lora\.alpha.*8\.0.*64"):
+        _validate_from(module, lm_run.last, cache)
+
+
 def test_help_lists_the_lora_fields():
     rc, out, _ = run_main("fit", "--model.help", "CausalLMModule", "--model.lora.help")
     assert rc == 0
