@@ -51,6 +51,9 @@ class LoadedHead:
     """The LoRA settings it was trained with (the adapters are merged unless ``load_head(merge_lora=False)``)."""
     base_model: str | None = None
     """The Hugging Face directory the run's weights were loaded from (``model``), if it was one."""
+    trained_dtype: torch.dtype | None = None
+    """The dtype of a Lightning ``.ckpt``'s weights (bfloat16 after ``bf16-true``): what ``export`` writes unless told
+    otherwise (the head itself is built in the default dtype, float32, so the merge loses nothing)."""
 
 
 def is_lightning_checkpoint(path: Path) -> bool:
@@ -81,6 +84,15 @@ def _info_from_hparams(ckpt: dict[str, Any]) -> dict[str, Any]:
         "attn_implementation": hp.get("attn_implementation", DEFAULT_BACKEND),
         "lora": hp.get("lora"),
     }
+
+
+def _stored_dtype(state: dict[str, Any]) -> torch.dtype | None:
+    """The floating-point dtype holding most of the checkpoint's numbers, or None."""
+    count: dict[torch.dtype, int] = {}
+    for t in state.values():
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            count[t.dtype] = count.get(t.dtype, 0) + t.numel()
+    return max(count, key=count.get) if count else None
 
 
 def _strip(key: str) -> str:
@@ -135,7 +147,8 @@ def _load_lightning(path: Path, attn: str | None, device, dtype, merge: bool = T
         model_arg = (ckpt.get("hyper_parameters") or {}).get("model")
         if isinstance(model_arg, str) and (Path(model_arg).expanduser() / "config.json").is_file():
             base = str(Path(model_arg).expanduser())
-    return LoadedHead(head.eval(), task, tok if isinstance(tok, str) else None, str(path), lora, base)
+    trained = None if distributed else _stored_dtype(state)
+    return LoadedHead(head.eval(), task, tok if isinstance(tok, str) else None, str(path), lora, base, trained)
 
 
 def _load_hf(path: Path, attn: str | None, device, dtype) -> LoadedHead:
@@ -265,7 +278,8 @@ def export_checkpoint(
     """
     out = Path(output).expanduser()
     owned = _check_output(out, overwrite)
-    loaded = load_head(checkpoint, dtype=None)
+    loaded = load_head(checkpoint, dtype=None)  # float32: a LoRA merge is computed and kept there, rounded once below
+    dtype = resolve_dtype(dtype) or loaded.trained_dtype  # --dtype's default: as trained
     if getattr(loaded.head, "pooling", "last") != "last":
         warnings.warn(
             f"{checkpoint} pools with pooling={loaded.head.pooling!r}, which transformers' Phi3ForSequenceClassification "
@@ -330,6 +344,7 @@ def export_adapter(
         "exported_from": str(Path(checkpoint).resolve()),
     }
     with staged_directory(out, carry=lambda name: name not in owned) as tmp:
-        write_adapter_files(loaded.head, tmp, base_model_name_or_path=loaded.base_model, dtype=resolve_dtype(dtype))
+        dtype = resolve_dtype(dtype) or loaded.trained_dtype  # --dtype's default: as trained
+        write_adapter_files(loaded.head, tmp, base_model_name_or_path=loaded.base_model, dtype=dtype)
         _record_files(tmp, info)
     return out

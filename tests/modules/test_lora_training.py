@@ -23,7 +23,13 @@ from phi3_lightning.data import CausalLMDataModule, SequenceClassificationDataMo
 from phi3_lightning.model import Phi3ForCausalLM, get_preset
 from phi3_lightning.model.lora import LoRAConfig, LoRALinear, apply_lora, lora_modules
 from phi3_lightning.model.peft_format import load_adapter
-from phi3_lightning.modules import CausalLMModule, SequenceClassificationModule, export_checkpoint, load_head
+from phi3_lightning.modules import (
+    CausalLMModule,
+    SequenceClassificationModule,
+    export_adapter,
+    export_checkpoint,
+    load_head,
+)
 from phi3_lightning.modules.fsdp import materialize_meta
 from phi3_lightning.modules.oom import MARKER, OOMAdvice
 
@@ -180,6 +186,39 @@ def test_fit_continues_from_a_peft_adapter_and_export_merges_it(lm_run, tmp_path
     hf = transformers.Phi3ForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, load_head(last, merge_lora=False).head(ids).logits)
+
+
+def test_export_writes_the_trained_dtype_and_rounds_the_merge_once(tmp_path):
+    """``export``'s default dtype is the trained one ("as trained": a bf16-true run was written as float32, twice
+    the size); each merged weight is W + B A s computed in fp32 and rounded once to the dtype written (a merge
+    stored in bf16 and then widened would lose ~16 % of the adapters' update on this model)."""
+    module = CausalLMModule(lora={"r": 4, "alpha": 8})
+    module.configure_model()
+    module.head.to(torch.bfloat16)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for m in lora_modules(module.head).values():
+            m.lora_B.normal_(0, 1e-3)
+    torch.save({"state_dict": module.state_dict(), "phi3_lightning": module.checkpoint_info()}, tmp_path / "x.ckpt")
+    name = "model.layers.0.self_attn.qkv_proj"
+    m = lora_modules(module.head)[name]
+    w = m.base.weight.float()
+    exact = w + (m.lora_B.float() @ m.lora_A.float()) * m.scaling
+    merged = load_head(tmp_path / "x.ckpt", dtype="float32").head.get_submodule(name).weight
+    assert merged.dtype == torch.float32
+    torch.testing.assert_close(merged, exact, rtol=1e-6, atol=1e-8)
+    export_checkpoint(tmp_path / "x.ckpt", tmp_path / "hf", dtype="float32")
+    stored = load_file(tmp_path / "hf" / "model.safetensors")[f"{name}.weight"]
+    torch.testing.assert_close(stored, exact, rtol=1e-6, atol=1e-8)
+    # the default keeps the trained dtype: the same sum, rounded once to bf16
+    export_checkpoint(tmp_path / "x.ckpt", tmp_path / "hf16")
+    stored = load_file(tmp_path / "hf16" / "model.safetensors")[f"{name}.weight"]
+    assert stored.dtype == torch.bfloat16 and torch.equal(stored, exact.to(torch.bfloat16))
+    assert json.loads((tmp_path / "hf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    export_adapter(tmp_path / "x.ckpt", tmp_path / "adapter")
+    adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert {t.dtype for t in adapter.values()} == {torch.bfloat16}
+    assert torch.equal(adapter[f"base_model.model.{name}.lora_B.weight"], m.lora_B)
 
 
 # ---------------------------------------------------------------------------------------------------- seq-cls
