@@ -256,6 +256,18 @@ def test_lm_head_adapter_dropout_applies_in_the_fused_training_loss():
     assert (losses[1] - no_dropout).abs() > 1e-3  # the dropout did act
 
 
+def test_save_pretrained_of_an_unmerged_adapted_model_is_refused(tmp_path):
+    """An adapted head's state dict holds ``qkv_proj.base.weight`` / ``lora_A``: written as a Hugging Face checkpoint,
+    transformers loaded it with every adapted projection missing (randomly initialised, only a loading report). It
+    is refused naming the fix, and nothing is written."""
+    model = apply_lora(Phi3ForCausalLM(config()), LoRAConfig(r=2))
+    with pytest.raises(ValueError, match=r"LoRA adapters.*merge_lora.*save_adapter"):
+        model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    merge_lora(model).save_pretrained(tmp_path / "out")  # the documented way
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
 def test_bad_targets_name_them_and_list_linears():
     model = Phi3ForCausalLM(config())
     with pytest.raises(ValueError) as e:
