@@ -342,6 +342,25 @@ def lora_target_names(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     return chosen
 
 
+def _refuse_adapters_in_saved_modules(adapted: list[str], saved: list[str], cfg: LoRAConfig) -> None:
+    """A module is adapted or trained in full, not both: both trained its base weight under the adapter, which
+    neither PEFT's layout nor :func:`~.peft_format.load_adapter` can express."""
+    for name in adapted:
+        for s in saved:
+            if name == s or name.startswith(s + "."):
+                by_head = s.rsplit(".", 1)[-1] in HEAD_MODULES and not any(_matches(s, m) for m in cfg.modules_to_save)
+                raise ValueError(
+                    f"LoRA target {name} {'is' if name == s else f'is inside {s}, which is'} trained in full by "
+                    f"{'train_head' if by_head else 'modules_to_save'}; a module is adapted or trained in full, not "
+                    "both: "
+                    + (
+                        "drop it from target_modules, or set train_head: false to give it an adapter only"
+                        if by_head
+                        else "drop it from target_modules or from modules_to_save"
+                    )
+                )
+
+
 def apply_lora(model: nn.Module, cfg: LoRAConfig | dict | None = None, **overrides) -> nn.Module:
     """Wrap the matching ``nn.Linear`` layers of ``model`` in :class:`LoRALinear` (in place) and freeze the rest.
 
@@ -361,6 +380,8 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig | dict | None = None, **overrid
             f"{type(model).__name__} already has LoRA adapters; merge_lora() it first or start from the base model"
         )
     chosen = lora_target_names(model, cfg)
+    to_save = (list(HEAD_MODULES) if cfg.train_head else []) + list(cfg.modules_to_save)
+    _refuse_adapters_in_saved_modules(chosen, _resolve_saved_modules(model, to_save), cfg)
     shared: dict[int, list[str]] = {}
     for n, p in model.named_parameters(remove_duplicate=False):
         shared.setdefault(id(p), []).append(n)
@@ -374,7 +395,6 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig | dict | None = None, **overrid
             )
         r, alpha = cfg.rank_alpha(name)
         _set_submodule(model, name, LoRALinear(base, r, alpha, cfg.dropout, cfg.use_rslora))
-    to_save = (list(HEAD_MODULES) if cfg.train_head else []) + list(cfg.modules_to_save)
     saved = mark_only_lora_trainable(model, to_save)
     model.lora_config = cfg
     model.lora_modules_to_save = saved

@@ -268,6 +268,20 @@ def test_save_pretrained_of_an_unmerged_adapted_model_is_refused(tmp_path):
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
+def test_a_module_both_adapted_and_trained_in_full_is_refused():
+    """target_modules and modules_to_save (or train_head's score) naming the same module trained its base weight and
+    an adapter on it; the adapter export of that could be loaded neither here nor by peft (KeyError)."""
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.o_proj.*modules_to_save.*not both"):
+        apply_lora(Phi3ForCausalLM(config()), LoRAConfig(target_modules=["o_proj"], modules_to_save=["o_proj"]))
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj.*inside.*model\.layers\.1"):
+        apply_lora(Phi3ForCausalLM(config()), LoRAConfig(target_modules=["down_proj"], modules_to_save=["layers.1"]))
+    cls = Phi3ForSequenceClassification(config(num_labels=3))
+    with pytest.raises(ValueError, match=r"score is trained in full by train_head.*train_head: false"):
+        apply_lora(cls, LoRAConfig(target_modules=["qkv_proj", "score"]))
+    assert not lora_modules(cls)  # refused before anything was wrapped
+    apply_lora(cls, LoRAConfig(target_modules=["qkv_proj", "score"], train_head=False))  # an adapter on score: fine
+
+
 def test_bad_targets_name_them_and_list_linears():
     model = Phi3ForCausalLM(config())
     with pytest.raises(ValueError) as e:
