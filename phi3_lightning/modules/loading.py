@@ -303,6 +303,56 @@ def export_checkpoint(
     return out
 
 
+def _check_recorded_base(loaded: LoadedHead, checkpoint: str | Path) -> None:
+    """Warn when the base directory the run loaded (``base_model_name_or_path`` of the adapter) is gone, or holds
+    other weights than the frozen ones in the checkpoint (rewritten since the run): the adapter gives the trained
+    model only over the latter. Reads every tensor of that directory once (memory-mapped, one at a time)."""
+    if loaded.base_model is None:
+        return
+    from safetensors import safe_open
+
+    from ..model.checkpoint import checkpoint_files
+
+    base = Path(loaded.base_model)
+    fix = (
+        "serve the adapter over the weights the run started from, or export the merged model (without --lora_only), "
+        "which needs nothing but the checkpoint"
+    )
+    if not (base / "config.json").is_file():
+        warnings.warn(
+            f"{checkpoint}: the run's base checkpoint {base} (the adapter's base_model_name_or_path) no longer "
+            f"exists; {fix}",
+            stacklevel=3,
+        )
+        return
+    own = {
+        k.replace(".base.", "."): v for k, v in loaded.head.state_dict().items() if not k.endswith(("lora_A", "lora_B"))
+    }
+    for file, names in checkpoint_files(base).items():
+        with safe_open(base / file, framework="pt") as f:
+            for name in names:
+                key = name if name in own or name.startswith(("model.", "lm_head.", "score.")) else f"model.{name}"
+                mine = own.get(key)
+                if mine is None:
+                    continue
+                stored = f.get_tensor(name)
+                if tuple(stored.shape) != tuple(mine.shape):
+                    same = False
+                elif loaded.trained_dtype is not None:  # the run loaded the base in this dtype: equal after the cast
+                    same = torch.equal(stored.to(loaded.trained_dtype), mine.to(loaded.trained_dtype))
+                else:  # a distributed checkpoint: dtype not recorded here; equal up to bf16 rounding
+                    same = torch.allclose(stored.float(), mine.float(), rtol=1e-2, atol=1e-6)
+                if not same:
+                    warnings.warn(
+                        f"{checkpoint}: the weights of the run's base checkpoint {base} (the adapter's "
+                        f"base_model_name_or_path) differ from the frozen base weights in the checkpoint (first: "
+                        f"{name}); it was rewritten since the run, and the adapter over it would not give the trained "
+                        f"model: {fix}",
+                        stacklevel=3,
+                    )
+                    return
+
+
 def export_adapter(
     checkpoint: str | Path, output: str | Path, dtype: str | torch.dtype | None = None, overwrite: bool = False
 ) -> Path:
@@ -326,6 +376,7 @@ def export_adapter(
             f"{checkpoint} was not trained with LoRA (model.init_args.lora is null); it has no adapters "
             "to export: drop --lora_only to export the whole model"
         )
+    _check_recorded_base(loaded, checkpoint)
     pooling = getattr(loaded.head, "pooling", "last")
     if pooling != "last":
         warnings.warn(

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from types import SimpleNamespace
 
 import lightning.pytorch as pl
@@ -219,6 +220,27 @@ def test_export_writes_the_trained_dtype_and_rounds_the_merge_once(tmp_path):
     adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert {t.dtype for t in adapter.values()} == {torch.bfloat16}
     assert torch.equal(adapter[f"base_model.model.{name}.lora_B.weight"], m.lora_B)
+
+
+def test_adapter_export_says_when_the_recorded_base_checkpoint_changed_or_is_gone(tmp_path):
+    """``export --lora_only`` writes the run's base directory as ``base_model_name_or_path``, and the adapter only
+    gives the trained model over the base weights the checkpoint holds: a base directory rewritten since the run
+    (other weights), or moved away, is said, naming the tensor; the unchanged base exports without a word."""
+    torch.manual_seed(0)
+    Phi3ForCausalLM.from_config("tiny").save_pretrained(tmp_path / "base")
+    module = CausalLMModule(model=str(tmp_path / "base"), lora={"r": 2})
+    module.configure_model()
+    torch.save({"state_dict": module.state_dict(), "phi3_lightning": module.checkpoint_info()}, tmp_path / "x.ckpt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        export_adapter(tmp_path / "x.ckpt", tmp_path / "a1")
+    torch.manual_seed(1)
+    Phi3ForCausalLM.from_config("tiny").save_pretrained(tmp_path / "base")  # another model in the same place
+    with pytest.warns(UserWarning, match=r"differ from the frozen base weights.*first: \S+\.weight.*merged"):
+        export_adapter(tmp_path / "x.ckpt", tmp_path / "a2")
+    shutil.move(tmp_path / "base", tmp_path / "elsewhere")
+    with pytest.warns(UserWarning, match=r"no longer exists"):
+        export_adapter(tmp_path / "x.ckpt", tmp_path / "a3")
 
 
 # ---------------------------------------------------------------------------------------------------- seq-cls
