@@ -452,9 +452,23 @@ class PretrainedMixin:
         the old weights (``model*.safetensors``, the index), which this save replaces; then it is swapped in. A
         crash leaves the complete old or the complete new directory (see :mod:`phi3_lightning.atomic`)."""
         path = Path(path)
+        self._refuse_unmerged_adapters()
         with staged_directory(path, carry=_carry_over) as tmp:
             self.write_pretrained_files(tmp, max_shard_size=max_shard_size, dtype=dtype)
         return path
+
+    def _refuse_unmerged_adapters(self) -> None:
+        """A head with LoRA adapters still separate has ``qkv_proj.base.weight`` / ``lora_A`` keys: transformers would
+        load such a directory with every adapted projection missing (randomly initialised)."""
+        from .lora import lora_modules
+
+        adapted = list(lora_modules(self))
+        if adapted:
+            raise ValueError(
+                f"{type(self).__name__} has LoRA adapters ({len(adapted)} adapted layers, e.g. {adapted[0]}) "
+                "that are not merged: a Hugging Face checkpoint has no place for them. merge_lora(model) first for "
+                "a plain checkpoint, or save_adapter(model, dir) for the adapters alone (PEFT's layout)"
+            )
 
     def write_pretrained_files(
         self, directory: str | os.PathLike, max_shard_size: int | str = "5GB", dtype: torch.dtype | str | None = None
@@ -463,6 +477,7 @@ class PretrainedMixin:
         for callers that stage a larger directory themselves (``export``). Use ``save_pretrained`` otherwise."""
         from safetensors.torch import save_file
 
+        self._refuse_unmerged_adapters()
         tmp = Path(directory)
         dtype = resolve_dtype(dtype)
         state = {}

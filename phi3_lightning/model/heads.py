@@ -18,6 +18,7 @@ from .backends import DEFAULT_BACKEND
 from .checkpoint import PretrainedMixin
 from .config import Phi3Config
 from .linear import Linear
+from .lora import linear_operands
 from .loss import (
     IGNORE_INDEX,
     causal_lm_loss,
@@ -181,9 +182,8 @@ class Phi3ForCausalLM(Phi3PreTrainedHead):
         if labels is not None and attention_mask is not None:
             labels = ignore_targets_after_padding(labels, attention_mask)
         if labels is not None and not return_logits:
-            return ModelOutput(
-                loss=fused_linear_cross_entropy(h, self.lm_head.weight, labels), hidden_states=h, cache=cache
-            )
+            x, weight = linear_operands(self.lm_head, h)  # an adapted lm_head: its dropout acts here too
+            return ModelOutput(loss=fused_linear_cross_entropy(x, weight, labels), hidden_states=h, cache=cache)
         hk = h[:, -logits_to_keep:] if logits_to_keep else h
         logits = self.lm_head(hk)  # (B, T, V)
         loss = causal_lm_loss(logits, labels) if labels is not None else None

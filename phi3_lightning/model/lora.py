@@ -214,6 +214,13 @@ class LoRALinear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base.bias
 
+    def fused_operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x', W')`` with ``F.linear(x', W') == forward(x) - bias``, adapter dropout included: ``[x | s *
+        dropout(x) A^T] @ [W | B]^T``. For kernels that take an input and one weight (the fused linear +
+        cross-entropy on ``lm_head``): :attr:`weight` folds ``W + B A s`` and so cannot drop the adapter's input."""
+        a = F.linear(self.lora_dropout(x), self.lora_A) * self.scaling  # (..., r)
+        return torch.cat([x, a.to(x.dtype)], dim=-1), torch.cat([self.base.weight, self.lora_B], dim=1)
+
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         """``W + B @ A * scaling`` computed in fp32, in the base weight's dtype."""
@@ -224,6 +231,14 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         rs = ", rslora" if self.use_rslora else ""
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha:g}{rs}"
+
+
+def linear_operands(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x', W')`` with ``F.linear(x', W')`` equal to ``layer(x)`` without its bias: ``(x, layer.weight)`` for a plain
+    linear layer, :meth:`LoRALinear.fused_operands` for an adapted one."""
+    if isinstance(layer, LoRALinear):
+        return layer.fused_operands(x)
+    return x, layer.weight
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -327,6 +342,25 @@ def lora_target_names(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     return chosen
 
 
+def _refuse_adapters_in_saved_modules(adapted: list[str], saved: list[str], cfg: LoRAConfig) -> None:
+    """A module is adapted or trained in full, not both: both trained its base weight under the adapter, which
+    neither PEFT's layout nor :func:`~.peft_format.load_adapter` can express."""
+    for name in adapted:
+        for s in saved:
+            if name == s or name.startswith(s + "."):
+                by_head = s.rsplit(".", 1)[-1] in HEAD_MODULES and not any(_matches(s, m) for m in cfg.modules_to_save)
+                raise ValueError(
+                    f"LoRA target {name} {'is' if name == s else f'is inside {s}, which is'} trained in full by "
+                    f"{'train_head' if by_head else 'modules_to_save'}; a module is adapted or trained in full, not "
+                    "both: "
+                    + (
+                        "drop it from target_modules, or set train_head: false to give it an adapter only"
+                        if by_head
+                        else "drop it from target_modules or from modules_to_save"
+                    )
+                )
+
+
 def apply_lora(model: nn.Module, cfg: LoRAConfig | dict | None = None, **overrides) -> nn.Module:
     """Wrap the matching ``nn.Linear`` layers of ``model`` in :class:`LoRALinear` (in place) and freeze the rest.
 
@@ -346,6 +380,8 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig | dict | None = None, **overrid
             f"{type(model).__name__} already has LoRA adapters; merge_lora() it first or start from the base model"
         )
     chosen = lora_target_names(model, cfg)
+    to_save = (list(HEAD_MODULES) if cfg.train_head else []) + list(cfg.modules_to_save)
+    _refuse_adapters_in_saved_modules(chosen, _resolve_saved_modules(model, to_save), cfg)
     shared: dict[int, list[str]] = {}
     for n, p in model.named_parameters(remove_duplicate=False):
         shared.setdefault(id(p), []).append(n)
@@ -359,7 +395,6 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig | dict | None = None, **overrid
             )
         r, alpha = cfg.rank_alpha(name)
         _set_submodule(model, name, LoRALinear(base, r, alpha, cfg.dropout, cfg.use_rslora))
-    to_save = (list(HEAD_MODULES) if cfg.train_head else []) + list(cfg.modules_to_save)
     saved = mark_only_lora_trainable(model, to_save)
     model.lora_config = cfg
     model.lora_modules_to_save = saved

@@ -37,7 +37,7 @@ from ..memory import as_checkpoint_every
 from ..model import DEFAULT_BACKEND, Phi3Config, check_backend, resolve_model
 from ..model.fused import check_fused_kernels
 from ..model.heads import HEADS, Phi3PreTrainedHead
-from ..model.lora import LoRAConfig, apply_lora, as_lora_config  # noqa: F401 - as_lora_config: cli.py imports it here
+from ..model.lora import LoRAConfig, apply_lora, as_lora_config
 from .fsdp import broadcast_pretrained, materialize_meta, shard
 from .metric_states import FORMAT as METRIC_STATES_FORMAT
 from .metric_states import TRAIN_METRICS_KEY, collect, restore
@@ -69,6 +69,17 @@ def _all_reduce(t: torch.Tensor, op: Any) -> torch.Tensor:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(t, op=op)
     return t
+
+
+def _lora_settings(cfg: LoRAConfig) -> dict[str, Any]:
+    """A LoRAConfig's fields for comparison; the order of the module lists does not matter."""
+    out = dataclasses.asdict(cfg)
+    for key in ("target_modules", "modules_to_save", "layers"):
+        if out[key] is not None:
+            out[key] = sorted(out[key])
+    out["alpha"] = float(out["alpha"])
+    out["dropout"] = float(out["dropout"])
+    return out
 
 
 def clean_param_name(name: str) -> str:
@@ -861,10 +872,45 @@ class Phi3LightningModule(pl.LightningModule):
             if entry is not None:
                 checkpoint[TRAIN_METRICS_KEY] = entry
 
+    def _check_checkpoint_lora(self, checkpoint: dict[str, Any]) -> None:
+        """The LoRA settings the checkpoint's adapters were trained with must be this model's, before any weight is
+        copied: another alpha / use_rslora / dropout fits the same tensors and would silently change the numbers.
+        Checked here for every entry point (the CLI compares its arguments earlier; this also covers the Python API
+        and a run started from ``adapter`` whose adapter_config.json was edited since)."""
+        info = checkpoint.get(CHECKPOINT_KEY)
+        if self.head is None or not isinstance(info, dict) or "lora" not in info:
+            return
+        saved = as_lora_config(info["lora"])
+        if saved is None and self.lora is None:
+            return
+        source = f" (from adapter {self.adapter!r})" if self.adapter is not None else ""
+        if saved is None:
+            raise ValueError(
+                f"the checkpoint was trained without LoRA (a full fine-tune), but this model has lora{source}; drop "
+                "lora / adapter to load it, or start a LoRA run from its weights: export it, then fit with "
+                "model set to the export (without the checkpoint)"
+            )
+        if self.lora is None:
+            raise ValueError(
+                f"the checkpoint was trained with LoRA (r={saved.r}, alpha={saved.alpha:g}, target_modules="
+                f"{saved.target_modules}), but this model has lora=null; set lora to the checkpoint's settings "
+                f"({dataclasses.asdict(saved)})"
+            )
+        old, new = _lora_settings(saved), _lora_settings(self.lora)
+        diff = [k for k in old if old[k] != new[k]]
+        if diff:
+            shown = ", ".join(f"lora.{k}={old[k]!r} in the checkpoint but {new[k]!r} here" for k in diff)
+            raise ValueError(
+                f"the checkpoint's adapters were trained with other LoRA settings than this model's{source}: {shown}; "
+                "its adapters only mean what they were trained to mean with the checkpoint's settings: use those"
+                + (" (was the adapter directory changed since the run started?)" if source else "")
+            )
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A checkpoint whose head has other shapes (e.g. num_labels) fails with a message saying which. Its train
         metric states are kept for the first training batch, which restores them if it continues their epoch."""
         self.__dict__["_saved_train_metrics"] = checkpoint.get(TRAIN_METRICS_KEY)
+        self._check_checkpoint_lora(checkpoint)
         state = checkpoint.get("state_dict") or {}
         if self.head is None or not state:
             return

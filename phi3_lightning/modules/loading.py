@@ -51,6 +51,9 @@ class LoadedHead:
     """The LoRA settings it was trained with (the adapters are merged unless ``load_head(merge_lora=False)``)."""
     base_model: str | None = None
     """The Hugging Face directory the run's weights were loaded from (``model``), if it was one."""
+    trained_dtype: torch.dtype | None = None
+    """The dtype of a Lightning ``.ckpt``'s weights (bfloat16 after ``bf16-true``): what ``export`` writes unless told
+    otherwise (the head itself is built in the default dtype, float32, so the merge loses nothing)."""
 
 
 def is_lightning_checkpoint(path: Path) -> bool:
@@ -81,6 +84,15 @@ def _info_from_hparams(ckpt: dict[str, Any]) -> dict[str, Any]:
         "attn_implementation": hp.get("attn_implementation", DEFAULT_BACKEND),
         "lora": hp.get("lora"),
     }
+
+
+def _stored_dtype(state: dict[str, Any]) -> torch.dtype | None:
+    """The floating-point dtype holding most of the checkpoint's numbers, or None."""
+    count: dict[torch.dtype, int] = {}
+    for t in state.values():
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            count[t.dtype] = count.get(t.dtype, 0) + t.numel()
+    return max(count, key=count.get) if count else None
 
 
 def _strip(key: str) -> str:
@@ -135,7 +147,8 @@ def _load_lightning(path: Path, attn: str | None, device, dtype, merge: bool = T
         model_arg = (ckpt.get("hyper_parameters") or {}).get("model")
         if isinstance(model_arg, str) and (Path(model_arg).expanduser() / "config.json").is_file():
             base = str(Path(model_arg).expanduser())
-    return LoadedHead(head.eval(), task, tok if isinstance(tok, str) else None, str(path), lora, base)
+    trained = None if distributed else _stored_dtype(state)
+    return LoadedHead(head.eval(), task, tok if isinstance(tok, str) else None, str(path), lora, base, trained)
 
 
 def _load_hf(path: Path, attn: str | None, device, dtype) -> LoadedHead:
@@ -265,7 +278,8 @@ def export_checkpoint(
     """
     out = Path(output).expanduser()
     owned = _check_output(out, overwrite)
-    loaded = load_head(checkpoint, dtype=None)
+    loaded = load_head(checkpoint, dtype=None)  # float32: a LoRA merge is computed and kept there, rounded once below
+    dtype = resolve_dtype(dtype) or loaded.trained_dtype  # --dtype's default: as trained
     if getattr(loaded.head, "pooling", "last") != "last":
         warnings.warn(
             f"{checkpoint} pools with pooling={loaded.head.pooling!r}, which transformers' Phi3ForSequenceClassification "
@@ -287,6 +301,56 @@ def export_checkpoint(
             info["head_kwargs"] = {"pooling": loaded.head.pooling}
         _record_files(tmp, info)
     return out
+
+
+def _check_recorded_base(loaded: LoadedHead, checkpoint: str | Path) -> None:
+    """Warn when the base directory the run loaded (``base_model_name_or_path`` of the adapter) is gone, or holds
+    other weights than the frozen ones in the checkpoint (rewritten since the run): the adapter gives the trained
+    model only over the latter. Reads every tensor of that directory once (memory-mapped, one at a time)."""
+    if loaded.base_model is None:
+        return
+    from safetensors import safe_open
+
+    from ..model.checkpoint import checkpoint_files
+
+    base = Path(loaded.base_model)
+    fix = (
+        "serve the adapter over the weights the run started from, or export the merged model (without --lora_only), "
+        "which needs nothing but the checkpoint"
+    )
+    if not (base / "config.json").is_file():
+        warnings.warn(
+            f"{checkpoint}: the run's base checkpoint {base} (the adapter's base_model_name_or_path) no longer "
+            f"exists; {fix}",
+            stacklevel=3,
+        )
+        return
+    own = {
+        k.replace(".base.", "."): v for k, v in loaded.head.state_dict().items() if not k.endswith(("lora_A", "lora_B"))
+    }
+    for file, names in checkpoint_files(base).items():
+        with safe_open(base / file, framework="pt") as f:
+            for name in names:
+                key = name if name in own or name.startswith(("model.", "lm_head.", "score.")) else f"model.{name}"
+                mine = own.get(key)
+                if mine is None:
+                    continue
+                stored = f.get_tensor(name)
+                if tuple(stored.shape) != tuple(mine.shape):
+                    same = False
+                elif loaded.trained_dtype is not None:  # the run loaded the base in this dtype: equal after the cast
+                    same = torch.equal(stored.to(loaded.trained_dtype), mine.to(loaded.trained_dtype))
+                else:  # a distributed checkpoint: dtype not recorded here; equal up to bf16 rounding
+                    same = torch.allclose(stored.float(), mine.float(), rtol=1e-2, atol=1e-6)
+                if not same:
+                    warnings.warn(
+                        f"{checkpoint}: the weights of the run's base checkpoint {base} (the adapter's "
+                        f"base_model_name_or_path) differ from the frozen base weights in the checkpoint (first: "
+                        f"{name}); it was rewritten since the run, and the adapter over it would not give the trained "
+                        f"model: {fix}",
+                        stacklevel=3,
+                    )
+                    return
 
 
 def export_adapter(
@@ -312,6 +376,7 @@ def export_adapter(
             f"{checkpoint} was not trained with LoRA (model.init_args.lora is null); it has no adapters "
             "to export: drop --lora_only to export the whole model"
         )
+    _check_recorded_base(loaded, checkpoint)
     pooling = getattr(loaded.head, "pooling", "last")
     if pooling != "last":
         warnings.warn(
@@ -330,6 +395,7 @@ def export_adapter(
         "exported_from": str(Path(checkpoint).resolve()),
     }
     with staged_directory(out, carry=lambda name: name not in owned) as tmp:
-        write_adapter_files(loaded.head, tmp, base_model_name_or_path=loaded.base_model, dtype=resolve_dtype(dtype))
+        dtype = resolve_dtype(dtype) or loaded.trained_dtype  # --dtype's default: as trained
+        write_adapter_files(loaded.head, tmp, base_model_name_or_path=loaded.base_model, dtype=dtype)
         _record_files(tmp, info)
     return out

@@ -231,6 +231,57 @@ def test_lora_on_lm_head_works_with_fused_loss():
     assert model.lm_head.lora_A.grad is not None and model.lm_head.lora_A.grad.abs().max() > 0
 
 
+def test_lm_head_adapter_dropout_applies_in_the_fused_training_loss():
+    """Training reads the loss through the fused linear + cross-entropy (``return_logits=False``); an adapted
+    lm_head's dropout must act there as in its forward (it used to fold ``W + B A s`` and drop nothing)."""
+    model = Phi3ForCausalLM(config())
+    apply_lora(model, LoRAConfig(r=2, dropout=0.5, target_modules=["lm_head"]))
+    with torch.no_grad():
+        model.lm_head.lora_B.normal_()
+    ids = batch()
+    model.train()
+    losses, grads = [], []
+    for fused in (False, True):
+        torch.manual_seed(7)  # the same dropout mask for both paths
+        loss = model(ids, labels=ids, return_logits=not fused).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([model.lm_head.lora_A.grad.clone(), model.lm_head.lora_B.grad.clone()])
+        model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for g_fused, g_full in zip(grads[1], grads[0]):
+        torch.testing.assert_close(g_fused, g_full, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        no_dropout = model.eval()(ids, labels=ids, return_logits=False).loss
+    assert (losses[1] - no_dropout).abs() > 1e-3  # the dropout did act
+
+
+def test_save_pretrained_of_an_unmerged_adapted_model_is_refused(tmp_path):
+    """An adapted head's state dict holds ``qkv_proj.base.weight`` / ``lora_A``: written as a Hugging Face checkpoint,
+    transformers loaded it with every adapted projection missing (randomly initialised, only a loading report). It
+    is refused naming the fix, and nothing is written."""
+    model = apply_lora(Phi3ForCausalLM(config()), LoRAConfig(r=2))
+    with pytest.raises(ValueError, match=r"LoRA adapters.*merge_lora.*save_adapter"):
+        model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    merge_lora(model).save_pretrained(tmp_path / "out")  # the documented way
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_a_module_both_adapted_and_trained_in_full_is_refused():
+    """target_modules and modules_to_save (or train_head's score) naming the same module trained its base weight and
+    an adapter on it; the adapter export of that could be loaded neither here nor by peft (KeyError)."""
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.o_proj.*modules_to_save.*not both"):
+        apply_lora(Phi3ForCausalLM(config()), LoRAConfig(target_modules=["o_proj"], modules_to_save=["o_proj"]))
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj.*inside.*model\.layers\.1"):
+        apply_lora(Phi3ForCausalLM(config()), LoRAConfig(target_modules=["down_proj"], modules_to_save=["layers.1"]))
+    cls = Phi3ForSequenceClassification(config(num_labels=3))
+    with pytest.raises(ValueError, match=r"score is trained in full by train_head.*train_head: false"):
+        apply_lora(cls, LoRAConfig(target_modules=["qkv_proj", "score"]))
+    assert not lora_modules(cls)  # refused before anything was wrapped
+    apply_lora(cls, LoRAConfig(target_modules=["qkv_proj", "score"], train_head=False))  # an adapter on score: fine
+
+
 def test_bad_targets_name_them_and_list_linears():
     model = Phi3ForCausalLM(config())
     with pytest.raises(ValueError) as e:

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from types import SimpleNamespace
 
 import lightning.pytorch as pl
@@ -23,7 +24,13 @@ from phi3_lightning.data import CausalLMDataModule, SequenceClassificationDataMo
 from phi3_lightning.model import Phi3ForCausalLM, get_preset
 from phi3_lightning.model.lora import LoRAConfig, LoRALinear, apply_lora, lora_modules
 from phi3_lightning.model.peft_format import load_adapter
-from phi3_lightning.modules import CausalLMModule, SequenceClassificationModule, export_checkpoint, load_head
+from phi3_lightning.modules import (
+    CausalLMModule,
+    SequenceClassificationModule,
+    export_adapter,
+    export_checkpoint,
+    load_head,
+)
 from phi3_lightning.modules.fsdp import materialize_meta
 from phi3_lightning.modules.oom import MARKER, OOMAdvice
 
@@ -182,6 +189,60 @@ def test_fit_continues_from_a_peft_adapter_and_export_merges_it(lm_run, tmp_path
         torch.testing.assert_close(hf(ids).logits, load_head(last, merge_lora=False).head(ids).logits)
 
 
+def test_export_writes_the_trained_dtype_and_rounds_the_merge_once(tmp_path):
+    """``export``'s default dtype is the trained one ("as trained": a bf16-true run was written as float32, twice
+    the size); each merged weight is W + B A s computed in fp32 and rounded once to the dtype written (a merge
+    stored in bf16 and then widened would lose ~16 % of the adapters' update on this model)."""
+    module = CausalLMModule(lora={"r": 4, "alpha": 8})
+    module.configure_model()
+    module.head.to(torch.bfloat16)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for m in lora_modules(module.head).values():
+            m.lora_B.normal_(0, 1e-3)
+    torch.save({"state_dict": module.state_dict(), "phi3_lightning": module.checkpoint_info()}, tmp_path / "x.ckpt")
+    name = "model.layers.0.self_attn.qkv_proj"
+    m = lora_modules(module.head)[name]
+    w = m.base.weight.float()
+    exact = w + (m.lora_B.float() @ m.lora_A.float()) * m.scaling
+    merged = load_head(tmp_path / "x.ckpt", dtype="float32").head.get_submodule(name).weight
+    assert merged.dtype == torch.float32
+    torch.testing.assert_close(merged, exact, rtol=1e-6, atol=1e-8)
+    export_checkpoint(tmp_path / "x.ckpt", tmp_path / "hf", dtype="float32")
+    stored = load_file(tmp_path / "hf" / "model.safetensors")[f"{name}.weight"]
+    torch.testing.assert_close(stored, exact, rtol=1e-6, atol=1e-8)
+    # the default keeps the trained dtype: the same sum, rounded once to bf16
+    export_checkpoint(tmp_path / "x.ckpt", tmp_path / "hf16")
+    stored = load_file(tmp_path / "hf16" / "model.safetensors")[f"{name}.weight"]
+    assert stored.dtype == torch.bfloat16 and torch.equal(stored, exact.to(torch.bfloat16))
+    assert json.loads((tmp_path / "hf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    export_adapter(tmp_path / "x.ckpt", tmp_path / "adapter")
+    adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert {t.dtype for t in adapter.values()} == {torch.bfloat16}
+    assert torch.equal(adapter[f"base_model.model.{name}.lora_B.weight"], m.lora_B)
+
+
+def test_adapter_export_says_when_the_recorded_base_checkpoint_changed_or_is_gone(tmp_path):
+    """``export --lora_only`` writes the run's base directory as ``base_model_name_or_path``, and the adapter only
+    gives the trained model over the base weights the checkpoint holds: a base directory rewritten since the run
+    (other weights), or moved away, is said, naming the tensor; the unchanged base exports without a word."""
+    torch.manual_seed(0)
+    Phi3ForCausalLM.from_config("tiny").save_pretrained(tmp_path / "base")
+    module = CausalLMModule(model=str(tmp_path / "base"), lora={"r": 2})
+    module.configure_model()
+    torch.save({"state_dict": module.state_dict(), "phi3_lightning": module.checkpoint_info()}, tmp_path / "x.ckpt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        export_adapter(tmp_path / "x.ckpt", tmp_path / "a1")
+    torch.manual_seed(1)
+    Phi3ForCausalLM.from_config("tiny").save_pretrained(tmp_path / "base")  # another model in the same place
+    with pytest.warns(UserWarning, match=r"differ from the frozen base weights.*first: \S+\.weight.*merged"):
+        export_adapter(tmp_path / "x.ckpt", tmp_path / "a2")
+    shutil.move(tmp_path / "base", tmp_path / "elsewhere")
+    with pytest.warns(UserWarning, match=r"no longer exists"):
+        export_adapter(tmp_path / "x.ckpt", tmp_path / "a3")
+
+
 # ---------------------------------------------------------------------------------------------------- seq-cls
 def test_lora_sequence_classifier_trains_score_in_full_and_exports(lm_run, tmp_path):
     """Backbone from a causal-LM checkpoint with adapters; the new score layer trains in full (train_head)."""
@@ -284,6 +345,37 @@ def test_bad_lora_target_through_the_cli(lm_run, tmp_path):
         tmp_path / "bad.yaml",
     )
     assert rc == 1 and "target_modules ['q_proj']" in err and "qkv_proj" in err, err[-2000:]
+
+
+def _validate_from(module, ckpt, cache):
+    dm = CausalLMDataModule(
+        tokenizer="byte", source="embedded", max_length=64, max_files=8, batch_size=4, cache_dir=cache, progress=False
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu", logger=False, limit_val_batches=1, enable_progress_bar=False, enable_model_summary=False
+    )
+    return trainer.validate(module, datamodule=dm, ckpt_path=ckpt, verbose=False)
+
+
+def test_a_checkpoint_is_refused_by_a_module_with_other_lora_settings(lm_run, tmp_path):
+    """The LoRA settings a checkpoint's adapters were trained with are checked where it loads (Python API too),
+    before any weight is copied: another alpha (same shapes) would silently rescale every adapter. A run started
+    from ``adapter`` re-reads its adapter_config.json when it resumes: edited since, it is refused the same way."""
+    cache = lm_run.root / "cache"
+    trained = {"r": 4, "alpha": 8, "target_modules": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
+    assert _validate_from(CausalLMModule(model=str(lm_run.init), lora=trained), lm_run.last, cache)  # same: loads
+    with pytest.raises(ValueError, match=r"lora\.alpha.*8\.0.*16\.0"):
+        _validate_from(CausalLMModule(model=str(lm_run.init), lora={**trained, "alpha": 16}), lm_run.last, cache)
+    with pytest.raises(ValueError, match=r"trained with LoRA.*lora=null"):
+        _validate_from(CausalLMModule(model=str(lm_run.init)), lm_run.last, cache)
+    rc, _, err = run_main("export", "--checkpoint", lm_run.last, "--output", tmp_path / "adapter", "--lora_only")
+    assert rc == 0, err
+    assert _validate_from(CausalLMModule(model=str(lm_run.init), adapter=str(tmp_path / "adapter")), lm_run.last, cache)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 64}))
+    module = CausalLMModule(model=str(lm_run.init), adapter=str(tmp_path / "adapter"))
+    with pytest.raises(ValueError, match=r"lora\.alpha.*8\.0.*64"):
+        _validate_from(module, lm_run.last, cache)
 
 
 def test_help_lists_the_lora_fields():
