@@ -101,7 +101,8 @@ def _cli_class():
     # The data modules are loaded lazily by phi3_lightning.data; importing them here makes them known subclasses of
     # LightningDataModule, so `--data.help CausalLMDataModule` and `class_path: CausalLMDataModule` resolve.
     from .data import CausalLMDataModule, SequenceClassificationDataModule, TokenClassificationDataModule  # noqa: F401
-    from .modules import AtomicCheckpointIO, Phi3LightningModule, Phi3ThroughputMonitor, PredictionWriter
+    from .modules import Phi3LightningModule, Phi3ThroughputMonitor, PredictionWriter
+    from .modules.strategies import use_safe_checkpoint_io
     from .options import SuggestingParserMixin, enable_field_docstrings
 
     class Phi3ArgumentParser(SuggestingParserMixin, LightningArgumentParser):
@@ -266,11 +267,7 @@ def _cli_class():
                 if "requires a GPU accelerator" in str(e) and "fsdp" in str(e).lower():
                     raise UsageError(FSDP_ON_CPU.format(accelerator="cpu")) from None
                 raise
-            from lightning.pytorch.plugins.io import TorchCheckpointIO
-
-            strategy = trainer.strategy
-            if type(getattr(strategy, "_checkpoint_io", None)) in (type(None), TorchCheckpointIO):
-                strategy.checkpoint_io = AtomicCheckpointIO()
+            use_safe_checkpoint_io(trainer)
             trainer.callbacks.append(_checkpoint_dir_follower())
             _replace_default_console_callbacks(trainer, configured)
             return trainer

@@ -258,3 +258,49 @@ def test_rank_local_dcp_metadata_is_checked_too(tmp_path):
         warnings.simplefilter("ignore")
         load_distributed({"state_dict": {"head.w": torch.zeros(2)}}, d)
     assert not marker.exists()
+
+
+def test_the_python_api_refuses_a_crafted_ckpt_too(fitted, tmp_path):
+    """A plain ``pl.Trainer`` (no CLI, so none of its checkpoint IO) resuming or evaluating one of our modules from a
+    crafted file, and ``load_from_checkpoint``: Lightning's loader ran the payload when asked ``weights_only=False``,
+    and without it refused only by torch's default (an unclear error, and a ``Path`` in the hyper-parameters
+    refused); the module installs the safe loader before the checkpoint is read."""
+    import lightning.pytorch as pl
+
+    from phi3_lightning.data import CausalLMDataModule
+    from phi3_lightning.modules import CausalLMModule
+
+    _, last, evil, marker, root = fitted
+
+    def trainer():
+        return pl.Trainer(
+            accelerator="cpu",
+            max_steps=1,
+            limit_train_batches=1,
+            limit_val_batches=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+        )
+
+    def data():
+        return CausalLMDataModule(cache_dir=root / "cache", progress=False, max_length=32, max_files=2, batch_size=2)
+
+    for call in ("fit", "validate"):
+        for asked in (None, False):  # Lightning's weights_only=False ran the payload: the safe loader ignores it
+            with pytest.raises(UnsafeCheckpointError, match="posix.system"):
+                getattr(trainer(), call)(
+                    CausalLMModule(model="tiny"), datamodule=data(), ckpt_path=evil, weights_only=asked
+                )
+            assert not marker.exists(), (call, asked)
+    with pytest.raises(UnsafeCheckpointError, match="posix.system"):
+        CausalLMModule.load_from_checkpoint(evil)
+    assert not marker.exists()
+    with pytest.raises(ValueError, match="weights_only set to False"):
+        CausalLMModule.load_from_checkpoint(last, weights_only=False)
+    # the real checkpoint still loads through both
+    loaded = CausalLMModule.load_from_checkpoint(last)
+    state = torch.load(last, weights_only=True)["state_dict"]
+    assert torch.equal(loaded.head.model.embed_tokens.weight, state["head.model.embed_tokens.weight"])

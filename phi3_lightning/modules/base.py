@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import os
 import warnings
 from typing import Any, ClassVar, Literal
 
@@ -42,6 +43,7 @@ from .fsdp import broadcast_pretrained, materialize_meta, shard
 from .metric_states import FORMAT as METRIC_STATES_FORMAT
 from .metric_states import TRAIN_METRICS_KEY, collect, restore
 from .schedulers import WarmupDecayLR
+from .strategies import use_safe_checkpoint_io
 
 COMPILE_SCOPES = ("layers", "model")
 CHECKPOINT_KEY = "phi3_lightning"
@@ -268,7 +270,10 @@ class Phi3LightningModule(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Check that the data fits the model before anything is built or trained: the tokenizer's ids fit the
-        embedding, and the row length (``max_length``) fits the positions (the one place this is checked)."""
+        embedding, and the row length (``max_length``) fits the positions (the one place this is checked). Lightning
+        reads a ``ckpt_path`` after this hook: the Trainer gets the safe checkpoint loader first, so a plain
+        ``pl.Trainer`` of the Python API never unpickles without ``weights_only`` either."""
+        use_safe_checkpoint_io(self._trainer)
         dm = self._trainer.datamodule if self._trainer is not None else None
         tokenizer = getattr(dm, "tokenizer", None)
         if tokenizer is not None:
@@ -281,6 +286,32 @@ class Phi3LightningModule(pl.LightningModule):
                 f"max_length={max_length} (the data's row length) exceeds max_position_embeddings={positions} of the "
                 "model; lower --data.max_length or use a long-context (128k) checkpoint"
             )
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, weights_only: bool | None = None, **kwargs: Any):
+        """Lightning's ``load_from_checkpoint``, the file read only by the safe loader of :mod:`.safe_load`
+        (``weights_only=True`` and nothing else; a crafted file is an :class:`~.safe_load.UnsafeCheckpointError`).
+        Asking for ``weights_only`` False is refused."""
+        if weights_only is False:
+            raise ValueError(
+                "weights_only set to False would unpickle the checkpoint without restrictions (a crafted file runs code while "
+                "it loads); phi3_lightning loads checkpoints with weights_only=True only: drop the argument"
+            )
+        from unittest import mock
+
+        from lightning.pytorch.core import saving
+
+        from .safe_load import load_checkpoint_file
+
+        lightning_load = saving.pl_load
+
+        def safe_load(path: Any, map_location: Any = None, weights_only: bool | None = None) -> Any:
+            if isinstance(path, (str, os.PathLike)) and "://" not in str(path):
+                return load_checkpoint_file(path, map_location=map_location if map_location is not None else "cpu")
+            return lightning_load(path, map_location=map_location, weights_only=True)  # a URL or an open file
+
+        with mock.patch.object(saving, "pl_load", safe_load):
+            return super().load_from_checkpoint(checkpoint_path, *args, weights_only=True, **kwargs)
 
     def configure_model(self) -> None:
         if self.head is not None:

@@ -52,6 +52,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return load_checkpoint_file(path, map_location=map_location if map_location is not None else "cpu")
 
 
+def use_safe_checkpoint_io(trainer: Any) -> None:
+    """Give ``trainer``'s strategy :class:`AtomicCheckpointIO` (atomic saves, loads only with ``weights_only=True``)
+    unless another checkpoint IO was configured on purpose. The CLI calls this when it builds the Trainer and every
+    Phi-3 LightningModule in its ``setup`` hook, which Lightning runs before it reads a ``ckpt_path``: a plain
+    ``pl.Trainer`` of the Python API resumes through the same loader as the command line."""
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    strategy = getattr(trainer, "strategy", None)
+    if strategy is not None and type(getattr(strategy, "_checkpoint_io", None)) in (type(None), TorchCheckpointIO):
+        strategy.checkpoint_io = AtomicCheckpointIO()
+
+
 class FSDP2Strategy(ModelParallelStrategy):
     """FSDP2 (``fully_shard`` per decoder layer + root, applied by the Phi-3 LightningModule) on any accelerator
     (CUDA with NCCL, CPU with gloo).
