@@ -419,9 +419,16 @@ def resolve_model(
         path = Path(model).expanduser()
         if path.is_dir():
             if not (path / "config.json").is_file():
+                adapter = (path / "adapter_config.json").is_file()
                 raise FileNotFoundError(
                     f"model={str(model)!r} is a directory without config.json (no config.json at {path}); pass a "
                     "Hugging Face checkpoint directory (config.json + safetensors) or a preset name"
+                    + (
+                        f". {path} holds a LoRA adapter (adapter_config.json): set model to its base checkpoint and "
+                        "adapter to this directory"
+                        if adapter
+                        else ""
+                    )
                 )
             config = Phi3Config.from_json_file(path / "config.json")
             weights = path

@@ -280,7 +280,13 @@ def test_resolve_model_every_source(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"model='phi-9' is neither a preset \(phi-3-medium-128k, "):
         resolve_model("phi-9")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="is a directory without config.json"):
+    with pytest.raises(FileNotFoundError, match="is a directory without config.json") as e:
+        resolve_model(tmp_path / "empty")
+    assert "adapter" not in str(e.value)
+    (tmp_path / "empty" / "adapter_config.json").write_text("{}")  # a LoRA adapter given as the model
+    with pytest.raises(
+        FileNotFoundError, match="holds a LoRA adapter .*: set model to its base checkpoint and adapter"
+    ):
         resolve_model(tmp_path / "empty")
     with pytest.raises(ValueError, match="config override 'num_hiden_layers' is not a Phi3Config field; did you mean"):
         resolve_model("tiny", {"num_hiden_layers": 1})
