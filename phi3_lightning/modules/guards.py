@@ -231,6 +231,15 @@ class NonFiniteGuard(Callback):
                 "its second moment underflows) -> use bf16-mixed / bf16-true on GPUs that support bfloat16, or "
                 f"32-true; or a learning rate so high that the update overflowed ({_settings(trainer)['lr']})"
             )
+        units = pl_module.__dict__.get("_last_step_units")  # the step's counted units, all processes (token-exact)
+        if units is not None and float(units) == 0:
+            return (
+                f"the optimizer step at {where} has no target on any process: every row of its micro-batches has "
+                "no counted unit (every label -100, e.g. max_length too short, an empty answer, or rows of one "
+                "token), so its mean loss is 0/0; the run stopped before the optimizer update, so the weights are "
+                "still finite; nothing of this step is saved. Check the data (max_length, the labels) or raise the "
+                "batch size"
+            )
         values = [float(v) for v in losses]
         bad_values = [v for v in values if not math.isfinite(v)]
         if bad_values:
