@@ -494,3 +494,58 @@ def test_sigterm_during_validation_saves_and_resumes_exactly(cache, tmp_path):
     )
     assert trainer.global_step == 8
     _assert_same(full, resumed)
+
+
+class _SigtermAfterBatch(pl.Callback):
+    """SIGTERM to this process at the end of training batch ``batch_idx`` of epoch ``epoch``."""
+
+    def __init__(self, epoch: int, batch_idx: int) -> None:
+        self.epoch, self.batch_idx = epoch, batch_idx
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if (trainer.current_epoch, batch_idx) == (self.epoch, self.batch_idx):
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _preempt_and_resume(cache, tmp_path, accumulate: int, epoch: int, batch_idx: int, steps: int) -> int:
+    """Uninterrupted fit to ``steps`` vs SIGTERM after (epoch, batch_idx) + resume from last.ckpt to ``steps``: the
+    same weights; returns the global step the preemption saved."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from phi3_lightning.modules.guards import PreemptionCheckpoint
+
+    def fit(callbacks, ckpt_path=None):
+        pl.seed_everything(0, verbose=False)
+        dm = _data("causal_packed", cache)
+        module = _module("causal_packed", dm)
+        trainer = _trainer(tmp_path, steps, -1, callbacks, limit_val_batches=0)
+        trainer.accumulate_grad_batches = accumulate  # (the Trainer argument; set here to reuse _trainer)
+        trainer.fit(module, dm, ckpt_path=ckpt_path)
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}, trainer
+
+    full, _ = fit([ModelCheckpoint(dirpath=tmp_path / "a", save_top_k=0)])
+    last = ModelCheckpoint(dirpath=tmp_path / "b", save_top_k=0, save_last=True)
+    with pytest.raises(SIGTERMException):
+        fit([last, PreemptionCheckpoint(), _SigtermAfterBatch(epoch, batch_idx)])
+    saved = torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)["global_step"]
+    resumed, trainer = fit([ModelCheckpoint(dirpath=tmp_path / "c", save_top_k=0)], tmp_path / "b" / "last.ckpt")
+    assert trainer.global_step == steps
+    _assert_same(full, resumed)
+    return saved
+
+
+def test_sigterm_inside_an_accumulation_window_resumes_exactly(cache, tmp_path):
+    """accumulate_grad_batches=2 and SIGTERM after batch 0 of epoch 1, the first micro-batch of step 3: the gradients
+    it accumulated live only in memory, so the stop waits for the window's last batch (a checkpoint resuming at
+    batch 1 made step 3 the gradient of batch 1 alone: every tensor differed)."""
+    assert _preempt_and_resume(cache, tmp_path, accumulate=2, epoch=1, batch_idx=0, steps=4) == 3
+
+
+def test_sigterm_at_the_last_batch_of_an_epoch_resumes_exactly(cache, tmp_path):
+    """SIGTERM after the epoch's last batch: Lightning stops after closing the epoch, before the next one resets the
+    batch counters; the checkpoint must resume at batch 0 of the next epoch (it resumed at batch index 4, trained
+    one batch of epoch 1 and skipped the other three)."""
+    assert _preempt_and_resume(cache, tmp_path, accumulate=1, epoch=0, batch_idx=BATCHES - 1, steps=6) == BATCHES

@@ -124,8 +124,8 @@ def fused_linear_cross_entropy(
     """
     targets = shift_labels(labels).reshape(-1)
     keep = (targets != IGNORE_INDEX).nonzero().squeeze(-1)
-    if keep.numel() == 0:  # same as F.cross_entropy's mean over nothing
-        return (hidden.sum() * 0.0 + weight.sum() * 0.0) / 0.0
+    if keep.numel() == 0:  # same value as F.cross_entropy's mean over nothing (NaN), and like it zero gradients
+        return hidden.sum() * 0.0 + weight.sum() * 0.0 + float("nan")
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)  # (N, H)
     if torch.is_autocast_enabled(h.device.type):
         dt = torch.get_autocast_dtype(h.device.type)

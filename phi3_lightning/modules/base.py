@@ -674,7 +674,11 @@ class Phi3LightningModule(pl.LightningModule):
                 scale = _all_reduce(scale, torch.distributed.ReduceOp.MAX)
             state["scale"], state["sum"] = scale, torch.zeros_like(units)
         state["sum"] = state["sum"] + units
-        return loss * (units / state["scale"]).to(loss.dtype)
+        # a micro-batch without counted units (its mean loss is 0/0 = NaN) adds nothing to the step's sum, as its rows
+        # add nothing to one batch holding the whole step; chosen on the device (no host sync). A step with no unit at
+        # all is stopped by the guard (see _rescale_gradients)
+        objective = loss * (units / state["scale"]).to(loss.dtype)
+        return torch.where(units > 0, objective, torch.zeros_like(objective))
 
     def on_train_epoch_start(self) -> None:
         # Lightning steps at an epoch's end even inside an accumulation window: a new epoch starts a new step
@@ -805,7 +809,9 @@ class Phi3LightningModule(pl.LightningModule):
         world = trainer.world_size
         if world > 1:
             total = _all_reduce(total.clone(), torch.distributed.ReduceOp.SUM)
-        # N = 0 (no counted unit in the whole step): every micro-batch loss was 0/0 = NaN, the guard stops the run
+        # N = 0 (no counted unit in the whole step): the factor is inf, the gradients NaN, and the guard stops the run
+        # naming the cause (it reads the count kept here, on its failure path only)
+        self.__dict__["_last_step_units"] = total
         factor = scale * float(trainer.accumulate_grad_batches * world) / total
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for group in optimizer.param_groups:

@@ -231,6 +231,15 @@ class NonFiniteGuard(Callback):
                 "its second moment underflows) -> use bf16-mixed / bf16-true on GPUs that support bfloat16, or "
                 f"32-true; or a learning rate so high that the update overflowed ({_settings(trainer)['lr']})"
             )
+        units = pl_module.__dict__.get("_last_step_units")  # the step's counted units, all processes (token-exact)
+        if units is not None and float(units) == 0:
+            return (
+                f"the optimizer step at {where} has no target on any process: every row of its micro-batches has "
+                "no counted unit (every label -100, e.g. max_length too short, an empty answer, or rows of one "
+                "token), so its mean loss is 0/0; the run stopped before the optimizer update, so the weights are "
+                "still finite; nothing of this step is saved. Check the data (max_length, the labels) or raise the "
+                "batch size"
+            )
         values = [float(v) for v in losses]
         bad_values = [v for v in values if not math.isfinite(v)]
         if bad_values:
@@ -294,10 +303,12 @@ class PreemptionCheckpoint(Callback):
         self._previous: Any = None
         self._installed = False
         self._max_steps_saved: int | None = None
+        self._deferred = False  # a stop held back until the end of the accumulation window
 
     # ------------------------------------------------------------------ signals
     def on_train_start(self, trainer, pl_module) -> None:
         self.signal = None
+        self._deferred = False
         if threading.current_thread() is not threading.main_thread():
             return
         self._previous = signal.getsignal(signal.SIGINT)
@@ -318,6 +329,29 @@ class PreemptionCheckpoint(Callback):
                 raise KeyboardInterrupt
 
         return handler
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        """A stop asked for inside a gradient-accumulation window waits for the window's last micro-batch: the
+        gradients accumulated so far live only in memory, so a checkpoint written now would resume with the rest
+        of the window alone (a step missing part of its batches, silently). Lightning raises its stop at the end of
+        every batch whose stop flag is set: the flag is held back until the batch that steps."""
+        connector = getattr(trainer, "_signal_connector", None)
+        if connector is None or not hasattr(connector, "received_sigterm"):
+            return
+        if _inside_accumulation_window(trainer):
+            if connector.received_sigterm:
+                if not self._deferred:
+                    n = trainer.accumulate_grad_batches
+                    _say(
+                        trainer,
+                        f"stop requested inside a gradient-accumulation window (accumulate_grad_batches={n}): "
+                        "stopping after the window's last batch, at the next optimizer step",
+                    )
+                self._deferred = True
+                connector.received_sigterm = False
+        elif self._deferred:
+            self._deferred = False
+            connector.received_sigterm = True
 
     def _restore(self) -> None:
         if self._installed and threading.current_thread() is threading.main_thread():
@@ -428,6 +462,19 @@ def _say(trainer: pl.Trainer, text: str) -> None:
 _CONNECTOR_LOG = "lightning.pytorch.trainer.connectors.checkpoint_connector"
 
 
+def _inside_accumulation_window(trainer: pl.Trainer) -> bool:
+    """Whether the training batch just run accumulates its gradients for a later batch's optimizer step (Lightning's
+    own rule, asked at the batch's end). Unknown (another Lightning): False."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    check = getattr(loop, "_should_accumulate", None)
+    if check is None or getattr(trainer, "accumulate_grad_batches", 1) <= 1:
+        return False
+    try:
+        return bool(check())
+    except Exception:  # pragma: no cover - a Lightning whose rule needs something else
+        return False
+
+
 def _validation_follows(trainer: pl.Trainer) -> bool:
     """Whether the training epoch loop runs validation after the current batch (its own rule; asked from
     ``on_train_batch_end``, before it decides). Unknown (another Lightning): True, i.e. leave the save to after it."""
@@ -499,6 +546,7 @@ def save_last_checkpoint(trainer: pl.Trainer, path: str) -> None:
     log = logging.getLogger(_CONNECTOR_LOG)
     level = log.level
     log.setLevel(max(logging.WARNING, level))
+    _close_finished_epoch(trainer)
     try:
         trainer.save_checkpoint(path)
     except BaseException:
@@ -510,6 +558,26 @@ def save_last_checkpoint(trainer: pl.Trainer, path: str) -> None:
     for cb in owners:
         cb._last_global_step_saved = trainer.global_step
         cb._last_checkpoint_saved = str(path)  # (ModelCheckpoint.on_train_end writes `last` when this is empty)
+
+
+def _close_finished_epoch(trainer: pl.Trainer) -> None:
+    """Between two epochs (the fit loop counted the last one as completed and has not started the next: a SIGTERM at
+    an epoch's last batch, or fit ending at ``max_epochs``), reset the epoch loop's per-epoch batch counters as the
+    next epoch's start would. Lightning resets them only then, and a checkpoint written before it makes the
+    resumed run start the next epoch at batch index ``num_training_batches``: it trains one batch of that epoch and
+    skips the rest of it (silently). A checkpoint written at ``on_train_epoch_end`` (epoch not yet counted) is
+    left as it is; Lightning closes that epoch itself on resume."""
+    fit_loop = getattr(trainer, "fit_loop", None)
+    epochs = getattr(fit_loop, "epoch_progress", None)
+    loop = getattr(fit_loop, "epoch_loop", None)
+    if epochs is None or loop is None or not hasattr(loop, "batch_progress"):
+        return
+    if epochs.current.ready != epochs.current.completed or loop.batch_progress.current.ready == 0:
+        return
+    loop.batch_progress.reset_on_run()
+    loop.scheduler_progress.reset_on_run()
+    loop.automatic_optimization.optim_progress.reset_on_run()
+    loop.val_loop.batch_progress.total.reset()
 
 
 def last_checkpoint_path(trainer: pl.Trainer) -> str:

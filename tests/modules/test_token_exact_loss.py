@@ -140,6 +140,30 @@ def test_token_classification_accumulation_equals_one_big_batch():
     _assert_same_updates(_update(make, examples, 4, 1), _update(make, examples, 2, 2))
 
 
+@pytest.mark.parametrize("task", ["causal_lm", "token_classification"])
+def test_a_micro_batch_without_targets_adds_nothing_to_the_step(task):
+    """A micro-batch whose rows hold no target (causal LM: one-token rows; token classification: every label -100)
+    is legal inside an accumulated step as long as the step has targets: one batch holding the same rows trains
+    (its mean skips them), so the split step must give the same update, not a NaN loss that stops the run."""
+    examples = _lengths_examples(2 * 2 * STEPS, seed=6, token_labels="classes" if task != "causal_lm" else None)
+    for row in examples[2:4]:  # the second micro-batch of the first step
+        if task == "causal_lm":
+            row["input_ids"] = row["labels"] = row["input_ids"][:1]
+        else:
+            row["labels"] = [-100] * len(row["labels"])
+    if task == "causal_lm":
+        make = lambda: CausalLMModule(model="tiny", attn_implementation="eager", optimizer=_sgd)  # noqa: E731
+    else:
+        make = lambda: TokenClassificationModule(  # noqa: E731
+            model="tiny",
+            num_labels=3,
+            attn_implementation="eager",
+            optimizer=_sgd,
+            config_overrides={"classifier_dropout": 0.0},
+        )
+    _assert_same_updates(_update(make, examples, 4, 1), _update(make, examples, 2, 2))
+
+
 def test_sequence_classification_accumulation_counts_every_example_once():
     """6 examples per step as micro-batches of 4 + 2 (the last one short) vs one batch of 6."""
     g = torch.Generator().manual_seed(3)
@@ -243,3 +267,18 @@ def test_two_process_ddp_and_fsdp2_equal_one_process_with_the_step_s_rows(tmp_pa
         updates[run] = {k: after[k] - before[k] for k in before if before[k].is_floating_point()}
     for run in runs[1:]:
         _assert_same_updates(updates[runs[0]], updates[run])
+
+
+def test_a_step_without_any_target_stops_with_the_cause():
+    """Every micro-batch of the step without a target: nothing to average, so the guard stops the run before the
+    update and says why (not a bare 'gradient is non-finite')."""
+    from phi3_lightning.modules.guards import NonFiniteError
+
+    examples = [{"input_ids": [7], "labels": [7]}] * 4
+    module = CausalLMModule(model="tiny", attn_implementation="eager", optimizer=_sgd)
+    module.configure_model()
+    before = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    trainer = quiet_trainer(max_steps=1, accumulate_grad_batches=2)
+    with pytest.raises(NonFiniteError, match="has no target on any process"):
+        trainer.fit(module, train_dataloaders=DataLoader(examples, batch_size=2, collate_fn=PaddingCollator(0)))
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
