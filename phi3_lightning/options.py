@@ -11,6 +11,7 @@ import argparse
 import difflib
 import re
 from collections.abc import Iterable
+from contextvars import ContextVar
 
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:
@@ -99,6 +100,28 @@ def explain_parse_error(message: str, options: Iterable[str]) -> str:
     return message
 
 
+_CONFIG_FILE: ContextVar[str | None] = ContextVar("phi3_lightning_config_file", default=None)
+
+
+def _yaml_error_in_file(ex: BaseException | None) -> str | None:
+    """``<file> is not valid YAML: <problem> at line L, column C (<context> at line ..)`` when ``ex`` is a YAML
+    syntax error of the --config file being parsed, else None."""
+    path = _CONFIG_FILE.get()
+    cause = ex
+    while cause is not None and not hasattr(cause, "problem_mark"):  # yaml.MarkedYAMLError, without importing yaml
+        cause = cause.__cause__
+    if path is None or cause is None or getattr(cause, "problem_mark", None) is None:
+        return None
+
+    def at(mark) -> str:
+        return f"line {mark.line + 1}, column {mark.column + 1}"
+
+    message = f"{path} is not valid YAML: {cause.problem} at {at(cause.problem_mark)}"
+    if getattr(cause, "context", None) and getattr(cause, "context_mark", None) is not None:
+        message += f" ({cause.context} at {at(cause.context_mark)})"
+    return message
+
+
 class SuggestingParserMixin:
     """For a jsonargparse ``ArgumentParser`` subclass: no prefix matching (``--trainer.max_step`` is an error, not
     ``--trainer.max_steps``), "did you mean" on unknown options, and a one-line usage in errors (the full usage of
@@ -108,9 +131,17 @@ class SuggestingParserMixin:
         kwargs["allow_abbrev"] = False
         super().__init__(*args, **kwargs)
 
+    def parse_path(self, path, *args, **kwargs):
+        # jsonargparse parses a --config file's text and yaml names it "<unicode string>": remember which file it is
+        token = _CONFIG_FILE.set(str(path))
+        try:
+            return super().parse_path(path, *args, **kwargs)  # type: ignore[misc]
+        finally:
+            _CONFIG_FILE.reset(token)
+
     def error(self, message: str, ex: Exception | None = None):
         parser = getattr(ex, "subcommand_parser", None) or self
-        message = explain_parse_error(message, getattr(parser, "_option_string_actions", {}))
+        message = _yaml_error_in_file(ex) or explain_parse_error(message, getattr(parser, "_option_string_actions", {}))
         return super().error(message, ex)  # type: ignore[misc]
 
     def format_usage(self) -> str:

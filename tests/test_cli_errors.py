@@ -184,3 +184,16 @@ def test_trainer_settings_lightning_refuses_are_one_line_errors(tmp_path):
     rc, _, err = run_main("fit", *args, "--trainer.max_steps", "-5")
     assert _error_line(rc, err).startswith("error: `max_steps` must be a non-negative integer or -1")
     assert "-5" in _error_line(rc, err)
+
+
+def test_a_yaml_syntax_error_names_the_file_and_the_line(tmp_path):
+    """yaml's own message says `in "<unicode string>"` (jsonargparse parses the file's text): the user must learn which
+    of the --config files is broken, and where."""
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("trainer:\n  max_steps: 2\nmodel:\n  init_args:\n    attn_implementation: [sdpa\n")
+    for argv in (("fit", "--config", LM, "--config", bad), ("compare-attention", "--config", bad)):
+        rc, _, err = run_main(*argv)
+        line = next(ln for ln in err.splitlines() if ln.startswith("error: "))
+        assert rc == 2 and "<unicode string>" not in err and "Traceback" not in err, err
+        assert f"{bad} is not valid YAML" in line and "line 6, column 1" in line, line
+        assert "line 5, column 26" in line, line  # where the unclosed '[' opened
