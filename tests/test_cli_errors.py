@@ -197,3 +197,26 @@ def test_a_yaml_syntax_error_names_the_file_and_the_line(tmp_path):
         assert rc == 2 and "<unicode string>" not in err and "Traceback" not in err, err
         assert f"{bad} is not valid YAML" in line and "line 6, column 1" in line, line
         assert "line 5, column 26" in line, line  # where the unclosed '[' opened
+
+
+def test_ckpt_path_and_weights_only_help_say_what_this_package_does():
+    """Lightning's help for these two options advertises downloads from its model registry and ``weights_only=False``
+    for trusted files; here remote checkpoints are refused and every checkpoint is read with weights_only=True."""
+    for command in ("fit", "validate", "predict"):
+        rc, out, _ = run_main(command, "--help")
+        flat = " ".join(out.split())
+        assert rc == 0 and "will be downloaded from the Lightning Model Registry" not in flat
+        assert "use ``weights_only=False``" not in flat
+        assert "'last' or 'best'" in flat and "remote checkpoints" in flat and "refused" in flat, flat[-3000:]
+        assert "always torch.load(weights_only=True)" in flat
+
+
+def test_weights_only_false_is_refused_not_silently_ignored(tmp_path):
+    """Every checkpoint is read with weights_only=True (the Guarantees table): ``--weights_only false`` cannot be
+    honoured, so it is an error naming the option, not a setting accepted and then not done."""
+    args = small_args("causal_lm", tmp_path / "logs", tmp_path / "cache", steps=1)  # (were it not refused)
+    for command in ("fit", "validate"):
+        rc, _, err = run_main(command, *args, "--weights_only", "false")
+        line = _error_line(rc, err)
+        assert "--weights_only false" in line and "weights_only=True" in line and "drop" in line, line
+    assert not (tmp_path / "logs").exists()  # refused before a run directory is made
