@@ -650,5 +650,21 @@ def main(argv: list[str] | None = None) -> int:
             raise
         _report(e)
         return 1
-    print(f"error: unknown command {command!r}\n\n{TOP_HELP}", file=sys.stderr)
+    print(_unknown_command(command), file=sys.stderr)
     return 2
+
+
+COMMANDS = (*LIGHTNING_COMMANDS, "generate", "export", "compare-attention", "memory", "data-report")
+
+
+def _unknown_command(command: str) -> str:
+    """One line: the closest command, or (an option given first) that the command comes first."""
+    from .options import did_you_mean
+
+    listing = f"(commands: {', '.join(COMMANDS)}; python -m phi3_lightning --help describes them)"
+    if command.startswith("-"):
+        return (
+            f"error: {command!r} is an option, not a command: name the command first, e.g. python -m phi3_lightning "
+            f"fit {command.split('=', 1)[0]} ... {listing}"
+        )
+    return f"error: unknown command {command!r}{did_you_mean(command, COMMANDS)} {listing}"

@@ -81,6 +81,32 @@ def test_help_and_unknown_command():
     assert rc == 0 and "--checkpoint" in out and "--chat" in out
 
 
+def test_a_mistyped_or_missing_command_is_a_short_error_with_the_fix():
+    """Not the whole top-level help after the error line: the closest command, or the reminder that options follow a
+    command."""
+    rc, out, err = run_main("fti", "--config", LM)
+    assert (
+        rc == 2
+        and not out
+        and err.strip().splitlines()
+        == [
+            "error: unknown command 'fti'; did you mean fit? (commands: fit, validate, test, predict, generate, export, "
+            "compare-attention, memory, data-report; python -m phi3_lightning --help describes them)"
+        ]
+    )
+    rc, out, err = run_main("--config", LM)
+    assert (
+        rc == 2
+        and not out
+        and err.strip().splitlines()
+        == [
+            "error: '--config' is an option, not a command: name the command first, e.g. python -m phi3_lightning fit "
+            "--config ... (commands: fit, validate, test, predict, generate, export, compare-attention, memory, "
+            "data-report; python -m phi3_lightning --help describes them)"
+        ]
+    )
+
+
 def test_compare_attention_dispatch(monkeypatch):
     seen = {}
     fake = types.ModuleType("phi3_lightning.compare")
