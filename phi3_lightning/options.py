@@ -23,6 +23,25 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     return f"; did you mean {norm[close[0]]}?" if close else ""
 
 
+def format_default(value: object) -> str:
+    """A default as it is typed on the command line: lists space-separated (``nargs="+"``), the rest as str."""
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value))
+    return str(value)
+
+
+class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with ``(default: X)`` where it has a default worth showing (not None, not a flag's
+    False) and the text does not already explain its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if default is None or default is False or default is argparse.SUPPRESS or "default" in text:
+            return text
+        return f"{text} (default: {format_default(default).replace('%', '%%')})"
+
+
 class StrictArgumentParser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` without prefix matching and with "did you mean" for unknown options."""
 
