@@ -122,10 +122,15 @@ def explain_parse_error(message: str, options: Iterable[str]) -> str:
 _CONFIG_FILE: ContextVar[str | None] = ContextVar("phi3_lightning_config_file", default=None)
 
 
-def _yaml_error_in_file(ex: BaseException | None) -> str | None:
-    """``<file> is not valid YAML: <problem> at line L, column C (<context> at line ..)`` when ``ex`` is a YAML
-    syntax error of the --config file being parsed, else None."""
+def _config_file_error(message: str, ex: BaseException | None) -> str | None:
+    """The error of the --config file being parsed, naming it: ``<file> is not valid YAML: <problem> at line L,
+    column C (<context> at line ..)`` for a syntax error, ``<file> is empty`` / ``holds '...'`` for a file that is
+    no mapping; None for any other error."""
     path = _CONFIG_FILE.get()
+    if path is not None and message.startswith("Unexpected config:"):
+        content = message.removeprefix("Unexpected config:").strip()
+        what = "is empty" if not content else f"holds {content[:60]!r}"
+        return f"{path} {what}: a config is a YAML mapping of settings, one `key: value` per line"
     cause = ex
     while cause is not None and not hasattr(cause, "problem_mark"):  # yaml.MarkedYAMLError, without importing yaml
         cause = cause.__cause__
@@ -160,7 +165,9 @@ class SuggestingParserMixin:
 
     def error(self, message: str, ex: Exception | None = None):
         parser = getattr(ex, "subcommand_parser", None) or self
-        message = _yaml_error_in_file(ex) or explain_parse_error(message, getattr(parser, "_option_string_actions", {}))
+        message = _config_file_error(message, ex) or explain_parse_error(
+            message, getattr(parser, "_option_string_actions", {})
+        )
         return super().error(message, ex)  # type: ignore[misc]
 
     def format_usage(self) -> str:

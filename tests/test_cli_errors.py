@@ -246,3 +246,14 @@ def test_weights_only_false_is_refused_not_silently_ignored(tmp_path):
         line = _error_line(rc, err)
         assert "--weights_only false" in line and "weights_only=True" in line and "drop" in line, line
     assert not (tmp_path / "logs").exists()  # refused before a run directory is made
+
+
+def test_an_empty_or_non_mapping_config_file_is_named(tmp_path):
+    """jsonargparse said only "Unexpected config: " (nothing after it for an empty file)."""
+    empty, scalar = tmp_path / "empty.yaml", tmp_path / "scalar.yaml"
+    empty.write_text("")
+    scalar.write_text("just a string\n")
+    for path, what in ((empty, "is empty"), (scalar, "holds 'just a string'")):
+        rc, _, err = run_main("fit", "--config", path)
+        line = next(ln for ln in err.splitlines() if ln.startswith("error: "))
+        assert rc == 2 and f"{path} {what}" in line and "a YAML mapping" in line and "`key: value`" in line, line
