@@ -259,6 +259,9 @@ class Phi3LightningModule(pl.LightningModule):
         """Check that the data fits the model before anything is built or trained: the tokenizer's ids fit the
         embedding, and the row length (``max_length``) fits the positions (the one place this is checked)."""
         dm = self._trainer.datamodule if self._trainer is not None else None
+        data_task = getattr(dm, "task", None)
+        if isinstance(data_task, str) and data_task and data_task != self.task:
+            raise ValueError(self._other_task_message(dm, data_task))
         tokenizer = getattr(dm, "tokenizer", None)
         if tokenizer is not None:
             from ..data.tokenizer import check_vocab_fits
@@ -270,6 +273,21 @@ class Phi3LightningModule(pl.LightningModule):
                 f"max_length={max_length} (the data's row length) exceeds max_position_embeddings={positions} of the "
                 "model; lower --data.max_length or use a long-context (128k) checkpoint"
             )
+
+    def _other_task_message(self, dm: Any, data_task: str) -> str:
+        from ..data import CausalLMDataModule, SequenceClassificationDataModule, TokenClassificationDataModule
+        from .tasks import MODULES
+
+        data_for = {
+            c.task: c.__name__
+            for c in (CausalLMDataModule, SequenceClassificationDataModule, TokenClassificationDataModule)
+        }
+        other = MODULES[data_task].__name__ if data_task in MODULES else f"the {data_task} LightningModule"
+        return (
+            f"the data module {type(dm).__name__} makes {data_task} batches, but the model {type(self).__name__} "
+            f"trains {self.task}; give it {data_for.get(self.task, f'{self.task} data')} (--data), or train "
+            f"{data_task} with {other} (--model), e.g. with configs/{data_task}.yaml"
+        )
 
     def configure_model(self) -> None:
         if self.head is not None:
