@@ -195,7 +195,7 @@ def _cli_class():
                     "SequenceClassificationDataModule, TokenClassificationDataModule) or the config"
                 )
             # Lightning's help for these two (its Trainer.fit/validate/... docstrings) promises registry downloads and
-            # weights_only=False for trusted files; say what this CLI does instead (_parse_ckpt_path)
+            # unpickling trusted files freely; say what this CLI does instead (_parse_ckpt_path)
             for action in parser._actions:
                 if action.dest in _CKPT_OPTION_HELP:
                     action.help = _CKPT_OPTION_HELP[action.dest]
