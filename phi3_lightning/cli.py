@@ -195,6 +195,11 @@ def _cli_class():
                     "Data: a LightningDataModule given by --data CLASS (CausalLMDataModule, "
                     "SequenceClassificationDataModule, TokenClassificationDataModule) or the config"
                 )
+            # Lightning's help for these two (its Trainer.fit/validate/... docstrings) promises registry downloads and
+            # unpickling trusted files freely; say what this CLI does instead (_parse_ckpt_path)
+            for action in parser._actions:
+                if action.dest in _CKPT_OPTION_HELP:
+                    action.help = _CKPT_OPTION_HELP[action.dest]
             return parser
 
         def parse_arguments(self, parser, args) -> None:
@@ -217,6 +222,11 @@ def _cli_class():
             if not subcommand:
                 return
             cfg = self.config[subcommand]
+            if cfg.get("weights_only") is False:
+                raise UsageError(
+                    "--weights_only false: phi3_lightning reads every checkpoint with torch.load(weights_only=True) "
+                    "and never unpickles arbitrary objects (a checkpoint must not run code); drop --weights_only"
+                )
             check_fsdp_accelerator(cfg.trainer)
             name_run(cfg, subcommand)
             ckpt_path = normalize_ckpt_path(cfg.get("ckpt_path"), cfg.trainer.get("default_root_dir"))
@@ -273,6 +283,15 @@ def _cli_class():
             return trainer
 
     return Phi3CLI
+
+
+_CKPT_OPTION_HELP = {
+    "ckpt_path": "checkpoint to resume (fit) or to evaluate: a .ckpt file written by fit, an FSDP2 checkpoint "
+    "directory, or 'last' or 'best' of this run (--run_name, --run_version); settings that the checkpoint fixes "
+    "(model, LoRA, head, tokenizer, labels; for fit also optimizer and scheduler) must match it; remote checkpoints "
+    "('registry', URLs) are refused",
+    "weights_only": "always torch.load(weights_only=True): a checkpoint never runs code, so false is refused",
+}
 
 
 def _quiet_known_lightning_noise() -> None:
@@ -628,5 +647,21 @@ def main(argv: list[str] | None = None) -> int:
             raise
         _report(e)
         return 1
-    print(f"error: unknown command {command!r}\n\n{TOP_HELP}", file=sys.stderr)
+    print(_unknown_command(command), file=sys.stderr)
     return 2
+
+
+COMMANDS = (*LIGHTNING_COMMANDS, "generate", "export", "compare-attention", "memory", "data-report")
+
+
+def _unknown_command(command: str) -> str:
+    """One line: the closest command, or (an option given first) that the command comes first."""
+    from .options import did_you_mean
+
+    listing = f"(commands: {', '.join(COMMANDS)}; python -m phi3_lightning --help describes them)"
+    if command.startswith("-"):
+        return (
+            f"error: {command!r} is an option, not a command: name the command first, e.g. python -m phi3_lightning "
+            f"fit {command.split('=', 1)[0]} ... {listing}"
+        )
+    return f"error: unknown command {command!r}{did_you_mean(command, COMMANDS)} {listing}"

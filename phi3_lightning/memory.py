@@ -98,7 +98,7 @@ from .model.backends import BACKENDS, DEFAULT_BACKEND, check_backend
 from .model.config import PRESETS, Phi3Config, resolve_model
 from .model.heads import TASKS
 from .model.lora import DEFAULT_TARGETS, LoRAConfig, lora_num_parameters
-from .options import StrictArgumentParser
+from .options import DefaultsHelpFormatter, StrictArgumentParser
 
 GiB = 1024**3
 # Share of a GPU's memory an estimate may fill and still "fit": the CUDA context (~0.5 GiB) and the caching
@@ -892,11 +892,12 @@ def _checkpointing_arg(text: str) -> int | str:
         ) from None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> StrictArgumentParser:
+    """The planner's command line (``python -m phi3_lightning memory --help``)."""
     ap = StrictArgumentParser(
         prog="python -m phi3_lightning memory",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--preset", default="phi-3-mini-4k", help=f"named model shape: one of {', '.join(PRESETS)}")
@@ -943,7 +944,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="N|selective",
         help="recompute decoder layers in backward, keeping only their inputs: every layer, or with N every N-th "
         "one (2 = half of them: about half the saving for half the extra compute); 'selective': every layer keeps "
-        "its matmul and attention outputs and recomputes only the elementwise ops (no matmul runs twice)",
+        "its matmul and attention outputs and recomputes only the elementwise ops (no matmul runs twice) (default: off; "
+        "the flag alone: every layer)",
     )
     ap.add_argument(
         "--optimizer-in-backward",
@@ -977,6 +979,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="also run one step on this CPU and print estimate vs measured (small presets only)",
     )
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.seq_len is None:
         try:

@@ -11,6 +11,7 @@ import argparse
 import difflib
 import re
 from collections.abc import Iterable
+from contextvars import ContextVar
 
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:
@@ -20,6 +21,25 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     norm = {c.lstrip("-").replace("_", "-"): c for c in candidates}
     close = difflib.get_close_matches(name.lstrip("-").replace("_", "-"), list(norm), n=1, cutoff=0.6)
     return f"; did you mean {norm[close[0]]}?" if close else ""
+
+
+def format_default(value: object) -> str:
+    """A default as it is typed on the command line: lists space-separated (``nargs="+"``), the rest as str."""
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value))
+    return str(value)
+
+
+class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with ``(default: X)`` where it has a default worth showing (not None, not a flag's
+    False) and the text does not already explain its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if default is None or default is False or default is argparse.SUPPRESS or "default" in text:
+            return text
+        return f"{text} (default: {format_default(default).replace('%', '%%')})"
 
 
 class StrictArgumentParser(argparse.ArgumentParser):
@@ -99,6 +119,33 @@ def explain_parse_error(message: str, options: Iterable[str]) -> str:
     return message
 
 
+_CONFIG_FILE: ContextVar[str | None] = ContextVar("phi3_lightning_config_file", default=None)
+
+
+def _config_file_error(message: str, ex: BaseException | None) -> str | None:
+    """The error of the --config file being parsed, naming it: ``<file> is not valid YAML: <problem> at line L,
+    column C (<context> at line ..)`` for a syntax error, ``<file> is empty`` / ``holds '...'`` for a file that is
+    no mapping; None for any other error."""
+    path = _CONFIG_FILE.get()
+    if path is not None and message.startswith("Unexpected config:"):
+        content = message.removeprefix("Unexpected config:").strip()
+        what = "is empty" if not content else f"holds {content[:60]!r}"
+        return f"{path} {what}: a config is a YAML mapping of settings, one `key: value` per line"
+    cause = ex
+    while cause is not None and not hasattr(cause, "problem_mark"):  # yaml.MarkedYAMLError, without importing yaml
+        cause = cause.__cause__
+    if path is None or cause is None or getattr(cause, "problem_mark", None) is None:
+        return None
+
+    def at(mark) -> str:
+        return f"line {mark.line + 1}, column {mark.column + 1}"
+
+    message = f"{path} is not valid YAML: {cause.problem} at {at(cause.problem_mark)}"
+    if getattr(cause, "context", None) and getattr(cause, "context_mark", None) is not None:
+        message += f" ({cause.context} at {at(cause.context_mark)})"
+    return message
+
+
 class SuggestingParserMixin:
     """For a jsonargparse ``ArgumentParser`` subclass: no prefix matching (``--trainer.max_step`` is an error, not
     ``--trainer.max_steps``), "did you mean" on unknown options, and a one-line usage in errors (the full usage of
@@ -108,9 +155,19 @@ class SuggestingParserMixin:
         kwargs["allow_abbrev"] = False
         super().__init__(*args, **kwargs)
 
+    def parse_path(self, path, *args, **kwargs):
+        # jsonargparse parses a --config file's text and yaml names it "<unicode string>": remember which file it is
+        token = _CONFIG_FILE.set(str(path))
+        try:
+            return super().parse_path(path, *args, **kwargs)  # type: ignore[misc]
+        finally:
+            _CONFIG_FILE.reset(token)
+
     def error(self, message: str, ex: Exception | None = None):
         parser = getattr(ex, "subcommand_parser", None) or self
-        message = explain_parse_error(message, getattr(parser, "_option_string_actions", {}))
+        message = _config_file_error(message, ex) or explain_parse_error(
+            message, getattr(parser, "_option_string_actions", {})
+        )
         return super().error(message, ex)  # type: ignore[misc]
 
     def format_usage(self) -> str:

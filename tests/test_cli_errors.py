@@ -81,6 +81,32 @@ def test_help_and_unknown_command():
     assert rc == 0 and "--checkpoint" in out and "--chat" in out
 
 
+def test_a_mistyped_or_missing_command_is_a_short_error_with_the_fix():
+    """Not the whole top-level help after the error line: the closest command, or the reminder that options follow a
+    command."""
+    rc, out, err = run_main("fti", "--config", LM)
+    assert (
+        rc == 2
+        and not out
+        and err.strip().splitlines()
+        == [
+            "error: unknown command 'fti'; did you mean fit? (commands: fit, validate, test, predict, generate, export, "
+            "compare-attention, memory, data-report; python -m phi3_lightning --help describes them)"
+        ]
+    )
+    rc, out, err = run_main("--config", LM)
+    assert (
+        rc == 2
+        and not out
+        and err.strip().splitlines()
+        == [
+            "error: '--config' is an option, not a command: name the command first, e.g. python -m phi3_lightning fit "
+            "--config ... (commands: fit, validate, test, predict, generate, export, compare-attention, memory, "
+            "data-report; python -m phi3_lightning --help describes them)"
+        ]
+    )
+
+
 def test_compare_attention_dispatch(monkeypatch):
     seen = {}
     fake = types.ModuleType("phi3_lightning.compare")
@@ -184,3 +210,50 @@ def test_trainer_settings_lightning_refuses_are_one_line_errors(tmp_path):
     rc, _, err = run_main("fit", *args, "--trainer.max_steps", "-5")
     assert _error_line(rc, err).startswith("error: `max_steps` must be a non-negative integer or -1")
     assert "-5" in _error_line(rc, err)
+
+
+def test_a_yaml_syntax_error_names_the_file_and_the_line(tmp_path):
+    """yaml's own message says `in "<unicode string>"` (jsonargparse parses the file's text): the user must learn which
+    of the --config files is broken, and where."""
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("trainer:\n  max_steps: 2\nmodel:\n  init_args:\n    attn_implementation: [sdpa\n")
+    for argv in (("fit", "--config", LM, "--config", bad), ("compare-attention", "--config", bad)):
+        rc, _, err = run_main(*argv)
+        line = next(ln for ln in err.splitlines() if ln.startswith("error: "))
+        assert rc == 2 and "<unicode string>" not in err and "Traceback" not in err, err
+        assert f"{bad} is not valid YAML" in line and "line 6, column 1" in line, line
+        assert "line 5, column 26" in line, line  # where the unclosed '[' opened
+
+
+def test_ckpt_path_and_weights_only_help_say_what_this_package_does():
+    """Lightning's help for these two options advertises downloads from its model registry and ``weights_only=False``
+    for trusted files; here remote checkpoints are refused and every checkpoint is read with weights_only=True."""
+    for command in ("fit", "validate", "predict"):
+        rc, out, _ = run_main(command, "--help")
+        flat = " ".join(out.split())
+        assert rc == 0 and "will be downloaded from the Lightning Model Registry" not in flat
+        assert "use ``weights_only=False``" not in flat
+        assert "'last' or 'best'" in flat and "remote checkpoints" in flat and "refused" in flat, flat[-3000:]
+        assert "always torch.load(weights_only=True)" in flat
+
+
+def test_weights_only_false_is_refused_not_silently_ignored(tmp_path):
+    """Every checkpoint is read with weights_only=True (the Guarantees table): ``--weights_only false`` cannot be
+    honoured, so it is an error naming the option, not a setting accepted and then not done."""
+    args = small_args("causal_lm", tmp_path / "logs", tmp_path / "cache", steps=1)  # (were it not refused)
+    for command in ("fit", "validate"):
+        rc, _, err = run_main(command, *args, "--weights_only", "false")
+        line = _error_line(rc, err)
+        assert "--weights_only false" in line and "weights_only=True" in line and "drop" in line, line
+    assert not (tmp_path / "logs").exists()  # refused before a run directory is made
+
+
+def test_an_empty_or_non_mapping_config_file_is_named(tmp_path):
+    """jsonargparse said only "Unexpected config: " (nothing after it for an empty file)."""
+    empty, scalar = tmp_path / "empty.yaml", tmp_path / "scalar.yaml"
+    empty.write_text("")
+    scalar.write_text("just a string\n")
+    for path, what in ((empty, "is empty"), (scalar, "holds 'just a string'")):
+        rc, _, err = run_main("fit", "--config", path)
+        line = next(ln for ln in err.splitlines() if ln.startswith("error: "))
+        assert rc == 2 and f"{path} {what}" in line and "a YAML mapping" in line and "`key: value`" in line, line

@@ -154,3 +154,38 @@ class _HalfDocumented:
 def test_a_field_without_docstring_is_named():
     with pytest.raises(TypeError, match=r"_HalfDocumented.*\['forgotten'\]"):
         field_help(_HalfDocumented)
+
+
+@pytest.mark.parametrize("module", ["phi3_lightning.memory", "phi3_lightning.data.report"])
+def test_plain_argparse_tools_print_each_default_they_use(module):
+    """memory / data-report --help: every option with a default shows it, and the value shown is the one parsing
+    an empty command line gives (flags and None defaults explain themselves or are absent)."""
+    import argparse
+    import importlib
+
+    from phi3_lightning.options import format_default
+
+    parser = importlib.import_module(module).build_parser()
+    text = " ".join(parser.format_help().split())
+    parsed = vars(parser.parse_args([]))
+    shown = 0
+    for action in parser._actions:
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
+            continue
+        assert action.default == parsed[action.dest]
+        expected = f"(default: {format_default(action.default)})"
+        assert f"{' '.join((action.help or '').split())} {expected}" in text, (action.dest, expected)
+        shown += 1
+    assert shown >= 4
+
+
+def test_memory_and_data_report_help_name_their_main_defaults():
+    from phi3_lightning.data.report import build_parser as report_parser
+    from phi3_lightning.memory import build_parser as memory_parser
+
+    memory = " ".join(memory_parser().format_help().split())
+    for default in ("phi-3-mini-4k", "full", "bf16-mixed", "single", "adamw", "causal_lm", "sdpa"):
+        assert f"(default: {default})" in memory
+    report = " ".join(report_parser().format_help().split())
+    assert "(default: lm code_cls token_types)" in report and "(default: 256 1024 4096)" in report
+    assert "(default: 8)" in report and "(default: byte)" in report

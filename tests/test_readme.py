@@ -157,3 +157,26 @@ def test_readme_command_runs(command, sandbox, monkeypatch):
         assert "weights" in out
     elif argv[0] == "generate":
         assert out.startswith(argv[argv.index("--prompt") + 1])  # the prompt is echoed
+
+
+def _defined_tests() -> set[str]:
+    """Names of the test functions defined anywhere under tests/ (``def test_...``, at any indentation)."""
+    names: set[str] = set()
+    for path in (ROOT / "tests").rglob("test_*.py"):
+        names |= set(re.findall(r"^\s*(?:async\s+)?def (test_\w+)\(", path.read_text(), flags=re.MULTILINE))
+    return names
+
+
+def test_every_test_and_test_file_the_readme_names_exists():
+    """The README cites tests as evidence (the Guarantees table's "shown by" column, the numbers it checks): a test
+    renamed or removed must not leave the README pointing at nothing. A name is a test file's stem (``test_runs``,
+    as in ``test_runs.py``) or a test function somewhere under tests/."""
+    text = README.read_text()
+    files = set(re.findall(r"\btests/[\w/]+\.py\b", text))
+    assert files, "the README names no test file: the pattern is stale"
+    missing_files = sorted(f for f in files if not (ROOT / f).is_file())
+    stems = {p.stem for p in (ROOT / "tests").rglob("test_*.py")}
+    cited = set(re.findall(r"\b(test_\w+)\b", text)) - stems
+    assert len(cited) >= 30, "the README names fewer tests than it did: the pattern is stale"
+    missing_tests = sorted(cited - _defined_tests())
+    assert not missing_files and not missing_tests, f"README names {missing_files + missing_tests}, which do not exist"

@@ -15,12 +15,11 @@ hold the same tokens.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from collections.abc import Sequence
 
-from ..options import StrictArgumentParser
+from ..options import DefaultsHelpFormatter, StrictArgumentParser
 from .efficiency import efficiency_report
 
 __all__ = ["CORPORA", "efficiency_report", "corpus_lengths", "format_table", "main"]
@@ -70,11 +69,12 @@ def _fmt(v: object, percent: bool) -> str:
     return str(v)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def build_parser() -> StrictArgumentParser:
+    """The report's command line (``python -m phi3_lightning data-report --help``)."""
     p = StrictArgumentParser(
         prog="python -m phi3_lightning data-report",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawTextHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument(
         "--corpus",
@@ -93,6 +93,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="where the embedded corpora are cached (default: $PHI3_LIGHTNING_CACHE or ~/.cache/phi3_lightning)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the batch shuffling")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = build_parser()
     args = p.parse_args(argv)
     for flag, values, what in (
         ("--max-length", args.max_length, "a positive number of tokens per row"),

@@ -275,6 +275,9 @@ class Phi3LightningModule(pl.LightningModule):
         ``pl.Trainer`` of the Python API never unpickles without ``weights_only`` either."""
         use_safe_checkpoint_io(self._trainer)
         dm = self._trainer.datamodule if self._trainer is not None else None
+        data_task = getattr(dm, "task", None)
+        if isinstance(data_task, str) and data_task and data_task != self.task:
+            raise ValueError(self._other_task_message(dm, data_task))
         tokenizer = getattr(dm, "tokenizer", None)
         if tokenizer is not None:
             from ..data.tokenizer import check_vocab_fits
@@ -294,8 +297,8 @@ class Phi3LightningModule(pl.LightningModule):
         Asking for ``weights_only`` False is refused."""
         if weights_only is False:
             raise ValueError(
-                "weights_only set to False would unpickle the checkpoint without restrictions (a crafted file runs code while "
-                "it loads); phi3_lightning loads checkpoints with weights_only=True only: drop the argument"
+                "weights_only set to False would unpickle the checkpoint without restrictions (a crafted file runs "
+                "code while it loads); phi3_lightning loads checkpoints with weights_only=True only: drop the argument"
             )
         from unittest import mock
 
@@ -312,6 +315,21 @@ class Phi3LightningModule(pl.LightningModule):
 
         with mock.patch.object(saving, "pl_load", safe_load):
             return super().load_from_checkpoint(checkpoint_path, *args, weights_only=True, **kwargs)
+
+    def _other_task_message(self, dm: Any, data_task: str) -> str:
+        from ..data import CausalLMDataModule, SequenceClassificationDataModule, TokenClassificationDataModule
+        from .tasks import MODULES
+
+        data_for = {
+            c.task: c.__name__
+            for c in (CausalLMDataModule, SequenceClassificationDataModule, TokenClassificationDataModule)
+        }
+        other = MODULES[data_task].__name__ if data_task in MODULES else f"the {data_task} LightningModule"
+        return (
+            f"the data module {type(dm).__name__} makes {data_task} batches, but the model {type(self).__name__} "
+            f"trains {self.task}; give it {data_for.get(self.task, f'{self.task} data')} (--data), or train "
+            f"{data_task} with {other} (--model), e.g. with configs/{data_task}.yaml"
+        )
 
     def configure_model(self) -> None:
         if self.head is not None:

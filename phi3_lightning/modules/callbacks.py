@@ -99,9 +99,11 @@ class LearningRateMonitor(_LightningLearningRateMonitor):
 
 
 class Phi3ThroughputMonitor(Callback):
-    """Logs ``perf/*`` to every logger during fit: tokens/s of real (non-padding) tokens, MFU, achieved TFLOP/s per
-    device, seconds per batch and peak memory; and, at fit start, a text card (TensorBoard) with the attention
-    backend, precision, strategy and model size so runs overlay and stay identifiable.
+    """Logs ``perf/*`` during fit: real-token tokens/s, MFU, TFLOP/s per device, seconds per batch, peak memory.
+
+    Every logger gets them (tokens/s counts real, non-padding tokens only); and, at fit start, a text card
+    (TensorBoard) with the attention backend, precision, strategy and model size so runs overlay and stay
+    identifiable.
 
     FLOPs per token come from the model's analytic count (``config.flops_per_token(seq_len)``: 6N plus the attention
     term). A measurement spans whole optimizer steps (under gradient accumulation all their micro-batches) and is

@@ -30,3 +30,45 @@ def test_planner_heads_are_the_registry():
 def test_a_module_naming_no_head_is_refused():
     with pytest.raises(TypeError, match="task='nope' names no head"):
         type("Bad", (Phi3LightningModule,), {"task": "nope"})
+
+
+def test_every_data_module_names_a_task_of_the_registry():
+    from phi3_lightning.data import CausalLMDataModule, SequenceClassificationDataModule, TokenClassificationDataModule
+
+    data = {dm.task: dm for dm in (CausalLMDataModule, SequenceClassificationDataModule, TokenClassificationDataModule)}
+    assert set(data) == set(MODULES)
+
+
+@pytest.mark.parametrize(
+    ("module_task", "data_task"),
+    [
+        ("causal_lm", "token_classification"),
+        ("causal_lm", "sequence_classification"),
+        ("sequence_classification", "causal_lm"),
+    ],
+)
+def test_a_data_module_of_another_task_is_refused_before_training(module_task, data_task, tmp_path):
+    """A causal LM fed token-classification batches trained without a word (tag ids read as next-token ids: silently
+    wrong numbers); fed sequence-classification batches it crashed with an IndexError; a classifier fed causal-LM
+    batches blamed num_labels. One line names both classes and what to change."""
+    import lightning.pytorch as pl
+
+    from phi3_lightning.data import CausalLMDataModule, SequenceClassificationDataModule, TokenClassificationDataModule
+
+    data_classes = {
+        "causal_lm": CausalLMDataModule,
+        "sequence_classification": SequenceClassificationDataModule,
+        "token_classification": TokenClassificationDataModule,
+    }
+    model = MODULES[module_task](model="tiny", **({} if module_task == "causal_lm" else {"num_labels": 8}))
+    dm = data_classes[data_task](max_length=32, batch_size=2, cache_dir=str(tmp_path), progress=False)
+    trainer = pl.Trainer(
+        max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    with pytest.raises(ValueError) as e:
+        trainer.fit(model, dm)
+    message = str(e.value)
+    assert f"{type(dm).__name__} makes {data_task} batches" in message, message
+    assert f"{type(model).__name__} trains {module_task}" in message, message
+    assert data_classes[module_task].__name__ in message and MODULES[data_task].__name__ in message, message
+    assert model.head is None or trainer.global_step == 0  # refused before any step

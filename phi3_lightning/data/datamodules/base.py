@@ -50,6 +50,9 @@ class _BaseDataModule(pl.LightningDataModule):
     """Shared plumbing: tokenizer, sources and splits, dataloaders."""
 
     _embedded_kind: str = ""
+    task: str = ""
+    """The task whose batches this makes (a key of ``phi3_lightning.model.HEADS``, named here as a string: data/ does
+    not import model/); the LightningModule refuses data of another task in ``setup``."""
 
     def __init__(
         self,

@@ -83,6 +83,7 @@ class CausalLMDataModule(_BaseDataModule):
     """
 
     _embedded_kind = "lm"
+    task = "causal_lm"
 
     def __init__(
         self,

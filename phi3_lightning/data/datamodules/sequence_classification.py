@@ -65,6 +65,7 @@ class SequenceClassificationDataModule(_LabelMixin, _BaseDataModule):
     """
 
     _embedded_kind = "code_cls"
+    task = "sequence_classification"
 
     def __init__(
         self,

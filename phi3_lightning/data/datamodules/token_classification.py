@@ -61,6 +61,7 @@ class TokenClassificationDataModule(_LabelMixin, _BaseDataModule):
     """
 
     _embedded_kind = "token_types"
+    task = "token_classification"
 
     def __init__(
         self,
