@@ -19,6 +19,7 @@ writer's 200 MB ``.tmp``), never a live writer's and never another host's (a sha
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "AtomicWriteError",
     "StagedFile",
     "atomic_save_safetensors",
     "atomic_torch_save",
@@ -170,6 +172,52 @@ def fsync_tree(path: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------------------- files
 
+# errno -> what the user can do about it
+_STORAGE_ERRORS = {
+    errno.ENOSPC: "free disk space there (or write elsewhere)",
+    errno.EDQUOT: "free space within your disk quota there (or write elsewhere)",
+    errno.EFBIG: "the file system refuses a file this large: write elsewhere",
+    errno.EROFS: "the file system is read-only: write elsewhere",
+    errno.EACCES: "make the directory writable, or write elsewhere",
+    errno.EPERM: "make the directory writable, or write elsewhere",
+    errno.EIO: "check the disk (an I/O error), or write elsewhere",
+}
+
+
+class AtomicWriteError(OSError):
+    """A write the storage refused (full disk, quota, read-only or unwritable directory); the target is untouched
+    and no staging entry is left. ``str()`` is one sentence naming the target, the reason and the fix."""
+
+    def __str__(self) -> str:
+        return str(self.args[1]) if len(self.args) > 1 else super().__str__()
+
+
+def storage_error(target: Path, exc: BaseException) -> AtomicWriteError | None:
+    """``exc`` as an :class:`AtomicWriteError` about ``target`` when an ``OSError`` of the storage is ``exc`` or in its
+    chain (torch.save reports a full disk as a ``RuntimeError`` whose context is the ``OSError``), else None."""
+    seen, e = set(), exc
+    while e is not None and id(e) not in seen:
+        if isinstance(e, AtomicWriteError):
+            return e
+        if isinstance(e, OSError) and e.errno in _STORAGE_ERRORS:
+            break
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    else:
+        return None
+    code = e.errno
+    name = errno.errorcode.get(code, str(code))
+    kept = (
+        f"the previous {target.name} is unchanged"
+        if target.exists()
+        else f"nothing was written under that name ({target.name} does not exist)"
+    )
+    message = (
+        f"could not write {target}: {e.strerror or os.strerror(code)} ({name}); {kept} and no partial file is "
+        f"left; {_STORAGE_ERRORS[code]}"
+    )
+    return AtomicWriteError(code, message)
+
 
 class StagedFile:
     """A new file at ``staging_path(target)``, created with the default mode; :meth:`commit` fsyncs it and renames
@@ -208,13 +256,24 @@ class StagedFile:
 def atomic_write(target: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     """``write(path)`` writes the content to ``path`` (a staging file beside ``target``, already created, empty);
     then it is fsynced and renamed over ``target``. On any error the staging file is removed and ``target`` is
-    untouched."""
-    staged = StagedFile(target)
+    untouched; one the storage caused (full disk, quota, read-only or unwritable directory) is raised as
+    :class:`AtomicWriteError`."""
+    target = Path(target)
+    try:
+        staged = StagedFile(target)
+    except OSError as e:
+        error = storage_error(target, e)
+        if error is None:
+            raise
+        raise error from e
     try:
         write(staged.path)
         return staged.commit()
-    except BaseException:
+    except BaseException as e:
         staged.discard()
+        error = storage_error(target, e)
+        if error is not None:
+            raise error from e
         raise
 
 

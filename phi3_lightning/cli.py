@@ -44,6 +44,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from .atomic import AtomicWriteError
 from .commands import UsageError
 from .commands.runs import (
     FSDP_ON_CPU,
@@ -249,6 +250,16 @@ def _cli_class():
                 print(run_report(self.trainer, subcommand, "writes to"), file=sys.stderr, flush=True)
             try:
                 super()._run_subcommand(subcommand)
+            except AtomicWriteError as e:
+                if subcommand != "fit" or not report:
+                    raise
+                argv = list(sys.argv[1:] if self._argv is None else self._argv)
+                version = _version_dir_name(getattr(self.trainer.loggers[0], "version", None)) or "?"
+                raise AtomicWriteError(
+                    e.errno,
+                    f"{e}. The run stopped at global step {self.trainer.global_step}; once it can write again, "
+                    f"continue it from its last checkpoint with: {resume_command(argv, version)}",
+                ) from e
             finally:
                 if lock is not None:
                     lock.release()
@@ -623,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted (Ctrl-C)", file=sys.stderr)
         return 130
-    except (UsageError, ValueError, FileNotFoundError, FileExistsError) as e:
+    except (UsageError, ValueError, FileNotFoundError, FileExistsError, AtomicWriteError) as e:
         _report(e)
         return 1
     except Exception as e:

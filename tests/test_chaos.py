@@ -99,3 +99,91 @@ def test_fit_resume_after_the_train_file_was_edited_in_place_is_refused(tmp_path
     assert "training rows differ from the checkpoint's" in err, err[-3000:]
     assert last.read_bytes() == before
     assert torch.load(last, weights_only=True)["global_step"] == 2
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# A disk that fills up (or a directory that turns read-only) during a save
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _full_disk(monkeypatch, after: int = 0) -> list[int]:
+    """torch.save fails as it does on a full disk (torch wraps the ENOSPC of the file write in a RuntimeError) from
+    its ``after + 1``-th call on, having written part of the file."""
+    import errno
+
+    real, calls = torch.save, [0]
+
+    def save(obj, f, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] <= after:
+            return real(obj, f, *args, **kwargs)
+        f.write(b"PK\x03\x04" + b"\0" * 500)
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1457984 vs 1457872")  # noqa: B904
+
+    monkeypatch.setattr(torch, "save", save)
+    return calls
+
+
+def test_a_full_disk_during_a_checkpoint_write_is_one_clear_error_and_the_old_file_stays(tmp_path, monkeypatch):
+    from phi3_lightning.atomic import AtomicWriteError, atomic_torch_save
+
+    target = tmp_path / "last.ckpt"
+    atomic_torch_save(target, {"step": 1})
+    before = target.read_bytes()
+    _full_disk(monkeypatch)
+    with pytest.raises(AtomicWriteError) as exc:
+        atomic_torch_save(target, {"step": 2})
+    msg = str(exc.value)
+    assert f"could not write {target}" in msg and "No space left on device" in msg and "ENOSPC" in msg, msg
+    assert "unchanged" in msg and "free" in msg, msg
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no staging file left
+
+
+def test_fit_stops_with_a_one_line_error_when_the_disk_fills_and_keeps_last_ckpt(tmp_path, monkeypatch):
+    logs, cache, data = tmp_path / "logs", tmp_path / "cache", tmp_path / "data"
+    _write_corpus(data)
+    _full_disk(monkeypatch, after=2)  # step 2: best + last written; step 4: the best-step=4 write fails
+    rc, _, err = run_main("fit", *_file_args(logs, cache, data, 4))
+    assert rc == 1, err[-3000:]
+    assert "Traceback" not in err and "inline_container" not in err.split("error:")[-1], err[-3000:]
+    ckdir = logs / "edited" / "version_0" / "checkpoints"
+    assert f"error: could not write {ckdir / 'best-step=4.ckpt'}: No space left on device (ENOSPC)" in err, err[-3000:]
+    assert "--ckpt_path last" in err, err[-3000:]  # how to go on once space is free
+    assert torch.load(ckdir / "last.ckpt", weights_only=True)["global_step"] == 2
+    assert not [p.name for p in ckdir.iterdir() if p.name.startswith(".")]
+
+
+def test_a_full_disk_during_the_preemption_save_says_so_and_still_exits_143(tmp_path, monkeypatch, capsys):
+    import signal
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from phi3_lightning.modules.guards import NonFiniteGuard, PreemptionCheckpoint
+    from phi3_lightning.modules.strategies import AtomicCheckpointIO
+
+    from .test_guards import _SignalAt, _Toy, _trainer
+
+    ckdir = tmp_path / "ckpts"
+    trainer = _trainer(
+        tmp_path,
+        NonFiniteGuard(),
+        PreemptionCheckpoint(),
+        _SignalAt(signal.SIGTERM, 2),
+        ModelCheckpoint(dirpath=ckdir, save_last=True),
+        enable_checkpointing=True,
+        max_steps=50,
+        plugins=[AtomicCheckpointIO()],
+    )
+    _full_disk(monkeypatch)
+    with pytest.raises(SIGTERMException) as exc:
+        trainer.fit(_Toy())
+    assert exc.value.code == 143  # still a failure a scheduler requeues
+    err = capsys.readouterr().err
+    assert f"SIGTERM at global step 3: could not save a checkpoint: could not write {ckdir / 'last.ckpt'}" in err, err
+    assert "No space left on device" in err and "Traceback" not in err, err
+    assert not ckdir.exists() or not list(ckdir.iterdir())
