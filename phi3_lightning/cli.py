@@ -57,6 +57,7 @@ from .commands.runs import (
     check_ckpt_settings,
     check_fit_version_is_free,
     check_fsdp_accelerator,
+    claim_new_version,
     name_run,
     normalize_ckpt_path,
     place_run_logs,
@@ -243,7 +244,8 @@ def _cli_class():
         def _run_subcommand(self, subcommand: str) -> None:
             lock = None
             if subcommand == "fit" and self.trainer.loggers and _is_rank_zero():
-                lock = RunLock(Path(self.trainer.log_dir or "."))
+                created = claim_new_version(self.trainer.loggers[0])
+                lock = RunLock(Path(self.trainer.log_dir or "."), created=created)
                 lock.acquire()
             report = _is_rank_zero() and bool(self.trainer.loggers)
             if report:

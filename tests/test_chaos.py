@@ -187,3 +187,67 @@ def test_a_full_disk_during_the_preemption_save_says_so_and_still_exits_143(tmp_
     assert f"SIGTERM at global step 3: could not save a checkpoint: could not write {ckdir / 'last.ckpt'}" in err, err
     assert "No space left on device" in err and "Traceback" not in err, err
     assert not ckdir.exists() or not list(ckdir.iterdir())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Two fits started at once on one run name
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_a_fit_whose_new_version_was_taken_meanwhile_moves_to_the_next_one(tmp_path, monkeypatch):
+    # Both processes list the run's versions before either creates one: both pick version_0. The other one has just
+    # created it (and is about to lock it and write its run there); this one used to write into it as well.
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    logs, cache, data = tmp_path / "logs", tmp_path / "cache", tmp_path / "data"
+    _write_corpus(data)
+    real = TensorBoardLogger._get_next_version
+    taken = logs / "edited" / "version_0"
+
+    def racing(self):
+        version = real(self)
+        if not taken.exists():
+            taken.mkdir(parents=True)  # the other fit wins the race right after this one listed the versions
+            (taken / "other.txt").write_text("the other run")
+        return version
+
+    monkeypatch.setattr(TensorBoardLogger, "_get_next_version", racing)
+    rc, _, err = run_main("fit", *_file_args(logs, cache, data, 2))
+    assert rc == 0, err[-3000:]
+    assert "run edited/version_1 writes to" in err, err[-3000:]
+    assert sorted(p.name for p in taken.iterdir()) == ["other.txt"]  # nothing of this run in the other's version
+    assert (logs / "edited" / "version_1" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_the_lock_file_is_never_seen_empty_while_its_writer_lives(tmp_path, monkeypatch):
+    # fit.lock was created empty (O_EXCL) and its pid written after: a second fit reading it in between found no
+    # pid, called the lock stale, took it over and both wrote into one run
+    import os
+
+    from phi3_lightning.commands.runs import RunLock
+
+    seen = []
+    real_open = os.open
+
+    def spy(path, flags, *args, **kwargs):
+        fd = real_open(path, flags, *args, **kwargs)
+        if str(path).endswith("fit.lock") and flags & os.O_CREAT:
+            seen.append(Path(path).read_text())  # what a concurrent reader sees right after the file appears
+        return fd
+
+    monkeypatch.setattr(os, "open", spy)
+    real_link = os.link
+
+    def spy_link(src, dst, *args, **kwargs):
+        real_link(src, dst, *args, **kwargs)
+        if str(dst).endswith("fit.lock"):
+            seen.append(Path(dst).read_text())
+
+    monkeypatch.setattr(os, "link", spy_link)
+    lock = RunLock(tmp_path / "run")
+    lock.acquire()
+    try:
+        assert seen and all(s.startswith(f"{os.getpid()} ") for s in seen), seen
+    finally:
+        lock.release()
+    assert not (tmp_path / "run").exists()
