@@ -214,6 +214,7 @@ def _cli_class():
             name the run, resolve last/best within it, read the file safely, refuse settings that disagree with the
             checkpoint, and point evaluation logging at the evaluated run."""
             self._ckpt_info = None
+            self._purge_step: int | None = None
             subcommand = self.config.get("subcommand")
             if not subcommand:
                 return
@@ -231,6 +232,8 @@ def _cli_class():
             ckpt = read_checkpoint(path)
             check_ckpt_settings(cfg, ckpt, subcommand, path)
             self._ckpt_info = (path, ckpt.get("phi3_lightning") or {})
+            if subcommand == "fit" and str(ckpt_path) == "last" and isinstance(ckpt.get("global_step"), int):
+                self._purge_step = ckpt["global_step"]  # resumed in place: see _purge_events_past_the_checkpoint
             del ckpt
             place_run_logs(cfg, subcommand, str(ckpt_path), run_dir)
             if subcommand == "fit":
@@ -243,6 +246,8 @@ def _cli_class():
 
         def _run_subcommand(self, subcommand: str) -> None:
             lock = None
+            if subcommand == "fit" and getattr(self, "_purge_step", None) is not None:
+                _purge_events_past_the_checkpoint(self.trainer, self._purge_step)
             if subcommand == "fit" and self.trainer.loggers and _is_rank_zero():
                 created = claim_new_version(self.trainer.loggers[0])
                 lock = RunLock(Path(self.trainer.log_dir or "."), created=created)
@@ -289,6 +294,21 @@ def _cli_class():
             return trainer
 
     return Phi3CLI
+
+
+def _purge_events_past_the_checkpoint(trainer: Any, step: int) -> None:
+    """A fit resumed in place (``--ckpt_path last``) from a checkpoint of global step ``step``: its TensorBoard writer
+    starts with a purge marker at ``step`` (SummaryWriter's ``purge_step``), so TensorBoard drops the events that an
+    interrupted run logged at steps >= ``step`` after that checkpoint (a killed run logs past its last checkpoint)
+    and shows the resumed run's values there once, instead of a second series over the same steps. The resumed
+    run logs its first step at ``step`` (Lightning's logging step counts the optimizer steps before the batch)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger) and getattr(logger, "_experiment", None) is None:
+            kwargs = getattr(logger, "_kwargs", None)
+            if isinstance(kwargs, dict) and kwargs.get("purge_step") is None:  # the CLI fills in None
+                kwargs["purge_step"] = step
 
 
 def _quiet_known_lightning_noise() -> None:

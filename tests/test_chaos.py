@@ -61,6 +61,8 @@ def _file_args(logs: Path, cache: Path, data: Path, steps: int) -> list[str]:
         "2",
         "--trainer.limit_val_batches",
         "1",
+        "--trainer.log_every_n_steps",
+        "1",
         "--trainer.enable_progress_bar",
         "false",
         "--trainer.enable_model_summary",
@@ -251,3 +253,47 @@ def test_the_lock_file_is_never_seen_empty_while_its_writer_lives(tmp_path, monk
     finally:
         lock.release()
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# TensorBoard after a kill: the killed run's events past its last checkpoint
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL inside the process: no handler of the package or of Lightning saves anything for it."""
+
+
+def test_resume_after_a_kill_drops_the_killed_runs_events_past_the_checkpoint(tmp_path, monkeypatch):
+    # killed while writing last.ckpt at step 4: the events of steps 2-3 were logged, the checkpoint is the one of
+    # step 2; the resumed run logs steps 2-3 again, and TensorBoard drew both series (a line running back to step 2)
+    import os
+
+    from .modules.helpers import scalars
+
+    logs, cache, data = tmp_path / "logs", tmp_path / "cache", tmp_path / "data"
+    _write_corpus(data)
+    real, writes = os.replace, []
+
+    def replace(src, dst, *args, **kwargs):
+        if Path(dst).name == "last.ckpt":
+            writes.append(dst)
+            if len(writes) == 2:
+                raise _Killed
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(_Killed):
+        run_main("fit", *_file_args(logs, cache, data, 4))
+    monkeypatch.setattr(os, "replace", real)
+    run = logs / "edited" / "version_0"
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    killed = scalars(run)["train/loss_step"]
+    assert [s for s, _ in killed] == [0, 1, 2, 3]
+    assert not (run / "fit.lock").exists()  # released by the in-process run (a real kill leaves it: stale)
+    rc, _, err = run_main("fit", *_file_args(logs, cache, data, 4), "--ckpt_path", "last")
+    assert rc == 0, err[-3000:]
+    resumed = scalars(run)
+    assert [s for s, _ in resumed["train/loss_step"]] == [0, 1, 2, 3], resumed["train/loss_step"]
+    assert [s for s, _ in resumed["val/loss"]] == [1, 3], resumed["val/loss"]
+    assert resumed["train/loss_step"][:2] == killed[:2]  # the steps before the checkpoint are kept
