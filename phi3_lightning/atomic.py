@@ -184,6 +184,9 @@ _STORAGE_ERRORS = {
 }
 
 
+_RUST_IO_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
 class AtomicWriteError(OSError):
     """A write the storage refused (full disk, quota, read-only or unwritable directory); the target is untouched
     and no staging entry is left. ``str()`` is one sentence naming the target, the reason and the fix."""
@@ -192,20 +195,29 @@ class AtomicWriteError(OSError):
         return str(self.args[1]) if len(self.args) > 1 else super().__str__()
 
 
-def storage_error(target: Path, exc: BaseException) -> AtomicWriteError | None:
+_SPACE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def storage_error(target: Path, exc: BaseException, codes: Any = _STORAGE_ERRORS) -> AtomicWriteError | None:
     """``exc`` as an :class:`AtomicWriteError` about ``target`` when an ``OSError`` of the storage is ``exc`` or in its
-    chain (torch.save reports a full disk as a ``RuntimeError`` whose context is the ``OSError``), else None."""
-    seen, e = set(), exc
+    chain (torch.save reports a full disk as a ``RuntimeError`` whose context is the ``OSError``; safetensors as a
+    ``SafetensorError`` naming the "os error"), else None. ``codes``: the errno values that count."""
+    seen, e, code = set(), exc, None
     while e is not None and id(e) not in seen:
         if isinstance(e, AtomicWriteError):
             return e
-        if isinstance(e, OSError) and e.errno in _STORAGE_ERRORS:
+        if isinstance(e, OSError) and e.errno in codes:
+            code = e.errno
+            break
+        # safetensors (Rust) raises its own SafetensorError worded "... I/O error: <text> (os error 28)"
+        m = _RUST_IO_ERROR.search(str(e)) if not isinstance(e, OSError) else None
+        if m and int(m[1]) in codes:
+            code = int(m[1])
             break
         seen.add(id(e))
         e = e.__cause__ or e.__context__
-    else:
+    if code is None:
         return None
-    code = e.errno
     name = errno.errorcode.get(code, str(code))
     kept = (
         f"the previous {target.name} is unchanged"
@@ -213,8 +225,8 @@ def storage_error(target: Path, exc: BaseException) -> AtomicWriteError | None:
         else f"nothing was written under that name ({target.name} does not exist)"
     )
     message = (
-        f"could not write {target}: {e.strerror or os.strerror(code)} ({name}); {kept} and no partial file is "
-        f"left; {_STORAGE_ERRORS[code]}"
+        f"could not write {target}: {os.strerror(code)} ({name}); {kept} and nothing partial is left; "
+        f"{_STORAGE_ERRORS[code]}"
     )
     return AtomicWriteError(code, message)
 
@@ -391,8 +403,11 @@ def staged_directory(target: str | os.PathLike, carry: Callable[[str], bool] | N
             _carry(target, staged, carry)
         fsync_tree(staged)
         replace_dir(staged, target)
-    except BaseException:
+    except BaseException as e:
         _remove(staged)
+        error = storage_error(target, e, _SPACE_ERRORS)  # the writer's own reads may fail with EACCES: not ours
+        if error is not None:
+            raise error from e
         raise
 
 

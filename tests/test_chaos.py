@@ -297,3 +297,32 @@ def test_resume_after_a_kill_drops_the_killed_runs_events_past_the_checkpoint(tm
     assert [s for s, _ in resumed["train/loss_step"]] == [0, 1, 2, 3], resumed["train/loss_step"]
     assert [s for s, _ in resumed["val/loss"]] == [1, 3], resumed["val/loss"]
     assert resumed["train/loss_step"][:2] == killed[:2]  # the steps before the checkpoint are kept
+
+
+def test_a_full_disk_during_export_is_one_clear_error_and_the_previous_export_stays(tmp_path, monkeypatch, capsys):
+    # safetensors reports the full disk as its own SafetensorError ("... (os error 28)"), not an OSError: export
+    # printed a traceback
+    import safetensors.torch
+
+    from phi3_lightning.cli import main as cli_main
+
+    from .test_atomic import _lightning_ckpt, _model
+
+    ckpt, out = _lightning_ckpt(tmp_path / "a.ckpt", _model(0)), tmp_path / "exported"
+    assert cli_main(["export", "--checkpoint", str(ckpt), "--output", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+
+    class SafetensorError(Exception):  # safetensors' own exception type, as it words a full disk
+        pass
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    rc = cli_main(["export", "--checkpoint", str(ckpt), "--output", str(out), "--overwrite"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err, err
+    assert f"error: could not write {out}: No space left on device (ENOSPC); the previous exported is unchanged" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ckpt", "exported"]  # no staging directory left
