@@ -347,10 +347,11 @@ def _mkdir_staging(target: Path) -> Path:
         except FileExistsError:
             continue
         except PermissionError as e:
-            raise PermissionError(
+            raise AtomicWriteError(
+                e.errno,
                 f"cannot create the staging directory {path.name} beside {target} ({e.strerror}): a directory is "
                 f"written next to its target and renamed into place; make {target.parent} writable or choose "
-                "another directory"
+                "another directory",
             ) from None
 
 

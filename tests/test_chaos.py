@@ -326,3 +326,27 @@ def test_a_full_disk_during_export_is_one_clear_error_and_the_previous_export_st
     assert f"error: could not write {out}: No space left on device (ENOSPC); the previous exported is unchanged" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ckpt", "exported"]  # no staging directory left
+
+
+def test_export_into_a_directory_it_may_not_write_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    # (as root a chmod does not stop a write, so the refusal is simulated where the staging directory is made)
+    import errno
+
+    from phi3_lightning.cli import main as cli_main
+
+    from .test_atomic import _lightning_ckpt, _model
+
+    ckpt, out = _lightning_ckpt(tmp_path / "a.ckpt", _model(0)), tmp_path / "ro" / "exported"
+    out.parent.mkdir()
+    real = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self.parent == out.parent and self.name.startswith("."):
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    rc = cli_main(["export", "--checkpoint", str(ckpt), "--output", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err, err
+    assert "error: cannot create the staging directory" in err and f"make {out.parent} writable" in err, err
