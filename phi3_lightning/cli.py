@@ -652,6 +652,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse / jsonargparse errors and --help; Lightning's SIGTERMException
         if type(e).__name__ == "SIGTERMException":  # preempted: never exit 0 (the guard sets 143 / 130)
             return e.code if isinstance(e.code, int) and e.code else 143
+        if e.code == 1 and isinstance(e.__context__, KeyboardInterrupt):  # Lightning's exit(1) after a Ctrl-C
+            return 130
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except KeyboardInterrupt:
         print("error: interrupted (Ctrl-C)", file=sys.stderr)

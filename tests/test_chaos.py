@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from phi3_lightning.data.packing import pack_documents
 from phi3_lightning.data.sampling import EpochSampler, ResumableDataLoader
@@ -350,3 +351,27 @@ def test_export_into_a_directory_it_may_not_write_is_one_clear_error(tmp_path, m
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err, err
     assert "error: cannot create the staging directory" in err and f"make {out.parent} writable" in err, err
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Ctrl-C before training: the exit status says "interrupted"
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class InterruptInSetup(Callback):
+    """Ctrl-C while fit sets up (data, model): the KeyboardInterrupt that Python's SIGINT handler raises."""
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_before_training_exits_130_and_says_nothing_was_lost(tmp_path):
+    # Lightning turns the KeyboardInterrupt into exit(1): a shell or scheduler could not tell it from an error
+    logs, cache, data = tmp_path / "logs", tmp_path / "cache", tmp_path / "data"
+    _write_corpus(data)
+    overlay = tmp_path / "interrupt.yaml"
+    overlay.write_text("trainer:\n  callbacks:\n    - class_path: tests.test_chaos.InterruptInSetup\n")
+    rc, _, err = run_main("fit", *_file_args(logs, cache, data, 2), "--config", str(overlay))
+    assert rc == 130, (rc, err[-3000:])
+    assert "interrupted before training started: nothing was saved and nothing is lost" in err
+    assert not list(logs.rglob("*.ckpt"))
