@@ -245,17 +245,18 @@ def _cli_class():
                 check_ckpt_labels(self._ckpt_info[0], self._ckpt_info[1], getattr(self.model, "config", None))
 
         def _run_subcommand(self, subcommand: str) -> None:
-            lock = None
-            if subcommand == "fit" and getattr(self, "_purge_step", None) is not None:
-                _purge_events_past_the_checkpoint(self.trainer, self._purge_step)
-            if subcommand == "fit" and self.trainer.loggers and _is_rank_zero():
-                created = claim_new_version(self.trainer.loggers[0])
-                lock = RunLock(Path(self.trainer.log_dir or "."), created=created)
-                lock.acquire()
-            report = _is_rank_zero() and bool(self.trainer.loggers)
-            if report:
-                print(run_report(self.trainer, subcommand, "writes to"), file=sys.stderr, flush=True)
+            lock, report = None, False
+            restore_sigterm = _stop_on_sigterm_while_starting(self.trainer) if subcommand == "fit" else None
             try:
+                if subcommand == "fit" and getattr(self, "_purge_step", None) is not None:
+                    _purge_events_past_the_checkpoint(self.trainer, self._purge_step)
+                if subcommand == "fit" and self.trainer.loggers and _is_rank_zero():
+                    created = claim_new_version(self.trainer.loggers[0])
+                    lock = RunLock(Path(self.trainer.log_dir or "."), created=created)
+                    lock.acquire()
+                report = _is_rank_zero() and bool(self.trainer.loggers)
+                if report:
+                    print(run_report(self.trainer, subcommand, "writes to"), file=sys.stderr, flush=True)
                 super()._run_subcommand(subcommand)
             except AtomicWriteError as e:
                 if subcommand != "fit" or not report:
@@ -270,6 +271,8 @@ def _cli_class():
             finally:
                 if lock is not None:
                     lock.release()
+                if restore_sigterm is not None:
+                    restore_sigterm()
             if report:
                 argv = list(sys.argv[1:] if self._argv is None else self._argv)
                 print(run_report(self.trainer, subcommand, "wrote to", argv), file=sys.stderr, flush=True)
@@ -294,6 +297,38 @@ def _cli_class():
             return trainer
 
     return Phi3CLI
+
+
+class StartupTerminated(BaseException):
+    """SIGTERM while fit starts (run directory, data, model, checkpoint restore): before Lightning's own handler
+    (which stops training at a batch's end and saves) is installed, the signal's default action killed the process
+    without a word and left ``fit.lock`` behind. A BaseException, like KeyboardInterrupt: no ``except Exception`` of
+    the set-up code swallows it."""
+
+
+def _stop_on_sigterm_while_starting(trainer: Any):
+    """Install the SIGTERM handler of fit's start (main thread only; returns the function that puts the previous
+    handler back, or None). It raises :class:`StartupTerminated` until Lightning installs its handler (which calls
+    this one too: then it does nothing) and, once fit has ended, acts as the previous handler would."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum, frame) -> None:
+        if signal.getsignal(signal.SIGTERM) is not on_sigterm:
+            return  # Lightning's handler is in charge (it stops training at the end of the batch)
+        status = str(getattr(getattr(trainer, "state", None), "status", ""))
+        if status.endswith(("finished", "interrupted")):  # fit is over: the signal's usual effect
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise StartupTerminated
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    return lambda: signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _purge_events_past_the_checkpoint(trainer: Any, step: int) -> None:
@@ -658,6 +693,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted (Ctrl-C)", file=sys.stderr)
         return 130
+    except StartupTerminated:
+        print(
+            "SIGTERM while fit was starting, before the first training step: it stopped; nothing was trained "
+            "or saved by this process and nothing is lost (the run's checkpoints are as they were): run the same "
+            "command again to start (or continue) it",
+            file=sys.stderr,
+        )
+        return 143
     except (UsageError, ValueError, FileNotFoundError, FileExistsError, AtomicWriteError) as e:
         _report(e)
         return 1

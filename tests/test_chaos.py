@@ -375,3 +375,29 @@ def test_ctrl_c_before_training_exits_130_and_says_nothing_was_lost(tmp_path):
     assert rc == 130, (rc, err[-3000:])
     assert "interrupted before training started: nothing was saved and nothing is lost" in err
     assert not list(logs.rglob("*.ckpt"))
+
+
+class TermInSetup(Callback):
+    """SIGTERM while fit sets up (data, model, checkpoint restore): before Lightning installs its own handler."""
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        import os
+        import signal
+        import time
+
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)  # (the handler runs before this returns)
+
+
+def test_sigterm_while_fit_starts_says_nothing_was_lost_exits_143_and_leaves_no_lock(tmp_path):
+    # it killed the process outright ("Terminated"): no word to the user, and fit.lock left behind
+    from .modules.helpers import run_module
+
+    logs, cache, data = tmp_path / "logs", tmp_path / "cache", tmp_path / "data"
+    _write_corpus(data)
+    overlay = tmp_path / "term.yaml"
+    overlay.write_text("trainer:\n  callbacks:\n    - class_path: tests.test_chaos.TermInSetup\n")
+    proc = run_module("fit", *_file_args(logs, cache, data, 2), "--config", overlay, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 143, (proc.returncode, proc.stderr[-3000:])
+    assert "SIGTERM while fit was starting" in proc.stderr and "nothing is lost" in proc.stderr, proc.stderr[-3000:]
+    assert not list(logs.rglob("fit.lock")) and not list(logs.rglob("*.ckpt"))
