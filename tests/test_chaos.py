@@ -401,3 +401,40 @@ def test_sigterm_while_fit_starts_says_nothing_was_lost_exits_143_and_leaves_no_
     assert proc.returncode == 143, (proc.returncode, proc.stderr[-3000:])
     assert "SIGTERM while fit was starting" in proc.stderr and "nothing is lost" in proc.stderr, proc.stderr[-3000:]
     assert not list(logs.rglob("fit.lock")) and not list(logs.rglob("*.ckpt"))
+
+
+def test_two_fits_taking_over_one_stale_lock_at_once_do_not_both_hold_it(tmp_path, monkeypatch):
+    # both read the dead owner's pid; the first replaced the lock with its own; the second then overwrote that too,
+    # and both continued the run in the same directory
+    import socket
+    import subprocess
+
+    from phi3_lightning.atomic import atomic_write_text
+    from phi3_lightning.commands import UsageError
+    from phi3_lightning.commands.runs import RunLock
+
+    from .test_atomic import _dead_pid
+
+    run = tmp_path / "run"
+    run.mkdir()
+    host = socket.gethostname()
+    (run / "fit.lock").write_text(f"{_dead_pid()} {host}\n")
+    other = subprocess.Popen(["sleep", "60"])  # the other fit, alive
+    try:
+        real_owner, calls = RunLock._owner, []
+
+        def owner(self):
+            found = real_owner(self)
+            if not calls:  # right after this fit read the stale owner, the other one takes the lock over
+                atomic_write_text(self.path, f"{other.pid} {host}\n")
+            calls.append(found)
+            return found
+
+        monkeypatch.setattr(RunLock, "_owner", owner)
+        with pytest.raises(UsageError, match=f"fit process {other.pid} holds"):
+            RunLock(run).acquire()
+        assert (run / "fit.lock").read_text() == f"{other.pid} {host}\n"  # the other's lock stays, whole
+        assert [p.name for p in run.iterdir()] == ["fit.lock"]  # nothing of the attempt left beside it
+    finally:
+        other.kill()
+        other.wait()
