@@ -40,6 +40,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "clean_stale_staging",
+    "clean_stale_staging_files",
     "default_mode",
     "default_permissions",
     "fsync_tree",
@@ -139,6 +140,29 @@ def clean_stale_staging(target: Path) -> list[Path]:
     for entry, m in _siblings(target):
         if not _alive(int(m["pid"]), m["host"]):
             _remove(entry)
+            removed.append(entry)
+    return removed
+
+
+_ANY_STAGING_FILE = re.compile(r"\..+\.(?P<pid>\d+)\.(?P<host>[0-9a-f]{8})\.(?P<rand>[0-9a-f]{8})\.tmp")
+
+
+def clean_stale_staging_files(directory: Path) -> list[Path]:
+    """Remove the staging *files* (``.<name>.<pid>.<host>.<random>.tmp``, any target name) of dead writers in
+    ``directory``: a writer killed while writing ``best-step=8.ckpt`` leaves a file the size of a checkpoint that a
+    later write of the same name would remove, but a resumed run may never write that name again. Directories
+    (a swap's halves, which :func:`recover_interrupted` may still need) are left alone. Returns what was removed."""
+    removed = []
+    try:
+        entries = list(Path(directory).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _ANY_STAGING_FILE.fullmatch(entry.name)
+        if m is None or entry.is_symlink() or not entry.is_file() or _alive(int(m["pid"]), m["host"]):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            entry.unlink()
             removed.append(entry)
     return removed
 

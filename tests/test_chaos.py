@@ -438,3 +438,25 @@ def test_two_fits_taking_over_one_stale_lock_at_once_do_not_both_hold_it(tmp_pat
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_killed_checkpoint_writers_staging_file_is_removed_by_the_next_save_in_that_directory(tmp_path):
+    # killed while writing best-step=8.ckpt: its hidden staging file (the size of a checkpoint) was removed only by a
+    # later write of best-step=8.ckpt itself; a resumed run whose best file gets another name never wrote that one
+    from phi3_lightning.atomic import staging_path
+    from phi3_lightning.modules.strategies import AtomicCheckpointIO
+
+    from .test_atomic import _dead_pid
+
+    ckdir = tmp_path / "checkpoints"
+    ckdir.mkdir()
+    dead = _dead_pid()
+    live = staging_path(ckdir / "best-step=9.ckpt")  # a live writer's (this process): kept
+    live.write_bytes(b"being written")
+    host = live.name.rsplit(".", 4)[2]  # .<name>.<pid>.<host>.<random>.tmp
+    left = ckdir / f".best-step=8.ckpt.{dead}.{host}.0123abcd.tmp"
+    left.write_bytes(b"half a checkpoint")
+    old_dir = ckdir / f".sharded.ckpt.{dead}.{host}.0123abcd.tmp"  # a directory swap's half: left to its recovery
+    old_dir.mkdir()
+    AtomicCheckpointIO().save_checkpoint({"step": 1}, ckdir / "last.ckpt")
+    assert sorted(p.name for p in ckdir.iterdir()) == sorted(["last.ckpt", live.name, old_dir.name])
