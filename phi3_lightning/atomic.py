@@ -19,6 +19,7 @@ writer's 200 MB ``.tmp``), never a live writer's and never another host's (a sha
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "AtomicWriteError",
     "StagedFile",
     "atomic_save_safetensors",
     "atomic_torch_save",
@@ -38,6 +40,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "clean_stale_staging",
+    "clean_stale_staging_files",
     "default_mode",
     "default_permissions",
     "fsync_tree",
@@ -141,6 +144,29 @@ def clean_stale_staging(target: Path) -> list[Path]:
     return removed
 
 
+_ANY_STAGING_FILE = re.compile(r"\..+\.(?P<pid>\d+)\.(?P<host>[0-9a-f]{8})\.(?P<rand>[0-9a-f]{8})\.tmp")
+
+
+def clean_stale_staging_files(directory: Path) -> list[Path]:
+    """Remove the staging *files* (``.<name>.<pid>.<host>.<random>.tmp``, any target name) of dead writers in
+    ``directory``: a writer killed while writing ``best-step=8.ckpt`` leaves a file the size of a checkpoint that a
+    later write of the same name would remove, but a resumed run may never write that name again. Directories
+    (a swap's halves, which :func:`recover_interrupted` may still need) are left alone. Returns what was removed."""
+    removed = []
+    try:
+        entries = list(Path(directory).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _ANY_STAGING_FILE.fullmatch(entry.name)
+        if m is None or entry.is_symlink() or not entry.is_file() or _alive(int(m["pid"]), m["host"]):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            entry.unlink()
+            removed.append(entry)
+    return removed
+
+
 def _fsync_dir(path: Path) -> None:
     if os.name == "nt":
         return
@@ -169,6 +195,64 @@ def fsync_tree(path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------- files
+
+# errno -> what the user can do about it
+_STORAGE_ERRORS = {
+    errno.ENOSPC: "free disk space there (or write elsewhere)",
+    errno.EDQUOT: "free space within your disk quota there (or write elsewhere)",
+    errno.EFBIG: "the file system refuses a file this large: write elsewhere",
+    errno.EROFS: "the file system is read-only: write elsewhere",
+    errno.EACCES: "make the directory writable, or write elsewhere",
+    errno.EPERM: "make the directory writable, or write elsewhere",
+    errno.EIO: "check the disk (an I/O error), or write elsewhere",
+}
+
+
+_RUST_IO_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+class AtomicWriteError(OSError):
+    """A write the storage refused (full disk, quota, read-only or unwritable directory); the target is untouched
+    and no staging entry is left. ``str()`` is one sentence naming the target, the reason and the fix."""
+
+    def __str__(self) -> str:
+        return str(self.args[1]) if len(self.args) > 1 else super().__str__()
+
+
+_SPACE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def storage_error(target: Path, exc: BaseException, codes: Any = _STORAGE_ERRORS) -> AtomicWriteError | None:
+    """``exc`` as an :class:`AtomicWriteError` about ``target`` when an ``OSError`` of the storage is ``exc`` or in its
+    chain (torch.save reports a full disk as a ``RuntimeError`` whose context is the ``OSError``; safetensors as a
+    ``SafetensorError`` naming the "os error"), else None. ``codes``: the errno values that count."""
+    seen, e, code = set(), exc, None
+    while e is not None and id(e) not in seen:
+        if isinstance(e, AtomicWriteError):
+            return e
+        if isinstance(e, OSError) and e.errno in codes:
+            code = e.errno
+            break
+        # safetensors (Rust) raises its own SafetensorError worded "... I/O error: <text> (os error 28)"
+        m = _RUST_IO_ERROR.search(str(e)) if not isinstance(e, OSError) else None
+        if m and int(m[1]) in codes:
+            code = int(m[1])
+            break
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    if code is None:
+        return None
+    name = errno.errorcode.get(code, str(code))
+    kept = (
+        f"the previous {target.name} is unchanged"
+        if target.exists()
+        else f"nothing was written under that name ({target.name} does not exist)"
+    )
+    message = (
+        f"could not write {target}: {os.strerror(code)} ({name}); {kept} and nothing partial is left; "
+        f"{_STORAGE_ERRORS[code]}"
+    )
+    return AtomicWriteError(code, message)
 
 
 class StagedFile:
@@ -208,13 +292,24 @@ class StagedFile:
 def atomic_write(target: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     """``write(path)`` writes the content to ``path`` (a staging file beside ``target``, already created, empty);
     then it is fsynced and renamed over ``target``. On any error the staging file is removed and ``target`` is
-    untouched."""
-    staged = StagedFile(target)
+    untouched; one the storage caused (full disk, quota, read-only or unwritable directory) is raised as
+    :class:`AtomicWriteError`."""
+    target = Path(target)
+    try:
+        staged = StagedFile(target)
+    except OSError as e:
+        error = storage_error(target, e)
+        if error is None:
+            raise
+        raise error from e
     try:
         write(staged.path)
         return staged.commit()
-    except BaseException:
+    except BaseException as e:
         staged.discard()
+        error = storage_error(target, e)
+        if error is not None:
+            raise error from e
         raise
 
 
@@ -276,10 +371,11 @@ def _mkdir_staging(target: Path) -> Path:
         except FileExistsError:
             continue
         except PermissionError as e:
-            raise PermissionError(
+            raise AtomicWriteError(
+                e.errno,
                 f"cannot create the staging directory {path.name} beside {target} ({e.strerror}): a directory is "
                 f"written next to its target and renamed into place; make {target.parent} writable or choose "
-                "another directory"
+                "another directory",
             ) from None
 
 
@@ -332,8 +428,11 @@ def staged_directory(target: str | os.PathLike, carry: Callable[[str], bool] | N
             _carry(target, staged, carry)
         fsync_tree(staged)
         replace_dir(staged, target)
-    except BaseException:
+    except BaseException as e:
         _remove(staged)
+        error = storage_error(target, e, _SPACE_ERRORS)  # the writer's own reads may fail with EACCES: not ours
+        if error is not None:
+            raise error from e
         raise
 
 

@@ -44,6 +44,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from .atomic import AtomicWriteError
 from .commands import UsageError
 from .commands.runs import (
     FSDP_ON_CPU,
@@ -56,6 +57,7 @@ from .commands.runs import (
     check_ckpt_settings,
     check_fit_version_is_free,
     check_fsdp_accelerator,
+    claim_new_version,
     name_run,
     normalize_ckpt_path,
     place_run_logs,
@@ -218,6 +220,7 @@ def _cli_class():
             name the run, resolve last/best within it, read the file safely, refuse settings that disagree with the
             checkpoint, and point evaluation logging at the evaluated run."""
             self._ckpt_info = None
+            self._purge_step: int | None = None
             subcommand = self.config.get("subcommand")
             if not subcommand:
                 return
@@ -240,6 +243,8 @@ def _cli_class():
             ckpt = read_checkpoint(path)
             check_ckpt_settings(cfg, ckpt, subcommand, path)
             self._ckpt_info = (path, ckpt.get("phi3_lightning") or {})
+            if subcommand == "fit" and str(ckpt_path) == "last" and isinstance(ckpt.get("global_step"), int):
+                self._purge_step = ckpt["global_step"]  # resumed in place: see _purge_events_past_the_checkpoint
             del ckpt
             place_run_logs(cfg, subcommand, str(ckpt_path), run_dir)
             if subcommand == "fit":
@@ -251,18 +256,34 @@ def _cli_class():
                 check_ckpt_labels(self._ckpt_info[0], self._ckpt_info[1], getattr(self.model, "config", None))
 
         def _run_subcommand(self, subcommand: str) -> None:
-            lock = None
-            if subcommand == "fit" and self.trainer.loggers and _is_rank_zero():
-                lock = RunLock(Path(self.trainer.log_dir or "."))
-                lock.acquire()
-            report = _is_rank_zero() and bool(self.trainer.loggers)
-            if report:
-                print(run_report(self.trainer, subcommand, "writes to"), file=sys.stderr, flush=True)
+            lock, report = None, False
+            restore_sigterm = _stop_on_sigterm_while_starting(self.trainer) if subcommand == "fit" else None
             try:
+                if subcommand == "fit" and getattr(self, "_purge_step", None) is not None:
+                    _purge_events_past_the_checkpoint(self.trainer, self._purge_step)
+                if subcommand == "fit" and self.trainer.loggers and _is_rank_zero():
+                    created = claim_new_version(self.trainer.loggers[0])
+                    lock = RunLock(Path(self.trainer.log_dir or "."), created=created)
+                    lock.acquire()
+                report = _is_rank_zero() and bool(self.trainer.loggers)
+                if report:
+                    print(run_report(self.trainer, subcommand, "writes to"), file=sys.stderr, flush=True)
                 super()._run_subcommand(subcommand)
+            except AtomicWriteError as e:
+                if subcommand != "fit" or not report:
+                    raise
+                argv = list(sys.argv[1:] if self._argv is None else self._argv)
+                version = _version_dir_name(getattr(self.trainer.loggers[0], "version", None)) or "?"
+                raise AtomicWriteError(
+                    e.errno,
+                    f"{e}. The run stopped at global step {self.trainer.global_step}; once it can write again, "
+                    f"continue it from its last checkpoint with: {resume_command(argv, version)}",
+                ) from e
             finally:
                 if lock is not None:
                     lock.release()
+                if restore_sigterm is not None:
+                    restore_sigterm()
             if report:
                 argv = list(sys.argv[1:] if self._argv is None else self._argv)
                 print(run_report(self.trainer, subcommand, "wrote to", argv), file=sys.stderr, flush=True)
@@ -292,6 +313,53 @@ _CKPT_OPTION_HELP = {
     "('registry', URLs) are refused",
     "weights_only": "always torch.load(weights_only=True): a checkpoint never runs code, so false is refused",
 }
+
+
+class StartupTerminated(BaseException):
+    """SIGTERM while fit starts (run directory, data, model, checkpoint restore): before Lightning's own handler
+    (which stops training at a batch's end and saves) is installed, the signal's default action killed the process
+    without a word and left ``fit.lock`` behind. A BaseException, like KeyboardInterrupt: no ``except Exception`` of
+    the set-up code swallows it."""
+
+
+def _stop_on_sigterm_while_starting(trainer: Any):
+    """Install the SIGTERM handler of fit's start (main thread only; returns the function that puts the previous
+    handler back, or None). It raises :class:`StartupTerminated` until Lightning installs its handler (which calls
+    this one too: then it does nothing) and, once fit has ended, acts as the previous handler would."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum, frame) -> None:
+        if signal.getsignal(signal.SIGTERM) is not on_sigterm:
+            return  # Lightning's handler is in charge (it stops training at the end of the batch)
+        status = str(getattr(getattr(trainer, "state", None), "status", ""))
+        if status.endswith(("finished", "interrupted")):  # fit is over: the signal's usual effect
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise StartupTerminated
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    return lambda: signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _purge_events_past_the_checkpoint(trainer: Any, step: int) -> None:
+    """A fit resumed in place (``--ckpt_path last``) from a checkpoint of global step ``step``: its TensorBoard writer
+    starts with a purge marker at ``step`` (SummaryWriter's ``purge_step``), so TensorBoard drops the events that an
+    interrupted run logged at steps >= ``step`` after that checkpoint (a killed run logs past its last checkpoint)
+    and shows the resumed run's values there once, instead of a second series over the same steps. The resumed
+    run logs its first step at ``step`` (Lightning's logging step counts the optimizer steps before the batch)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger) and getattr(logger, "_experiment", None) is None:
+            kwargs = getattr(logger, "_kwargs", None)
+            if isinstance(kwargs, dict) and kwargs.get("purge_step") is None:  # the CLI fills in None
+                kwargs["purge_step"] = step
 
 
 def _quiet_known_lightning_noise() -> None:
@@ -635,11 +703,21 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse / jsonargparse errors and --help; Lightning's SIGTERMException
         if type(e).__name__ == "SIGTERMException":  # preempted: never exit 0 (the guard sets 143 / 130)
             return e.code if isinstance(e.code, int) and e.code else 143
+        if e.code == 1 and isinstance(e.__context__, KeyboardInterrupt):  # Lightning's exit(1) after a Ctrl-C
+            return 130
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except KeyboardInterrupt:
         print("error: interrupted (Ctrl-C)", file=sys.stderr)
         return 130
-    except (UsageError, ValueError, FileNotFoundError, FileExistsError) as e:
+    except StartupTerminated:
+        print(
+            "SIGTERM while fit was starting, before the first training step: it stopped; nothing was trained "
+            "or saved by this process and nothing is lost (the run's checkpoints are as they were): run the same "
+            "command again to start (or continue) it",
+            file=sys.stderr,
+        )
+        return 143
+    except (UsageError, ValueError, FileNotFoundError, FileExistsError, AtomicWriteError) as e:
         _report(e)
         return 1
     except Exception as e:

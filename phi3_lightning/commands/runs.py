@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_write_text, default_mode, pid_alive
+from ..atomic import clean_stale_staging, default_mode, pid_alive, staging_path
 from . import UsageError
 
 LOCK_FILE = "fit.lock"
@@ -607,29 +607,82 @@ def _is_rank_zero() -> bool:
     return True
 
 
-class RunLock:
-    """``<version dir>/fit.lock`` holding "pid host" while fit writes into that directory."""
+def claim_new_version(logger: Any) -> bool:
+    """Create the directory of a logger's next free ``version_N`` exclusively, moving on to the next number while
+    another process takes one first (two fits started at once on one run name both list the versions before either
+    creates one: without this both took ``version_0``). Only for a logger whose version is picked automatically (not
+    yet read, none given); returns whether a directory was created."""
+    if getattr(logger, "_version", "given") is not None or not hasattr(logger, "_get_next_version"):
+        return False
+    root = Path(logger.root_dir).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    for _ in range(10_000):
+        version = logger._get_next_version()
+        try:
+            (root / f"version_{version}").mkdir()
+        except FileExistsError:
+            continue  # taken between the listing and now: the next listing sees it
+        logger._version = version
+        return True
+    raise FileExistsError(f"could not claim a new version directory under {root}: other processes keep taking them")
 
-    def __init__(self, run_dir: Path) -> None:
+
+def _create_with(path: Path, text: str) -> None:
+    """Create ``path`` holding ``text``, failing with ``FileExistsError`` when it exists; readers never see it empty
+    or half written (written beside it, then hard-linked into place: ``link`` never replaces a file)."""
+    staged = staging_path(path)  # a dead writer's is removed by the next RunLock.acquire (clean_stale_staging)
+    with open(staged, "x") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(staged, default_mode())
+    try:
+        os.link(staged, path)
+    except OSError as e:
+        if isinstance(e, FileExistsError) or not hasattr(os, "link"):
+            raise
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, default_mode())  # no hard links here
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+    finally:
+        staged.unlink(missing_ok=True)
+
+
+def _parse_owner(path: Path) -> tuple[int | None, str]:
+    """(pid, host) written in a lock file; (None, "") when it is unreadable or holds no pid."""
+    try:
+        pid, _, host = path.read_text().strip().partition(" ")
+        return int(pid), host
+    except (OSError, ValueError):
+        return None, ""
+
+
+class RunLock:
+    """``<version dir>/fit.lock`` holding "pid host" while fit writes into that directory (``created``: the caller
+    made the directory for this run, see :func:`claim_new_version`)."""
+
+    def __init__(self, run_dir: Path, created: bool = False) -> None:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_FILE
-        self.created_dir = False
+        self.created_dir = created
         self.held = False
 
     def _owner(self) -> tuple[int | None, str]:
-        try:
-            pid, _, host = self.path.read_text().strip().partition(" ")
-            return int(pid), host
-        except (OSError, ValueError):
-            return None, ""
+        return _parse_owner(self.path)
 
     def acquire(self) -> None:
-        self.created_dir = not self.run_dir.exists()
+        self.created_dir = self.created_dir or not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        clean_stale_staging(self.path)  # a killed fit's half-made lock or moved-aside stale lock
         me = f"{os.getpid()} {socket.gethostname()}\n"
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, default_mode())
-        except FileExistsError:
+        for _ in range(100):
+            try:
+                _create_with(self.path, me)
+            except FileExistsError:
+                pass
+            else:
+                self.held = True
+                return
             pid, host = self._owner()
             if pid is not None and host not in ("", socket.gethostname()):
                 raise UsageError(
@@ -642,12 +695,29 @@ class RunLock:
                     f"{self.run_dir} is in use: fit process {pid} holds {self.path}; wait for it to end, "
                     "or train under another --run_name (or a new version without --ckpt_path last)"
                 ) from None
-            print(f"note: taking over the stale lock {self.path} (pid {pid} is not running)", file=sys.stderr)
-            atomic_write_text(self.path, me)
-        else:
-            with os.fdopen(fd, "w") as f:
-                f.write(me)
-        self.held = True
+            if self._take_over((pid, host)):
+                print(f"note: taking over the stale lock {self.path} (pid {pid} is not running)", file=sys.stderr)
+        raise UsageError(f"could not take {self.path}: other fits keep taking it; retry, or use another --run_name")
+
+    def _take_over(self, stale: tuple[int | None, str]) -> bool:
+        """Move the stale lock aside (one rename: of two fits taking it over at once, one moves it), but only the
+        lock judged stale: when what was moved is another fit's fresh lock, it is put back. Then the caller creates
+        its own lock exclusively, as at first; whoever loses that finds the winner's live lock and is refused."""
+        aside = staging_path(self.path)
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return False  # another fit moved it first
+        moved = _parse_owner(aside)
+        if moved != stale:  # a fit took the lock over between our reading and our rename: its lock goes back
+            try:
+                os.link(aside, self.path)
+            except OSError:
+                pass
+            aside.unlink(missing_ok=True)
+            return False
+        aside.unlink(missing_ok=True)
+        return True
 
     def release(self) -> None:
         if not self.held:

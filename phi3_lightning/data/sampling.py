@@ -9,6 +9,9 @@ Three pieces:
   Lightning stores in every checkpoint) records ``(epoch, batches)`` and ``load_state_dict()`` (which Lightning
   calls on a mid-epoch resume) makes the next iteration of that epoch skip those batches by skipping their
   *indices* (nothing is loaded for them). It can also put the global torch RNG back right before its first batch.
+* :func:`rows_fingerprint`: a hash of the training rows (every item the loader serves, in index order), stored
+  with the position: the position means "batch k of *these* rows", so a resume over other rows (the data files
+  edited or reordered in place, another tokenizer file at the same path) is refused instead of going on silently.
 * :func:`rng_states` / :func:`set_rng_state`: the global torch RNG (dropout) of every process, gathered into a
   checkpoint and restored per rank.
 
@@ -20,6 +23,7 @@ Three pieces:
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -30,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .collate import length_grouped_batches
 
-__all__ = ["EpochSampler", "ResumableDataLoader", "rng_states", "set_rng_state"]
+__all__ = ["EpochSampler", "ResumableDataLoader", "rng_states", "rows_fingerprint", "set_rng_state"]
 
 
 class EpochSampler(DistributedSampler):
@@ -85,6 +89,44 @@ class EpochSampler(DistributedSampler):
         return iter(order[skip:])
 
 
+def _feed(h: Any, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        h.update(b"ints%d:" % len(value))
+        h.update(torch.tensor(value, dtype=torch.int64).numpy().tobytes() if value else b"")
+    else:
+        h.update(repr(value).encode())
+
+
+def rows_fingerprint(dataset: Any) -> str:
+    """A 16-hex-digit hash of every item of ``dataset`` (key, dtype, shape and values), in index order.
+
+    Rows stored as tensors (:class:`~phi3_lightning.data.packing.PackedRows`: ``input_ids``, ``attention_mask``,
+    ``position_ids``, ``labels`` of shape (R, L)) are hashed whole, one pass over their bytes; any other map-style
+    dataset item by item."""
+    h = hashlib.blake2b(digest_size=8)
+    n = len(dataset)
+    h.update(b"n%d;" % n)
+    fields = ("input_ids", "attention_mask", "position_ids", "labels")
+    if all(isinstance(getattr(dataset, f, None), torch.Tensor) for f in fields):
+        for f in fields:
+            h.update(f.encode())
+            _feed(h, getattr(dataset, f))
+        return h.hexdigest()
+    for i in range(n):
+        item = dataset[i]
+        if isinstance(item, dict):
+            for key in sorted(item):
+                h.update(str(key).encode())
+                _feed(h, item[key])
+        else:
+            _feed(h, item)
+    return h.hexdigest()
+
+
 class ResumableDataLoader(DataLoader):
     """A training DataLoader whose position in the epoch travels in the checkpoint (Lightning's stateful loaders).
 
@@ -98,6 +140,7 @@ class ResumableDataLoader(DataLoader):
         self._epoch = 0
         self._served = 0
         self._resume_at: tuple[int, int] | None = None
+        self._rows: str | None = None  # rows_fingerprint of the dataset, computed once (the rows never change)
         self.rng_to_restore: dict[str, Any] | None = None
 
     def _sampler_epoch(self) -> int:
@@ -111,7 +154,13 @@ class ResumableDataLoader(DataLoader):
             "batch_size": self.batch_size,
             "num_replicas": getattr(s, "num_replicas", 1),
             "group_by_length": getattr(s, "lengths", None) is not None,
+            "rows": self._rows_fingerprint(),
         }
+
+    def _rows_fingerprint(self) -> str:
+        if self._rows is None:
+            self._rows = rows_fingerprint(self.dataset)
+        return self._rows
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self._epoch, "batches": self._served, **self._facts()}
@@ -126,6 +175,16 @@ class ResumableDataLoader(DataLoader):
                     f"is {mine[key]!r}; resume with the same --data settings (seed, batch_size, files, max_length, "
                     "group_by_length), or start a new run from the weights instead of --ckpt_path"
                 )
+        if "rows" in state and state["rows"] != mine["rows"]:  # checkpoints before the fingerprint have none
+            raise ValueError(
+                f"cannot resume the training data order: the training rows differ from the checkpoint's (fingerprint "
+                f"{state['rows']} there, {mine['rows']} here) although their number ({mine['num_samples']}) and the "
+                "settings are the same: the data files were edited or reordered, or the tokenizer file changed, since "
+                "the checkpoint was written, so its position in the epoch would point into other rows. Restore the "
+                "data and tokenizer it was trained on, or train on the new data as a new run from its weights: "
+                "python -m phi3_lightning export --checkpoint CKPT --output DIR, then fit --model.init_args.model "
+                "DIR without --ckpt_path"
+            )
         if state.get("num_replicas", 1) != mine["num_replicas"]:
             warnings.warn(
                 f"the checkpoint was written by {state.get('num_replicas')} data-parallel processes, this run has "
@@ -139,6 +198,7 @@ class ResumableDataLoader(DataLoader):
         return self._serve()
 
     def _serve(self) -> Iterator[Any]:
+        self._rows_fingerprint()  # now, not in the first checkpoint save (that may be a preemption's, on a deadline)
         epoch = self._sampler_epoch()
         skip = 0
         if self._resume_at is not None:

@@ -39,6 +39,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from ..atomic import AtomicWriteError
+
 CAUSES = (
     "Likely causes: a learning rate too high for this model ({lr} at this step: lower it or use warmup), float16 "
     "overflow ({precision}: use bf16-mixed / bf16-true on GPUs that support bfloat16, or 32-true), or a batch whose "
@@ -446,6 +448,14 @@ class PreemptionCheckpoint(Callback):
             save_last_checkpoint(trainer, path)  # the full state (optimizer, loops, data position)
         except NonFiniteError as e:
             _say(trainer, f"{name} at global step {step}: no checkpoint saved, the weights are not finite ({e})")
+            return
+        except AtomicWriteError as e:  # a full disk, a read-only directory: the older checkpoints are intact
+            _say(
+                trainer,
+                f"{name} at global step {step}: could not save a checkpoint: {e}. The steps since the run's previous "
+                f"checkpoint are lost; once it can write again, continue from that one with: "
+                f"{resume_command(path, _logger_version(trainer))}",
+            )
             return
         _say(
             trainer,

@@ -24,6 +24,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from ..atomic import (  # noqa: F401 - re-exported: older imports and tests/modules/test_io.py
     atomic_torch_save,
     clean_stale_staging,
+    clean_stale_staging_files,
     default_permissions,
     fsync_tree,
     recover_interrupted,
@@ -35,12 +36,13 @@ from .safe_load import load_checkpoint_file, safe_lightning_distributed_load
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """torch.save to a staging file ``.<name>.<pid>.<host>.<random>.tmp`` beside the target, fsync, then
-    ``os.replace`` (atomic on POSIX); staging files of killed writers are removed by the next save
-    (:func:`phi3_lightning.atomic.atomic_write`)."""
+    ``os.replace`` (atomic on POSIX); staging files of killed writers in the directory, whatever checkpoint they
+    were writing, are removed by the next save (:func:`phi3_lightning.atomic.clean_stale_staging_files`)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None or "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
+        clean_stale_staging_files(Path(path).parent)  # a killed writer's, under any checkpoint name
         atomic_torch_save(Path(path), checkpoint)
 
     def load_checkpoint(
