@@ -23,6 +23,7 @@ Three pieces:
 
 from __future__ import annotations
 
+import array
 import hashlib
 import warnings
 from collections.abc import Iterator, Sequence
@@ -94,9 +95,14 @@ def _feed(h: Any, value: Any) -> None:
         t = value.detach().cpu().contiguous()
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    elif isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        h.update(b"ints%d:" % len(value))
-        h.update(torch.tensor(value, dtype=torch.int64).numpy().tobytes() if value else b"")
+    elif isinstance(value, (list, tuple)):
+        try:  # a list of token ids / labels: its int64 bytes (4x faster than a tensor; a float or str: repr below)
+            ints = array.array("q", value)
+        except (TypeError, OverflowError):
+            h.update(repr(value).encode())
+        else:
+            h.update(b"ints%d:" % len(value))
+            h.update(ints)
     else:
         h.update(repr(value).encode())
 
