@@ -26,6 +26,9 @@ name is ``--run_name NAME``, by default ``<config stems joined by +>/<attn backe
   ``fit`` into a version that already holds a run (checkpoints or events) is refused unless it continues it.
   While ``fit`` writes into a version directory it holds ``fit.lock`` (pid + host) there; another ``fit`` into a
   directory whose lock names a live process is refused, a lock of a dead process is taken over with a note.
+* A command that fails before it logged a metric or wrote a checkpoint leaves no trace (``SetupTrace``): the
+  version directory it created is removed (the next run takes its number); in a directory that existed,
+  ``config.yaml`` / ``hparams.yaml`` are put back and its settings-only events files removed.
 * ``validate`` / ``test`` / ``predict`` with a checkpoint of a run log into that run, under ``version_N/<command>/``
   (its own TensorBoard run, ``config.yaml`` and ``hparams.yaml``; the run's files are never touched); with a
   checkpoint outside any run, or none, they create a version as ``fit`` does.
@@ -47,7 +50,9 @@ from typing import Any
 from .commands import UsageError
 from .commands.runs import (
     FSDP_ON_CPU,
+    LOCK_FILE,
     RunLock,
+    SetupTrace,
     _class_path,
     _import,
     _is_rank_zero,
@@ -251,18 +256,35 @@ def _cli_class():
                 check_ckpt_labels(self._ckpt_info[0], self._ckpt_info[1], getattr(self.model, "config", None))
 
         def _run_subcommand(self, subcommand: str) -> None:
-            lock = None
-            if subcommand == "fit" and self.trainer.loggers and _is_rank_zero():
-                lock = RunLock(Path(self.trainer.log_dir or "."))
-                lock.acquire()
+            lock = trace = None
             report = _is_rank_zero() and bool(self.trainer.loggers)
             if report:
+                log_dir = Path(self.trainer.log_dir or ".")
+                # what this command writes before it runs: undone if it fails before it ran
+                trace = SetupTrace(log_dir, _checkpoint_dirpaths(self.trainer))
+            if subcommand == "fit" and report:
+                lock = RunLock(log_dir)
+                lock.acquire()
+            if report:
                 print(run_report(self.trainer, subcommand, "writes to"), file=sys.stderr, flush=True)
+            failed = True
             try:
                 super()._run_subcommand(subcommand)
+                failed = False
             finally:
+                undone = failed and trace is not None and trace.undo(keep=(LOCK_FILE,) if lock is not None else ())
                 if lock is not None:
                     lock.release()
+                if undone:
+                    trace.remove_empty_dirs()
+                    what = "removed" if trace.new_dir is not None else "restored config.yaml in"
+                    print(
+                        f"note: {what} {log_dir}: {subcommand} stopped before it logged a metric or wrote a "
+                        "checkpoint, so nothing of it is kept"
+                        + (" (the next run takes this version)" if trace.new_dir is not None else ""),
+                        file=sys.stderr,
+                        flush=True,
+                    )
             if report:
                 argv = list(sys.argv[1:] if self._argv is None else self._argv)
                 print(run_report(self.trainer, subcommand, "wrote to", argv), file=sys.stderr, flush=True)
@@ -349,6 +371,11 @@ def _replace_default_console_callbacks(trainer: Any, configured: list[Any]) -> N
             trainer.callbacks[i] = Phi3TQDMProgressBar()
         elif type(cb) in (ModelSummary, RichModelSummary):
             trainer.callbacks[i] = Phi3ModelSummary(max_depth=cb._max_depth)
+
+
+def _checkpoint_dirpaths(trainer: Any) -> list[Path]:
+    """The directories that the trainer's ModelCheckpoint callbacks were given (None: the log directory's)."""
+    return [Path(str(cb.dirpath)) for cb in getattr(trainer, "checkpoint_callbacks", None) or [] if cb.dirpath]
 
 
 def run_report(trainer: Any, subcommand: str, verb: str, argv: list[str] | None = None) -> str:
