@@ -110,3 +110,28 @@ def test_memory_and_data_report_subcommands():
     assert rc == 2 and "did you mean --seq-len?" in err
     rc, out, _ = run_main("data-report", "--help")
     assert rc == 0 and "python -m phi3_lightning data-report" in out
+
+
+@pytest.mark.parametrize(
+    "command, args, message",
+    [
+        ("memory", ["--bogus"], "unrecognized arguments: --bogus"),
+        ("memory", ["--seq-len", "abc"], "argument --seq-len: invalid int value: 'abc'"),
+        ("memory", ["--preset", "tiny", "--gpu-memory", "0"], "--gpu-memory 0: give the GPU's memory in GiB"),
+        ("data-report", ["--max-length", "x"], "argument --max-length: invalid int value: 'x'"),
+        ("data-report", ["--batch-size", "0"], "--batch-size 0: use a positive number of rows per batch"),
+    ],
+)
+def test_memory_and_data_report_errors_are_one_line(command, args, message):
+    # they printed their whole usage (10 to 17 lines) before the error, the other commands one line
+    rc, out, err = run_main(command, *args)
+    assert rc == 2 and out == "", err
+    assert err.endswith("\n") and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: {message}") and f"python -m phi3_lightning {command} --help" in err, err
+
+
+def test_memory_config_that_does_not_exist_is_named_as_config():
+    rc, _, err = run_main("memory", "--config", "/nonexistent/ckpt")
+    assert rc == 1 and "Traceback" not in err
+    assert err.startswith("error: --config '/nonexistent/ckpt'") and "model=" not in err, err
+    assert "--preset" in err  # the alternative
