@@ -41,6 +41,7 @@ name is ``--run_name NAME``, by default ``<config stems joined by +>/<attn backe
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import traceback
@@ -205,6 +206,15 @@ def _cli_class():
             for action in parser._actions:
                 if action.dest in _CKPT_OPTION_HELP:
                     action.help = _CKPT_OPTION_HELP[action.dest]
+                # hidden from --help, still parsed: predictions.* are predict's (a YAML shared with fit may hold
+                # them); trainer.model_registry is refused (_parse_ckpt_path)
+                elif action.dest == "trainer.model_registry" or (
+                    subcommand != "predict" and action.dest.split(".")[0] == "predictions"
+                ):
+                    action.help = argparse.SUPPRESS
+            predictions = (getattr(parser, "groups", None) or {}).get("predictions")
+            if subcommand != "predict" and predictions is not None:
+                predictions.description = None  # (the group's heading goes with its last visible option)
             return parser
 
         def parse_arguments(self, parser, args) -> None:
@@ -231,6 +241,12 @@ def _cli_class():
                 raise UsageError(
                     "--weights_only false: phi3_lightning reads every checkpoint with torch.load(weights_only=True) "
                     "and never unpickles arbitrary objects (a checkpoint must not run code); drop --weights_only"
+                )
+            if cfg.trainer.get("model_registry") is not None:
+                raise UsageError(
+                    f"--trainer.model_registry {cfg.trainer.model_registry!r}: registry checkpoints are not read or "
+                    "uploaded (phi3_lightning checks every checkpoint before use and reads local files only; a run's "
+                    "checkpoints are in its log directory); drop it, and upload a checkpoint or an export yourself"
                 )
             check_fsdp_accelerator(cfg.trainer)
             name_run(cfg, subcommand)
