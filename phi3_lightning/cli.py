@@ -26,6 +26,9 @@ name is ``--run_name NAME``, by default ``<config stems joined by +>/<attn backe
   ``fit`` into a version that already holds a run (checkpoints or events) is refused unless it continues it.
   While ``fit`` writes into a version directory it holds ``fit.lock`` (pid + host) there; another ``fit`` into a
   directory whose lock names a live process is refused, a lock of a dead process is taken over with a note.
+* A command that fails before it logged a metric or wrote a checkpoint leaves no trace (``SetupTrace``): the
+  version directory it created is removed (the next run takes its number); in a directory that existed,
+  ``config.yaml`` / ``hparams.yaml`` are put back and its settings-only events files removed.
 * ``validate`` / ``test`` / ``predict`` with a checkpoint of a run log into that run, under ``version_N/<command>/``
   (its own TensorBoard run, ``config.yaml`` and ``hparams.yaml``; the run's files are never touched); with a
   checkpoint outside any run, or none, they create a version as ``fit`` does.
@@ -38,6 +41,7 @@ name is ``--run_name NAME``, by default ``<config stems joined by +>/<attn backe
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import traceback
@@ -48,7 +52,9 @@ from .atomic import AtomicWriteError
 from .commands import UsageError
 from .commands.runs import (
     FSDP_ON_CPU,
+    LOCK_FILE,
     RunLock,
+    SetupTrace,
     _class_path,
     _import,
     _is_rank_zero,
@@ -58,6 +64,7 @@ from .commands.runs import (
     check_fit_version_is_free,
     check_fsdp_accelerator,
     claim_new_version,
+    first_new_dir,
     name_run,
     normalize_ckpt_path,
     place_run_logs,
@@ -202,6 +209,15 @@ def _cli_class():
             for action in parser._actions:
                 if action.dest in _CKPT_OPTION_HELP:
                     action.help = _CKPT_OPTION_HELP[action.dest]
+                # hidden from --help, still parsed: predictions.* are predict's (a YAML shared with fit may hold
+                # them); trainer.model_registry is refused (_parse_ckpt_path)
+                elif action.dest == "trainer.model_registry" or (
+                    subcommand != "predict" and action.dest.split(".")[0] == "predictions"
+                ):
+                    action.help = argparse.SUPPRESS
+            predictions = (getattr(parser, "groups", None) or {}).get("predictions")
+            if subcommand != "predict" and predictions is not None:
+                predictions.description = None  # (the group's heading goes with its last visible option)
             return parser
 
         def parse_arguments(self, parser, args) -> None:
@@ -230,6 +246,12 @@ def _cli_class():
                     "--weights_only false: phi3_lightning reads every checkpoint with torch.load(weights_only=True) "
                     "and never unpickles arbitrary objects (a checkpoint must not run code); drop --weights_only"
                 )
+            if cfg.trainer.get("model_registry") is not None:
+                raise UsageError(
+                    f"--trainer.model_registry {cfg.trainer.model_registry!r}: registry checkpoints are not read or "
+                    "uploaded (phi3_lightning checks every checkpoint before use and reads local files only; a run's "
+                    "checkpoints are in its log directory); drop it, and upload a checkpoint or an export yourself"
+                )
             check_fsdp_accelerator(cfg.trainer)
             name_run(cfg, subcommand)
             ckpt_path = normalize_ckpt_path(cfg.get("ckpt_path"), cfg.trainer.get("default_root_dir"))
@@ -256,19 +278,30 @@ def _cli_class():
                 check_ckpt_labels(self._ckpt_info[0], self._ckpt_info[1], getattr(self.model, "config", None))
 
         def _run_subcommand(self, subcommand: str) -> None:
-            lock, report = None, False
+            lock = trace = None
+            report = _is_rank_zero() and bool(self.trainer.loggers)
+            failed = True
             restore_sigterm = _stop_on_sigterm_while_starting(self.trainer) if subcommand == "fit" else None
             try:
                 if subcommand == "fit" and getattr(self, "_purge_step", None) is not None:
                     _purge_events_past_the_checkpoint(self.trainer, self._purge_step)
-                if subcommand == "fit" and self.trainer.loggers and _is_rank_zero():
-                    created = claim_new_version(self.trainer.loggers[0])
-                    lock = RunLock(Path(self.trainer.log_dir or "."), created=created)
-                    lock.acquire()
-                report = _is_rank_zero() and bool(self.trainer.loggers)
                 if report:
+                    logger = self.trainer.loggers[0]
+                    root = getattr(logger, "root_dir", None)
+                    above = first_new_dir(Path(root)) if root else None  # run directories claim_new_version makes
+                    # (before log_dir is read: reading it picks the version without claiming it)
+                    created = claim_new_version(logger) if subcommand == "fit" else False
+                    log_dir = Path(self.trainer.log_dir or ".")
+                    # what this command writes before it runs: undone if it fails before it ran
+                    trace = SetupTrace(
+                        log_dir, _checkpoint_dirpaths(self.trainer), new_dir=(above or log_dir) if created else None
+                    )
+                    if subcommand == "fit":
+                        lock = RunLock(log_dir, created=created)
+                        lock.acquire()
                     print(run_report(self.trainer, subcommand, "writes to"), file=sys.stderr, flush=True)
                 super()._run_subcommand(subcommand)
+                failed = False
             except AtomicWriteError as e:
                 if subcommand != "fit" or not report:
                     raise
@@ -280,10 +313,21 @@ def _cli_class():
                     f"continue it from its last checkpoint with: {resume_command(argv, version)}",
                 ) from e
             finally:
+                undone = failed and trace is not None and trace.undo(keep=(LOCK_FILE,) if lock is not None else ())
                 if lock is not None:
                     lock.release()
                 if restore_sigterm is not None:
                     restore_sigterm()
+                if undone:
+                    trace.remove_empty_dirs()
+                    what = "removed" if trace.new_dir is not None else "restored config.yaml in"
+                    print(
+                        f"note: {what} {trace.log_dir}: {subcommand} stopped before it logged a metric or wrote a "
+                        "checkpoint, so nothing of it is kept"
+                        + (" (the next run takes this version)" if trace.new_dir is not None else ""),
+                        file=sys.stderr,
+                        flush=True,
+                    )
             if report:
                 argv = list(sys.argv[1:] if self._argv is None else self._argv)
                 print(run_report(self.trainer, subcommand, "wrote to", argv), file=sys.stderr, flush=True)
@@ -417,6 +461,11 @@ def _replace_default_console_callbacks(trainer: Any, configured: list[Any]) -> N
             trainer.callbacks[i] = Phi3TQDMProgressBar()
         elif type(cb) in (ModelSummary, RichModelSummary):
             trainer.callbacks[i] = Phi3ModelSummary(max_depth=cb._max_depth)
+
+
+def _checkpoint_dirpaths(trainer: Any) -> list[Path]:
+    """The directories that the trainer's ModelCheckpoint callbacks were given (None: the log directory's)."""
+    return [Path(str(cb.dirpath)) for cb in getattr(trainer, "checkpoint_callbacks", None) or [] if cb.dirpath]
 
 
 def run_report(trainer: Any, subcommand: str, verb: str, argv: list[str] | None = None) -> str:

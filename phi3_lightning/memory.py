@@ -985,6 +985,12 @@ def build_parser() -> StrictArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
+    if args.config is not None:
+        try:
+            resolve_model(args.config)
+        except FileNotFoundError as e:  # named as the option the user typed, not as resolve_model's model=...
+            message = str(e).replace(f"model={str(args.config)!r}", f"--config {args.config!r}", 1)
+            raise FileNotFoundError(f"{message} (or plan a named shape with --preset NAME)") from None
     if args.seq_len is None:
         try:
             limit = _resolve_config(args.config or args.preset)[0].max_position_embeddings

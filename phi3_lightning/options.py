@@ -43,14 +43,17 @@ class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 class StrictArgumentParser(argparse.ArgumentParser):
-    """``argparse.ArgumentParser`` without prefix matching and with "did you mean" for unknown options."""
+    """``argparse.ArgumentParser`` without prefix matching and with "did you mean" for unknown options; an error is
+    one line (``error: ...`` and where ``--help`` lists the options, exit code 2), as for the other commands, not
+    argparse's whole usage first."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
-        super().error(explain_parse_error(message, self._option_string_actions))
+        message = explain_parse_error(message, self._option_string_actions)
+        self.exit(2, f"error: {message} ({self.prog} --help lists the options)\n")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -110,3 +110,63 @@ def test_memory_and_data_report_subcommands():
     assert rc == 2 and "did you mean --seq-len?" in err
     rc, out, _ = run_main("data-report", "--help")
     assert rc == 0 and "python -m phi3_lightning data-report" in out
+
+
+@pytest.mark.parametrize(
+    "command, args, message",
+    [
+        ("memory", ["--bogus"], "unrecognized arguments: --bogus"),
+        ("memory", ["--seq-len", "abc"], "argument --seq-len: invalid int value: 'abc'"),
+        ("memory", ["--preset", "tiny", "--gpu-memory", "0"], "--gpu-memory 0: give the GPU's memory in GiB"),
+        ("data-report", ["--max-length", "x"], "argument --max-length: invalid int value: 'x'"),
+        ("data-report", ["--batch-size", "0"], "--batch-size 0: use a positive number of rows per batch"),
+    ],
+)
+def test_memory_and_data_report_errors_are_one_line(command, args, message):
+    # they printed their whole usage (10 to 17 lines) before the error, the other commands one line
+    rc, out, err = run_main(command, *args)
+    assert rc == 2 and out == "", err
+    assert err.endswith("\n") and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: {message}") and f"python -m phi3_lightning {command} --help" in err, err
+
+
+def test_memory_config_that_does_not_exist_is_named_as_config():
+    rc, _, err = run_main("memory", "--config", "/nonexistent/ckpt")
+    assert rc == 1 and "Traceback" not in err
+    assert err.startswith("error: --config '/nonexistent/ckpt'") and "model=" not in err, err
+    assert "--preset" in err  # the alternative
+
+
+@pytest.mark.parametrize("command", ["fit", "validate", "test", "predict"])
+def test_help_lists_predictions_for_predict_only_and_no_model_registry(command):
+    # --predictions.* showed in every command's help though only predict writes predictions; Lightning's
+    # --trainer.model_registry showed though this CLI reads and uploads no registry checkpoints
+    rc, out, err = run_main(command, "--help")
+    assert rc == 0, err[-2000:]
+    assert ("--predictions.path" in out) == (command == "predict")
+    assert "model_registry" not in out and "Model hub" not in out
+    assert "--trainer.max_steps" in out and "--ckpt_path" in out  # the rest is still there
+
+
+def test_predictions_in_a_shared_config_still_parse_for_fit(tmp_path):
+    # hidden, not removed: one YAML (or a predict run's config.yaml) may serve fit and predict
+    shared = tmp_path / "shared.yaml"
+    shared.write_text("predictions:\n  path: out.jsonl\n")
+    rc, out, err = run_main("predict", "--config", LM, "--config", shared, "--print_config")
+    assert rc == 0 and "path: out.jsonl" in out, err[-2000:]
+    rc, out, err = run_main("fit", "--config", LM, "--config", shared, "--print_config")
+    assert rc == 0, err[-2000:]
+    assert "out.jsonl" not in out  # fit's printed config (and config.yaml) leave out what fit does not use
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(out)
+    for command in ("fit", "predict"):  # and it is a config both take again
+        rc, _, err = run_main(command, "--config", printed, "--print_config")
+        assert rc == 0, (command, err[-2000:])
+
+
+def test_model_registry_is_refused_naming_the_option():
+    rc, _, err = run_main("fit", "--config", LM, "--trainer.model_registry", "my-model", "--print_config")
+    assert rc == 0  # printing the config runs nothing
+    rc, _, err = run_main("validate", "--config", LM, "--trainer.model_registry", "my-model")
+    assert rc == 1 and "Traceback" not in err, err[-2000:]
+    assert "--trainer.model_registry 'my-model'" in err and "not read or uploaded" in err, err[-2000:]

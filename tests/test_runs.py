@@ -317,3 +317,96 @@ def test_fit_into_a_version_that_holds_a_run_is_refused_unless_it_continues_it(r
     rc, _, err = run_main("fit", *_args(runs, "--run_name", "taken", "--run_version", "1", "--trainer.max_steps", "2"))
     assert rc == 0, err[-3000:]
     assert (logs / "taken" / "version_1" / "checkpoints" / "last.ckpt").is_file()
+
+
+def _tree(d):
+    """Every path under ``d`` with its bytes (None for a directory): what a failed command must leave as it was."""
+    return {str(p.relative_to(d)): (None if p.is_dir() else p.read_bytes()) for p in sorted(d.rglob("*"))}
+
+
+def test_a_command_that_fails_before_it_ran_leaves_no_version_behind(runs):
+    """A fit (or validate) that failed in setup left version_N with config.yaml, hparams.yaml and an events file of
+    settings only: the next fit took version_N+1, and `fit --run_version N` was refused as "already holds a run"."""
+    logs, _ = runs
+    _copy_run(runs, "a", "fails")  # a trained version_0 that no failure may touch
+    trained = _tree(logs / "fails")
+    too_far = ("--trainer.val_check_interval", "100000")  # refused by Lightning in fit's setup
+    no_data = ("--data.init_args.source", logs / "no_such_file.txt")  # refused by the data module's setup
+    for command, extra in (("fit", too_far), ("fit", no_data), ("validate", no_data)):
+        for name in ("fails", "fails_new"):
+            rc, _, err = run_main(command, *_args(runs, "--run_name", name, *extra))
+            assert rc == 1 and "Traceback" not in err, err[-3000:]
+            version = "version_1" if name == "fails" else "version_0"
+            assert f"removed {logs / name / version}" in err and "nothing of it is kept" in err, err[-3000:]
+        assert not (logs / "fails_new").exists()  # the run's directory was new too: no trace at all
+        assert _tree(logs / "fails") == trained
+    # a failing continuation of the trained run, and a failing evaluation of its checkpoint, keep every file of it
+    for command, extra in (("fit", (*too_far, "--trainer.max_steps", "6")), ("validate", no_data)):
+        rc, _, err = run_main(command, *_args(runs, "--run_name", "fails", "--ckpt_path", "last", *extra))
+        assert rc == 1 and "Traceback" not in err, err[-3000:]
+        assert _tree(logs / "fails") == trained, command  # config.yaml too: it records what ran
+        where = logs / "fails" / "version_0"  # (validate: version_0/validate, new unless an earlier test made it)
+        assert f"restored config.yaml in {where}" in err or f"removed {where / command}" in err, err[-3000:]
+
+
+def _leftover(vdir, lock_pid: int) -> None:
+    """What a fit killed (kill -9, out of memory) before its first step leaves: settings, a stale lock, an events
+    file with the run's settings table only."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    vdir.mkdir(parents=True)
+    (vdir / "config.yaml").write_text("seed_everything: 0\n")
+    (vdir / "hparams.yaml").write_text("{}\n")
+    (vdir / "fit.lock").write_text(f"{lock_pid} {socket.gethostname()}\n")
+    (vdir / "checkpoints").mkdir()
+    with SummaryWriter(str(vdir)) as w:
+        w.add_text("run", "| setting | value |", global_step=0)
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_a_leftover_of_a_killed_fit_is_never_the_run_and_blocks_nothing(runs):
+    logs, _ = runs
+    _copy_run(runs, "a", "killed", versions=("version_1",))
+    _leftover(logs / "killed" / "version_0", _dead_pid())
+    # --ckpt_path last: the version with checkpoints, not "ambiguous"
+    rc, _, err = run_main("validate", *_args(runs, "--run_name", "killed", "--ckpt_path", "last"))
+    assert rc == 0, err[-3000:]
+    assert f"{logs / 'killed' / 'version_1' / 'checkpoints' / 'last.ckpt'}" in err
+    # fit into the leftover's version: taken (the stale lock too), not refused as "already holds a run"
+    rc, _, err = run_main("fit", *_args(runs, "--run_name", "killed", "--run_version", "0", "--trainer.max_steps", "2"))
+    assert rc == 0, err[-3000:]
+    assert "stale lock" in err
+    ckpt = torch.load(logs / "killed" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 2
+
+
+def test_only_a_directory_of_setup_files_counts_as_a_run_that_never_ran(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from phi3_lightning.commands.runs import unstarted_run
+
+    vdir = tmp_path / "version_0"
+    _leftover(vdir, _dead_pid())
+    assert unstarted_run(vdir)
+    assert not unstarted_run(tmp_path / "missing")
+    for what in ("scalar", "ckpt", "other file", "other text", "nested file"):
+        d = tmp_path / what.replace(" ", "_")
+        shutil.copytree(vdir, d)
+        if what == "scalar":
+            with SummaryWriter(str(d)) as w:
+                w.add_scalar("train/loss", 3.0, 1)
+        elif what == "ckpt":
+            (d / "checkpoints" / "step=1.ckpt").write_bytes(b"x")
+        elif what == "other file":
+            (d / "metrics.csv").write_text("step,loss\n")
+        elif what == "other text":
+            with SummaryWriter(str(d)) as w:
+                w.add_text("notes", "a user's note", global_step=0)
+        else:
+            (d / "checkpoints" / "config.yaml").write_text("{}\n")
+        assert not unstarted_run(d), what

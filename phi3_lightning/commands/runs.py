@@ -13,10 +13,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..atomic import clean_stale_staging, default_mode, pid_alive, staging_path
+from ..atomic import atomic_write_bytes, clean_stale_staging, default_mode, pid_alive, staging_path
 from . import UsageError
 
 LOCK_FILE = "fit.lock"
+# What a command writes into its log directory before it has run: the settings, fit's lock, and TensorBoard events
+# holding only the file header and the run's settings table (Phi3ThroughputMonitor's "run" text). A directory
+# holding nothing else is the trace of a command that never ran (see unstarted_run).
+SETUP_FILES = ("config.yaml", "hparams.yaml", LOCK_FILE)
+SETUP_TEXT_TAGS = ("run/text_summary",)
 # Model settings that do not change the weights: with --ckpt_path the command line's value is used.
 EXECUTION_SETTINGS = (
     "attn_implementation",
@@ -588,8 +593,8 @@ def check_fit_version_is_free(cfg: Any, requested: str | None) -> None:
         vdir = _run_root(args) / version
         held = [p.name for p in _checkpoint_files(vdir / "checkpoints")]
         events = sorted(vdir.glob("events.out.tfevents.*")) if vdir.is_dir() else []
-        if not held and not events:
-            continue
+        if not held and (not events or unstarted_run(vdir)):
+            continue  # free, or only what a fit killed before it ran left (its lock, if live, still refuses)
         what = f"checkpoints {', '.join(held)}" if held else f"{len(events)} TensorBoard event file(s)"
         raise UsageError(
             f"{vdir} already holds a run ({what}): fit{f' --ckpt_path {requested}' if requested else ''} would "
@@ -597,6 +602,135 @@ def check_fit_version_is_free(cfg: Any, requested: str | None) -> None:
             f"{version.removeprefix('version_')} --ckpt_path last, or start a new version (leave out --run_version "
             "/ --trainer.logger.init_args.version, or give an unused one)"
         )
+
+
+def _events_hold_only_setup(path: Path) -> bool:
+    """Whether a TensorBoard events file holds nothing but its header and the run's settings table; an unreadable
+    one counts as holding something."""
+    try:
+        from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+        for event in EventFileLoader(str(path)).Load():
+            kind = event.WhichOneof("what")
+            if kind == "file_version":
+                continue
+            if kind == "summary" and all(v.tag in SETUP_TEXT_TAGS for v in event.summary.value):
+                continue
+            return False
+    except Exception:
+        return False
+    return True
+
+
+def unstarted_run(d: Path) -> bool:
+    """Whether log directory ``d`` holds only what a command writes before it runs (:data:`SETUP_FILES` and settings-
+    only events files at its top, empty subdirectories such as ``checkpoints/``): no metric, no checkpoint, no file of
+    anyone else. Such a directory is what a failed or killed command left, never a run."""
+    d = Path(d)
+    if not d.is_dir() or d.is_symlink():
+        return False
+    for p in d.rglob("*"):
+        if p.is_symlink():
+            return False
+        if p.is_dir():
+            continue
+        if p.parent != d:
+            return False
+        if p.name in SETUP_FILES:
+            continue
+        if not (p.name.startswith("events.out.tfevents.") and _events_hold_only_setup(p)):
+            return False
+    return True
+
+
+def first_new_dir(path: Path) -> Path | None:
+    """The topmost directory of ``path`` (``path`` itself included) that does not exist yet, None when it exists."""
+    path = Path(path).absolute()
+    if path.exists():
+        return None
+    top = path
+    while not top.parent.exists():
+        top = top.parent
+    return top
+
+
+def _files_state(dirs: list[Path]) -> dict[str, tuple[int, int]]:
+    """(mtime, size) of every file under ``dirs`` but setup and events files: the checkpoints (files, FSDP2
+    directories) and anything else a command wrote there."""
+    out = {}
+    for d in dirs:
+        for f in d.rglob("*") if d.is_dir() else []:
+            if f.is_file() and f.name not in SETUP_FILES and not f.name.startswith("events.out.tfevents."):
+                st = f.stat()
+                out[str(f.absolute())] = (st.st_mtime_ns, st.st_size)
+    return out
+
+
+class SetupTrace:
+    """What a command writes into its log directory before it runs, undone when it fails before it ran: a log
+    directory it created (``version_N``, ``version_N/<command>``) and that holds only setup files
+    (:func:`unstarted_run`) is removed with the empty directories created above it, so the next run takes the same
+    version; in a directory that existed (``fit --ckpt_path last``) its new settings-only events files are removed
+    and ``config.yaml`` / ``hparams.yaml`` put back as they were (``config.yaml`` records what ran). Nothing is undone
+    once a checkpoint was written (in ``checkpoint_dirs`` or the log directory) or a metric logged."""
+
+    def __init__(
+        self, log_dir: Path, checkpoint_dirs: list[Path] | tuple[Path, ...] = (), new_dir: Path | None = None
+    ) -> None:
+        """``new_dir``: the topmost directory this command already created for ``log_dir`` (claim_new_version);
+        None: whichever of ``log_dir`` and its parents does not exist yet."""
+        self.log_dir = Path(log_dir).absolute()
+        self.new_dir = Path(new_dir).absolute() if new_dir is not None else first_new_dir(self.log_dir)
+        self.checkpoint_dirs = [self.log_dir, *(Path(d).absolute() for d in checkpoint_dirs)]
+        self.files = _files_state(self.checkpoint_dirs)
+        self.events = set(self.log_dir.glob("events.out.tfevents.*"))
+        self.setup_files = {n: (self.log_dir / n).read_bytes() for n in SETUP_FILES if (self.log_dir / n).is_file()}
+
+    def undo(self, keep: tuple[str, ...] = ()) -> bool:
+        """Undo the setup traces when the command wrote nothing of value; whether it did. ``keep``: top-level names
+        left in place (a lock the caller still holds and releases itself); call :meth:`remove_empty_dirs` after."""
+        if _files_state(self.checkpoint_dirs) != self.files:
+            return False  # a checkpoint (or anything else) was written
+        if self.new_dir is not None:
+            if not unstarted_run(self.log_dir) or not (
+                self.log_dir == self.new_dir or self.new_dir in self.log_dir.parents
+            ):
+                return False
+            for p in sorted(self.log_dir.rglob("*"), key=lambda q: len(q.parts), reverse=True):
+                if p.is_dir():
+                    p.rmdir()
+                elif p.name not in keep or p.parent != self.log_dir:
+                    p.unlink()
+            return True
+        new_events = set(self.log_dir.glob("events.out.tfevents.*")) - self.events
+        if not all(_events_hold_only_setup(p) for p in new_events):
+            return False
+        for p in new_events:
+            p.unlink()
+        for name in ("config.yaml", "hparams.yaml"):  # (the lock is the caller's)
+            if name in self.setup_files:
+                atomic_write_bytes(self.log_dir / name, self.setup_files[name])
+            else:
+                (self.log_dir / name).unlink(missing_ok=True)
+        return True
+
+    def remove_empty_dirs(self) -> None:
+        """The created log directory and those above it up to the topmost one created, each while it is empty."""
+        if self.new_dir is not None:
+            remove_empty_dirs(self.log_dir, self.new_dir)
+
+
+def remove_empty_dirs(d: Path, top: Path) -> None:
+    """``d`` and its parents up to ``top`` (included), each while it is empty (one already gone is skipped)."""
+    d, top = Path(d).absolute(), Path(top).absolute()
+    while d == top or top in d.parents:
+        try:
+            d.rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return
+        d = d.parent
 
 
 def _is_rank_zero() -> bool:

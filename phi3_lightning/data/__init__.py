@@ -23,6 +23,7 @@ from .packing import PackedRows, pack_documents, packing_efficiency, plan_packin
 from .sampling import EpochSampler, ResumableDataLoader
 from .sources import Record, load_source, read_records, resolve_splits, split_by_hash
 from .tokenizer import CHAT_FORMATS, ByteTokenizer, HFTokenizer, Tokenizer, check_vocab_fits, load_tokenizer
+from .warn import DataWarning
 
 __all__ = [
     "IGNORE_INDEX",
@@ -65,6 +66,7 @@ __all__ = [
     "build_token_types",
     "load_embedded",
     "embedded_splits",
+    "DataWarning",
     # DataModules
     "CausalLMDataModule",
     "SequenceClassificationDataModule",

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import array
 import hashlib
-import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -34,6 +33,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .collate import length_grouped_batches
+from .warn import warn_data
 
 __all__ = ["EpochSampler", "ResumableDataLoader", "rng_states", "rows_fingerprint", "set_rng_state"]
 
@@ -192,10 +192,9 @@ class ResumableDataLoader(DataLoader):
                 "DIR without --ckpt_path"
             )
         if state.get("num_replicas", 1) != mine["num_replicas"]:
-            warnings.warn(
+            warn_data(
                 f"the checkpoint was written by {state.get('num_replicas')} data-parallel processes, this run has "
-                f"{mine['num_replicas']}: the interrupted epoch restarts from its first batch (not an exact resume)",
-                stacklevel=2,
+                f"{mine['num_replicas']}: the interrupted epoch restarts from its first batch (not an exact resume)"
             )
             return
         self._resume_at = (int(state["epoch"]), int(state["batches"]))
@@ -213,10 +212,9 @@ class ResumableDataLoader(DataLoader):
             if at_epoch == epoch:
                 skip = served
         if skip and not isinstance(self.sampler, EpochSampler):
-            warnings.warn(
+            warn_data(
                 f"the train loader's sampler ({type(self.sampler).__name__}) was replaced, so the resumed epoch cannot "
-                f"skip the {skip} batches already trained on; it restarts from its first batch",
-                stacklevel=2,
+                f"skip the {skip} batches already trained on; it restarts from its first batch"
             )
             skip = 0
         if skip:
@@ -256,10 +254,9 @@ def rank_state(states: list[dict[str, Any]]) -> dict[str, Any] | None:
     """This process's entry of :func:`rng_states` (None, with a warning, when the number of processes changed)."""
     rank, world = _rank()
     if len(states) != world:
-        warnings.warn(
+        warn_data(
             f"the checkpoint holds the RNG state of {len(states)} processes, this run has {world}: dropout "
-            "continues from a fresh RNG state (not an exact resume)",
-            stacklevel=2,
+            "continues from a fresh RNG state (not an exact resume)"
         )
         return None
     return states[rank]

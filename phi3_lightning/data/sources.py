@@ -16,10 +16,11 @@ import csv
 import hashlib
 import itertools
 import json
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from .warn import warn_data
 
 __all__ = [
     "Record",
@@ -388,10 +389,9 @@ def _datasets_splits(loaded: Any, name: str, limit: int | None) -> dict[str, lis
         split = _SPLIT_ALIASES.get(str(split_name).lower())
         if split is None or split in out:
             why = "its name is not a train/val/test name" if split is None else f"another split is already {split}"
-            warnings.warn(
+            warn_data(
                 f"{name}: split {split_name!r} is not used ({why}; known names: {sorted(_SPLIT_ALIASES)}); "
-                "rename it (DatasetDict keys) or pass it as train_file/val_file/test_file",
-                stacklevel=3,
+                "rename it (DatasetDict keys) or pass it as train_file/val_file/test_file"
             )
             continue
         if isinstance(ds, datasets.IterableDataset):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +16,7 @@ from ..embedded import embedded_splits, load_embedded
 from ..sampling import EpochSampler, ResumableDataLoader, rank_state, rng_states
 from ..sources import SPLITS, Record, check_streaming, describe_source, load_source, resolve_splits
 from ..tokenizer import load_tokenizer
+from ..warn import warn_data
 
 
 class ExampleDataset(Dataset):
@@ -225,11 +225,10 @@ class _BaseDataModule(pl.LightningDataModule):
             self._cut = [0, 0]  # examples cut to max_length, tokens dropped (_cut_to_max_length counts them)
             self.datasets[split] = self._build_split(split, recs)
             if self._cut[0]:
-                warnings.warn(
+                warn_data(
                     f"{split}: cut {self._cut[0]} of {len(self.datasets[split])} examples longer than max_length="
                     f"{self.max_length} ({self._cut[1]} tokens dropped from their ends); raise max_length to keep "
-                    "them, or truncate=False to make this an error",
-                    stacklevel=2,
+                    "them, or truncate=False to make this an error"
                 )
         parts = [f"{s}={len(d)}" for s, d in self.datasets.items()]  # type: ignore[arg-type]
         eff = ", ".join(f"{s} {e:.1%}" for s, e in self.efficiency.items())

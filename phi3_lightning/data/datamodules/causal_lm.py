@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 from torch.utils.data import Dataset
@@ -12,6 +11,7 @@ from ..collate import IGNORE_INDEX
 from ..packing import PACKING_STRATEGIES, PackedRows, pack_documents, piece_bounds
 from ..sources import Record, iter_field, not_text_message
 from ..tokenizer import CHAT_FORMATS
+from ..warn import warn_data
 from .base import ExampleDataset, _BaseDataModule
 
 # split_long: warn when the continuation pieces lose at least this fraction of a split's targets (less is said in the
@@ -212,7 +212,7 @@ class CausalLMDataModule(_BaseDataModule):
             labels.append(ex["labels"])
             origins.append(rec)
         if dropped:
-            warnings.warn(f"{split}: dropped {dropped} conversations without an assistant turn", stacklevel=2)
+            warn_data(f"{split}: dropped {dropped} conversations without an assistant turn")
         return docs, labels, origins
 
     def _report_cut_targets(self, split: str, docs: list[list[int]], labels: list[list[int]] | None) -> None:
@@ -233,12 +233,11 @@ class CausalLMDataModule(_BaseDataModule):
         self._cut_fraction = {**getattr(self, "_cut_fraction", {}), split: lost / total if total else 0.0}
         # a large loss is a warning; a small one (the default data loses 0.4 %) is said in the data summary line
         if lost and lost >= CUT_TARGETS_WARN * total:
-            warnings.warn(
+            warn_data(
                 f"{split}: {cut} documents longer than max_length={self.max_length} were split into {pieces} pieces; "
                 f"the first token of each continuation piece is no target (its prefix is in the previous piece), so "
                 f"{lost} of {total} targets ({lost / total:.2%}) are not trained or evaluated; raise max_length to "
-                "keep them",
-                stacklevel=2,
+                "keep them"
             )
 
     def _summary_extra(self) -> str:

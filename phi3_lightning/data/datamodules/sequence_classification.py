@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import torch
@@ -11,6 +10,7 @@ from torch.utils.data import Dataset
 
 from ..embedded import DEFAULT_PACKAGES, available_packages
 from ..sources import Record, iter_field
+from ..warn import warn_data
 from .base import ExampleDataset, _BaseDataModule
 from .labels import PROBLEM_TYPES, _is_number, _LabelMixin, _natural_sorted, _numeric, infer_class_names
 
@@ -134,14 +134,12 @@ class SequenceClassificationDataModule(_LabelMixin, _BaseDataModule):
             # (as transformers), "attention" masks pad ids; and no earlier token attends to it (causal). The eos
             # changes no logit. Warned, not refused: the results are those of add_eos=False, and runs made with it
             # (checkpoints record add_eos) must still resume.
-            warnings.warn(
+            warn_data(
                 f"add_eos=True but the tokenizer's pad id is its eos id ({tok.eos_token_id}; Phi-3 and Phi-4-mini "
                 "pad with their eos), so the pooling takes the appended eos for padding and skips it: add_eos "
                 "changes nothing here (the head pools the last token of the text, as with add_eos=False); set "
                 "add_eos=False (--data.add_eos false) to say so, or use a tokenizer whose pad token "
-                "differs from its eos token to pool on an end token",
-                UserWarning,
-                stacklevel=2,
+                "differs from its eos token to pool on an end token"
             )
         self.truncate = truncate
         self.add_bos = add_bos
