@@ -605,14 +605,14 @@ def check_fit_version_is_free(cfg: Any, requested: str | None) -> None:
 
 
 def _events_hold_only_setup(path: Path) -> bool:
-    """Whether a TensorBoard events file holds nothing but its header and the run's settings table; an unreadable
-    one counts as holding something."""
+    """Whether a TensorBoard events file holds nothing but its header (and a resumed run's purge marker) and the
+    run's settings table; an unreadable one counts as holding something."""
     try:
         from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
         for event in EventFileLoader(str(path)).Load():
             kind = event.WhichOneof("what")
-            if kind == "file_version":
+            if kind in ("file_version", "session_log"):  # the header; the purge marker of a resume (purge_step)
                 continue
             if kind == "summary" and all(v.tag in SETUP_TEXT_TAGS for v in event.summary.value):
                 continue
