@@ -1,6 +1,7 @@
 """Stops and errors of a two-process DDP fit (gloo, CPU) through ``python -m phi3_lightning fit``: a SIGTERM /
 Ctrl-C that reaches only one process (a cluster signalling one task, ``kill`` of one pid) or all of them stops every
-process at the same step (after an accumulation window's last batch), saves one last.ckpt and resumes exactly."""
+process at the same step (after an accumulation window's last batch), saves one last.ckpt and resumes exactly; an
+error on one process is the last error printed, without the other process's connection noise."""
 
 from __future__ import annotations
 
@@ -169,3 +170,37 @@ def test_a_signal_to_one_process_stops_all_at_the_window_end_and_resumes_exactly
     assert resumed["global_step"] == STEPS
     differ = [k for k, v in uninterrupted.items() if not torch.equal(v, resumed["state_dict"][k])]
     assert not differ, f"{len(differ)}/{len(uninterrupted)} tensors differ after resume, e.g. {differ[:3]}"
+
+
+class FailOnRank(Callback):
+    """Raises a ValueError (bad data, say) on process ``rank`` at training batch ``batch``."""
+
+    def __init__(self, rank: int, batch: int = 2) -> None:
+        self.rank, self.batch = rank, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_rank == self.rank and batch_idx == self.batch:
+            raise ValueError(f"bad data on rank {self.rank} at batch {batch_idx}")
+
+
+@pytest.mark.parametrize("rank", [1, 0])
+def test_an_error_on_one_process_is_the_last_error_the_user_sees(root, cache, rank):
+    """One process raises: its one-line error is what the run prints last (then a one-line note from the other
+    process), exit code 1, no hang. (The other process printed ~120 lines of `[rankN]: ... Connection closed by
+    peer` traceback after the real error.)"""
+    proc = _fit(
+        root,
+        cache,
+        f"fail-{rank}",
+        "--trainer.callbacks+=tests.test_preemption_distributed.FailOnRank",
+        "--trainer.callbacks.rank",
+        str(rank),
+    )
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    err = proc.stderr
+    real = f"error: bad data on rank {rank} at batch 2"
+    assert err.count(real) == 1, err[-4000:]
+    tail = err[err.index(real) :].splitlines()
+    assert "Connection closed by peer" not in err and "Traceback" not in err, err[-4000:]
+    assert len(tail) <= 3, tail  # the error, its traceback hint, the other process's note
+    assert f"process rank {1 - rank} stopped because another process of this run failed" in tail[-1], tail
