@@ -578,7 +578,9 @@ def _report(e: BaseException) -> None:
         traceback.print_exc()
     tb = traceback.extract_tb(e.__traceback__)
     where = f" (raised at {Path(tb[-1].filename).name}:{tb[-1].lineno})" if tb else ""
-    print(f"error: {_cause(str(e))}{where}\n(set PHI3_LIGHTNING_TRACEBACK=1 for the full traceback)", file=sys.stderr)
+    # one write (with its newline): the processes of a multi-process run share the terminal
+    sys.stderr.write(f"error: {_cause(str(e))}{where}\n(set PHI3_LIGHTNING_TRACEBACK=1 for the full traceback)\n")
+    sys.stderr.flush()
 
 
 def _is_misconfiguration(e: BaseException) -> bool:

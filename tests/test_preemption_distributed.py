@@ -204,3 +204,43 @@ def test_an_error_on_one_process_is_the_last_error_the_user_sees(root, cache, ra
     assert "Connection closed by peer" not in err and "Traceback" not in err, err[-4000:]
     assert len(tail) <= 3, tail  # the error, its traceback hint, the other process's note
     assert f"process rank {1 - rank} stopped because another process of this run failed" in tail[-1], tail
+
+
+class NaNLossOnRank(Callback):
+    """Makes the training loss of process ``rank`` NaN at training batch ``batch`` (the other process's is finite)."""
+
+    def __init__(self, rank: int, batch: int = 2) -> None:
+        self.rank, self.batch = rank, batch
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.global_rank != self.rank:
+            return
+        step = pl_module.training_step
+
+        def training_step(batch, batch_idx):
+            loss = step(batch, batch_idx)
+            return loss * float("nan") if batch_idx == self.batch else loss
+
+        pl_module.training_step = training_step
+
+
+def test_a_nan_on_one_process_is_named_by_every_process(root, cache):
+    """Process 1's loss is NaN at batch 2 (step 1 with accumulate_grad_batches=2); process 0's loss is finite but
+    its gradients are NaN after the average: both stop before the update, and process 0's error says that the loss
+    was non-finite on process 1 (it said "gradient norm is non-finite ... the loss was 6.239")."""
+    proc = _fit(
+        root,
+        cache,
+        "nan-1",
+        "--trainer.callbacks+=tests.test_preemption_distributed.NaNLossOnRank",
+        "--trainer.callbacks.rank",
+        "1",
+    )
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    err = proc.stderr
+    # each process stops with its own account (the two may reach the terminal in either order)
+    assert err.count("error: ") == 2, err[-4000:]
+    assert err.count("error: the training loss is nan at global step 1 (epoch 0) on process rank 1 (of 2);") == 1
+    nan_there = "error: the training loss is non-finite at global step 1 (epoch 0) on process rank 1 (of 2) (this "
+    assert err.count(nan_there + "process's loss was ") == 1, err[-4000:]
+    assert "gradient norm" not in err and "Traceback" not in err and "Connection closed" not in err, err[-4000:]

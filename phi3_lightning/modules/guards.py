@@ -116,6 +116,21 @@ def non_finite_tensor(trainer: pl.Trainer, state: dict[str, Any]) -> str | None:
     return first_non_finite(named) or "(a tensor on another process)"
 
 
+def _ranks_where(trainer: pl.Trainer, flag: bool) -> list[int]:
+    """The ranks of the processes where ``flag`` holds (several processes: one all-reduce, so every process must
+    call it; used on failure paths only). One process: ``[]`` (nothing to name)."""
+    if trainer.world_size <= 1:
+        return []
+    t = torch.zeros(trainer.world_size, dtype=torch.int32, device=trainer.strategy.root_device)
+    t[trainer.global_rank] = int(flag)
+    torch.distributed.all_reduce(t)
+    return [int(r) for r in torch.nonzero(t).flatten().tolist()]
+
+
+def _processes(ranks: list[int], world: int) -> str:
+    return f"process rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} (of {world})"
+
+
 def _grad_flags(optimizer: Any) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
     """The gradient finiteness flags an in-backward optimizer recorded this step (None for any other one)."""
     from .in_backward import InBackwardOptimizer
@@ -187,10 +202,13 @@ class NonFiniteGuard(Callback):
         if trainer.world_size > 1:
             bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
         if bad:
+            loss_ranks = _ranks_where(trainer, bool(losses) and not bool(torch.isfinite(torch.stack(losses)).all()))
             if grad_flags and not all(bool(f) for _, f in grad_flags):
                 raise NonFiniteError(self._diagnose_in_backward(trainer, pl_module, grad_flags))
             raise NonFiniteError(
-                self._diagnose(trainer, pl_module, optimizer, losses, scaler is None, grad_flags is not None)
+                self._diagnose(
+                    trainer, pl_module, optimizer, losses, scaler is None, grad_flags is not None, loss_ranks
+                )
             )
 
     def _diagnose_in_backward(self, trainer, pl_module, grad_flags) -> str:
@@ -212,6 +230,7 @@ class NonFiniteGuard(Callback):
         losses: list[torch.Tensor],
         check_grads: bool,
         in_backward: bool = False,
+        loss_ranks: list[int] | None = None,
     ) -> str:
         step = trainer.global_step
         where = f"global step {step} (epoch {trainer.current_epoch})"
@@ -242,17 +261,25 @@ class NonFiniteGuard(Callback):
             )
         values = [float(v) for v in losses]
         bad_values = [v for v in values if not math.isfinite(v)]
+        acc = max(int(getattr(trainer, "accumulate_grad_batches", 1) or 1), 1)
+        on = f" on {_processes(loss_ranks, trainer.world_size)}" if loss_ranks else ""
         if bad_values:
-            acc = max(int(getattr(trainer, "accumulate_grad_batches", 1) or 1), 1)
-            value = bad_values[0] * acc
             return (
-                f"the training loss is {_fmt(value)} at {where}; the run stopped before the optimizer applied this "
-                f"step, so the weights are still finite; nothing of this step is saved. {causes}"
+                f"the training loss is {_fmt(bad_values[0] * acc)} at {where}{on}; the run stopped before the "
+                f"optimizer applied this step, so the weights are still finite; nothing of this step is saved. "
+                f"{causes}"
+            )
+        if loss_ranks:  # finite here, non-finite there: the averaged gradients carry it to every process
+            return (
+                f"the training loss is non-finite at {where}{on} (this process's loss was {_fmt(sum(values) * acc)}; "
+                "its gradients are non-finite because the processes average their gradients); the run stopped "
+                f"before the optimizer applied this step, so the weights are still finite; nothing of this step is "
+                f"saved. {causes}"
             )
         if check_grads:
             grad = first_non_finite([(n, _local(p.grad)) for n, p in params if p.grad is not None])
             if grad is not None:
-                loss = _fmt(sum(values) * max(int(getattr(trainer, "accumulate_grad_batches", 1) or 1), 1))
+                loss = _fmt(sum(values) * acc)
                 return (
                     f"the gradient norm is non-finite at {where} (first non-finite gradient: {grad}; the loss was "
                     f"{loss}); the run stopped before gradient clipping and the optimizer update, so the weights are "
