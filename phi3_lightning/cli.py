@@ -714,7 +714,9 @@ def _report(e: BaseException) -> None:
         traceback.print_exc()
     tb = traceback.extract_tb(e.__traceback__)
     where = f" (raised at {Path(tb[-1].filename).name}:{tb[-1].lineno})" if tb else ""
-    print(f"error: {_cause(str(e))}{where}\n(set PHI3_LIGHTNING_TRACEBACK=1 for the full traceback)", file=sys.stderr)
+    # one write (with its newline): the processes of a multi-process run share the terminal
+    sys.stderr.write(f"error: {_cause(str(e))}{where}\n(set PHI3_LIGHTNING_TRACEBACK=1 for the full traceback)\n")
+    sys.stderr.flush()
 
 
 def _is_misconfiguration(e: BaseException) -> bool:
@@ -724,6 +726,35 @@ def _is_misconfiguration(e: BaseException) -> bool:
         c.__name__ == "MisconfigurationException" and c.__module__.startswith(("lightning", "pytorch_lightning"))
         for c in type(e).__mro__
     )
+
+
+# What a collective raises on a process whose peer is gone (gloo: the peer's socket closed; NCCL: the peer exited)
+_PEER_GONE = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "remote process exited",
+    "NCCL communicator was aborted",
+)
+
+
+def _peer_failed(e: BaseException) -> bool:
+    """Whether ``e`` (or what it was raised from) is a collective's error saying that another process of this run
+    is gone: that process printed its own error, which is the one the user needs."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, RuntimeError) and any(p in str(e) for p in _PEER_GONE):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _rank() -> str:
+    torch = sys.modules.get("torch")
+    dist = getattr(torch, "distributed", None)
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return str(dist.get_rank())
+    return os.environ.get("RANK") or os.environ.get("LOCAL_RANK") or "?"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -770,6 +801,15 @@ def main(argv: list[str] | None = None) -> int:
         _report(e)
         return 1
     except Exception as e:
+        if _peer_failed(e) and not os.environ.get("PHI3_LIGHTNING_TRACEBACK"):
+            # the failing process printed the real error; this one's traceback (~120 lines of a collective's
+            # "Connection closed by peer") would bury it
+            print(
+                f"note: process rank {_rank()} stopped because another process of this run failed or was killed "
+                "(its error, if it printed one, is above; PHI3_LIGHTNING_TRACEBACK=1 shows this process's traceback)",
+                file=sys.stderr,
+            )
+            return 1
         if not _is_misconfiguration(e):
             raise
         _report(e)

@@ -63,7 +63,9 @@ def _optimizer(params):
     return torch.optim.AdamW(params, lr=1e-2)
 
 
-def _trainer(root, max_steps, max_epochs, callbacks, limit_val_batches=1, logger=False) -> pl.Trainer:
+def _trainer(
+    root, max_steps, max_epochs, callbacks, limit_val_batches=1, logger=False, val_check_interval=1.0
+) -> pl.Trainer:
     return pl.Trainer(
         accelerator="cpu",
         devices=1,
@@ -71,6 +73,7 @@ def _trainer(root, max_steps, max_epochs, callbacks, limit_val_batches=1, logger
         max_epochs=max_epochs,
         limit_train_batches=BATCHES,
         limit_val_batches=limit_val_batches,
+        val_check_interval=val_check_interval,
         num_sanity_val_steps=0,
         logger=logger,
         log_every_n_steps=1,
@@ -510,18 +513,23 @@ class _SigtermAfterBatch(pl.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _preempt_and_resume(cache, tmp_path, accumulate: int, epoch: int, batch_idx: int, steps: int) -> int:
-    """Uninterrupted fit to ``steps`` vs SIGTERM after (epoch, batch_idx) + resume from last.ckpt to ``steps``: the
-    same weights; returns the global step the preemption saved."""
+def _preempt_and_resume(
+    cache, tmp_path, accumulate: int, epoch: int, batch_idx: int, steps: int, signaller=None, **trainer_kwargs
+) -> int:
+    """Uninterrupted fit to ``steps`` vs SIGTERM after (epoch, batch_idx) (or from ``signaller``) + resume from
+    last.ckpt to ``steps``: the same weights; returns the global step the preemption saved."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from phi3_lightning.modules.guards import PreemptionCheckpoint
+
+    trainer_kwargs = {"limit_val_batches": 0, **trainer_kwargs}
+    signaller = signaller or _SigtermAfterBatch(epoch, batch_idx)
 
     def fit(callbacks, ckpt_path=None):
         pl.seed_everything(0, verbose=False)
         dm = _data("causal_packed", cache)
         module = _module("causal_packed", dm)
-        trainer = _trainer(tmp_path, steps, -1, callbacks, limit_val_batches=0)
+        trainer = _trainer(tmp_path, steps, -1, callbacks, **trainer_kwargs)
         trainer.accumulate_grad_batches = accumulate  # (the Trainer argument; set here to reuse _trainer)
         trainer.fit(module, dm, ckpt_path=ckpt_path)
         return {k: v.detach().clone() for k, v in module.state_dict().items()}, trainer
@@ -529,7 +537,7 @@ def _preempt_and_resume(cache, tmp_path, accumulate: int, epoch: int, batch_idx:
     full, _ = fit([ModelCheckpoint(dirpath=tmp_path / "a", save_top_k=0)])
     last = ModelCheckpoint(dirpath=tmp_path / "b", save_top_k=0, save_last=True)
     with pytest.raises(SIGTERMException):
-        fit([last, PreemptionCheckpoint(), _SigtermAfterBatch(epoch, batch_idx)])
+        fit([last, PreemptionCheckpoint(), signaller])
     saved = torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)["global_step"]
     resumed, trainer = fit([ModelCheckpoint(dirpath=tmp_path / "c", save_top_k=0)], tmp_path / "b" / "last.ckpt")
     assert trainer.global_step == steps
@@ -549,3 +557,21 @@ def test_sigterm_at_the_last_batch_of_an_epoch_resumes_exactly(cache, tmp_path):
     batch counters; the checkpoint must resume at batch 0 of the next epoch (it resumed at batch index 4, trained
     one batch of epoch 1 and skipped the other three)."""
     assert _preempt_and_resume(cache, tmp_path, accumulate=1, epoch=0, batch_idx=BATCHES - 1, steps=6) == BATCHES
+
+
+def test_sigterm_during_a_validation_inside_an_accumulation_window_resumes_exactly(cache, tmp_path):
+    """accumulate_grad_batches=2 and val_check_interval=3: the validation after batch 2 runs inside the window of
+    batches 2-3 (step 2). A SIGTERM during it waits for the window's end (Lightning stopped at the end of that
+    validation batch and the checkpoint of step 1 lost batch 2's accumulated gradients: every tensor differed)."""
+    saved = _preempt_and_resume(
+        cache,
+        tmp_path,
+        accumulate=2,
+        epoch=0,
+        batch_idx=0,
+        steps=4,
+        signaller=_SigtermInValidation(1),
+        limit_val_batches=2,
+        val_check_interval=3,
+    )
+    assert saved == 2

@@ -118,6 +118,21 @@ def non_finite_tensor(trainer: pl.Trainer, state: dict[str, Any]) -> str | None:
     return first_non_finite(named) or "(a tensor on another process)"
 
 
+def _ranks_where(trainer: pl.Trainer, flag: bool) -> list[int]:
+    """The ranks of the processes where ``flag`` holds (several processes: one all-reduce, so every process must
+    call it; used on failure paths only). One process: ``[]`` (nothing to name)."""
+    if trainer.world_size <= 1:
+        return []
+    t = torch.zeros(trainer.world_size, dtype=torch.int32, device=trainer.strategy.root_device)
+    t[trainer.global_rank] = int(flag)
+    torch.distributed.all_reduce(t)
+    return [int(r) for r in torch.nonzero(t).flatten().tolist()]
+
+
+def _processes(ranks: list[int], world: int) -> str:
+    return f"process rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} (of {world})"
+
+
 def _grad_flags(optimizer: Any) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
     """The gradient finiteness flags an in-backward optimizer recorded this step (None for any other one)."""
     from .in_backward import InBackwardOptimizer
@@ -189,10 +204,13 @@ class NonFiniteGuard(Callback):
         if trainer.world_size > 1:
             bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
         if bad:
+            loss_ranks = _ranks_where(trainer, bool(losses) and not bool(torch.isfinite(torch.stack(losses)).all()))
             if grad_flags and not all(bool(f) for _, f in grad_flags):
                 raise NonFiniteError(self._diagnose_in_backward(trainer, pl_module, grad_flags))
             raise NonFiniteError(
-                self._diagnose(trainer, pl_module, optimizer, losses, scaler is None, grad_flags is not None)
+                self._diagnose(
+                    trainer, pl_module, optimizer, losses, scaler is None, grad_flags is not None, loss_ranks
+                )
             )
 
     def _diagnose_in_backward(self, trainer, pl_module, grad_flags) -> str:
@@ -214,6 +232,7 @@ class NonFiniteGuard(Callback):
         losses: list[torch.Tensor],
         check_grads: bool,
         in_backward: bool = False,
+        loss_ranks: list[int] | None = None,
     ) -> str:
         step = trainer.global_step
         where = f"global step {step} (epoch {trainer.current_epoch})"
@@ -244,17 +263,25 @@ class NonFiniteGuard(Callback):
             )
         values = [float(v) for v in losses]
         bad_values = [v for v in values if not math.isfinite(v)]
+        acc = max(int(getattr(trainer, "accumulate_grad_batches", 1) or 1), 1)
+        on = f" on {_processes(loss_ranks, trainer.world_size)}" if loss_ranks else ""
         if bad_values:
-            acc = max(int(getattr(trainer, "accumulate_grad_batches", 1) or 1), 1)
-            value = bad_values[0] * acc
             return (
-                f"the training loss is {_fmt(value)} at {where}; the run stopped before the optimizer applied this "
-                f"step, so the weights are still finite; nothing of this step is saved. {causes}"
+                f"the training loss is {_fmt(bad_values[0] * acc)} at {where}{on}; the run stopped before the "
+                f"optimizer applied this step, so the weights are still finite; nothing of this step is saved. "
+                f"{causes}"
+            )
+        if loss_ranks:  # finite here, non-finite there: the averaged gradients carry it to every process
+            return (
+                f"the training loss is non-finite at {where}{on} (this process's loss was {_fmt(sum(values) * acc)}; "
+                "its gradients are non-finite because the processes average their gradients); the run stopped "
+                f"before the optimizer applied this step, so the weights are still finite; nothing of this step is "
+                f"saved. {causes}"
             )
         if check_grads:
             grad = first_non_finite([(n, _local(p.grad)) for n, p in params if p.grad is not None])
             if grad is not None:
-                loss = _fmt(sum(values) * max(int(getattr(trainer, "accumulate_grad_batches", 1) or 1), 1))
+                loss = _fmt(sum(values) * acc)
                 return (
                     f"the gradient norm is non-finite at {where} (first non-finite gradient: {grad}; the loss was "
                     f"{loss}); the run stopped before gradient clipping and the optimizer update, so the weights are "
@@ -290,75 +317,146 @@ class PreemptionCheckpoint(Callback):
     """On SIGTERM or SIGINT during fit: save a resumable checkpoint at the run's ``last.ckpt``, say how to resume,
     and exit with 128 + the signal number.
 
-    Lightning itself turns SIGTERM into a stop at the end of the current training (or validation) batch by raising
-    ``SIGTERMException`` (a ``SystemExit`` whose code is None: exit status 0). During training this callback routes
-    SIGINT the same way (instead of a ``KeyboardInterrupt`` that may land in the middle of an optimizer update),
-    saves in ``on_exception`` and sets the exception's exit code. The checkpoint goes through the trainer's
-    checkpoint IO (the CLI's is atomic: temp file + rename), so a further signal during the write cannot leave a
-    half file; further Ctrl-C are ignored while stopping. Nothing is saved when no step was trained
-    (``global_step`` 0) or when the weights are non-finite (:class:`NonFiniteGuard` refuses).
+    Lightning turns its stop flag into a stop at the end of the current training (or validation) batch by raising
+    ``SIGTERMException`` (a ``SystemExit`` whose code is None: exit status 0). During training this callback owns
+    the SIGTERM and SIGINT handlers: a signal only records a request, and the stop flag is set from it at the end of
+    a training batch (or a validation run), so that the stop lands between two optimizer steps: a request that
+    comes inside a gradient-accumulation window waits for the window's last batch. With several processes the
+    request is agreed on first (one all-reduce of it per training batch, in place of Lightning's own per-batch
+    broadcast of rank 0's flag, so no sync is added; and one per validation run), so that every process stops at
+    the same batch however many of them got the signal: a cluster may signal one task, ``kill`` reaches one pid, a
+    terminal's Ctrl-C the whole group. (Lightning's own handler broadcast from inside the signal handler and each
+    process stopped on its own flag: a 2-process run hung.) With several processes a signal that comes during a
+    validation run stops at that run's end (one process alone stops at the end of the validation batch).
+    The checkpoint is saved in ``on_exception`` (by every process) and the exception gets its exit code; it goes
+    through the trainer's checkpoint IO (the CLI's is atomic: temp file + rename), so a further signal during the
+    write cannot leave a half file; further Ctrl-C are ignored while stopping. Nothing is saved when no step was
+    trained (``global_step`` 0) or when the weights are non-finite (:class:`NonFiniteGuard` refuses).
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self.signal: int | None = None
-        self._previous: Any = None
+        self.signal: int | None = None  # the stop signal, once every process knows of it
+        self._requested: int | None = None  # the signal this process received
+        self._previous: dict[int, Any] = {}
         self._installed = False
         self._max_steps_saved: int | None = None
         self._deferred = False  # a stop held back until the end of the accumulation window
+        self._quieted_loop: Any = None  # the epoch loop whose own sigterm broadcast is replaced by the agreement
 
     # ------------------------------------------------------------------ signals
     def on_train_start(self, trainer, pl_module) -> None:
-        self.signal = None
+        self.signal = self._requested = None
         self._deferred = False
+        connector = _connector(trainer)
+        if connector is None:  # pragma: no cover - a Lightning without the signal connector: its own handling
+            return
+        if connector.received_sigterm:  # a SIGTERM before training (Lightning's handler): agreed at the first batch
+            self._requested = signal.SIGTERM
+            connector.received_sigterm = trainer.world_size == 1
+        loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+        if trainer.world_size > 1 and hasattr(loop, "_broadcast_sigterm_tensor"):
+            loop._broadcast_sigterm_tensor = _no_broadcast  # (an instance attribute; removed again in _restore)
+            self._quieted_loop = loop
         if threading.current_thread() is not threading.main_thread():
             return
-        self._previous = signal.getsignal(signal.SIGINT)
-        signal.signal(signal.SIGINT, self._on_sigint(trainer))
+        handler = self._on_signal(trainer)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, handler)
         self._installed = True
 
-    def _on_sigint(self, trainer: pl.Trainer):
+    def _on_signal(self, trainer: pl.Trainer):
         def handler(signum, frame) -> None:
-            if self.signal is not None:
-                _say(trainer, "still stopping (the checkpoint is being written; it is atomic): please wait")
+            if self._requested is not None or self.signal is not None:
+                if signum == signal.SIGINT:
+                    _say(trainer, "still stopping (the checkpoint is being written; it is atomic): please wait")
                 return
-            self.signal = signum
-            _say(trainer, "Ctrl-C: stopping at the end of this batch and saving a resumable checkpoint ...")
-            connector = getattr(trainer, "_signal_connector", None)
-            if connector is not None and hasattr(connector, "received_sigterm"):
-                connector.received_sigterm = True  # Lightning's own stop path: SIGTERMException after the batch
-            else:  # pragma: no cover - a Lightning without the signal connector
-                raise KeyboardInterrupt
+            self._requested = signum
+            if signum == signal.SIGINT:
+                _say(trainer, "Ctrl-C: stopping at the end of this batch and saving a resumable checkpoint ...")
+            else:
+                self._chain(signum, frame)
+            if trainer.world_size == 1 and not _inside_accumulation_window(trainer):
+                # one process: Lightning's flag at once (it stops a validation run at its batch too); inside an
+                # accumulation window the stop is left to the window's last batch (``_decide``)
+                _connector(trainer).received_sigterm = True
 
         return handler
+
+    def _chain(self, signum: int, frame: Any) -> None:
+        """The SIGTERM handlers that were there before this one, except Lightning's stop notifier (a user's or the
+        SLURM environment's own)."""
+        previous = self._previous.get(signum)
+        for h in getattr(previous, "signal_handlers", [previous]):
+            if callable(h) and getattr(h, "__name__", "") != "_sigterm_notifier_fn":
+                h(signum, frame)
+
+    def _agree(self, trainer: pl.Trainer) -> None:
+        """Sets :attr:`signal` on every process once any process received a stop signal (several processes: one
+        all-reduce of the request; the same call on every process, so each reaches the same verdict)."""
+        if self.signal is not None:
+            return
+        requested = self._requested or 0
+        if trainer.world_size > 1:
+            flag = torch.tensor([requested], dtype=torch.int32, device=trainer.strategy.root_device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            requested = int(flag.item())
+        if not requested:
+            return
+        self.signal = requested
+        if self._requested is None:
+            _say(
+                trainer,
+                f"{signal.Signals(requested).name} received by another process: every process stops at the end "
+                "of this batch and saves a resumable checkpoint ...",
+            )
+
+    def _decide(self, trainer: pl.Trainer) -> None:
+        """Lightning's stop flag (it raises its stop when set at the end of a batch): set when a stop was agreed on,
+        held back while inside a gradient-accumulation window."""
+        connector = _connector(trainer)
+        stop = self.signal is not None
+        if stop and _inside_accumulation_window(trainer):
+            if not self._deferred:
+                n = trainer.accumulate_grad_batches
+                _say(
+                    trainer,
+                    f"stop requested inside a gradient-accumulation window (accumulate_grad_batches={n}): "
+                    "stopping after the window's last batch, at the next optimizer step",
+                )
+            self._deferred = True
+            stop = False
+        connector.received_sigterm = stop
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         """A stop asked for inside a gradient-accumulation window waits for the window's last micro-batch: the
         gradients accumulated so far live only in memory, so a checkpoint written now would resume with the rest
         of the window alone (a step missing part of its batches, silently). Lightning raises its stop at the end of
-        every batch whose stop flag is set: the flag is held back until the batch that steps."""
-        connector = getattr(trainer, "_signal_connector", None)
-        if connector is None or not hasattr(connector, "received_sigterm"):
+        every batch whose stop flag is set: the flag is set at the batch that steps."""
+        if _connector(trainer) is None:  # pragma: no cover - a Lightning without the signal connector
             return
-        if _inside_accumulation_window(trainer):
-            if connector.received_sigterm:
-                if not self._deferred:
-                    n = trainer.accumulate_grad_batches
-                    _say(
-                        trainer,
-                        f"stop requested inside a gradient-accumulation window (accumulate_grad_batches={n}): "
-                        "stopping after the window's last batch, at the next optimizer step",
-                    )
-                self._deferred = True
-                connector.received_sigterm = False
-        elif self._deferred:
-            self._deferred = False
-            connector.received_sigterm = True
+        self._agree(trainer)
+        self._decide(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        """After a validation run of fit (Lightning checks its stop flag next): several processes agree on a signal
+        that came during the run; the stop waits for the end of an accumulation window the run sits in."""
+        if trainer.sanity_checking or getattr(trainer.state, "fn", None) != "fit" or _connector(trainer) is None:
+            return
+        self._agree(trainer)
+        self._decide(trainer)
 
     def _restore(self) -> None:
         if self._installed and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
+            for signum, previous in self._previous.items():
+                default = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+                signal.signal(signum, previous if previous is not None else default)
         self._installed = False
+        self._previous = {}
+        if self._quieted_loop is not None:
+            self._quieted_loop.__dict__.pop("_broadcast_sigterm_tensor", None)
+            self._quieted_loop = None
 
     def save_at_max_steps(self, trainer: pl.Trainer, after_validation: bool = False) -> None:
         """Save ``last.ckpt`` at the step that reaches ``max_steps`` while its epoch is still open.
@@ -421,7 +519,7 @@ class PreemptionCheckpoint(Callback):
         if not isinstance(exception, SIGTERMException):
             self._restore()
             return
-        signum = self.signal if self.signal is not None else signal.SIGTERM
+        signum = self.signal or self._requested or signal.SIGTERM
         name = signal.Signals(signum).name
         if not exception.code:
             exception.code = 128 + int(signum)  # 143 (SIGTERM) / 130 (SIGINT): non-zero, so schedulers requeue
@@ -462,6 +560,17 @@ class PreemptionCheckpoint(Callback):
             f"{name} at global step {step}: saved a resumable checkpoint to {path}\n"
             f"resume with: {resume_command(path, _logger_version(trainer))}",
         )
+
+
+def _connector(trainer: pl.Trainer) -> Any:
+    """Lightning's signal connector (its ``received_sigterm`` is the stop flag its loops read); None if absent."""
+    connector = getattr(trainer, "_signal_connector", None)
+    return connector if connector is not None and hasattr(connector, "received_sigterm") else None
+
+
+def _no_broadcast() -> None:
+    """Replaces Lightning's per-batch broadcast of rank 0's stop flag while :class:`PreemptionCheckpoint` agrees on
+    the stop (its all-reduce at the batch's end takes that broadcast's place)."""
 
 
 def _say(trainer: pl.Trainer, text: str) -> None:
