@@ -288,16 +288,19 @@ def _cli_class():
                 if report:
                     logger = self.trainer.loggers[0]
                     root = getattr(logger, "root_dir", None)
-                    above = first_new_dir(Path(root)) if root else None  # run directories claim_new_version makes
+                    # run directories claim_new_version makes
+                    above = first_new_dir(Path(root).expanduser()) if root else None
                     # (before log_dir is read: reading it picks the version without claiming it)
-                    created = claim_new_version(logger) if subcommand == "fit" else False
+                    claimed = claim_new_version(logger) if subcommand == "fit" else None
                     log_dir = Path(self.trainer.log_dir or ".")
                     # what this command writes before it runs: undone if it fails before it ran
                     trace = SetupTrace(
-                        log_dir, _checkpoint_dirpaths(self.trainer), new_dir=(above or log_dir) if created else None
+                        log_dir,
+                        _checkpoint_dirpaths(self.trainer),
+                        new_dir=(above or claimed) if claimed is not None else None,
                     )
                     if subcommand == "fit":
-                        lock = RunLock(log_dir, created=created)
+                        lock = RunLock(log_dir, created=claimed is not None)
                         lock.acquire()
                     print(run_report(self.trainer, subcommand, "writes to"), file=sys.stderr, flush=True)
                 super()._run_subcommand(subcommand)
@@ -313,7 +316,7 @@ def _cli_class():
                     f"continue it from its last checkpoint with: {resume_command(argv, version)}",
                 ) from e
             finally:
-                undone = failed and trace is not None and trace.undo(keep=(LOCK_FILE,) if lock is not None else ())
+                undone = failed and trace is not None and _undo(trace, keep=(LOCK_FILE,) if lock is not None else ())
                 if lock is not None:
                     lock.release()
                 if restore_sigterm is not None:
@@ -461,6 +464,17 @@ def _replace_default_console_callbacks(trainer: Any, configured: list[Any]) -> N
             trainer.callbacks[i] = Phi3TQDMProgressBar()
         elif type(cb) in (ModelSummary, RichModelSummary):
             trainer.callbacks[i] = Phi3ModelSummary(max_depth=cb._max_depth)
+
+
+def _undo(trace: SetupTrace, keep: tuple[str, ...]) -> bool:
+    """:meth:`SetupTrace.undo` from the ``finally`` of a failed command: its own failure (a full disk while putting
+    ``config.yaml`` back, a file that appeared meanwhile) is said in a note, never raised over the command's error
+    (and the lock is still released after it)."""
+    try:
+        return trace.undo(keep=keep)
+    except Exception as e:  # noqa: BLE001 - the command's own error is the one to report
+        print(f"note: could not remove what the failed command set up in {trace.log_dir}: {e}", file=sys.stderr)
+        return False
 
 
 def _checkpoint_dirpaths(trainer: Any) -> list[Path]:

@@ -43,6 +43,25 @@ def test_loader_state_refuses_rows_that_changed_but_not_their_number():
         _loader(swapped).load_state_dict(state)
 
 
+def test_rows_fingerprint_of_a_users_dataset_with_scalar_tensors_floats_and_strings():
+    """A user's own map-style dataset may hold 0-dim tensors (``labels: tensor(3)``), floats and strings: each kind is
+    hashed (a 0-dim tensor crashed: 'self.dim() cannot be 0 to view Long as Byte'), and a change of any value is
+    seen."""
+    from phi3_lightning.data.sampling import rows_fingerprint
+
+    def items(label=3, weight=0.5, tag="a", ids=(4, 5, 6)):
+        return [
+            {"input_ids": torch.tensor(ids), "labels": torch.tensor(label), "weight": weight, "tag": tag},
+            {"input_ids": torch.tensor([7, 8]), "labels": torch.tensor(1), "weight": 1.0, "tag": "b"},
+        ]
+
+    base = rows_fingerprint(items())
+    assert rows_fingerprint(items()) == base  # deterministic
+    changed = [items(label=2), items(weight=0.25), items(tag="c"), items(ids=(4, 5, 7)), items(label=3.0)]
+    prints = [rows_fingerprint(c) for c in changed]
+    assert base not in prints and len(set(prints)) == len(prints)
+
+
 def _write_corpus(d: Path, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     paras = ["\n".join("".join(rng.choice("abcdefghij ") for _ in range(40)) for _ in range(2)) for _ in range(120)]

@@ -4,6 +4,7 @@ the checkpoint are refused, and unreadable / mismatched checkpoints give one-lin
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -410,3 +411,94 @@ def test_only_a_directory_of_setup_files_counts_as_a_run_that_never_ran(tmp_path
         else:
             (d / "checkpoints" / "config.yaml").write_text("{}\n")
         assert not unstarted_run(d), what
+
+
+def _events_of(vdir, pid: int, host: str | None = None):
+    """A settings-only events file as SummaryWriter names it (``...<host>.<pid>.<uid>``), written for process ``pid``."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(vdir)) as w:
+        w.add_text("run", "| setting | value |", global_step=0)
+        path = w.file_writer.event_writer._file_name
+    other = vdir / path.rsplit("/", 1)[-1].replace(f".{os.getpid()}.", f".{pid}.").replace(
+        f".{socket.gethostname()}.", f".{host or socket.gethostname()}."
+    )
+    os.rename(path, other)
+    return other
+
+
+def test_a_failed_command_never_removes_what_another_live_command_wrote(tmp_path):
+    """SetupTrace undid every new settings-only events file of the directory and every setup file of a directory it
+    saw as new: a command that failed while another one was starting in the same directory (two evaluations of one
+    run's checkpoint logging into version_N/validate, a validate and a fit that listed the same free version) deleted
+    the live command's events file, which that command then kept writing its metrics into, unlinked: lost."""
+    from phi3_lightning.commands.runs import SetupTrace
+
+    live = subprocess.Popen(["sleep", "30"])  # the other command's process
+    try:
+        # a directory that existed (restore mode): the other command's new events file stays
+        existing = tmp_path / "version_0" / "validate"
+        existing.mkdir(parents=True)
+        (existing / "config.yaml").write_text("old\n")
+        trace = SetupTrace(existing)
+        theirs = _events_of(existing, live.pid)
+        mine = _events_of(existing, os.getpid())
+        (existing / "config.yaml").write_text("new\n")
+        assert trace.undo()
+        assert theirs.exists() and not mine.exists()
+        assert (existing / "config.yaml").read_text() == "old\n"
+
+        # a directory this command took for new: another live command wrote into it meanwhile, it stays whole
+        for what in ("events", "lock"):
+            new = tmp_path / what / "version_0"
+            trace = SetupTrace(new)
+            new.mkdir(parents=True)
+            (new / "config.yaml").write_text("theirs\n")
+            if what == "events":
+                _events_of(new, live.pid)
+            else:
+                (new / "fit.lock").write_text(f"{live.pid} {socket.gethostname()}\n")
+            before = _tree(new)
+            assert not trace.undo(), what
+            trace.remove_empty_dirs()
+            assert _tree(new) == before, what
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_a_failed_fit_with_a_sub_dir_leaves_no_empty_version_behind(runs):
+    """fit claims version_N and logs into version_N/<sub_dir>: the undo removed only the sub_dir and left an empty
+    version_N, so the next run took N+1."""
+    logs, _ = runs
+    extra = ("--trainer.val_check_interval", "100000", "--trainer.logger.init_args.sub_dir", "x")
+    rc, _, err = run_main("fit", *_args(runs, "--run_name", "fails_sub", *extra))
+    assert rc == 1 and "nothing of it is kept" in err, err[-3000:]
+    assert not (logs / "fails_sub").exists(), sorted(p.name for p in (logs / "fails_sub").rglob("*"))
+    _copy_run(runs, "a", "fails_sub2")
+    rc, _, err = run_main("fit", *_args(runs, "--run_name", "fails_sub2", *extra))
+    assert rc == 1 and "nothing of it is kept" in err, err[-3000:]
+    assert sorted(p.name for p in (logs / "fails_sub2").iterdir()) == ["version_0"]
+
+
+def test_an_undo_that_fails_keeps_the_real_error_and_releases_the_lock(runs, monkeypatch):
+    """The undo runs in a finally: when it raised (a full disk while putting config.yaml back), its error replaced
+    the command's own and fit.lock was never released."""
+    import phi3_lightning.commands.runs as runs_module
+    from phi3_lightning.atomic import AtomicWriteError
+
+    logs, _ = runs
+    _copy_run(runs, "a", "undo_fails")
+
+    def full_disk(path, data):
+        raise AtomicWriteError(28, f"could not write {path}: no space left on device")
+
+    monkeypatch.setattr(runs_module, "atomic_write_bytes", full_disk)
+    rc, _, err = run_main(
+        "fit",
+        *_args(runs, "--run_name", "undo_fails", "--ckpt_path", "last", "--trainer.val_check_interval", "100000"),
+    )
+    assert rc == 1 and "Traceback" not in err, err[-3000:]
+    assert "val_check_interval" in err.rsplit("error:", 1)[-1], err[-3000:]  # the command's own error is the last
+    assert "no space left on device" in err  # the undo's failure is said too
+    assert not (logs / "undo_fails" / "version_0" / "fit.lock").exists()

@@ -688,21 +688,27 @@ class SetupTrace:
 
     def undo(self, keep: tuple[str, ...] = ()) -> bool:
         """Undo the setup traces when the command wrote nothing of value; whether it did. ``keep``: top-level names
-        left in place (a lock the caller still holds and releases itself); call :meth:`remove_empty_dirs` after."""
+        left in place (a lock the caller still holds and releases itself); call :meth:`remove_empty_dirs` after.
+        What another process wrote there (a live command starting in the same directory: its events file, its lock)
+        is never removed: with such a file in a directory taken for new, nothing is undone."""
         if _files_state(self.checkpoint_dirs) != self.files:
             return False  # a checkpoint (or anything else) was written
+        if not _lock_is_mine_or_absent(self.log_dir / LOCK_FILE):
+            return False  # a live fit's directory (this command was refused its lock, or raced it)
         if self.new_dir is not None:
             if not unstarted_run(self.log_dir) or not (
                 self.log_dir == self.new_dir or self.new_dir in self.log_dir.parents
             ):
                 return False
+            if not all(_written_here(p) for p in self.log_dir.glob("events.out.tfevents.*")):
+                return False  # another process writes here too
             for p in sorted(self.log_dir.rglob("*"), key=lambda q: len(q.parts), reverse=True):
                 if p.is_dir():
                     p.rmdir()
                 elif p.name not in keep or p.parent != self.log_dir:
                     p.unlink()
             return True
-        new_events = set(self.log_dir.glob("events.out.tfevents.*")) - self.events
+        new_events = {p for p in set(self.log_dir.glob("events.out.tfevents.*")) - self.events if _written_here(p)}
         if not all(_events_hold_only_setup(p) for p in new_events):
             return False
         for p in new_events:
@@ -718,6 +724,19 @@ class SetupTrace:
         """The created log directory and those above it up to the topmost one created, each while it is empty."""
         if self.new_dir is not None:
             remove_empty_dirs(self.log_dir, self.new_dir)
+
+
+def _written_here(events: Path) -> bool:
+    """Whether a TensorBoard events file was created by this process (SummaryWriter names it
+    ``events.out.tfevents.<time>.<host>.<pid>.<n>``)."""
+    return f".{socket.gethostname()}.{os.getpid()}." in events.name
+
+
+def _lock_is_mine_or_absent(lock: Path) -> bool:
+    if not lock.exists():
+        return True
+    pid, host = _parse_owner(lock)
+    return pid == os.getpid() and host in ("", socket.gethostname())
 
 
 def remove_empty_dirs(d: Path, top: Path) -> None:
@@ -741,13 +760,14 @@ def _is_rank_zero() -> bool:
     return True
 
 
-def claim_new_version(logger: Any) -> bool:
+def claim_new_version(logger: Any) -> Path | None:
     """Create the directory of a logger's next free ``version_N`` exclusively, moving on to the next number while
     another process takes one first (two fits started at once on one run name both list the versions before either
     creates one: without this both took ``version_0``). Only for a logger whose version is picked automatically (not
-    yet read, none given); returns whether a directory was created."""
+    yet read, none given); returns the directory it created (the logger's log directory, or its parent with a
+    ``sub_dir``), None when it created none."""
     if getattr(logger, "_version", "given") is not None or not hasattr(logger, "_get_next_version"):
-        return False
+        return None
     root = Path(logger.root_dir).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     for _ in range(10_000):
@@ -757,7 +777,7 @@ def claim_new_version(logger: Any) -> bool:
         except FileExistsError:
             continue  # taken between the listing and now: the next listing sees it
         logger._version = version
-        return True
+        return root / f"version_{version}"
     raise FileExistsError(f"could not claim a new version directory under {root}: other processes keep taking them")
 
 

@@ -94,7 +94,8 @@ def _feed(h: Any, value: Any) -> None:
     if isinstance(value, torch.Tensor):
         t = value.detach().cpu().contiguous()
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        # (reshaped: a 0-dim tensor, a user's dataset's label, cannot be viewed as bytes)
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     elif isinstance(value, (list, tuple)):
         try:  # a list of token ids / labels: its int64 bytes (4x faster than a tensor; a float or str: repr below)
             ints = array.array("q", value)
