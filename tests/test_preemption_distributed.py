@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 
 import pytest
 import torch
@@ -64,8 +65,12 @@ class SignalRank(Callback):
 
 
 def _fit(root, cache, name: str, *extra: str) -> subprocess.CompletedProcess:
+    return _run("fit", root, cache, name, *extra)
+
+
+def _run(command: str, root, cache, name: str, *extra: str) -> subprocess.CompletedProcess:
     return run_module(
-        "fit",
+        command,
         "--config",
         CONFIGS / "causal_lm.yaml",
         "--config",
@@ -141,7 +146,7 @@ def _signal_args(root, name: str, rank: int, batch: int, sig: str, during_valida
     "rank, sig, during_validation, resume",
     [
         (1, "SIGTERM", False, True),
-        (0, "SIGINT", False, True),
+        (0, "SIGINT", False, False),  # resumes like the SIGTERM cases (one save path): one run less
         (-1, "SIGTERM", False, False),
         (1, "SIGTERM", True, True),
     ],
@@ -244,3 +249,127 @@ def test_a_nan_on_one_process_is_named_by_every_process(root, cache):
     nan_there = "error: the training loss is non-finite at global step 1 (epoch 0) on process rank 1 (of 2) (this "
     assert err.count(nan_there + "process's loss was ") == 1, err[-4000:]
     assert "gradient norm" not in err and "Traceback" not in err and "Connection closed" not in err, err[-4000:]
+
+
+class SignalOutside(Callback):
+    """Sends ``sig`` to this process at hook ``at`` (its first call) when this process's rank is ``rank``; pauses
+    ``pause`` seconds at every evaluation batch's end (so the stop is known to every process before the batches run
+    out); writes ``<out>/rank<N>`` = the evaluation batches run on this process when the command raised."""
+
+    def __init__(self, rank: int, at: str, sig: str, out: str, pause: float = 0.0) -> None:
+        self.rank, self.at, self.sig, self.out, self.pause = rank, at, sig, out, pause
+        self.batches, self.sent = 0, False
+
+    def _hit(self, trainer, hook: str) -> None:
+        if hook == self.at and not self.sent and trainer.global_rank == self.rank:
+            self.sent = True
+            os.kill(os.getpid(), getattr(signal, self.sig))
+
+    def _batch(self, trainer, hook: str) -> None:
+        self.batches += 1
+        self._hit(trainer, hook)
+        time.sleep(self.pause)
+
+    def on_sanity_check_start(self, trainer, pl_module) -> None:
+        self._hit(trainer, "sanity_check_start")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._hit(trainer, "train_end")
+
+    def on_validation_batch_end(self, trainer, *args, **kwargs) -> None:
+        if trainer.state.fn != "fit" or trainer.sanity_checking:
+            self._batch(trainer, "validation_batch_end")
+
+    def on_predict_batch_end(self, trainer, *args, **kwargs) -> None:
+        self._batch(trainer, "predict_batch_end")
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        os.makedirs(self.out, exist_ok=True)
+        with open(os.path.join(self.out, f"rank{trainer.global_rank}"), "w") as f:
+            f.write(f"{type(exception).__name__} {self.batches}")
+
+
+@pytest.mark.parametrize(
+    "command, rank, at, sig, said",
+    [
+        (
+            "validate",
+            1,
+            "validation_batch_end",
+            "SIGTERM",
+            "SIGTERM: validate stopped on every process; an interrupted "
+            "validate has nothing to save (its metrics are not logged)",
+        ),
+        (
+            "predict",
+            0,
+            "predict_batch_end",
+            "SIGINT",
+            "SIGINT: predict stopped on every process; an interrupted "
+            "predict has nothing to save (no predictions are written)",
+        ),
+        (
+            "fit",
+            1,
+            "sanity_check_start",
+            "SIGTERM",
+            "SIGTERM before the first optimizer step: nothing was trained, so nothing was saved",
+        ),
+        (
+            "fit",
+            1,
+            "train_end",
+            "SIGTERM",
+            "SIGTERM after training ended: the run is complete (global step 1) and its "
+            "last checkpoint holds its final state",
+        ),
+    ],
+    ids=[
+        "validate-SIGTERM-rank1",
+        "predict-SIGINT-rank0",
+        "sanity-check-SIGTERM-rank1",
+        "after-training-SIGTERM-rank1",
+    ],
+)
+def test_a_signal_to_one_process_outside_training_stops_every_process(root, cache, command, rank, at, sig, said):
+    """validate / predict (an evaluation: no per-batch collective to agree with), fit's sanity check, and the end of
+    fit after its last step: a signal that reaches one process stops both, exit code 128 + signal, one clear line,
+    nothing written. (Lightning 2.6 broadcast from inside its SIGTERM handler on the signalled process only: validate,
+    test and the sanity check hung until killed; predict exited 0 with process 1's predictions missing; a SIGTERM
+    after training was ignored, exit 0.)"""
+    name = f"{command}-{at}-{sig}"
+    out = root / f"{name}_ranks"
+    args = [
+        "--trainer.callbacks+=tests.test_preemption_distributed.SignalOutside",
+        "--trainer.callbacks.rank",
+        str(rank),
+        "--trainer.callbacks.at",
+        at,
+        "--trainer.callbacks.sig",
+        sig,
+        "--trainer.callbacks.out",
+        str(out),
+        "--trainer.callbacks.pause",
+        "0.3" if command != "fit" else "0",
+        "--trainer.limit_val_batches",
+        "6",
+        "--trainer.limit_predict_batches",
+        "6",
+        "--trainer.max_steps",
+        "1",
+    ]
+    if at == "sanity_check_start":
+        args += ["--trainer.num_sanity_val_steps", "2"]
+    proc = _fit(root, cache, name, *args) if command == "fit" else _run(command, root, cache, name, *args)
+    assert proc.returncode == 128 + getattr(signal, sig), proc.stderr[-4000:]
+    assert proc.stderr.count(said) == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "Connection closed" not in proc.stderr, proc.stderr[-4000:]
+    stopped = {p.name: p.read_text().split() for p in out.iterdir()}
+    assert set(stopped) == {"rank0", "rank1"} and {v[0] for v in stopped.values()} == {"SIGTERMException"}, stopped
+    if command != "fit":  # the signal at batch 1; both stop at the same batch, before the 6th (not at the end)
+        counts = {int(v[1]) for v in stopped.values()}
+        assert len(counts) == 1 and counts.pop() < 6, stopped
+        assert not list((root / "logs").glob(f"{name}/**/predictions*")), "an interrupted predict wrote predictions"
+        assert not (root / "logs" / name / "version_0").exists()  # nothing of the run is kept
+    elif at == "train_end":
+        assert torch.load(_last(root, name), weights_only=True)["global_step"] == 1

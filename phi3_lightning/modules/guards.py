@@ -25,6 +25,7 @@ Both callbacks are installed by every Phi-3 LightningModule (``configure_callbac
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import shlex
@@ -313,6 +314,78 @@ class NonFiniteGuard(Callback):
             )
 
 
+def _default_store() -> Any:
+    """The key-value store of the default process group (the run's rendezvous store, which every process reaches),
+    or None (no process group, or a torch without it)."""
+    try:
+        from torch.distributed import distributed_c10d
+
+        if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+            return None
+        return distributed_c10d._get_default_store()
+    except Exception:  # pragma: no cover - a torch without it: the stop is agreed at the end of the run instead
+        return None
+
+
+class _StopRelay:
+    """Several processes: tells every process that one of them received a stop signal, out of band (through the
+    process group's key-value store, polled by a background thread every ``interval`` seconds), so that a signal
+    that reaches one process of a validate / test / predict / sanity check is known to all of them within a
+    fraction of a second, at no cost to a batch (no collective, no device sync, no store call on the main thread
+    until a stop is known).
+
+    Where the processes then stop is agreed through the store as well (:meth:`stop_here`), the same batch on every
+    process whose batches contain collectives (a sharded model), so that no process waits in a collective for one
+    that has left."""
+
+    def __init__(self, store: Any, prefix: str, rank: int, world: int, interval: float = 0.1) -> None:
+        self.prefix, self.rank, self.world, self.interval = prefix, rank, world, interval
+        self.store = store  # the main thread's (the failure path only)
+        self._thread_store = store.clone() if hasattr(store, "clone") else store  # a store object per thread
+        self.local: int | None = None  # the signal this process received (set by the signal handler)
+        self.known: int | None = None  # a signal some process received (this one included), once published / seen
+        self._announced: int | None = None
+        self._stop_at: int | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="phi3-stop-relay", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        key = f"{self.prefix}/signal"
+        while not self._done.wait(self.interval):
+            try:
+                if self.local is not None:
+                    first = self._thread_store.compare_set(key, "", str(self.local))  # the first signal counts
+                    self.known = int(first) if first else self.local
+                    return
+                if self._thread_store.check([key]):
+                    self.known = int(self._thread_store.get(key))
+                    return
+            except Exception:  # the store is gone (its host process ended): the stop comes from the collectives
+                return
+
+    def close(self) -> None:
+        self._done.set()
+
+    def stop_here(self, batch: int) -> bool:
+        """At the end of batch number ``batch`` (1-based, counted over the run) once a stop is known: whether every
+        process stops at this batch. Each process announces the batch where it learned of the stop; they all stop at
+        the batch after the last announced one (a process in step with the others through its batches' collectives
+        cannot be past it when it learns it); a process already past it (no collective holds the processes in step)
+        stops at once."""
+        if self.known is None:
+            return False
+        if self._announced is None:
+            self.store.set(f"{self.prefix}/at/{self.rank}", str(batch))
+            self._announced = batch
+        if self._stop_at is None:
+            keys = [f"{self.prefix}/at/{r}" for r in range(self.world)]
+            if not self.store.check(keys):
+                return False
+            self._stop_at = max(int(self.store.get(k)) for k in keys) + 1
+        return batch >= self._stop_at
+
+
 class PreemptionCheckpoint(Callback):
     """On SIGTERM or SIGINT during fit: save a resumable checkpoint at the run's ``last.ckpt``, say how to resume,
     and exit with 128 + the signal number.
@@ -332,6 +405,16 @@ class PreemptionCheckpoint(Callback):
     through the trainer's checkpoint IO (the CLI's is atomic: temp file + rename), so a further signal during the
     write cannot leave a half file; further Ctrl-C are ignored while stopping. Nothing is saved when no step was
     trained (``global_step`` 0) or when the weights are non-finite (:class:`NonFiniteGuard` refuses).
+
+    Several processes, from the ``setup`` of every command (fit, validate, test, predict) to its end: this callback
+    owns SIGTERM and SIGINT (Lightning's SIGTERM notifier, which broadcast from inside the signal handler, is
+    replaced by a no-op), and a :class:`_StopRelay` tells every process of a signal that reached one. A validate /
+    test / predict run, and fit's sanity check, stop on every process at one agreed batch (an evaluation has no
+    per-batch collective of Lightning's to agree with, so the relay does it out of band, without a sync per batch),
+    or at the end of its batches (one all-reduce per evaluation run); an interrupted evaluation has nothing to save
+    (its metrics are not logged, its predictions not written) and exits with 128 + the signal number. A signal
+    between the end of training and the end of fit (the final checkpoint, the last hooks) lets the run finish, then
+    every process exits with 128 + the signal number (one all-reduce at the end of fit); the run is complete.
     """
 
     def __init__(self) -> None:
@@ -343,28 +426,54 @@ class PreemptionCheckpoint(Callback):
         self._max_steps_saved: int | None = None
         self._deferred = False  # a stop held back until the end of the accumulation window
         self._quieted_loop: Any = None  # the epoch loop whose own sigterm broadcast is replaced by the agreement
+        self._quieted_connector: Any = None  # the signal connector whose notifier is replaced (several processes)
+        self._relay: _StopRelay | None = None
+        self._eval_batches = 0  # evaluation batches of this command (fit: of its sanity check), for the agreement
+        self._eval_stopped = False  # this process stopped an evaluation at an agreed batch
+        self._training = False  # between on_train_start and on_train_end
+        self._trained = False  # on_train_end was reached
 
     # ------------------------------------------------------------------ signals
-    def on_train_start(self, trainer, pl_module) -> None:
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """Several processes: own SIGTERM / SIGINT from here on (before Lightning registers its SIGTERM handler, whose
+        notifier is made a no-op: it broadcast from inside the handler) and start the stop relay."""
         self.signal = self._requested = None
-        self._deferred = False
+        self._eval_batches, self._eval_stopped, self._training, self._trained = 0, False, False, False
         connector = _connector(trainer)
-        if connector is None:  # pragma: no cover - a Lightning without the signal connector: its own handling
+        if trainer.world_size <= 1 or connector is None:
             return
-        if connector.received_sigterm:  # a SIGTERM before training (Lightning's handler): agreed at the first batch
-            self._requested = signal.SIGTERM
-            connector.received_sigterm = trainer.world_size == 1
-        loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
-        if trainer.world_size > 1 and hasattr(loop, "_broadcast_sigterm_tensor"):
-            loop._broadcast_sigterm_tensor = _no_broadcast  # (an instance attribute; removed again in _restore)
-            self._quieted_loop = loop
-        if threading.current_thread() is not threading.main_thread():
+        connector._sigterm_notifier_fn = _quiet_notifier  # (an instance attribute; removed again in _restore)
+        self._quieted_connector = connector
+        store = _default_store()
+        if store is not None:
+            prefix = f"phi3_lightning/stop/{next(_RUN_NUMBERS)}"  # every process counts its commands alike
+            self._relay = _StopRelay(store, prefix, trainer.global_rank, trainer.world_size)
+        self._install(trainer)
+
+    def _install(self, trainer: pl.Trainer) -> None:
+        if self._installed or threading.current_thread() is not threading.main_thread():
             return
         handler = self._on_signal(trainer)
         for signum in (signal.SIGINT, signal.SIGTERM):
             self._previous[signum] = signal.getsignal(signum)
             signal.signal(signum, handler)
         self._installed = True
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._training = True
+        self._deferred = False
+        connector = _connector(trainer)
+        if connector is None:  # pragma: no cover - a Lightning without the signal connector: its own handling
+            return
+        if trainer.world_size <= 1:
+            self.signal = self._requested = None
+            if connector.received_sigterm:  # a SIGTERM before training (Lightning's handler): stops at the 1st batch
+                self._requested = signal.SIGTERM
+        loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+        if trainer.world_size > 1 and hasattr(loop, "_broadcast_sigterm_tensor"):
+            loop._broadcast_sigterm_tensor = _no_broadcast  # (an instance attribute; removed again in _restore)
+            self._quieted_loop = loop
+        self._install(trainer)
 
     def _on_signal(self, trainer: pl.Trainer):
         def handler(signum, frame) -> None:
@@ -373,8 +482,17 @@ class PreemptionCheckpoint(Callback):
                     _say(trainer, "still stopping (the checkpoint is being written; it is atomic): please wait")
                 return
             self._requested = signum
+            if self._relay is not None:
+                self._relay.local = signum  # published to the other processes by the relay's thread
+            fn = _command(trainer)
+            if fn != "fit":
+                then = f"an interrupted {fn} has nothing to save"
+            elif self._trained:
+                then = "training has ended: the run finishes its last checkpoint first"
+            else:
+                then = "saving a resumable checkpoint ..."
             if signum == signal.SIGINT:
-                _say(trainer, "Ctrl-C: stopping at the end of this batch and saving a resumable checkpoint ...")
+                _say(trainer, f"Ctrl-C: stopping at the end of this batch ({then})")
             else:
                 self._chain(signum, frame)
             if trainer.world_size == 1 and not _inside_accumulation_window(trainer):
@@ -447,16 +565,80 @@ class PreemptionCheckpoint(Callback):
         self._agree(trainer)
         self._decide(trainer)
 
+    # ------------------------------------------------------------------ evaluation (several processes)
+    @staticmethod
+    def _evaluating(trainer: pl.Trainer) -> bool:
+        """A validate / test / predict run, or fit's sanity check (fit's own validation runs stop at their end)."""
+        return trainer.world_size > 1 and (trainer.sanity_checking or getattr(trainer.state, "fn", None) != "fit")
+
+    def _evaluation_batch_end(self, trainer: pl.Trainer) -> None:
+        if not self._evaluating(trainer):
+            return
+        self._eval_batches += 1
+        relay = self._relay
+        if relay is None or relay.known is None:  # the happy path: an attribute read
+            return
+        if relay.stop_here(self._eval_batches):
+            self.signal = relay.known
+            self._eval_stopped = True
+            raise SIGTERMException(128 + int(self.signal))
+
+    def _agree_at_evaluation_end(self, trainer: pl.Trainer) -> None:
+        """The end of an evaluation run's batches (before its metrics are synced, or its predictions written): one
+        all-reduce of any stop request, on every process; a process that stopped at an agreed batch makes the same
+        all-reduce in ``on_exception`` (no process of a run without per-batch collectives waits for one that left)."""
+        if not self._evaluating(trainer):
+            return
+        signum = self._all_requests(trainer)
+        if signum:
+            self.signal = signum
+            raise SIGTERMException(128 + signum)
+
+    def _all_requests(self, trainer: pl.Trainer) -> int:
+        """The stop signal any process received (0: none); one all-reduce, so every process calls it."""
+        mine = self._requested or (self._relay.known if self._relay is not None else None) or 0
+        flag = torch.tensor([int(mine)], dtype=torch.int32, device=trainer.strategy.root_device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item())
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._evaluation_batch_end(trainer)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._evaluation_batch_end(trainer)
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._evaluation_batch_end(trainer)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        self._agree_at_evaluation_end(trainer)
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self._agree_at_evaluation_end(trainer)
+
+    def on_predict_epoch_end(self, trainer, pl_module) -> None:
+        self._agree_at_evaluation_end(trainer)
+
     def _restore(self) -> None:
         if self._installed and threading.current_thread() is threading.main_thread():
+            connector = self._quieted_connector
+            originals = getattr(connector, "_original_handlers", None)
             for signum, previous in self._previous.items():
                 default = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
                 signal.signal(signum, previous if previous is not None else default)
+                if isinstance(originals, dict) and signum in originals:
+                    originals[signum] = previous  # Lightning's teardown puts these back: not this callback's
         self._installed = False
         self._previous = {}
         if self._quieted_loop is not None:
             self._quieted_loop.__dict__.pop("_broadcast_sigterm_tensor", None)
             self._quieted_loop = None
+        if self._quieted_connector is not None:
+            self._quieted_connector.__dict__.pop("_sigterm_notifier_fn", None)
+            self._quieted_connector = None
+        if self._relay is not None:
+            self._relay.close()
+            self._relay = None
 
     def save_at_max_steps(self, trainer: pl.Trainer, after_validation: bool = False) -> None:
         """Save ``last.ckpt`` at the step that reaches ``max_steps`` while its epoch is still open.
@@ -497,8 +679,11 @@ class PreemptionCheckpoint(Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         """Fit ended normally: the steps after the last ModelCheckpoint save go into ``last.ckpt`` too (when
         :meth:`save_at_max_steps` did not save them), so that the run's last checkpoint is its final state. Every rank
-        saves (the DataModule state gathers across ranks); a non-finite model is refused by :class:`NonFiniteGuard`."""
-        self._restore()
+        saves (the DataModule state gathers across ranks); a non-finite model is refused by :class:`NonFiniteGuard`.
+        Several processes: the signal handlers stay until ``teardown`` (a signal now lets the run finish)."""
+        self._training, self._trained = False, True
+        if trainer.world_size <= 1:
+            self._restore()
         step = trainer.global_step
         if self._max_steps_saved == step:
             return
@@ -507,7 +692,15 @@ class PreemptionCheckpoint(Callback):
                 save_last_checkpoint(trainer, _last_path_of(trainer, cb))
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
+        """The end of a command that was not stopped. Several processes, fit: one all-reduce of a stop signal that
+        came after training ended (the run is complete; every process exits with 128 + the signal number)."""
+        signum = 0
+        if stage == "fit" and self._trained and trainer.world_size > 1 and self._installed:
+            signum = self._all_requests(trainer)
         self._restore()
+        if signum:
+            self.signal = signum
+            raise SIGTERMException(128 + signum)
 
     # ------------------------------------------------------------------ the stop
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
@@ -519,12 +712,37 @@ class PreemptionCheckpoint(Callback):
         if not isinstance(exception, SIGTERMException):
             self._restore()
             return
-        signum = self.signal or self._requested or signal.SIGTERM
-        name = signal.Signals(signum).name
-        if not exception.code:
-            exception.code = 128 + int(signum)  # 143 (SIGTERM) / 130 (SIGINT): non-zero, so schedulers requeue
         try:
-            if trainer.state.fn != "fit":
+            if self._eval_stopped:  # the processes still at the end of their batches agree there: meet them
+                self._eval_stopped = False
+                self.signal = self._all_requests(trainer) or self.signal
+            signum = self.signal or self._requested or signal.SIGTERM
+            name = signal.Signals(signum).name
+            if not exception.code:
+                exception.code = 128 + int(signum)  # 143 (SIGTERM) / 130 (SIGINT): non-zero, so schedulers requeue
+            fn = _command(trainer)
+            if fn != "fit":
+                every = " on every process" if trainer.world_size > 1 else ""
+                lost = "no predictions are written" if fn == "predict" else "its metrics are not logged"
+                _say(
+                    trainer,
+                    f"{name}: {fn} stopped{every}; an interrupted {fn} has nothing to save ({lost}): run it again for "
+                    "its results",
+                )
+                return
+            if self._trained:
+                _say(
+                    trainer,
+                    f"{name} after training ended: the run is complete (global step {trainer.global_step}) and its "
+                    "last checkpoint holds its final state; nothing more to save",
+                )
+                return
+            if not self._training and trainer.global_step > 0:  # fit's sanity check, before its first batch
+                _say(
+                    trainer,
+                    f"{name} before training started: nothing was trained by this run, so nothing was saved and "
+                    "nothing is lost (the checkpoint it resumed from is as it was)",
+                )
                 return
             self._save(trainer, name)
         finally:
@@ -568,9 +786,23 @@ def _connector(trainer: pl.Trainer) -> Any:
     return connector if connector is not None and hasattr(connector, "received_sigterm") else None
 
 
+_RUN_NUMBERS = itertools.count()  # the commands of this process, for the stop relay's keys
+
+
+def _quiet_notifier(signum: Any, frame: Any) -> None:
+    """Replaces Lightning's SIGTERM notifier while :class:`PreemptionCheckpoint` owns the signal (several processes):
+    it broadcast from inside the signal handler (one process alone: a collective no other process joined)."""
+
+
 def _no_broadcast() -> None:
     """Replaces Lightning's per-batch broadcast of rank 0's stop flag while :class:`PreemptionCheckpoint` agrees on
     the stop (its all-reduce at the batch's end takes that broadcast's place)."""
+
+
+def _command(trainer: pl.Trainer) -> str:
+    """``fit`` / ``validate`` / ``test`` / ``predict`` (the trainer's function)."""
+    fn = getattr(trainer.state, "fn", None)
+    return str(getattr(fn, "value", fn) or "the run")
 
 
 def _say(trainer: pl.Trainer, text: str) -> None:
