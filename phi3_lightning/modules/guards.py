@@ -353,6 +353,8 @@ class _StopRelay:
     def _watch(self) -> None:
         key = f"{self.prefix}/signal"
         while not self._done.wait(self.interval):
+            if self._thread_store is None:
+                return
             try:
                 if self.local is not None:
                     first = self._thread_store.compare_set(key, "", str(self.local))  # the first signal counts
@@ -365,7 +367,13 @@ class _StopRelay:
                 return
 
     def close(self) -> None:
+        """Stop the thread and wait for it (at most its current store call), then drop its store here, on the main
+        thread, while the process group still exists: a thread left polling into interpreter shutdown aborted the
+        process ("terminate called without an active exception", exit -6) after a complete run."""
         self._done.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+        self._thread_store = None
 
     def stop_here(self, batch: int) -> bool:
         """At the end of batch number ``batch`` (1-based, counted over the run) once a stop is known: whether every
