@@ -14,7 +14,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from .modules.helpers import CONFIGS, run_module
+from .modules.helpers import CONFIGS, run_module, tiny_unpacked_causal_args
 
 pytestmark = pytest.mark.slow
 
@@ -81,20 +81,7 @@ def _run(command: str, root, cache, name: str, *extra: str) -> subprocess.Comple
         root / "logs",
         "--trainer.logger.init_args.name",
         name,
-        "--model.init_args.config_overrides",
-        str(DROPOUT),
-        "--data.init_args.max_length",
-        "32",
-        "--data.init_args.max_files",
-        "4",
-        "--data.init_args.batch_size",
-        "2",
-        "--data.init_args.pack",
-        "false",
-        "--data.init_args.cache_dir",
-        cache,
-        "--data.init_args.progress",
-        "false",
+        *tiny_unpacked_causal_args(cache, DROPOUT),
         *extra,
         cwd=root,
         timeout=180,  # a hang (one process stopped, the other waiting in a collective) fails instead of blocking

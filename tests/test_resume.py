@@ -24,7 +24,7 @@ from phi3_lightning.modules import (
     WarmupDecayLR,
 )
 
-from .modules.helpers import CONFIGS, run_module, scalars
+from .modules.helpers import CONFIGS, run_module, scalars, tiny_unpacked_causal_args
 
 DROPOUT = {"attention_dropout": 0.1, "resid_pdrop": 0.1, "embd_pdrop": 0.1}
 BATCHES = 4  # limit_train_batches: one "epoch" is 4 steps
@@ -417,20 +417,7 @@ def test_ddp_resume_mid_epoch_is_exact(tmp_path, cache):
             tmp_path / "overlay.yaml",
             "--trainer.logger.init_args.save_dir",
             tmp_path / "logs",
-            "--model.init_args.config_overrides",
-            str(DROPOUT),
-            "--data.init_args.max_length",
-            "32",
-            "--data.init_args.max_files",
-            "4",
-            "--data.init_args.batch_size",
-            "2",
-            "--data.init_args.pack",
-            "false",
-            "--data.init_args.cache_dir",
-            cache,
-            "--data.init_args.progress",
-            "false",
+            *tiny_unpacked_causal_args(cache, DROPOUT),
             *extra,
             cwd=tmp_path,
         )

@@ -77,6 +77,27 @@ def small_args(base: str, logs: Path, cache: Path, steps: int = 4, val_every: in
     ]
 
 
+def tiny_unpacked_causal_args(cache: Path, dropout: dict) -> list[str]:
+    """Model and data settings of the 2-process causal-LM runs (tests/test_resume.py, test_preemption_distributed.py):
+    dropout on (so the RNG state matters for an exact resume), 32-token unpacked rows, 4 files, batches of 2."""
+    return [
+        "--model.init_args.config_overrides",
+        str(dropout),
+        "--data.init_args.max_length",
+        "32",
+        "--data.init_args.max_files",
+        "4",
+        "--data.init_args.batch_size",
+        "2",
+        "--data.init_args.pack",
+        "false",
+        "--data.init_args.cache_dir",
+        cache,
+        "--data.init_args.progress",
+        "false",
+    ]
+
+
 def run_main(*argv: str) -> tuple[int, str, str]:
     """phi3_lightning.cli.main in this process; (exit code, stdout, stderr)."""
     from phi3_lightning.cli import main
