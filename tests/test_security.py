@@ -24,7 +24,7 @@ from phi3_lightning.modules.safe_load import (
     verify_checkpoint,
 )
 
-from .modules.helpers import ROOT, run_main, small_args
+from .modules.helpers import ROOT, quiet_trainer, run_main, small_args
 
 
 class _Payload:
@@ -265,25 +265,13 @@ def test_the_python_api_refuses_a_crafted_ckpt_too(fitted, tmp_path):
     crafted file, and ``load_from_checkpoint``: Lightning's loader ran the payload when asked ``weights_only=False``,
     and without it refused only by torch's default (an unclear error, and a ``Path`` in the hyper-parameters
     refused); the module installs the safe loader before the checkpoint is read."""
-    import lightning.pytorch as pl
-
     from phi3_lightning.data import CausalLMDataModule
     from phi3_lightning.modules import CausalLMModule
 
     _, last, evil, marker, root = fitted
 
     def trainer():
-        return pl.Trainer(
-            accelerator="cpu",
-            max_steps=1,
-            limit_train_batches=1,
-            limit_val_batches=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=tmp_path,
-        )
+        return quiet_trainer(max_steps=1, limit_train_batches=1, limit_val_batches=1, default_root_dir=tmp_path)
 
     def data():
         return CausalLMDataModule(cache_dir=root / "cache", progress=False, max_length=32, max_files=2, batch_size=2)
