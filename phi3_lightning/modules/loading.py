@@ -311,7 +311,7 @@ def _check_recorded_base(loaded: LoadedHead, checkpoint: str | Path) -> None:
         return
     from safetensors import safe_open
 
-    from ..model.checkpoint import checkpoint_files
+    from ..model.checkpoint import _backbone_key_mapper, checkpoint_files
 
     base = Path(loaded.base_model)
     fix = (
@@ -328,11 +328,12 @@ def _check_recorded_base(loaded: LoadedHead, checkpoint: str | Path) -> None:
     own = {
         k.replace(".base.", "."): v for k, v in loaded.head.state_dict().items() if not k.endswith(("lora_A", "lora_B"))
     }
-    for file, names in checkpoint_files(base).items():
+    shards = checkpoint_files(base)
+    key_of = _backbone_key_mapper(shards)  # stored name -> the head's, as from_pretrained maps it
+    for file, names in shards.items():
         with safe_open(base / file, framework="pt") as f:
             for name in names:
-                key = name if name in own or name.startswith(("model.", "lm_head.", "score.")) else f"model.{name}"
-                mine = own.get(key)
+                mine = own.get(key_of(name))
                 if mine is None:
                     continue
                 stored = f.get_tensor(name)
