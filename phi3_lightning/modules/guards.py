@@ -525,9 +525,7 @@ class PreemptionCheckpoint(Callback):
             return
         requested = self._requested or 0
         if trainer.world_size > 1:
-            flag = torch.tensor([requested], dtype=torch.int32, device=trainer.strategy.root_device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            requested = int(flag.item())
+            requested = _max_over_processes(trainer, requested)
         if not requested:
             return
         self.signal = requested
@@ -605,9 +603,7 @@ class PreemptionCheckpoint(Callback):
     def _all_requests(self, trainer: pl.Trainer) -> int:
         """The stop signal any process received (0: none); one all-reduce, so every process calls it."""
         mine = self._requested or (self._relay.known if self._relay is not None else None) or 0
-        flag = torch.tensor([int(mine)], dtype=torch.int32, device=trainer.strategy.root_device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return int(flag.item())
+        return _max_over_processes(trainer, int(mine))
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._evaluation_batch_end(trainer)
@@ -786,6 +782,14 @@ class PreemptionCheckpoint(Callback):
             f"{name} at global step {step}: saved a resumable checkpoint to {path}\n"
             f"resume with: {resume_command(path, _logger_version(trainer))}",
         )
+
+
+def _max_over_processes(trainer: pl.Trainer, value: int) -> int:
+    """The largest of every process's ``value`` (a signal number, 0 for none): one all-reduce, so every process
+    calls it at the same point."""
+    flag = torch.tensor([value], dtype=torch.int32, device=trainer.strategy.root_device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return int(flag.item())
 
 
 def _connector(trainer: pl.Trainer) -> Any:
